@@ -1,0 +1,292 @@
+//! `mpolm` — a thin CLI over the mpolm library crates. Each subcommand parses its flags,
+//! calls into the libraries, prints a readable summary and writes the same numbers as JSON
+//! with `--report`. Exit codes: 0 success, 2 error (printed as one line).
+
+mod report;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use models::generate::{generate, SamplingParams};
+use models::hub;
+use models::Model;
+use report::Report;
+use serde_json::json;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "mpolm", version, about = "Decompose, compress, adapt, quantize and evaluate pretrained language models")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Write a JSON report of the main job here.
+    #[arg(long, global = true)]
+    report: Option<PathBuf>,
+    /// Threads for matrix work (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Download a model by alias into the cache (no-op when cached); list aliases without MODEL.
+    Fetch { model: Option<String> },
+    /// Architecture, parameters per component, storage types and memory of a model.
+    Inspect { model: String },
+    /// Generate text with a causal model (KV cache; greedy at --temperature 0).
+    Generate {
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Wrap the prompt in the model's chat template as a user message.
+        #[arg(long)]
+        chat: bool,
+        /// Optional system message for --chat.
+        #[arg(long)]
+        system: Option<String>,
+    },
+    /// The main job on a model: fetch, inspect and a greedy chat generation.
+    Run {
+        #[arg(default_value = hub::DEFAULT_CAUSAL)]
+        model: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let mut rep = Report::new();
+    match cli.cmd.unwrap_or(Cmd::Run { model: hub::DEFAULT_CAUSAL.into() }) {
+        Cmd::Fetch { model } => cmd_fetch(model, &mut rep)?,
+        Cmd::Inspect { model } => {
+            let m = load(&model)?;
+            cmd_inspect(&m, &mut rep)?;
+        }
+        Cmd::Generate { model, prompt, max_new_tokens, temperature, top_p, seed, chat, system } => {
+            if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+                anyhow::bail!("--top-p must be in (0, 1], got {top_p}");
+            }
+            if temperature < 0.0 {
+                anyhow::bail!("--temperature must be >= 0, got {temperature}");
+            }
+            let m = load(&model)?;
+            let p = SamplingParams { max_new_tokens, temperature, top_p, seed, stop_ids: vec![] };
+            cmd_generate(&m, &prompt, system.as_deref(), chat, p, &mut rep)?;
+        }
+        Cmd::Run { model } => {
+            rep.set("command", json!("run"));
+            let m = load(&model)?;
+            cmd_inspect(&m, &mut rep)?;
+            println!();
+            let p = SamplingParams { max_new_tokens: 48, ..Default::default() };
+            let chat = m.tokenizer.chat_template.is_some();
+            cmd_generate(&m, "What is the capital of France? Answer in one sentence.", None, chat, p, &mut rep)?;
+        }
+    }
+    if let Some(path) = &cli.report {
+        rep.write(path)?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn load(model: &str) -> Result<Model> {
+    let m = Model::load(model, true).with_context(|| format!("loading model '{model}'"))?;
+    Ok(m)
+}
+
+fn cmd_fetch(model: Option<String>, rep: &mut Report) -> Result<()> {
+    let Some(model) = model else {
+        println!("{:<14} {:<7} {}", "alias", "format", "description");
+        for s in hub::MODELS {
+            println!("{:<14} {:<7} {}", s.alias, format!("{:?}", s.format).to_lowercase(), s.description);
+        }
+        rep.set("aliases", json!(hub::MODELS.iter().map(|s| s.alias).collect::<Vec<_>>()));
+        return Ok(());
+    };
+    let t0 = std::time::Instant::now();
+    let src = hub::resolve(&model, true)?;
+    let size = dir_size(&src.path);
+    println!("{} -> {} ({:.1} MB)", model, src.path.display(), size as f64 / 1e6);
+    rep.set("command", json!("fetch"));
+    rep.set("model", json!(model));
+    rep.set("path", json!(src.path));
+    rep.set("format", json!(src.format));
+    rep.set("bytes", json!(size));
+    rep.set("seconds", json!(t0.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+fn dir_size(p: &std::path::Path) -> u64 {
+    if p.is_file() {
+        return p.metadata().map(|m| m.len()).unwrap_or(0);
+    }
+    std::fs::read_dir(p).map(|rd| rd.filter_map(|e| e.ok()).map(|e| dir_size(&e.path())).sum()).unwrap_or(0)
+}
+
+fn cmd_inspect(m: &Model, rep: &mut Report) -> Result<()> {
+    let counts = m.param_counts();
+    let total: usize = counts.values().sum();
+    println!("model:        {} ({})", m.source.name, m.source.path.display());
+    println!("architecture: {}", m.arch_name());
+    let cfg_json = match &m.arch {
+        models::Arch::Llama(l) => {
+            let c = &l.cfg;
+            println!(
+                "layers {}  hidden {}  heads {} (kv {})  head_dim {}  ffn {}  vocab {}  ctx {}  tied {}",
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.num_kv_heads(),
+                c.head_dim(),
+                c.intermediate_size,
+                c.vocab_size,
+                c.max_position_embeddings,
+                l.lm_head.is_none()
+            );
+            serde_json::to_value(c)?
+        }
+        models::Arch::Bert(b) => {
+            let c = &b.cfg;
+            println!(
+                "layers {}  hidden {}  heads {}  ffn {}  vocab {}  max_pos {}  pooler {}  classifier {}",
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.intermediate_size,
+                c.vocab_size,
+                c.max_position_embeddings,
+                b.pooler.is_some(),
+                b.classifier.is_some()
+            );
+            serde_json::to_value(c)?
+        }
+    };
+    println!("stored as:    {}", m.stored_types.iter().map(|(k, v)| format!("{k}×{v}")).collect::<Vec<_>>().join(", "));
+    println!("compute:      f32");
+    println!("{:<20} {:>14} {:>7}", "component", "params", "share");
+    for (k, v) in &counts {
+        println!("{:<20} {:>14} {:>6.2}%", k, fmt_int(*v), 100.0 * *v as f64 / total.max(1) as f64);
+    }
+    println!("{:<20} {:>14}", "total", fmt_int(total));
+    println!("memory (f32):        {:.1} MiB", total as f64 * 4.0 / (1024.0 * 1024.0));
+    let kinds: std::collections::BTreeMap<String, usize> = m.linears().iter().fold(Default::default(), |mut acc, (_, l)| {
+        *acc.entry(l.kind()).or_insert(0) += 1;
+        acc
+    });
+    rep.set(
+        "inspect",
+        json!({
+            "model": m.source.name,
+            "path": m.source.path,
+            "architecture": m.arch_name(),
+            "config": cfg_json,
+            "stored_types": m.stored_types,
+            "linear_kinds": kinds,
+            "params": counts,
+            "total_params": total,
+            "memory_f32_bytes": total * 4,
+            "load_seconds": m.load_secs,
+        }),
+    );
+    Ok(())
+}
+
+fn fmt_int(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn cmd_generate(m: &Model, prompt: &str, system: Option<&str>, chat: bool, mut p: SamplingParams, rep: &mut Report) -> Result<()> {
+    let llama = m.llama()?;
+    let tok = &m.tokenizer;
+    let text = if chat {
+        let mut msgs = vec![];
+        if let Some(s) = system {
+            msgs.push(json!({"role": "system", "content": s}));
+        }
+        msgs.push(json!({"role": "user", "content": prompt}));
+        tok.apply_chat_template(&json!(msgs), true)?
+    } else {
+        prompt.to_string()
+    };
+    // The chat template already carries any BOS it wants.
+    let ids = tok.encode(&text, !chat)?;
+    let mut stops = tok.eos_ids.clone();
+    if chat {
+        for s in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
+            if let Some(id) = tok.token_to_id(s) {
+                stops.push(id);
+            }
+        }
+    }
+    p.stop_ids = stops;
+    if chat {
+        println!("[chat] {prompt}");
+    } else {
+        print!("{prompt}");
+    }
+    let mut shown = String::new();
+    let mut all = Vec::new();
+    let (out, st) = generate(llama, &ids, &p, |id| {
+        all.push(id);
+        // Decode the whole continuation each time so multi-byte characters print correctly.
+        if let Ok(s) = tok.decode(&all, true) {
+            if s.len() > shown.len() && s.starts_with(&shown) {
+                print!("{}", &s[shown.len()..]);
+                let _ = std::io::stdout().flush();
+                shown = s;
+            }
+        }
+    })?;
+    println!();
+    let text_out = tok.decode(&out, true)?;
+    println!(
+        "[{} prompt tokens at {:.1} tok/s, {} new tokens at {:.1} tok/s, stop: {}]",
+        st.prompt_tokens, st.prompt_tok_per_s, st.new_tokens, st.decode_tok_per_s, st.stopped_by
+    );
+    rep.set(
+        "generate",
+        json!({
+            "prompt": prompt,
+            "chat": chat,
+            "rendered_prompt": text,
+            "prompt_ids": ids,
+            "output_ids": out,
+            "output": text_out,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "seed": p.seed,
+            "stats": st,
+        }),
+    );
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! JSON reports: every command collects the numbers it printed and writes them atomically
+//! (temp file + rename) so a crash never leaves a half-written report.
+
+use anyhow::{Context, Result};
+use serde_json::{Map, Value};
+use std::io::Write;
+use std::path::Path;
+
+pub struct Report {
+    root: Map<String, Value>,
+}
+
+impl Report {
+    pub fn new() -> Self {
+        let mut root = Map::new();
+        root.insert("mpolm_version".into(), Value::String(env!("CARGO_PKG_VERSION").into()));
+        Report { root }
+    }
+
+    pub fn set(&mut self, key: &str, v: Value) {
+        self.root.insert(key.into(), v);
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        write_atomic(path, serde_json::to_string_pretty(&Value::Object(self.root.clone()))?.as_bytes())
+    }
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(&dir).with_context(|| format!("{}: cannot write", dir.display()))?;
+    tmp.write_all(bytes).with_context(|| format!("{}: write failed", path.display()))?;
+    tmp.persist(path).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.error))?;
+    Ok(())
+}

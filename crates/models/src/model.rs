@@ -1,0 +1,194 @@
+//! One entry point from a MODEL argument (alias, HF directory or .gguf file) to a ready model,
+//! its tokenizer and a description of what was loaded.
+
+use crate::bert::Bert;
+use crate::config::{self, BertConfig, LlamaConfig};
+use crate::gguf::GgufFile;
+use crate::hub::{self, Format, ModelSource};
+use crate::linear::Linear;
+use crate::llama::Llama;
+use crate::tokenizer::Tokenizer;
+use crate::weights::Weights;
+use crate::{Error, Result};
+use candle_core::Tensor;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug)]
+pub enum Arch {
+    Llama(Llama),
+    Bert(Bert),
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub source: ModelSource,
+    pub arch: Arch,
+    pub tokenizer: Tokenizer,
+    /// How tensors were stored on disk (GGUF types or safetensors dtypes) → count.
+    pub stored_types: BTreeMap<String, usize>,
+    pub load_secs: f64,
+}
+
+const SUPPORTED: &str = "llama, qwen2, mistral, bert";
+
+impl Model {
+    /// Resolve MODEL (fetching aliases on demand) and load it.
+    pub fn load(model: &str, progress: bool) -> Result<Model> {
+        let src = hub::resolve(model, progress)?;
+        Self::load_source(src, progress)
+    }
+
+    pub fn load_source(src: ModelSource, progress: bool) -> Result<Model> {
+        let t0 = std::time::Instant::now();
+        let (arch, tokenizer, stored_types) = match src.format {
+            Format::Gguf => load_gguf(&src.path, progress)?,
+            Format::HfDir => load_hf_dir(&src.path)?,
+        };
+        Ok(Model { source: src, arch, tokenizer, stored_types, load_secs: t0.elapsed().as_secs_f64() })
+    }
+
+    pub fn arch_name(&self) -> &str {
+        match &self.arch {
+            Arch::Llama(m) => &m.cfg.model_type,
+            Arch::Bert(m) => &m.cfg.model_type,
+        }
+    }
+
+    pub fn llama(&self) -> Result<&Llama> {
+        match &self.arch {
+            Arch::Llama(m) => Ok(m),
+            Arch::Bert(_) => crate::bail!("{} is an encoder (bert); this command needs a causal LM such as smollm2-135m", self.source.name),
+        }
+    }
+
+    pub fn bert(&self) -> Result<&Bert> {
+        match &self.arch {
+            Arch::Bert(m) => Ok(m),
+            Arch::Llama(_) => crate::bail!("{} is a causal LM; this command needs an encoder such as minilm-l6", self.source.name),
+        }
+    }
+
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        match &self.arch {
+            Arch::Llama(m) => m.linears(),
+            Arch::Bert(m) => m.linears(),
+        }
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        match &mut self.arch {
+            Arch::Llama(m) => m.linears_mut(),
+            Arch::Bert(m) => m.linears_mut(),
+        }
+    }
+
+    /// Tensors that are not inside a Linear (norms, position/type embeddings).
+    pub fn other_tensors(&self) -> Vec<(String, &Tensor)> {
+        match &self.arch {
+            Arch::Llama(m) => m.norms(),
+            Arch::Bert(m) => m.other_tensors(),
+        }
+    }
+
+    /// Parameters per component (embedding, q, k, v, o, ffn parts, norms, head, …) and total.
+    pub fn param_counts(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for (name, l) in self.linears() {
+            *m.entry(component(&name).to_string()).or_insert(0) += l.num_params();
+        }
+        for (name, t) in self.other_tensors() {
+            *m.entry(component(&name).to_string()).or_insert(0) += t.elem_count();
+        }
+        m
+    }
+
+    pub fn total_params(&self) -> usize {
+        self.param_counts().values().sum()
+    }
+}
+
+/// Component of a parameter by its HF name.
+pub fn component(name: &str) -> &'static str {
+    let n = name.trim_end_matches(".weight").trim_end_matches(".bias");
+    if n.contains("layernorm") || n.contains("LayerNorm") || n.ends_with("norm") {
+        "norm"
+    } else if n.ends_with("embed_tokens") || n.ends_with("word_embeddings") {
+        "embedding"
+    } else if n.ends_with("position_embeddings") || n.ends_with("token_type_embeddings") {
+        "embedding_pos_type"
+    } else if n.ends_with("q_proj") || n.ends_with("self.query") {
+        "attn_q"
+    } else if n.ends_with("k_proj") || n.ends_with("self.key") {
+        "attn_k"
+    } else if n.ends_with("v_proj") || n.ends_with("self.value") {
+        "attn_v"
+    } else if n.ends_with("o_proj") || n.ends_with("attention.output.dense") {
+        "attn_o"
+    } else if n.ends_with("gate_proj") {
+        "ffn_gate"
+    } else if n.ends_with("up_proj") || n.ends_with("intermediate.dense") {
+        "ffn_up"
+    } else if n.ends_with("down_proj") || n.ends_with("output.dense") {
+        "ffn_down"
+    } else if n.ends_with("pooler.dense") {
+        "pooler"
+    } else if n == "lm_head" || n == "classifier" {
+        "head"
+    } else {
+        "other"
+    }
+}
+
+fn load_gguf(path: &Path, progress: bool) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)> {
+    let g = GgufFile::open(path)?;
+    let cfg = g.llama_config()?;
+    let tokenizer = Tokenizer::from_gguf(&g)?;
+    let pb = if progress {
+        let pb = indicatif::ProgressBar::new(0);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("dequantizing {bar:30} {pos}/{len} tensors {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(pb)
+    } else {
+        None
+    };
+    let w = g.load_llama_weights(&cfg, pb.as_ref())?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let mut types = BTreeMap::new();
+    for t in g.tensor_types().values() {
+        *types.entry(t.clone()).or_insert(0) += 1;
+    }
+    Ok((Arch::Llama(Llama::new(cfg, &w)?), tokenizer, types))
+}
+
+fn load_hf_dir(dir: &Path) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)> {
+    let cfg_path = dir.join("config.json");
+    let mt = config::model_type(&cfg_path)?;
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.exists() {
+        return Err(Error::io(&tok_path, std::io::Error::new(std::io::ErrorKind::NotFound, "missing tokenizer.json")));
+    }
+    let arch_ok = matches!(mt.as_str(), "llama" | "qwen2" | "mistral" | "bert");
+    if !arch_ok {
+        return Err(Error::UnsupportedArch { path: cfg_path, arch: mt, supported: SUPPORTED.into() });
+    }
+    let w = Weights::from_hf_dir(dir)?;
+    let mut types = BTreeMap::new();
+    types.insert("f32 (as loaded)".to_string(), w.tensors.len());
+    let tokenizer = Tokenizer::from_hf_dir(dir)?;
+    let arch = if mt == "bert" {
+        let cfg: BertConfig = config::read_json(&cfg_path)?;
+        cfg.validate(&cfg_path)?;
+        Arch::Bert(Bert::new(cfg, &w)?)
+    } else {
+        let mut cfg: LlamaConfig = config::read_json(&cfg_path)?;
+        cfg.model_type = mt;
+        cfg.validate(&cfg_path)?;
+        Arch::Llama(Llama::new(cfg, &w)?)
+    };
+    Ok((arch, tokenizer, types))
+}

@@ -1,0 +1,201 @@
+//! Tokenizers: HF `tokenizer.json` for directories, and for GGUF files a tokenizer.json built
+//! from the `tokenizer.ggml.*` metadata (BPE vocab + merges, control tokens as added special
+//! tokens, and the pre-tokenizer that llama.cpp associates with `tokenizer.ggml.pre`).
+//! Chat templates are the model's own Jinja template rendered with minijinja.
+
+use crate::gguf::{as_u64, GgufFile};
+use crate::{Error, Result};
+use candle_core::quantized::gguf_file::Value;
+use serde_json::json;
+use std::path::Path;
+
+#[derive(Clone)]
+pub struct Tokenizer {
+    pub inner: tokenizers::Tokenizer,
+    pub bos_id: Option<u32>,
+    pub eos_ids: Vec<u32>,
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer").field("vocab", &self.vocab_size()).field("bos", &self.bos_id).field("eos", &self.eos_ids).finish()
+    }
+}
+
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+fn split(pattern: &str) -> serde_json::Value {
+    json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false})
+}
+
+fn byte_level(use_regex: bool) -> serde_json::Value {
+    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
+}
+
+/// The pre-tokenizer for a `tokenizer.ggml.pre` name, following llama.cpp's grouping.
+fn pre_tokenizer(pre: &str) -> serde_json::Value {
+    let seq = |v: Vec<serde_json::Value>| json!({"type": "Sequence", "pretokenizers": v});
+    match pre {
+        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "falcon3" | "pixtral" | "dbrx" => {
+            seq(vec![split(LLAMA3_REGEX), byte_level(false)])
+        }
+        "qwen2" | "deepseek-r1-qwen" | "qwen35" | "megrez" | "hunyuan" => seq(vec![split(QWEN2_REGEX), byte_level(false)]),
+        // StarCoder-style: every digit on its own, then GPT-2 splitting.
+        "starcoder" | "smollm" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => seq(vec![
+            json!({"type": "Digits", "individual_digits": true}),
+            byte_level(true),
+        ]),
+        _ => byte_level(true),
+    }
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Tokenizer { inner, bos_id: None, eos_ids: vec![], chat_template: None, bos_token: None, eos_token: None })
+    }
+
+    /// An HF directory: tokenizer.json plus the special tokens and chat template from
+    /// tokenizer_config.json when present.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let mut t = Self::from_file(&dir.join("tokenizer.json"))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        if let Ok(text) = std::fs::read_to_string(&cfg_path) {
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::config(&cfg_path, format!("invalid JSON: {e}")))?;
+            let tok = |k: &str| -> Option<String> {
+                match v.get(k) {
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    Some(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+                    None => None,
+                }
+            };
+            t.bos_token = tok("bos_token");
+            t.eos_token = tok("eos_token");
+            t.bos_id = t.bos_token.as_deref().and_then(|s| t.inner.token_to_id(s));
+            t.eos_ids = t.eos_token.as_deref().and_then(|s| t.inner.token_to_id(s)).into_iter().collect();
+            t.chat_template = v.get("chat_template").and_then(|c| c.as_str()).map(String::from);
+        }
+        Ok(t)
+    }
+
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let err = |m: String| Error::Tokenizer(format!("{}: {m}", g.path.display()));
+        let model = g.meta_str("tokenizer.ggml.model").map_err(|e| err(e.to_string()))?;
+        if model != "gpt2" {
+            return Err(err(format!(
+                "tokenizer model '{model}' is not supported yet (only byte-level BPE, 'gpt2'); use an HF directory with tokenizer.json"
+            )));
+        }
+        let tokens = match g.meta("tokenizer.ggml.tokens") {
+            Some(Value::Array(a)) => a.iter().map(|v| v.to_string().cloned().map_err(|e| err(e.to_string()))).collect::<Result<Vec<_>>>()?,
+            _ => return Err(err("missing tokenizer.ggml.tokens".into())),
+        };
+        let merges: Vec<String> = match g.meta("tokenizer.ggml.merges") {
+            Some(Value::Array(a)) => a.iter().filter_map(|v| v.to_string().ok().cloned()).collect(),
+            _ => return Err(err("missing tokenizer.ggml.merges".into())),
+        };
+        let types: Vec<u64> = match g.meta("tokenizer.ggml.token_type") {
+            Some(Value::Array(a)) => a.iter().map(|v| as_u64(v).unwrap_or(1)).collect(),
+            _ => vec![1; tokens.len()],
+        };
+        let pre = g.meta_str("tokenizer.ggml.pre").unwrap_or_else(|_| "default".into());
+        let id = |k: &str| g.meta(k).and_then(as_u64).map(|x| x as u32);
+        let bos_id = id("tokenizer.ggml.bos_token_id");
+        let eos_id = id("tokenizer.ggml.eos_token_id");
+        let add_bos = matches!(g.meta("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        // Control (3) and user-defined (4) tokens are matched before BPE, as in HF.
+        let added: Vec<serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+            .map(|(i, t)| {
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": types[i] == 3})
+            })
+            .collect();
+        let post = match (add_bos, bos_id) {
+            (true, Some(b)) => {
+                let bos = &tokens[b as usize];
+                json!({"type": "TemplateProcessing",
+                       "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                       "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                       "special_tokens": {bos.clone(): {"id": bos, "ids": [b], "tokens": [bos]}}})
+            }
+            _ => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}),
+        };
+        let tj = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer(&pre),
+            "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": pre == "llama3" || pre == "llama-bpe",
+                      "vocab": vocab, "merges": merges}
+        });
+        let inner: tokenizers::Tokenizer =
+            serde_json::from_value(tj).map_err(|e| err(format!("cannot build tokenizer from GGUF metadata: {e}")))?;
+        let chat_template = g.meta_str("tokenizer.chat_template").ok();
+        Ok(Tokenizer {
+            inner,
+            bos_id,
+            eos_ids: eos_id.into_iter().collect(),
+            chat_template,
+            bos_token: bos_id.and_then(|b| tokens.get(b as usize).cloned()),
+            eos_token: eos_id.and_then(|e| tokens.get(e as usize).cloned()),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let e = self.inner.encode(text, add_special).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(e.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    pub fn token_to_id(&self, t: &str) -> Option<u32> {
+        self.inner.token_to_id(t)
+    }
+
+    /// Render the model's chat template for `messages` ([{role, content}, …]).
+    pub fn apply_chat_template(&self, messages: &serde_json::Value, add_generation_prompt: bool) -> Result<String> {
+        let tpl = self.chat_template.as_deref().ok_or_else(|| {
+            Error::Template("this model has no chat template; run without --chat".into())
+        })?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", tpl).map_err(|e| Error::Template(e.to_string()))?;
+        let t = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        t.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        })
+        .map_err(|e| Error::Template(e.to_string()))
+    }
+}
