@@ -251,7 +251,7 @@ def causal_fixture(alias, gguf_path, out_dir, gen_versions):
     save_file(
         tensors,
         os.path.join(out_dir, f"{alias}_logits.safetensors"),
-        metadata={"alias": alias, "generator": json.dumps(gen_versions)},
+        metadata={"generator": json.dumps({"alias": alias, **gen_versions}, sort_keys=True)},
     )
     del model
 
@@ -349,7 +349,7 @@ def minilm_fixture(model_dir, out_dir, gen_versions):
     save_file(
         tensors,
         os.path.join(out_dir, f"{alias}_outputs.safetensors"),
-        metadata={"alias": alias, "generator": json.dumps(gen_versions)},
+        metadata={"generator": json.dumps({"alias": alias, **gen_versions}, sort_keys=True)},
     )
 
 

