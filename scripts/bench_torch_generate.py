@@ -28,6 +28,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
+import inspect
 import json
 import resource
 import statistics
@@ -83,14 +84,21 @@ def main():
     def prefill():
         return model(input_ids=x, use_cache=True)
 
+    # transformers >= 5.x renamed past_key_values -> cache (kwarg and output field).
+    fwd_params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in fwd_params else "past_key_values"
+
+    def get_cache(out):
+        return getattr(out, cache_kw)
+
     def decode(out):
-        past = out.past_key_values
+        past = get_cache(out)
         nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
         produced = [nxt.item()]
         t = time.perf_counter()
         for _ in range(args.new_tokens - 1):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=nxt, use_cache=True, **{cache_kw: past})
+            past = get_cache(out)
             nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
             produced.append(nxt.item())
         dt = time.perf_counter() - t
@@ -123,6 +131,7 @@ def main():
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "load_s": load_s,
+        "cpu_load_avg_1m_at_end": os.getloadavg()[0],
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "python": sys.version.split()[0],
