@@ -3,7 +3,9 @@
 //! with `--report`. Exit codes: 0 success, 2 error (printed as one line).
 
 mod bench;
+mod eval_cmd;
 mod report;
+mod spectrum;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -55,9 +57,27 @@ enum Cmd {
         #[arg(long)]
         system: Option<String>,
     },
+    /// Decompose weight matrices into exact MPOs: bonds, spectra, entropies, error-vs-params curves.
+    Spectrum {
+        model: String,
+        /// Comma-separated substrings or globs of module names (e.g. "layers.0.*,lm_head"); default all.
+        #[arg(long, value_delimiter = ',')]
+        matrices: Vec<String>,
+        /// Number of MPO sites (cores).
+        #[arg(long, default_value_t = 5)]
+        n: usize,
+        /// Factor shapes: `auto` (balanced) or `paper` (the papers' tables where they apply).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "paper"])]
+        shapes: String,
+        /// Write a PNG plot of the spectra and error curves.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
     /// Benchmarks (see BENCHMARKS.md for the peer comparisons).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Evaluate a model on benchmark tasks (wikitext2, mmlu, gsm8k, ifeval, sst2, .jsonl files).
+    Eval(eval_cmd::EvalArgs),
     /// The main job on a model: fetch, inspect and a greedy chat generation.
     Run {
         #[arg(default_value = hub::DEFAULT_CAUSAL)]
@@ -129,6 +149,40 @@ fn run(cli: Cli) -> Result<()> {
             );
             rep.set("bench_generate", r);
         }
+        Cmd::Spectrum { model, matrices, n, shapes, plot } => {
+            anyhow::ensure!(n >= 1, "--n must be at least 1");
+            let m = load(&model)?;
+            let o = spectrum::Options { patterns: matrices, n, paper_shapes: shapes == "paper", plot: plot.as_deref() };
+            let specs = spectrum::analyse(&m, &o)?;
+            println!("{:<40} {:>11} {:>22} {:>10} {:>7} {:>9} {:>10}", "matrix", "shape", "full bonds", "params", "ratio", "C share", "max S");
+            for s in &specs {
+                let mp = &s.mpo;
+                let maxs = mp.entropies().iter().cloned().fold(0.0f64, f64::max);
+                println!(
+                    "{:<40} {:>11} {:>22} {:>10} {:>7.3} {:>8.1}% {:>10.3}",
+                    s.name,
+                    format!("{}x{}", mp.orig_rows, mp.orig_cols),
+                    format!("{:?}", &mp.bond_dims[1..mp.bond_dims.len() - 1]),
+                    mp.num_params(),
+                    mp.ratio(),
+                    100.0 * mp.central_share(),
+                    maxs
+                );
+                // Where a 50% parameter budget lands on the bound curve, as a quick guide.
+                if let Some((r, b, e)) = s.half_budget {
+                    println!("{:<40}   at {:.0}% params: relative error {:.4} (bound {:.4})", "", 100.0 * r, e, b);
+                }
+            }
+            if let Some(p) = &plot {
+                println!("plot written to {}", p.display());
+            }
+            rep.set("command", json!("spectrum"));
+            rep.set("model", json!(model));
+            rep.set("n", json!(n));
+            rep.set("shapes", json!(shapes));
+            rep.set("matrices", json!(specs.iter().map(spectrum::to_json).collect::<Vec<_>>()));
+        }
+        Cmd::Eval(args) => eval_cmd::run(args, &mut rep)?,
         Cmd::Run { model } => {
             rep.set("command", json!("run"));
             let m = load(&model)?;

@@ -69,3 +69,36 @@ fn fetch_without_model_lists_aliases() {
         assert!(s.contains(a), "{s}");
     }
 }
+
+#[test]
+fn spectrum_reports_exact_full_bond_mpos_and_plots() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    models::testing::write_tiny_llama(&m, false).unwrap();
+    let rep = d.path().join("spec.json");
+    let png = d.path().join("spec.png");
+    let o = mpolm(&[
+        "spectrum", m.to_str().unwrap(), "--matrices", "layers.0.*proj", "--n", "3",
+        "--plot", png.to_str().unwrap(), "--report", rep.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+    let mats = v["matrices"].as_array().unwrap();
+    assert_eq!(mats.len(), 7, "q,k,v,o,gate,up,down of layer 0");
+    for mtx in mats {
+        assert!(mtx["name"].as_str().unwrap().starts_with("model.layers.0."));
+        assert!(mtx["full_bond_relative_error"].as_f64().unwrap() < 1e-5, "{mtx}");
+        let rows = mtx["rows"].as_u64().unwrap();
+        let rf: u64 = mtx["row_factors"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).product();
+        assert!(rf >= rows);
+        // The bound must hold at the half-budget point and the curve must end at error 0.
+        if let Some(h) = mtx["half_budget"].as_object() {
+            assert!(h["rel_error_exact"].as_f64().unwrap() <= h["rel_error_bound"].as_f64().unwrap() * (1.0 + 1e-4) + 1e-6);
+        }
+        let last = mtx["curve"].as_array().unwrap().last().unwrap();
+        assert!(last["rel_error_bound"].as_f64().unwrap() < 1e-6);
+    }
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[1..4], b"PNG");
+    assert_clean_error(&mpolm(&["spectrum", m.to_str().unwrap(), "--matrices", "nothing_like_this"]), "matches no weight matrix");
+}

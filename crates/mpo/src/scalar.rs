@@ -1,15 +1,19 @@
 //! The two element types the crate works in. A tiny trait instead of a numeric-tower crate:
 //! everything heavy goes through faer (which needs `RealField`) and candle (which needs
-//! `WithDType`), and conversions through f64 are all the glue code needs.
-
-use candle_core::DType;
+//! `WithDType`, whose `DTYPE` names the matching candle dtype), and conversions through f64
+//! are all the glue code needs.
 
 /// f32 or f64.
 pub trait Scalar:
-    faer::traits::RealField + Copy + Default + Send + Sync + std::fmt::Debug + 'static
+    faer::traits::RealField
+    + candle_core::WithDType
+    + Copy
+    + Default
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
 {
-    /// The matching candle dtype.
-    const DTYPE: DType;
     /// Unit roundoff of the type, used to set relative thresholds.
     const EPSILON: f64;
     /// Lossy conversion from f64.
@@ -19,7 +23,6 @@ pub trait Scalar:
 }
 
 impl Scalar for f32 {
-    const DTYPE: DType = DType::F32;
     const EPSILON: f64 = f32::EPSILON as f64;
     #[inline(always)]
     fn of(x: f64) -> Self {
@@ -32,7 +35,6 @@ impl Scalar for f32 {
 }
 
 impl Scalar for f64 {
-    const DTYPE: DType = DType::F64;
     const EPSILON: f64 = f64::EPSILON;
     #[inline(always)]
     fn of(x: f64) -> Self {

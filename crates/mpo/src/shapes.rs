@@ -275,6 +275,7 @@ pub fn balanced_factors(value: usize, n: usize) -> Vec<usize> {
         // factor is at least the final remainder, so stop once f alone exceeds the best max.
         let mut f = min_f;
         while pow_le(f, slots, rem) {
+            #[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; MSRV is 1.85
             if rem % f == 0 {
                 if let Some((bm, _, _)) = best {
                     if f > *bm {
@@ -309,6 +310,7 @@ fn factor_limit(value: usize, n: usize) -> usize {
     (2 * root).max(16)
 }
 
+#[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; MSRV is 1.85
 fn is_smooth_235(mut v: usize) -> bool {
     for p in [2, 3, 5] {
         while v % p == 0 {

@@ -1,0 +1,132 @@
+//! `mpolm eval MODEL --task T[,T…]`: run evaluation tasks (crates/eval) on a model, print an
+//! lm-eval style table and put the lm-eval shaped results into the `--report` JSON.
+
+use crate::report::Report;
+use anyhow::{Context, Result};
+use eval::{EvalOptions, TaskSpec};
+use models::Model;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Model: alias (e.g. smollm2-135m), HF directory or .gguf file.
+    pub model: String,
+    /// Comma-separated tasks: wikitext2, mmlu, mmlu_<subject>, mmlu_<category>, gsm8k, ifeval,
+    /// sst2, or a path to a .jsonl task file.
+    #[arg(long, alias = "tasks", required = true)]
+    pub task: String,
+    /// Few-shot examples (default per task: mmlu 0, gsm8k 8, others 0).
+    #[arg(long)]
+    pub shots: Option<usize>,
+    /// Evaluate at most N documents per task (per subject for MMLU, windows for wikitext2).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Sequences per forward pass for log-likelihood tasks.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Seed for sampled few-shot examples (sst2, .jsonl tasks).
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+    /// Folder holding wikitext2/, mmlu/, gsm8k/, ifeval/, glue/ (default ../shared/data,
+    /// else $MPOLM_DATA).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Longest model input in tokens (default: the model's context; 2048 for wikitext2 windows).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// wikitext2 window stride in tokens (default: max length, lm-eval's disjoint windows).
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Generation budget (default: gsm8k 256, ifeval 1280, .jsonl 256).
+    #[arg(long)]
+    pub max_gen_tokens: Option<usize>,
+    /// Keep per-document prompts, outputs and scores in the report under "samples".
+    #[arg(long)]
+    pub log_samples: bool,
+}
+
+pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
+    let t0 = Instant::now();
+    anyhow::ensure!(a.batch >= 1, "--batch must be at least 1");
+    anyhow::ensure!(a.limit != Some(0), "--limit must be at least 1");
+    anyhow::ensure!(a.max_gen_tokens != Some(0), "--max-gen-tokens must be at least 1");
+    if let Some(m) = a.max_length {
+        anyhow::ensure!(m >= 2, "--max-length must be at least 2");
+    }
+    let specs = eval::parse_tasks(&a.task)?;
+    let data_dir = eval::data::resolve_data_dir(a.data_dir.as_deref());
+    if specs.iter().any(|s| !matches!(s, TaskSpec::Jsonl(_))) {
+        eval::data::require(&data_dir)?;
+    }
+    let m = Model::load(&a.model, true).with_context(|| format!("loading model '{}'", a.model))?;
+    let opts = EvalOptions {
+        data_dir: data_dir.clone(),
+        shots: a.shots,
+        limit: a.limit,
+        batch_size: a.batch,
+        seed: a.seed,
+        max_length: a.max_length,
+        stride: a.stride,
+        max_gen_tokens: a.max_gen_tokens,
+        log_samples: a.log_samples,
+        progress: true,
+    };
+    let mut outputs = Vec::new();
+    let mut task_secs = serde_json::Map::new();
+    for spec in &specs {
+        let name = spec.name();
+        eprintln!("running {name} …");
+        let o = eval::run_task(&m, spec, &opts)?;
+        eprintln!("{name}: {:.1} s", o.seconds);
+        task_secs.insert(name, json!(o.seconds));
+        outputs.push(o);
+    }
+    print!("{}", eval::format_table(&outputs));
+    let total = t0.elapsed().as_secs_f64();
+    println!("[{} in {:.1} s; model load {:.1} s]", a.model, total, m.load_secs);
+
+    let res = eval::results_json(&outputs);
+    rep.set("command", json!("eval"));
+    if let serde_json::Value::Object(map) = res {
+        for (k, v) in map {
+            rep.set(&k, v);
+        }
+    }
+    rep.set(
+        "config",
+        json!({
+            "model": a.model,
+            "tasks": specs.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            "num_fewshot": a.shots,
+            "limit": a.limit,
+            "batch_size": a.batch,
+            "seed": a.seed,
+            "max_length": a.max_length,
+            "stride": a.stride,
+            "max_gen_tokens": a.max_gen_tokens,
+            "data_dir": data_dir,
+            "device": "cpu",
+            "dtype": "f32",
+            "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+        }),
+    );
+    rep.set(
+        "model",
+        json!({
+            "name": m.source.name,
+            "path": m.source.path,
+            "architecture": m.arch_name(),
+            "parameters": m.total_params(),
+            "stored_types": m.stored_types,
+            "linear_kinds": m.linears().iter().fold(std::collections::BTreeMap::<String, usize>::new(), |mut acc, (_, l)| {
+                *acc.entry(l.kind()).or_insert(0) += 1;
+                acc
+            }),
+        }),
+    );
+    rep.set("timings", json!({"model_load_seconds": m.load_secs, "tasks_seconds": task_secs, "total_seconds": total}));
+    rep.set("total_evaluation_time_seconds", json!(format!("{total:.2}")));
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! `mpolm spectrum`: decompose each chosen weight matrix of a model into an exact MPO and report
+//! what a user needs to choose bonds — factor shapes, full bonds, per-bond Schmidt spectra and
+//! entanglement entropies, and the error-bound-vs-parameters curve — with a PNG plot.
+
+use anyhow::{Context, Result};
+use models::Model;
+use mpo::{Mpo, MpoShape};
+use serde_json::{json, Value};
+use std::path::Path;
+
+pub struct Options<'a> {
+    pub patterns: Vec<String>,
+    pub n: usize,
+    pub paper_shapes: bool,
+    pub plot: Option<&'a Path>,
+}
+
+/// `pat` matches `name` when its `*`-separated pieces occur in `name` in order (so a plain
+/// pattern is a substring match, and `layers.0.*proj` finds `model.layers.0.self_attn.q_proj`).
+pub fn matches(pat: &str, name: &str) -> bool {
+    let mut rest = name;
+    for p in pat.split('*').filter(|p| !p.is_empty()) {
+        match rest.find(p) {
+            Some(k) => rest = &rest[k + p.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn patterns() {
+        let n = "model.layers.10.self_attn.q_proj";
+        assert!(super::matches("q_proj", n));
+        assert!(super::matches("layers.10.*proj", n));
+        assert!(!super::matches("layers.1.*", n));
+        assert!(!super::matches("mlp*q_proj", n));
+    }
+}
+
+pub struct MatrixSpectrum {
+    pub name: String,
+    pub component: String,
+    pub mpo: Mpo<f32>,
+    pub fro: f64,
+    pub full_rel_error: f64,
+    /// (parameter ratio, relative error bound) for a sweep of uniform bond caps.
+    pub curve: Vec<(f64, f64)>,
+    /// The sweep point nearest below half the dense parameters: (ratio, bound, exact error).
+    pub half_budget: Option<(f64, f64, f64)>,
+}
+
+pub fn analyse(m: &Model, o: &Options) -> Result<Vec<MatrixSpectrum>> {
+    let chosen: Vec<_> = m
+        .linears()
+        .into_iter()
+        .filter(|(name, _)| o.patterns.is_empty() || o.patterns.iter().any(|p| matches(p, name)))
+        .collect();
+    anyhow::ensure!(
+        !chosen.is_empty(),
+        "--matrices {:?} matches no weight matrix of {} (names look like {})",
+        o.patterns.join(","),
+        m.source.name,
+        m.linears().first().map(|(n, _)| n.clone()).unwrap_or_default()
+    );
+    let pb = indicatif::ProgressBar::new(chosen.len() as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("decomposing {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut out = Vec::new();
+    for (name, l) in chosen {
+        pb.set_message(name.clone());
+        let w = l.weight()?;
+        let (rows, cols) = w.dims2()?;
+        let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let shape = if o.paper_shapes { MpoShape::from_table_or_auto(rows, cols, o.n) } else { MpoShape::auto(rows, cols, o.n) }
+            .with_context(|| format!("{name}: no MPO shape for {rows}x{cols} with n = {}", o.n))?;
+        let mpo = Mpo::<f32>::decompose(&data, &shape).with_context(|| format!("{name}: decomposition failed"))?;
+        let fro = data.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+        let full_rel_error = mpo.relative_error(&data)?;
+        let full = shape.full_bonds();
+        let maxb = *full.iter().max().unwrap_or(&1);
+        let mut caps: Vec<usize> = (0..=64).map(|i| ((maxb as f64).powf(i as f64 / 64.0)).round() as usize).collect();
+        caps.dedup();
+        let dense = shape.dense_params() as f64;
+        let curve: Vec<(f64, f64)> = caps
+            .iter()
+            .map(|&d| {
+                let b = shape.capped_bonds(d);
+                (shape.params_for(&b) as f64 / dense, mpo.error_bound_for(&b) / fro.max(1e-30))
+            })
+            .collect();
+        // The bound sums every bond's discarded weight; one exact point shows how loose it is.
+        let half_budget = match caps.iter().rev().find(|&&d| shape.params_for(&shape.capped_bonds(d)) as f64 <= 0.5 * dense) {
+            Some(&d) => {
+                let b = shape.capped_bonds(d);
+                let cut = mpo.truncate_to(&b)?;
+                Some((shape.params_for(&b) as f64 / dense, mpo.error_bound_for(&b) / fro.max(1e-30), cut.relative_error(&data)?))
+            }
+            None => None,
+        };
+        out.push(MatrixSpectrum {
+            component: models::model::component(&name).to_string(),
+            name,
+            mpo,
+            fro,
+            full_rel_error,
+            curve,
+            half_budget,
+        });
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    if let Some(p) = o.plot {
+        plot(&out, p).with_context(|| format!("{}: drawing the plot failed (it needs a system TTF font, e.g. Debian's fonts-dejavu-core)", p.display()))?;
+    }
+    Ok(out)
+}
+
+pub fn to_json(s: &MatrixSpectrum) -> Value {
+    let m = &s.mpo;
+    let round = |x: f64| (x * 1e6).round() / 1e6;
+    let spectra: Vec<Vec<f64>> = m
+        .spectra
+        .iter()
+        .map(|sp| {
+            let top = sp.first().copied().unwrap_or(1.0).max(1e-30);
+            sp.iter().map(|v| round(v / top)).collect()
+        })
+        .collect();
+    json!({
+        "name": s.name,
+        "component": s.component,
+        "rows": m.orig_rows,
+        "cols": m.orig_cols,
+        "row_factors": m.row_factors,
+        "col_factors": m.col_factors,
+        "full_bonds": m.bond_dims,
+        "full_params": m.num_params(),
+        "dense_params": m.orig_rows * m.orig_cols,
+        "full_ratio": m.ratio(),
+        "central_index": m.central_index(),
+        "central_share": m.central_share(),
+        "entropies": m.entropies(),
+        "frobenius_norm": s.fro,
+        "full_bond_relative_error": s.full_rel_error,
+        "spectra_normalized": spectra,
+        "half_budget": s.half_budget.map(|(r, b, e)| json!({"param_ratio": r, "rel_error_bound": b, "rel_error_exact": e})),
+        "curve": s.curve.iter().map(|(r, e)| json!({"param_ratio": r, "rel_error_bound": e})).collect::<Vec<_>>(),
+    })
+}
+
+/// Two panels: the central bond's normalized spectrum per matrix (log scale), and the
+/// relative error bound against the parameter ratio, one line per matrix coloured by component.
+fn plot(specs: &[MatrixSpectrum], path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let tmp = path.with_extension("tmp.png");
+    {
+        let root = BitMapBackend::new(&tmp, (1400, 600)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (left, right) = root.split_horizontally(700);
+        let comps: Vec<String> = {
+            let mut c: Vec<String> = specs.iter().map(|s| s.component.clone()).collect();
+            c.sort();
+            c.dedup();
+            c
+        };
+        let color = |c: &str| Palette99::pick(comps.iter().position(|x| x == c).unwrap_or(0)).to_rgba();
+        let ymin = specs
+            .iter()
+            .filter_map(|s| s.mpo.spectra.get(s.mpo.central_index().saturating_sub(1)))
+            .filter_map(|sp| Some(sp.last()? / sp.first()?.max(1e-30)))
+            .fold(1.0f64, f64::min)
+            .max(1e-6);
+        let ymin = 10f64.powf(ymin.log10().floor());
+        let maxlen = specs.iter().map(|s| s.mpo.spectra.get(s.mpo.central_index().saturating_sub(1)).map_or(1, |v| v.len())).max().unwrap_or(1);
+        let mut ch = ChartBuilder::on(&left)
+            .caption("central-bond spectrum (s / s_max)", ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0usize..maxlen, (ymin..1.0f64).log_scale())?;
+        ch.configure_mesh().x_desc("singular value index").y_desc("normalized").draw()?;
+        for s in specs {
+            // Bond left of the central tensor: the largest bonds sit around it.
+            if let Some(sp) = s.mpo.spectra.get(s.mpo.central_index().saturating_sub(1)) {
+                let top = sp.first().copied().unwrap_or(1.0).max(1e-30);
+                let pts: Vec<(usize, f64)> = sp.iter().enumerate().map(|(i, v)| (i, (v / top).max(ymin))).collect();
+                ch.draw_series(LineSeries::new(pts, color(&s.component).stroke_width(1)))?;
+            }
+        }
+        let xmax = specs.iter().flat_map(|s| s.curve.iter().map(|c| c.0)).fold(1.0f64, f64::max);
+        let mut ch = ChartBuilder::on(&right)
+            .caption("error bound vs parameters", ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..xmax, 0f64..1.0f64)?;
+        ch.configure_mesh().x_desc("MPO params / dense params").y_desc("relative error bound").draw()?;
+        for c in &comps {
+            let mut first = true;
+            for s in specs.iter().filter(|s| &s.component == c) {
+                let series = ch.draw_series(LineSeries::new(s.curve.iter().map(|&(r, e)| (r, e.min(1.0))), color(c).stroke_width(1)))?;
+                if first {
+                    let col = color(c);
+                    series.label(c.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(3)));
+                    first = false;
+                }
+            }
+        }
+        ch.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        root.present()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write plot", path.display()))?;
+    Ok(())
+}

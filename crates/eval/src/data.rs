@@ -1,0 +1,179 @@
+//! Finding and reading the benchmark data: the data folder (`--data-dir`, else `../shared/data`,
+//! else `$MPOLM_DATA`), a small RFC 4180 CSV reader (MMLU), TSV (GLUE) and JSONL with line numbers.
+
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_DATA_DIR: &str = "../shared/data";
+pub const DATA_ENV: &str = "MPOLM_DATA";
+
+/// The data folder: the flag when given, else `../shared/data` (relative to the current
+/// directory) when it exists, else `$MPOLM_DATA` when set, else `../shared/data` (whose absence
+/// is then reported by the task that needs it).
+pub fn resolve_data_dir(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    let def = PathBuf::from(DEFAULT_DATA_DIR);
+    if def.exists() {
+        return def;
+    }
+    match std::env::var_os(DATA_ENV) {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => def,
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+/// `path` must exist; otherwise a one-line error naming it (absolute) and how to fix it.
+pub fn require(path: &Path) -> Result<PathBuf> {
+    if path.exists() {
+        Ok(path.to_path_buf())
+    } else {
+        Err(Error::MissingData {
+            path: absolute(path),
+            hint: format!(
+                "pass --data-dir DIR or set {DATA_ENV} to the folder that holds wikitext2/, mmlu/, gsm8k/, ifeval/, glue/"
+            ),
+        })
+    }
+}
+
+pub fn read_text(path: &Path) -> Result<String> {
+    require(path)?;
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
+/// Parse CSV text (RFC 4180: `"` quoting, `""` escapes, newlines inside quotes; LF or CRLF
+/// record ends). Returns records with the 1-based line each starts on.
+pub fn parse_csv(text: &str, path: &Path) -> Result<Vec<(usize, Vec<String>)>> {
+    let mut out = Vec::new();
+    let mut rec: Vec<String> = Vec::new();
+    let mut field = String::new();
+    let mut in_quotes = false;
+    let mut line = 1usize;
+    let mut rec_line = 1usize;
+    let mut field_started = false; // anything (even "") seen for the current record
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_quotes {
+            match c {
+                '"' if chars.peek() == Some(&'"') => {
+                    chars.next();
+                    field.push('"');
+                }
+                '"' => in_quotes = false,
+                '\n' => {
+                    line += 1;
+                    field.push(c);
+                }
+                _ => field.push(c),
+            }
+            continue;
+        }
+        match c {
+            '"' if field.is_empty() => {
+                in_quotes = true;
+                field_started = true;
+            }
+            ',' => {
+                rec.push(std::mem::take(&mut field));
+                field_started = true;
+            }
+            '\r' if chars.peek() == Some(&'\n') => {}
+            '\n' => {
+                if field_started || !field.is_empty() {
+                    rec.push(std::mem::take(&mut field));
+                    out.push((rec_line, std::mem::take(&mut rec)));
+                }
+                field_started = false;
+                line += 1;
+                rec_line = line;
+            }
+            _ => {
+                field.push(c);
+                field_started = true;
+            }
+        }
+    }
+    if in_quotes {
+        return Err(Error::parse(path, rec_line, "unterminated quoted field"));
+    }
+    if field_started || !field.is_empty() {
+        rec.push(field);
+        out.push((rec_line, rec));
+    }
+    Ok(out)
+}
+
+/// Tab-separated file with one header line, no quoting (GLUE). Returns the header and the rows
+/// with their 1-based line numbers.
+pub fn read_tsv(path: &Path) -> Result<(Vec<String>, Vec<(usize, Vec<String>)>)> {
+    let text = read_text(path)?;
+    let mut lines = text.lines().enumerate();
+    let header: Vec<String> = match lines.next() {
+        Some((_, h)) => h.split('\t').map(String::from).collect(),
+        None => return Err(Error::parse(path, 1, "empty file (expected a header line)")),
+    };
+    let rows = lines
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(i, l)| (i + 1, l.split('\t').map(String::from).collect()))
+        .collect();
+    Ok((header, rows))
+}
+
+/// JSON objects, one a line (blank lines skipped), each with its 1-based line number.
+pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
+    let text = read_text(path)?;
+    parse_jsonl(&text, path)
+}
+
+pub fn parse_jsonl(text: &str, path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
+    let mut out = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        if l.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(l).map_err(|e| Error::parse(path, i + 1, format!("invalid JSON: {e}")))?;
+        if !v.is_object() {
+            return Err(Error::parse(path, i + 1, "expected a JSON object"));
+        }
+        out.push((i + 1, v));
+    }
+    if out.is_empty() {
+        return Err(Error::parse(path, 1, "no records (empty file)"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_quotes_newlines_and_crlf() {
+        let t = "a,\"b, c\",\"say \"\"hi\"\"\"\r\n\"multi\nline\",,x\nlast,1,2";
+        let r = parse_csv(t, Path::new("t.csv")).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0], (1, vec!["a".into(), "b, c".into(), "say \"hi\"".into()]));
+        assert_eq!(r[1], (2, vec!["multi\nline".into(), "".into(), "x".into()]));
+        assert_eq!(r[2], (4, vec!["last".into(), "1".into(), "2".into()]));
+        let e = parse_csv("a,\"open\n", Path::new("t.csv")).unwrap_err().to_string();
+        assert!(e.contains("t.csv:1: unterminated"), "{e}");
+    }
+
+    #[test]
+    fn missing_data_names_path() {
+        let e = read_text(Path::new("/nonexistent/data/mmlu/test")).unwrap_err().to_string();
+        assert!(e.starts_with("/nonexistent/data/mmlu/test: not found"), "{e}");
+        assert!(e.contains("--data-dir"), "{e}");
+    }
+}

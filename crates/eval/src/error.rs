@@ -1,0 +1,52 @@
+//! Typed errors of the evaluation harness. Each variant names the file, line or task at fault
+//! and what to do, so the CLI can print it as one line.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A data file or folder the task needs is not there.
+    #[error("{path}: not found ({hint})")]
+    MissingData { path: PathBuf, hint: String },
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Malformed input: file and 1-based line number.
+    #[error("{path}:{line}: {msg}")]
+    Parse { path: PathBuf, line: usize, msg: String },
+
+    #[error("unknown task '{name}' (known: {known}; or a path to a .jsonl task file)")]
+    UnknownTask { name: String, known: String },
+
+    /// The task cannot run on this model (wrong architecture, no classification head, …).
+    #[error("task {task}: {msg}")]
+    Unsupported { task: String, msg: String },
+
+    #[error("{0}")]
+    Msg(String),
+
+    #[error(transparent)]
+    Model(#[from] models::Error),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+    pub fn parse(path: impl Into<PathBuf>, line: usize, msg: impl Into<String>) -> Self {
+        Error::Parse { path: path.into(), line, msg: msg.into() }
+    }
+    pub fn unsupported(task: &str, msg: impl Into<String>) -> Self {
+        Error::Unsupported { task: task.into(), msg: msg.into() }
+    }
+}

@@ -1,0 +1,451 @@
+//! The model side of every task: batched log-likelihood of token rows (right padding plus a
+//! key mask, identical rows computed once, a shared token prefix computed once and its KV cache
+//! cloned for every row that starts with it), lm-eval's request encoding and rolling windows,
+//! and KV-cached greedy generation with text stop sequences.
+
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use indicatif::ProgressBar;
+use models::generate::argmax;
+use models::llama::{Cache, Llama};
+use models::tokenizer::Tokenizer;
+use std::collections::HashMap;
+
+/// Rows sharing at least this many leading tokens share one prefix forward (KV cache clone).
+pub const MIN_SHARED_PREFIX: usize = 16;
+/// Positions per LM-head GEMM when scoring (bounds the [positions, vocab] logits buffer).
+const HEAD_CHUNK: usize = 256;
+
+/// A causal model with its tokenizer and batching settings.
+pub struct Lm<'a> {
+    pub model: &'a Llama,
+    pub tok: &'a Tokenizer,
+    /// Rows per forward pass (≥ 1).
+    pub batch: usize,
+    /// Longest sequence fed to the model; longer inputs are left-truncated (as lm-eval).
+    pub max_length: usize,
+    pub progress: bool,
+}
+
+/// Token ids to score: the last `targets.len()` positions of `input` predict `targets`
+/// (so `input` ends one token before the last target).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub input: Vec<u32>,
+    pub targets: Vec<u32>,
+}
+
+/// Sum of target log-probabilities (natural log) and whether every target was the argmax.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub logprob: f64,
+    pub greedy: bool,
+}
+
+/// A greedy generation request: context ids, stop strings, token budget.
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    pub context: Vec<u32>,
+    pub until: Vec<String>,
+    pub max_new_tokens: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenOutput {
+    /// The continuation, cut before the first stop string.
+    pub text: String,
+    pub new_tokens: usize,
+    /// "stop_string", "eos", "max_new_tokens" or "context_length".
+    pub stopped_by: String,
+}
+
+/// Log-softmax statistics of one logits row: log-sum-exp and argmax.
+pub fn log_softmax_at(logits: &[f32], target: u32) -> (f64, bool) {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    let lse = max + sum.ln();
+    (logits[target as usize] as f64 - lse, argmax(logits) == target)
+}
+
+fn lcp(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Earliest byte index in `text` where any non-empty stop string starts.
+pub fn first_stop(text: &str, until: &[String]) -> Option<usize> {
+    until.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// Rolling-window rows over `tokens` with lm-eval's `loglikelihood_rolling` layout: the first
+/// token is predicted from `prefix_token`; every token is predicted exactly once; each window
+/// feeds at most `max_length` tokens. The first window predicts `max_length` tokens, later ones
+/// `stride` new tokens each with the preceding tokens as context (stride = max_length gives
+/// lm-eval's disjoint windows, including its full-context last window).
+pub fn rolling_rows(tokens: &[u32], prefix_token: u32, max_length: usize, stride: usize) -> Vec<Row> {
+    assert!(max_length >= 1 && stride >= 1 && stride <= max_length);
+    let mut s = Vec::with_capacity(tokens.len() + 1);
+    s.push(prefix_token);
+    s.extend_from_slice(tokens);
+    let n = tokens.len();
+    let mut rows = Vec::new();
+    let mut t0 = 1usize; // targets are s[1..=n]
+    while t0 <= n {
+        let t1 = if t0 == 1 { (max_length + 1).min(n + 1) } else { (t0 + stride).min(n + 1) };
+        let i0 = (t1 - 1).saturating_sub(max_length);
+        rows.push(Row { input: s[i0..t1 - 1].to_vec(), targets: s[t0..t1].to_vec() });
+        t0 = t1;
+    }
+    rows
+}
+
+struct Unit {
+    input: Vec<u32>,
+    /// First position whose logits some request needs.
+    need_from: usize,
+    /// (row index, first position of that row's targets).
+    reqs: Vec<(usize, usize)>,
+}
+
+pub fn progress_bar(len: u64, what: &str, show: bool) -> Option<ProgressBar> {
+    if !show {
+        return None;
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what:<12} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}} < {{eta_precise}}]"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some(pb)
+}
+
+impl<'a> Lm<'a> {
+    pub fn new(model: &'a Llama, tok: &'a Tokenizer, batch: usize, max_length: usize, progress: bool) -> Self {
+        Lm { model, tok, batch: batch.max(1), max_length: max_length.clamp(2, model.cfg.max_position_embeddings), progress }
+    }
+
+    /// lm-eval's prefix token: BOS when the tokenizer has one, else EOS.
+    pub fn prefix_token(&self) -> Result<u32> {
+        self.tok
+            .bos_id
+            .or_else(|| self.tok.eos_ids.first().copied())
+            .ok_or_else(|| Error::Msg("the tokenizer has neither a BOS nor an EOS token to start empty contexts with".into()))
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tok.encode(text, false)?)
+    }
+
+    /// lm-eval's `_encode_pair`: trailing whitespace of the context moves to the continuation;
+    /// the continuation is `encode(context + continuation)` minus the context's token count.
+    /// An empty context becomes the prefix token.
+    pub fn encode_pair(&self, context: &str, continuation: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        if context.is_empty() {
+            return Ok((vec![self.prefix_token()?], self.encode(continuation)?));
+        }
+        let trimmed = context.trim_end();
+        let (ctx, cont) = if trimmed.len() < context.len() {
+            (trimmed.to_string(), format!("{}{}", &context[trimmed.len()..], continuation))
+        } else {
+            (context.to_string(), continuation.to_string())
+        };
+        let whole = self.encode(&format!("{ctx}{cont}"))?;
+        let ctx_enc = self.encode(&ctx)?;
+        let cont_enc = whole.get(ctx_enc.len().min(whole.len())..).unwrap_or(&[]).to_vec();
+        Ok((ctx_enc, cont_enc))
+    }
+
+    /// The row lm-eval scores for a (context, continuation) pair: the last `max_length + 1`
+    /// tokens of context + continuation, minus the final one as input.
+    pub fn pair_row(&self, ctx: &[u32], cont: &[u32]) -> Row {
+        let mut full: Vec<u32> = ctx.iter().chain(cont).copied().collect();
+        if full.len() > self.max_length + 1 {
+            full.drain(..full.len() - self.max_length - 1);
+        }
+        full.pop();
+        Row { input: full, targets: cont.to_vec() }
+    }
+
+    /// Log-likelihood of (context, continuation) string pairs.
+    pub fn loglikelihood(&self, pairs: &[(String, String)], label: &str) -> Result<Vec<Score>> {
+        let mut rows = Vec::with_capacity(pairs.len());
+        for (c, x) in pairs {
+            let (ce, xe) = self.encode_pair(c, x)?;
+            rows.push(self.pair_row(&ce, &xe));
+        }
+        self.score_rows(&rows, label)
+    }
+
+    /// Score rows: identical inputs run once; rows sharing ≥ MIN_SHARED_PREFIX leading tokens
+    /// run that prefix once (its KV cache is cloned per batch); batches are right-padded with a
+    /// key mask.
+    pub fn score_rows(&self, rows: &[Row], label: &str) -> Result<Vec<Score>> {
+        let mut out = vec![Score { logprob: 0.0, greedy: true }; rows.len()];
+        let mut units: Vec<Unit> = Vec::new();
+        let mut by_input: HashMap<&[u32], usize> = HashMap::new();
+        for (i, r) in rows.iter().enumerate() {
+            if r.targets.is_empty() {
+                continue; // nothing to score: log p = 0 (as lm-eval with an empty continuation)
+            }
+            if r.input.is_empty() || r.targets.len() > r.input.len() {
+                return Err(Error::Msg(format!("internal: row {i} has {} inputs for {} targets", r.input.len(), r.targets.len())));
+            }
+            if r.input.len() > self.model.cfg.max_position_embeddings {
+                return Err(Error::Msg(format!(
+                    "a request of {} tokens exceeds the model's context of {}",
+                    r.input.len(),
+                    self.model.cfg.max_position_embeddings
+                )));
+            }
+            let start = r.input.len() - r.targets.len();
+            let u = *by_input.entry(r.input.as_slice()).or_insert_with(|| {
+                units.push(Unit { input: r.input.clone(), need_from: start, reqs: vec![] });
+                units.len() - 1
+            });
+            units[u].need_from = units[u].need_from.min(start);
+            units[u].reqs.push((i, start));
+        }
+        // Group units that share a long token prefix (sorted order puts them together).
+        let mut order: Vec<usize> = (0..units.len()).collect();
+        order.sort_by(|&a, &b| units[a].input.cmp(&units[b].input));
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new(); // (prefix len, units)
+        for &u in &order {
+            if let Some((p, g)) = groups.last_mut() {
+                let first = &units[g[0]].input;
+                let l = (*p).min(lcp(first, &units[u].input)).min(units[u].need_from);
+                if l >= MIN_SHARED_PREFIX {
+                    *p = l;
+                    g.push(u);
+                    continue;
+                }
+            }
+            groups.push((units[u].need_from, vec![u]));
+        }
+        let pb = progress_bar(rows.len() as u64, label, self.progress);
+        for (p, mut g) in groups {
+            let p = if g.len() >= 2 && p >= MIN_SHARED_PREFIX { p } else { 0 };
+            // Longest first, so padding within a batch is small and the ETA pessimistic.
+            g.sort_by_key(|&u| std::cmp::Reverse(units[u].input.len()));
+            let mut caches: HashMap<usize, Cache> = HashMap::new();
+            for chunk in g.chunks(self.batch) {
+                let cache = if p > 0 {
+                    let b = chunk.len();
+                    if !caches.contains_key(&b) {
+                        caches.insert(b, self.prefix_cache(&units[chunk[0]].input[..p], b)?);
+                    }
+                    caches.get(&b).cloned()
+                } else {
+                    None
+                };
+                self.score_chunk(rows, &units, chunk, p, cache, &mut out)?;
+                if let Some(pb) = &pb {
+                    pb.inc(chunk.iter().map(|&u| units[u].reqs.len() as u64).sum());
+                }
+            }
+        }
+        if let Some(pb) = pb {
+            pb.finish_and_clear();
+        }
+        Ok(out)
+    }
+
+    /// KV cache of `prefix` repeated over `b` rows.
+    fn prefix_cache(&self, prefix: &[u32], b: usize) -> Result<Cache> {
+        let mut cache = self.model.new_cache();
+        let ids: Vec<u32> = (0..b).flat_map(|_| prefix.iter().copied()).collect();
+        let ids = Tensor::from_vec(ids, (b, prefix.len()), &Device::Cpu)?;
+        self.model.forward_hidden(&ids, Some(&mut cache), None)?;
+        Ok(cache)
+    }
+
+    fn score_chunk(&self, rows: &[Row], units: &[Unit], chunk: &[usize], p: usize, cache: Option<Cache>, out: &mut [Score]) -> Result<()> {
+        let b = chunk.len();
+        let t = chunk.iter().map(|&u| units[u].input.len() - p).max().unwrap_or(0);
+        let mut ids = vec![0u32; b * t];
+        let mut mask = vec![0u32; b * (p + t)];
+        let mut padded = false;
+        for (r, &u) in chunk.iter().enumerate() {
+            let suf = &units[u].input[p..];
+            ids[r * t..r * t + suf.len()].copy_from_slice(suf);
+            mask[r * (p + t)..r * (p + t) + p + suf.len()].iter_mut().for_each(|m| *m = 1);
+            padded |= suf.len() < t;
+        }
+        let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
+        let key_mask = if padded { Some(Tensor::from_vec(mask, (b, p + t), &Device::Cpu)?) } else { None };
+        let mut cache = cache;
+        let hidden = self.model.forward_hidden(&ids, cache.as_mut(), key_mask.as_ref())?; // [b, t, h]
+        let h = hidden.dim(2)?;
+        let hidden = hidden.reshape((b * t, h))?;
+        // Positions whose logits are needed: (unit, position in the unit's input).
+        let mut need: Vec<(usize, usize)> = Vec::new();
+        let mut flat: Vec<u32> = Vec::new();
+        for (r, &u) in chunk.iter().enumerate() {
+            for pos in units[u].need_from..units[u].input.len() {
+                need.push((u, pos));
+                flat.push((r * t + pos - p) as u32);
+            }
+        }
+        for (k, idx) in flat.chunks(HEAD_CHUNK).enumerate() {
+            let n = idx.len();
+            let sel = hidden.index_select(&Tensor::new(idx, &Device::Cpu)?, 0)?;
+            let logits = self.model.head(&sel)?.to_dtype(DType::F32)?;
+            let v = logits.dim(1)?;
+            let logits = logits.flatten_all()?.to_vec1::<f32>()?;
+            for j in 0..n {
+                let (u, pos) = need[k * HEAD_CHUNK + j];
+                let row = &logits[j * v..(j + 1) * v];
+                let mut stats: Option<(f64, u32)> = None;
+                for &(ri, start) in &units[u].reqs {
+                    if pos < start {
+                        continue;
+                    }
+                    let (lse, am) = *stats.get_or_insert_with(|| {
+                        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                        let sum: f64 = row.iter().map(|&l| (l as f64 - max).exp()).sum();
+                        (max + sum.ln(), argmax(row))
+                    });
+                    // Targets of row `ri` start at input position `start`.
+                    let target = rows[ri].targets[pos - start];
+                    out[ri].logprob += row[target as usize] as f64 - lse;
+                    out[ri].greedy &= am == target;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Greedy generation for each request (one at a time, KV-cached). Requests whose contexts
+    /// share ≥ MIN_SHARED_PREFIX leading tokens (a few-shot prefix) run that prefix once and
+    /// clone its cache.
+    pub fn generate_until(&self, reqs: &[GenRequest], label: &str, mut on_done: impl FnMut(usize, &GenOutput)) -> Result<Vec<GenOutput>> {
+        let mut ctxs: Vec<Vec<u32>> = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            let mut c = r.context.clone();
+            if c.is_empty() {
+                c.push(self.prefix_token()?);
+            }
+            // Leave room for the continuation, as lm-eval (left truncation).
+            let room = self.max_length.saturating_sub(r.max_new_tokens).max(1);
+            if c.len() > room {
+                c.drain(..c.len() - room);
+            }
+            ctxs.push(c);
+        }
+        let mut order: Vec<usize> = (0..reqs.len()).collect();
+        order.sort_by(|&a, &b| ctxs[a].cmp(&ctxs[b]));
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for &i in &order {
+            let lim = ctxs[i].len() - 1;
+            if let Some((p, g)) = groups.last_mut() {
+                let l = (*p).min(lcp(&ctxs[g[0]], &ctxs[i])).min(lim);
+                if l >= MIN_SHARED_PREFIX {
+                    *p = l;
+                    g.push(i);
+                    continue;
+                }
+            }
+            groups.push((lim, vec![i]));
+        }
+        // Keep the caller's order inside the progress display: groups are processed in order of
+        // their first request.
+        groups.sort_by_key(|(_, g)| *g.iter().min().unwrap_or(&0));
+        let pb = progress_bar(reqs.len() as u64, label, self.progress);
+        let mut outs: Vec<Option<GenOutput>> = vec![None; reqs.len()];
+        for (p, mut g) in groups {
+            g.sort();
+            let p = if g.len() >= 2 && p >= MIN_SHARED_PREFIX { p } else { 0 };
+            let prefix = if p > 0 {
+                let mut c = self.model.new_cache();
+                let ids = Tensor::new(&ctxs[g[0]][..p], &Device::Cpu)?.unsqueeze(0)?;
+                self.model.forward_hidden(&ids, Some(&mut c), None)?;
+                Some(c)
+            } else {
+                None
+            };
+            for i in g {
+                let cache = prefix.clone().unwrap_or_else(|| self.model.new_cache());
+                let o = self.greedy(&ctxs[i][p..], cache, &reqs[i].until, reqs[i].max_new_tokens)?;
+                on_done(i, &o);
+                outs[i] = Some(o);
+                if let Some(pb) = &pb {
+                    pb.inc(1);
+                }
+            }
+        }
+        if let Some(pb) = pb {
+            pb.finish_and_clear();
+        }
+        Ok(outs.into_iter().map(|o| o.expect("every request generated")).collect())
+    }
+
+    /// Greedy decoding after `ids` (the part of the context not already in `cache`).
+    pub fn greedy(&self, ids: &[u32], mut cache: Cache, until: &[String], max_new: usize) -> Result<GenOutput> {
+        let mut out_ids: Vec<u32> = Vec::new();
+        let mut stopped = "max_new_tokens";
+        let mut text = String::new();
+        if max_new > 0 {
+            let x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+            let mut logits = self.model.forward_last(&x, Some(&mut cache))?.squeeze(0)?.to_vec1::<f32>()?;
+            loop {
+                let next = argmax(&logits);
+                if self.tok.eos_ids.contains(&next) {
+                    stopped = "eos";
+                    break;
+                }
+                out_ids.push(next);
+                text = self.tok.decode(&out_ids, false)?;
+                if let Some(k) = first_stop(&text, until) {
+                    text.truncate(k);
+                    stopped = "stop_string";
+                    break;
+                }
+                if out_ids.len() >= max_new {
+                    break;
+                }
+                if cache.seq_len + 1 > self.max_length.min(self.model.cfg.max_position_embeddings) {
+                    stopped = "context_length";
+                    break;
+                }
+                let x = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
+                logits = self.model.forward_last(&x, Some(&mut cache))?.squeeze(0)?.to_vec1::<f32>()?;
+            }
+        }
+        Ok(GenOutput { text, new_tokens: out_ids.len(), stopped_by: stopped.into() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rolling_windows_cover_every_token_once() {
+        let toks: Vec<u32> = (10..30).collect();
+        for (l, s) in [(4, 4), (4, 2), (8, 3), (25, 25), (1, 1)] {
+            let rows = rolling_rows(&toks, 0, l, s);
+            let all: Vec<u32> = rows.iter().flat_map(|r| r.targets.clone()).collect();
+            assert_eq!(all, toks, "L={l} s={s}");
+            for r in &rows {
+                assert!(r.input.len() <= l && r.targets.len() <= r.input.len());
+                // The input is exactly the tokens before the targets' last one.
+                let full: Vec<u32> = std::iter::once(0).chain(toks.iter().copied()).collect();
+                let end = full.iter().position(|&x| x == *r.targets.last().unwrap()).unwrap();
+                assert_eq!(r.input, full[end - r.input.len()..end].to_vec());
+            }
+        }
+        // lm-eval layout for L = stride = 4 over 10 tokens: [P,a,b,c]→abcd, [c..f]... last window full context.
+        let rows = rolling_rows(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0, 4, 4);
+        assert_eq!(rows[0], Row { input: vec![0, 1, 2, 3], targets: vec![1, 2, 3, 4] });
+        assert_eq!(rows[1], Row { input: vec![4, 5, 6, 7], targets: vec![5, 6, 7, 8] });
+        assert_eq!(rows[2], Row { input: vec![6, 7, 8, 9], targets: vec![9, 10] });
+    }
+
+    #[test]
+    fn stop_strings() {
+        let u = vec!["Q:".to_string(), "\n\n".to_string(), String::new()];
+        assert_eq!(first_stop("abc\n\nQ: x", &u), Some(3));
+        assert_eq!(first_stop("abc Q: x\n\n", &u), Some(4));
+        assert_eq!(first_stop("abc", &u), None);
+    }
+}

@@ -1,0 +1,57 @@
+//! WikiText-2 perplexity: the test split (`wikitext2/test.txt`, the tokenised WikiText-2 text as
+//! one document) is tokenised once and scored with rolling windows (`lm::rolling_rows`: first
+//! token predicted from the BOS/EOS prefix token, each window at most `max_length` tokens,
+//! `stride` new tokens per later window). Reports token perplexity and lm-eval's
+//! `loglikelihood_rolling` metrics: word_perplexity = exp(−Σll / words), byte_perplexity =
+//! exp(−Σll / bytes), bits_per_byte = −Σll / bytes / ln 2 (words = pieces of `re.split(r"\s+")`).
+//! With `--limit N` only the first N windows are scored and the counts cover their text.
+
+use crate::data;
+use crate::lm::{rolling_rows, Lm};
+use crate::metrics::Perplexity;
+use crate::{EvalOptions, Error, Metric, Result, TaskOutput, TaskResult};
+use serde_json::json;
+
+/// Perplexity of `text` (all of it, or its first `limit` windows).
+pub fn perplexity(lm: &Lm, text: &str, stride: usize, limit: Option<usize>) -> Result<(Perplexity, usize, usize)> {
+    let tokens = lm.encode(text)?;
+    if tokens.is_empty() {
+        return Err(Error::Msg("wikitext2: the text is empty".into()));
+    }
+    let rows = rolling_rows(&tokens, lm.prefix_token()?, lm.max_length, stride);
+    let n_windows = rows.len();
+    let rows = super::limit(rows, limit);
+    let scored: usize = rows.iter().map(|r| r.targets.len()).sum();
+    let scores = lm.score_rows(&rows, "wikitext2")?;
+    let ll: f64 = scores.iter().map(|s| s.logprob).sum();
+    let covered = if scored == tokens.len() { text.to_string() } else { lm.tok.decode(&tokens[..scored], false)? };
+    Ok((Perplexity::new(ll, scored, &covered), n_windows, rows.len()))
+}
+
+pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
+    let path = opts.data_dir.join("wikitext2").join("test.txt");
+    let text = data::read_text(&path)?;
+    let stride = opts.stride.unwrap_or(lm.max_length);
+    if stride == 0 || stride > lm.max_length {
+        return Err(Error::unsupported("wikitext2", format!("--stride must be in 1..={} (the max length)", lm.max_length)));
+    }
+    let (p, n_windows, used) = perplexity(lm, &text, stride, opts.limit)?;
+    let mut r = TaskResult::new("wikitext2", "wikitext2");
+    r.metrics.push(Metric::new("word_perplexity", p.word_perplexity, None).lower_better());
+    r.metrics.push(Metric::new("byte_perplexity", p.byte_perplexity, None).lower_better());
+    r.metrics.push(Metric::new("bits_per_byte", p.bits_per_byte, None).lower_better());
+    r.metrics.push(Metric::new("token_perplexity", p.token_perplexity, None).lower_better());
+    r.n_shot = Some(0);
+    r.n_samples = Some((n_windows, used));
+    Ok(TaskOutput {
+        task: "wikitext2".into(),
+        results: vec![r],
+        seconds: 0.0,
+        config: json!({
+            "file": path, "max_length": lm.max_length, "stride": stride, "windows": n_windows,
+            "windows_scored": used, "batch_size": lm.batch, "prefix_token": lm.prefix_token()?,
+            "loglikelihood": p.loglikelihood, "tokens": p.tokens, "words": p.words, "bytes": p.bytes,
+        }),
+        samples: vec![],
+    })
+}

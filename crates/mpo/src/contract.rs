@@ -1,0 +1,353 @@
+//! Contraction: cores back to the matrix, and an input batch through the cores.
+//!
+//! Rebuilding W contracts the sites left of a split site into one block [L, d] and the sites
+//! right of it into [d', R], then multiplies block · core · block. The split and the order of
+//! the two products are chosen by flop count; the blocks' rows/columns are reordered to
+//! "all row factors, then all column factors" before the last product so that the final
+//! un-interleaving is a 6-axis permutation with long contiguous runs.
+//!
+//! Applying the MPO to x[N, J] without forming W sweeps the sites left to right. The state is
+//! kept as (j_k…j_n, N, i_1…i_{k−1}, d_{k−1}); one step rotates j_k to the end (a transpose)
+//! and multiplies by core k reshaped to [(d_{k−1}, j_k), (i_k, d_k)], which yields
+//! (j_{k+1}…j_n, N, i_1…i_k, d_k): every step is one large GEMM and no other reshuffle.
+
+use crate::error::Result;
+use crate::linalg::gemm;
+use crate::mpo::Mpo;
+use crate::permute::permute;
+use crate::scalar::Scalar;
+use crate::shapes::MpoShape;
+use candle_core::{Device, Tensor};
+
+/// A candle tensor with the given data and shape.
+pub fn tensor_from<T: Scalar>(data: &[T], shape: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+    Tensor::from_slice(data, shape, device)
+}
+
+/// Row/column prefix products and site-group index helpers shared by both backends.
+struct Plan {
+    split: usize,
+    /// contract (block_left · core) first instead of (core · block_right)
+    left_first: bool,
+}
+
+fn plan(shape: &MpoShape, bonds: &[usize]) -> Plan {
+    let m = shape.local_dims();
+    let n = m.len();
+    let mut lefts = vec![1f64; n + 1];
+    for k in 0..n {
+        lefts[k + 1] = lefts[k] * m[k] as f64;
+    }
+    let total = lefts[n];
+    let d: Vec<f64> = bonds.iter().map(|&x| x as f64).collect();
+    let mut best = (f64::INFINITY, 0, true);
+    for s in 0..n {
+        // left block: Σ_{k<s-1} L_{k+1}·d_{k+1}·m_{k+1}·d_{k+2}
+        let mut cost = 0.0;
+        for k in 1..s {
+            cost += lefts[k] * d[k] * m[k] as f64 * d[k + 1];
+        }
+        for k in s + 1..n - 1 {
+            cost += d[k] * m[k] as f64 * d[k + 1] * (total / lefts[k + 1]);
+        }
+        let (a, b, ms) = (lefts[s], total / lefts[s + 1], m[s] as f64);
+        // The two blocks are reordered element by element afterwards: count that memory
+        // traffic too (a few multiply-adds' worth per element), which breaks flop ties in
+        // favour of the split with the smaller blocks.
+        cost += 4.0 * (a * d[s] + d[s + 1] * b);
+        let right_first = d[s] * ms * d[s + 1] * b + a * d[s] * ms * b;
+        let left_first = a * d[s] * ms * d[s + 1] + a * ms * d[s + 1] * b;
+        for (c, lf) in [(right_first, false), (left_first, true)] {
+            if cost + c < best.0 {
+                best = (cost + c, s, lf);
+            }
+        }
+    }
+    Plan { split: best.1, left_first: best.2 }
+}
+
+/// Estimated multiply-adds of rebuilding W from cores with these bonds.
+pub fn rebuild_flops(shape: &MpoShape, bonds: &[usize]) -> f64 {
+    let m = shape.local_dims();
+    let n = m.len();
+    let p = plan(shape, bonds);
+    let mut lefts = vec![1f64; n + 1];
+    for k in 0..n {
+        lefts[k + 1] = lefts[k] * m[k] as f64;
+    }
+    let total = lefts[n];
+    let d: Vec<f64> = bonds.iter().map(|&x| x as f64).collect();
+    let s = p.split;
+    let mut cost = 0.0;
+    for k in 1..s {
+        cost += lefts[k] * d[k] * m[k] as f64 * d[k + 1];
+    }
+    for k in s + 1..n - 1 {
+        cost += d[k] * m[k] as f64 * d[k + 1] * (total / lefts[k + 1]);
+    }
+    let (a, b, ms) = (lefts[s], total / lefts[s + 1], m[s] as f64);
+    cost + if p.left_first {
+        a * d[s] * ms * d[s + 1] + a * ms * d[s + 1] * b
+    } else {
+        d[s] * ms * d[s + 1] * b + a * d[s] * ms * b
+    }
+}
+
+/// Estimated multiply-adds of applying the MPO to `batch` input rows core by core.
+pub fn apply_flops(shape: &MpoShape, bonds: &[usize], batch: usize) -> f64 {
+    let n = shape.n();
+    let (rf, cf) = (&shape.row_factors, &shape.col_factors);
+    let mut cost = 0.0;
+    for k in 0..n {
+        let done: f64 = rf[..k].iter().map(|&x| x as f64).product();
+        let todo: f64 = cf[k + 1..].iter().map(|&x| x as f64).product();
+        cost += batch as f64 * done * todo * (bonds[k] * cf[k]) as f64 * (rf[k] * bonds[k + 1]) as f64;
+    }
+    cost
+}
+
+/// Block index b = (rows…, cols…) → interleaved index (r_1, c_1, r_2, c_2, …) for a group.
+fn blk_to_int(rows: &[usize], cols: &[usize]) -> Vec<usize> {
+    let s = rows.len();
+    let mut dims = rows.to_vec();
+    dims.extend(cols);
+    let size: usize = dims.iter().product();
+    let iota: Vec<usize> = (0..size).collect();
+    let perm: Vec<usize> = (0..s).flat_map(|k| [k, s + k]).collect();
+    let blk_of_int = permute(&iota, &dims, &perm);
+    let mut out = vec![0; size];
+    for (i, &b) in blk_of_int.iter().enumerate() {
+        out[b] = i;
+    }
+    out
+}
+
+impl<T: Scalar> Mpo<T> {
+    /// The padded matrix (rows × cols of the factor products), row-major.
+    pub fn to_padded_matrix(&self) -> Vec<T> {
+        let shape = self.shape();
+        let (rf, cf) = (&self.row_factors, &self.col_factors);
+        let m = shape.local_dims();
+        let n = self.n();
+        let d = &self.bond_dims;
+        let p = plan(&shape, d);
+        let s = p.split;
+        // Left block [L_s, d_s] in interleaved row order.
+        let mut lb = vec![T::of(1.0)];
+        let mut l = 1;
+        for k in 0..s {
+            lb = gemm(&lb, false, &self.cores[k], false, l, d[k], m[k] * d[k + 1]);
+            l *= m[k];
+        }
+        // Right block [d_{s+1}, R_{s+1}].
+        let mut rb = vec![T::of(1.0)];
+        let mut r = 1;
+        for k in (s + 1..n).rev() {
+            rb = gemm(&self.cores[k], false, &rb, false, d[k] * m[k], d[k + 1], r);
+            r *= m[k];
+        }
+        // Reorder to block order: rows of lb, columns of rb.
+        let lmap = blk_to_int(&rf[..s], &cf[..s]);
+        let mut lb_blk = vec![T::of(0.0); lb.len()];
+        for (blk, &i) in lmap.iter().enumerate() {
+            lb_blk[blk * d[s]..(blk + 1) * d[s]].copy_from_slice(&lb[i * d[s]..(i + 1) * d[s]]);
+        }
+        let rmap = blk_to_int(&rf[s + 1..], &cf[s + 1..]);
+        let ds1 = d[s + 1];
+        let mut rb_blk = vec![T::of(0.0); rb.len()];
+        for row in 0..ds1 {
+            for (blk, &i) in rmap.iter().enumerate() {
+                rb_blk[row * r + blk] = rb[row * r + i];
+            }
+        }
+        let (a, b, ms) = (l, r, m[s]);
+        let x = if p.left_first {
+            let t = gemm(&lb_blk, false, &self.cores[s], false, a, d[s], ms * ds1); // [a, ms·ds1]
+            gemm(&t, false, &rb_blk, false, a * ms, ds1, b)
+        } else {
+            let t = gemm(&self.cores[s], false, &rb_blk, false, d[s] * ms, ds1, b); // [d_s, ms·b]
+            gemm(&lb_blk, false, &t, false, a, d[s], ms * b)
+        };
+        let (ar, ac): (usize, usize) = (rf[..s].iter().product(), cf[..s].iter().product());
+        let (br, bc): (usize, usize) = (rf[s + 1..].iter().product(), cf[s + 1..].iter().product());
+        permute(&x, &[ar, ac, rf[s], cf[s], br, bc], &[0, 2, 4, 1, 3, 5])
+    }
+
+    /// The reconstructed matrix Ŵ (orig_rows × orig_cols), row-major, padding removed.
+    pub fn to_matrix(&self) -> Result<Vec<T>> {
+        let full = self.to_padded_matrix();
+        let shape = self.shape();
+        if !shape.is_padded() {
+            return Ok(full);
+        }
+        let c = shape.cols();
+        let mut out = Vec::with_capacity(self.orig_rows * self.orig_cols);
+        for i in 0..self.orig_rows {
+            out.extend_from_slice(&full[i * c..i * c + self.orig_cols]);
+        }
+        Ok(out)
+    }
+}
+
+fn check_cores(cores: &[Tensor], shape: &MpoShape) -> candle_core::Result<Vec<usize>> {
+    if cores.len() != shape.n() {
+        candle_core::bail!("{} cores for an MPO with {} sites", cores.len(), shape.n());
+    }
+    let mut bonds = vec![1usize];
+    for (k, c) in cores.iter().enumerate() {
+        let dims = c.dims();
+        if dims.len() != 4
+            || dims[0] != *bonds.last().unwrap()
+            || dims[1] != shape.row_factors[k]
+            || dims[2] != shape.col_factors[k]
+        {
+            candle_core::bail!("core {k} has shape {dims:?}, which does not chain with the factor shape");
+        }
+        bonds.push(dims[3]);
+    }
+    if *bonds.last().unwrap() != 1 {
+        candle_core::bail!("last bond must be 1");
+    }
+    Ok(bonds)
+}
+
+/// Differentiable rebuild of W[orig_rows, orig_cols] from cores [d_{k−1}, i_k, j_k, d_k].
+pub fn dense_from_cores(cores: &[Tensor], shape: &MpoShape) -> candle_core::Result<Tensor> {
+    let d = check_cores(cores, shape)?;
+    let (rf, cf) = (&shape.row_factors, &shape.col_factors);
+    let m = shape.local_dims();
+    let n = shape.n();
+    let p = plan(shape, &d);
+    let s = p.split;
+    let dev = cores[0].device();
+    let dt = cores[0].dtype();
+    // Left block as [i_1, j_1, …, i_{s}, j_{s}, d_s] → block order [i…, j…, d_s].
+    let mut lb = Tensor::ones((1, 1), dt, dev)?;
+    let mut l = 1;
+    for k in 0..s {
+        lb = lb.matmul(&cores[k].reshape((d[k], m[k] * d[k + 1]))?)?;
+        l *= m[k];
+        lb = lb.reshape((l, d[k + 1]))?;
+    }
+    if s > 1 {
+        let mut dims: Vec<usize> = (0..s).flat_map(|k| [rf[k], cf[k]]).collect();
+        dims.push(d[s]);
+        let mut perm: Vec<usize> = (0..s).map(|k| 2 * k).collect();
+        perm.extend((0..s).map(|k| 2 * k + 1));
+        perm.push(2 * s);
+        lb = lb.reshape(dims)?.permute(perm)?.contiguous()?.reshape((l, d[s]))?;
+    }
+    let mut rb = Tensor::ones((1, 1), dt, dev)?;
+    let mut r = 1;
+    for k in (s + 1..n).rev() {
+        rb = cores[k].reshape((d[k] * m[k], d[k + 1]))?.matmul(&rb)?;
+        r *= m[k];
+        rb = rb.reshape((d[k], r))?;
+    }
+    if n - s - 1 > 1 {
+        let g = n - s - 1;
+        let mut dims = vec![d[s + 1]];
+        dims.extend((s + 1..n).flat_map(|k| [rf[k], cf[k]]));
+        let mut perm = vec![0];
+        perm.extend((0..g).map(|k| 1 + 2 * k));
+        perm.extend((0..g).map(|k| 2 + 2 * k));
+        rb = rb.reshape(dims)?.permute(perm)?.contiguous()?.reshape((d[s + 1], r))?;
+    }
+    let (a, b, ms, ds1) = (l, r, m[s], d[s + 1]);
+    let x = if p.left_first {
+        let t = lb.matmul(&cores[s].reshape((d[s], ms * ds1))?)?;
+        t.reshape((a * ms, ds1))?.matmul(&rb)?
+    } else {
+        let t = cores[s].reshape((d[s] * ms, ds1))?.matmul(&rb)?;
+        lb.matmul(&t.reshape((d[s], ms * b))?)?
+    };
+    let (ar, ac): (usize, usize) = (rf[..s].iter().product(), cf[..s].iter().product());
+    let (br, bc): (usize, usize) = (rf[s + 1..].iter().product(), cf[s + 1..].iter().product());
+    let w = x
+        .reshape(vec![ar, ac, rf[s], cf[s], br, bc])?
+        .permute(vec![0, 2, 4, 1, 3, 5])?
+        .contiguous()?
+        .reshape((shape.rows(), shape.cols()))?;
+    let w = if shape.orig_rows < shape.rows() { w.narrow(0, 0, shape.orig_rows)? } else { w };
+    let w = if shape.orig_cols < shape.cols() { w.narrow(1, 0, shape.orig_cols)?.contiguous()? } else { w };
+    Ok(w)
+}
+
+/// Differentiable y = x·Wᵀ for x[…, orig_cols] without forming W (see module docs).
+pub fn apply_cores(x: &Tensor, cores: &[Tensor], shape: &MpoShape) -> candle_core::Result<Tensor> {
+    let d = check_cores(cores, shape)?;
+    let (rf, cf) = (&shape.row_factors, &shape.col_factors);
+    let n = shape.n();
+    let dims = x.dims().to_vec();
+    let Some((&last, lead)) = dims.split_last() else {
+        candle_core::bail!("MPO input must have at least one dimension");
+    };
+    if last != shape.orig_cols {
+        candle_core::bail!("MPO input has {last} features, the layer expects {}", shape.orig_cols);
+    }
+    let batch: usize = lead.iter().product();
+    let mut x2 = x.reshape((batch, last))?;
+    if shape.cols() > last {
+        x2 = x2.pad_with_zeros(1, 0, shape.cols() - last)?;
+    }
+    // state (j_1…j_n, N, d_0 = 1)
+    let mut state = x2.t()?.contiguous()?;
+    let mut total = batch * shape.cols();
+    for k in 0..n {
+        let rest = total / cf[k];
+        let rot = state.reshape((cf[k], rest))?.t()?.contiguous()?; // (rest, j_k)
+        let rows = rest / d[k];
+        let core = cores[k].permute((0, 2, 1, 3))?.reshape((d[k] * cf[k], rf[k] * d[k + 1]))?;
+        state = rot.reshape((rows, d[k] * cf[k]))?.matmul(&core)?;
+        total = rows * rf[k] * d[k + 1];
+    }
+    let y = state.reshape((batch, shape.rows()))?;
+    let y = if shape.orig_rows < shape.rows() { y.narrow(1, 0, shape.orig_rows)?.contiguous()? } else { y };
+    let mut out_dims = lead.to_vec();
+    out_dims.push(shape.orig_rows);
+    y.reshape(out_dims)
+}
+
+/// Differentiable row lookup W[ids, :] without forming W: each core is indexed by the id's
+/// digit for that site, then the per-token chains are contracted with batched products.
+pub fn embed_cores(ids: &Tensor, cores: &[Tensor], shape: &MpoShape) -> candle_core::Result<Tensor> {
+    let d = check_cores(cores, shape)?;
+    let (rf, cf) = (&shape.row_factors, &shape.col_factors);
+    let n = shape.n();
+    let id_dims = ids.dims().to_vec();
+    let flat: Vec<u32> = ids.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
+    let count = flat.len();
+    if let Some(bad) = flat.iter().find(|&&i| i as usize >= shape.orig_rows) {
+        candle_core::bail!("token id {bad} out of range for an embedding with {} rows", shape.orig_rows);
+    }
+    let dev = cores[0].device();
+    // digits[k][t] = i_k of token t (i_1 most significant)
+    let mut digits = vec![vec![0u32; count]; n];
+    for (t, &id) in flat.iter().enumerate() {
+        let mut rem = id as usize;
+        for k in (0..n).rev() {
+            digits[k][t] = (rem % rf[k]) as u32;
+            rem /= rf[k];
+        }
+    }
+    let mut state: Option<Tensor> = None; // [count, J_{≤k}, d_k]
+    let mut jdone = 1;
+    for k in 0..n {
+        let idx = Tensor::from_vec(digits[k].clone(), count, dev)?;
+        let ck = cores[k].permute((1, 0, 2, 3))?.reshape((rf[k], d[k] * cf[k] * d[k + 1]))?;
+        let sel = ck.index_select(&idx, 0)?; // [count, d_k·j_k·d_{k+1}]
+        state = Some(match state {
+            None => sel.reshape((count, cf[k], d[k + 1]))?,
+            Some(s) => {
+                let sel = sel.reshape((count, d[k], cf[k] * d[k + 1]))?;
+                s.matmul(&sel)?.reshape((count, jdone * cf[k], d[k + 1]))?
+            }
+        });
+        jdone *= cf[k];
+    }
+    let e = state.unwrap().reshape((count, shape.cols()))?;
+    let e = if shape.orig_cols < shape.cols() { e.narrow(1, 0, shape.orig_cols)?.contiguous()? } else { e };
+    let mut out_dims = id_dims;
+    out_dims.push(shape.orig_cols);
+    e.reshape(out_dims)
+}
