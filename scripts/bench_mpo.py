@@ -5,7 +5,7 @@ bond dimensions, errors (must agree to 1e-6 relative; full-bond errors are both 
 and time ratios per matrix and for a whole model (30 layers × {q,k,v,o,gate,up,down} + the
 tied embedding).
 
-  python3 scripts/bench_mpo.py [--threads 1] [--rust-bin PATH] [--skip-embedding] [--reps 3]
+  python3 scripts/bench_mpo.py [--threads 1] [--rust-bin PATH] [--skip-embedding] [--reps 5]
 
 Thread counts are pinned for both sides (RAYON_NUM_THREADS / OPENBLAS_NUM_THREADS etc.);
 on a shared machine a single thread gives the most stable comparison.

@@ -73,6 +73,41 @@ enum Cmd {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
+    /// Compress a model's weight matrices (MPO decomposition) into a checkpoint other commands load.
+    Compress {
+        model: String,
+        #[arg(long, default_value = "mpo", value_parser = ["mpo"])]
+        method: String,
+        /// Factor shapes: `auto` (balanced) or `paper` (the papers' tables where they apply).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "paper"])]
+        shapes: String,
+        /// Number of MPO sites (cores); the central tensor is index n/2.
+        #[arg(long, default_value_t = 5)]
+        n: usize,
+        /// Cap every bond at D.
+        #[arg(long, conflicts_with_all = ["rel_error", "params_ratio"])]
+        bond: Option<usize>,
+        /// Smallest bonds whose error bound is within this relative Frobenius error.
+        #[arg(long, conflicts_with = "params_ratio")]
+        rel_error: Option<f64>,
+        /// Keep about this fraction of each matrix's parameters.
+        #[arg(long)]
+        params_ratio: Option<f64>,
+        /// Comma-separated substrings/globs of module names (default: every Linear and the embedding).
+        #[arg(long, value_delimiter = ',')]
+        matrices: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Export a (compressed) model as a plain dense HF directory that transformers loads.
+    Export {
+        model: String,
+        /// Contract every factored layer back to a dense matrix.
+        #[arg(long, required = true)]
+        dense: bool,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Benchmarks (see BENCHMARKS.md for the peer comparisons).
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -183,6 +218,56 @@ fn run(cli: Cli) -> Result<()> {
             rep.set("matrices", json!(specs.iter().map(spectrum::to_json).collect::<Vec<_>>()));
         }
         Cmd::Eval(args) => eval_cmd::run(args, &mut rep)?,
+        Cmd::Compress { model, method: _, shapes, n, bond, rel_error, params_ratio, matrices, out } => {
+            use methods::mpop::{self, Budget, CompressOptions, Shapes};
+            if out.exists() && std::fs::read_dir(&out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+                anyhow::bail!("{}: output directory exists and is not empty; choose a new --out", out.display());
+            }
+            let mut m = load(&model)?;
+            let before = m.total_params();
+            let budget = match (bond, rel_error, params_ratio) {
+                (Some(d), _, _) => Budget::Bond(d),
+                (_, Some(e), _) => Budget::RelError(e),
+                (_, _, Some(r)) => Budget::ParamsRatio(r),
+                _ => Budget::Full,
+            };
+            if let Budget::Bond(0) = budget {
+                anyhow::bail!("--bond must be at least 1");
+            }
+            let o = CompressOptions { shapes: if shapes == "paper" { Shapes::Paper } else { Shapes::Auto }, n, budget, patterns: matrices };
+            let t0 = std::time::Instant::now();
+            let layers = mpop::compress(&mut m, &o, true)?;
+            println!("{:<40} {:>22} {:>11} {:>11} {:>9}", "matrix", "bonds", "dense", "mpo", "rel err");
+            for l in &layers {
+                println!(
+                    "{:<40} {:>22} {:>11} {:>11} {:>9.5}",
+                    l.name,
+                    format!("{:?}", &l.bonds[1..l.bonds.len() - 1]),
+                    l.dense_params,
+                    l.mpo_params,
+                    l.rel_error
+                );
+            }
+            let after = m.total_params();
+            println!("total params {} -> {} ({:.1}%), {:.1} s", fmt_int(before), fmt_int(after), 100.0 * after as f64 / before as f64, t0.elapsed().as_secs_f64());
+            mpop::save(&m, &out)?;
+            println!("MPO checkpoint written to {}", out.display());
+            rep.set("command", json!("compress"));
+            rep.set("model", json!(model));
+            rep.set("out", json!(out));
+            rep.set("total_params_before", json!(before));
+            rep.set("total_params_after", json!(after));
+            rep.set("layers", json!(layers));
+        }
+        Cmd::Export { model, dense: _, out } => {
+            let m = load(&model)?;
+            let t = models::export::dense_state_dict(&m)?;
+            models::export::write_hf_dir(&m, &out, &t, &[])?;
+            println!("dense HF directory ({} params) written to {}", fmt_int(m.total_params()), out.display());
+            rep.set("command", json!("export"));
+            rep.set("out", json!(out));
+            rep.set("tensors", json!(t.len()));
+        }
         Cmd::Run { model } => {
             rep.set("command", json!("run"));
             let m = load(&model)?;
@@ -200,7 +285,13 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// MODEL as any command takes it: an alias, an HF/GGUF path, or a method checkpoint
+/// (MPO checkpoints are recognised by their manifest).
 fn load(model: &str) -> Result<Model> {
+    let p = std::path::Path::new(model);
+    if p.join(methods::mpop::MANIFEST).exists() {
+        return methods::mpop::load(p).with_context(|| format!("loading MPO checkpoint '{model}'"));
+    }
     let m = Model::load(model, true).with_context(|| format!("loading model '{model}'"))?;
     Ok(m)
 }

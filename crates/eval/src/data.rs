@@ -53,7 +53,7 @@ pub fn read_text(path: &Path) -> Result<String> {
 
 /// Parse CSV text (RFC 4180: `"` quoting, `""` escapes, newlines inside quotes; LF or CRLF
 /// record ends). Returns records with the 1-based line each starts on.
-pub fn parse_csv(text: &str, path: &Path) -> Result<Vec<(usize, Vec<String>)>> {
+pub fn parse_csv(text: &str, path: &Path) -> Result<Rows> {
     let mut out = Vec::new();
     let mut rec: Vec<String> = Vec::new();
     let mut field = String::new();
@@ -113,9 +113,12 @@ pub fn parse_csv(text: &str, path: &Path) -> Result<Vec<(usize, Vec<String>)>> {
     Ok(out)
 }
 
+/// Records with the 1-based line each starts on.
+pub type Rows = Vec<(usize, Vec<String>)>;
+
 /// Tab-separated file with one header line, no quoting (GLUE). Returns the header and the rows
 /// with their 1-based line numbers.
-pub fn read_tsv(path: &Path) -> Result<(Vec<String>, Vec<(usize, Vec<String>)>)> {
+pub fn read_tsv(path: &Path) -> Result<(Vec<String>, Rows)> {
     let text = read_text(path)?;
     let mut lines = text.lines().enumerate();
     let header: Vec<String> = match lines.next() {

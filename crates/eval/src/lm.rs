@@ -231,10 +231,11 @@ impl<'a> Lm<'a> {
             for chunk in g.chunks(self.batch) {
                 let cache = if p > 0 {
                     let b = chunk.len();
-                    if !caches.contains_key(&b) {
-                        caches.insert(b, self.prefix_cache(&units[chunk[0]].input[..p], b)?);
-                    }
-                    caches.get(&b).cloned()
+                    let c = match caches.entry(b) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => e.insert(self.prefix_cache(&units[chunk[0]].input[..p], b)?),
+                    };
+                    Some(c.clone())
                 } else {
                     None
                 };

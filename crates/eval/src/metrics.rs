@@ -76,8 +76,8 @@ mod tests {
         // sample sd of [1,0,1,0] = sqrt(1/3); / sqrt(4)
         assert!((stderr(&[1.0, 0.0, 1.0, 0.0]).unwrap() - (1.0f64 / 3.0).sqrt() / 2.0).abs() < 1e-12);
         assert_eq!(stderr(&[1.0]), None);
-        // Python: len(re.split(r"\s+", " = A b = \n")) == 5
-        assert_eq!(count_words(" = A b = \n"), 5);
+        // Python: len(re.split(r"\s+", " = A b = \n")) == 6 (empty pieces at both ends)
+        assert_eq!(count_words(" = A b = \n"), 6);
         assert_eq!(count_words("a  b\tc"), 3);
         assert_eq!(count_words(""), 1);
         let p = Perplexity::new(-10.0, 5, "ab cd");

@@ -92,7 +92,7 @@ fn batched_prefix_shared_scores_equal_naive_forwards() {
     let shared = "The following are questions about things that matter.\n\n";
     let mut pairs = vec![];
     for q in ["Q: first?\nAnswer:", "Q: a second, longer question here?\nAnswer:", "Q: x\nAnswer:"] {
-        for c in [" A", " B", " yes indeed", " no"] {
+        for c in [" A", " B", " yes indeed", " no", "A", "B"] {
             pairs.push((format!("{shared}{q}"), c.to_string()));
         }
     }

@@ -48,6 +48,15 @@ impl Model {
         Ok(Model { source: src, arch, tokenizer, stored_types, load_secs: t0.elapsed().as_secs_f64() })
     }
 
+    /// Build an HF directory's architecture (config.json, tokenizer) from weights supplied by
+    /// the caller — how method checkpoints (MPO, quantized) rebuild a model before swapping
+    /// their own layers in.
+    pub fn from_weights(src: ModelSource, w: Weights) -> Result<Model> {
+        let t0 = std::time::Instant::now();
+        let (arch, tokenizer, stored_types) = build_hf(&src.path, w)?;
+        Ok(Model { source: src, arch, tokenizer, stored_types, load_secs: t0.elapsed().as_secs_f64() })
+    }
+
     pub fn arch_name(&self) -> &str {
         match &self.arch {
             Arch::Llama(m) => &m.cfg.model_type,
@@ -176,7 +185,15 @@ fn load_hf_dir(dir: &Path) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)>
     if !arch_ok {
         return Err(Error::UnsupportedArch { path: cfg_path, arch: mt, supported: SUPPORTED.into() });
     }
-    let w = Weights::from_hf_dir(dir)?;
+    build_hf(dir, Weights::from_hf_dir(dir)?)
+}
+
+fn build_hf(dir: &Path, w: Weights) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)> {
+    let cfg_path = dir.join("config.json");
+    let mt = config::model_type(&cfg_path)?;
+    if !matches!(mt.as_str(), "llama" | "qwen2" | "mistral" | "bert") {
+        return Err(Error::UnsupportedArch { path: cfg_path, arch: mt, supported: SUPPORTED.into() });
+    }
     let mut types = BTreeMap::new();
     types.insert("f32 (as loaded)".to_string(), w.tensors.len());
     let tokenizer = Tokenizer::from_hf_dir(dir)?;

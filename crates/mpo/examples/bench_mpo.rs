@@ -10,7 +10,12 @@ use mpo::Algorithm;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let has = |flag: &str| args.iter().any(|a| a == flag);
     let reps: usize = value("--reps").map_or(Ok(5), |v| v.parse())?;
     let batch: usize = value("--batch").map_or(Ok(512), |v| v.parse())?;
@@ -24,19 +29,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut decompose = Vec::new();
     let mut forward = Vec::new();
     for (name, rows, cols) in smollm2_matrices() {
-        if only.as_deref().is_some_and(|o| !name.contains(o)) || (has("--skip-embedding") && rows == 49152) {
+        if only.as_deref().is_some_and(|o| !name.contains(o))
+            || (has("--skip-embedding") && rows == 49152)
+        {
             continue;
         }
-        let reps = if rows * cols > 10_000_000 { reps.min(2) } else { reps };
+        let reps = if rows * cols > 10_000_000 {
+            reps.min(2)
+        } else {
+            reps
+        };
         let r = bench_decompose(name, rows, cols, 5, 42, 0.5, algorithm, reps)?;
         eprintln!("{name}: {}", serde_json::to_string(&r.results)?);
         decompose.push(r);
         if !has("--no-forward") && rows != 49152 {
-            let f = bench_forward(name, rows, cols, 5, batch, rho, reps)?;
+            let f = bench_forward(name, rows, cols, 5, batch, rho, reps.min(3))?;
             eprintln!("{name} forward: {}", serde_json::to_string(&f.results)?);
             forward.push(f);
         }
     }
-    println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "decompose": decompose, "forward": forward }))?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(
+            &serde_json::json!({ "decompose": decompose, "forward": forward })
+        )?
+    );
     Ok(())
 }

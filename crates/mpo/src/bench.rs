@@ -115,9 +115,17 @@ pub fn bench_decompose(
     let mut results = Vec::new();
     for (setting, trunc, cap) in [
         ("full".to_string(), Truncation::Full, None),
-        (format!("budget{:.0}%", budget * 100.0), Truncation::MaxBond(d_half), Some(d_half)),
+        (
+            format!("budget{:.0}%", budget * 100.0),
+            Truncation::MaxBond(d_half),
+            Some(d_half),
+        ),
     ] {
-        let opts = DecomposeOptions { algorithm, truncation: trunc, ..Default::default() };
+        let opts = DecomposeOptions {
+            algorithm,
+            truncation: trunc,
+            ..Default::default()
+        };
         let (td, m) = time(reps, || Mpo::decompose_with(&w, &shape, &opts));
         let m = m?;
         let (tr, what) = time(reps, || m.to_matrix());
@@ -175,24 +183,41 @@ pub struct ForwardReport {
 
 /// y = x·Wᵀ for x[batch, cols] in f32 on the CPU: dense matmul vs the MPO layer's contract
 /// and rebuild paths, at full bond and at the largest uniform bond with ρ ≤ `rho`.
-pub fn bench_forward(name: &str, rows: usize, cols: usize, n: usize, batch: usize, rho: f64, reps: usize) -> crate::Result<ForwardReport> {
+pub fn bench_forward(
+    name: &str,
+    rows: usize,
+    cols: usize,
+    n: usize,
+    batch: usize,
+    rho: f64,
+    reps: usize,
+) -> crate::Result<ForwardReport> {
     let dev = Device::Cpu;
     let shape = MpoShape::auto(rows, cols, n)?;
     let w = gaussian_matrix(rows, cols, 1);
     let full = Mpo::decompose(&w, &shape)?.cast::<f32>();
     let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
     let wt = Tensor::from_vec(w32, (rows, cols), &dev)?;
-    let x: Vec<f32> = gaussian_matrix(batch, cols, 2).iter().map(|&v| v as f32).collect();
+    let x: Vec<f32> = gaussian_matrix(batch, cols, 2)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
     let x = Tensor::from_vec(x, (batch, cols), &dev)?;
     let wtt = wt.t()?.contiguous()?;
     let (dense_s, _) = time(reps, || x.matmul(&wtt).unwrap());
     let d = shape.max_bond_for_params((rho * (rows * cols) as f64) as usize);
     let mut results = Vec::new();
-    for (setting, m) in [("full".to_string(), full.clone()), (format!("rho{rho}"), full.truncate(&Truncation::MaxBond(d))?)] {
+    for (setting, m) in [
+        ("full".to_string(), full.clone()),
+        (format!("rho{rho}"), full.truncate(&Truncation::MaxBond(d))?),
+    ] {
         let layer = MpoLinear::from_mpo(&m, None, &dev)?.with_mode(ForwardMode::Contract);
         let (contract_s, yc) = time(reps, || layer.forward(&x).unwrap());
-        let (rebuild_s, yr) = time(reps, || layer.forward_with(&x, ForwardMode::Rebuild).unwrap());
-        let diff = (&yc - &yr)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() / yr.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+        let (rebuild_s, yr) = time(reps, || {
+            layer.forward_with(&x, ForwardMode::Rebuild).unwrap()
+        });
+        let diff = (&yc - &yr)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt()
+            / yr.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
         results.push(ForwardResult {
             setting,
             bonds: m.bonds().to_vec(),
@@ -204,5 +229,12 @@ pub fn bench_forward(name: &str, rows: usize, cols: usize, n: usize, batch: usiz
             rel_diff_contract_vs_rebuild: diff as f64,
         });
     }
-    Ok(ForwardReport { name: name.to_string(), rows, cols, batch, dtype: "f32".into(), results })
+    Ok(ForwardReport {
+        name: name.to_string(),
+        rows,
+        cols,
+        batch,
+        dtype: "f32".into(),
+        results,
+    })
 }

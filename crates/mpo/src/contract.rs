@@ -20,7 +20,11 @@ use crate::shapes::MpoShape;
 use candle_core::{Device, Tensor};
 
 /// A candle tensor with the given data and shape.
-pub fn tensor_from<T: Scalar>(data: &[T], shape: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+pub fn tensor_from<T: Scalar>(
+    data: &[T],
+    shape: &[usize],
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     Tensor::from_slice(data, shape, device)
 }
 
@@ -63,7 +67,10 @@ fn plan(shape: &MpoShape, bonds: &[usize]) -> Plan {
             }
         }
     }
-    Plan { split: best.1, left_first: best.2 }
+    Plan {
+        split: best.1,
+        left_first: best.2,
+    }
 }
 
 /// Estimated multiply-adds of rebuilding W from cores with these bonds.
@@ -101,7 +108,8 @@ pub fn apply_flops(shape: &MpoShape, bonds: &[usize], batch: usize) -> f64 {
     for k in 0..n {
         let done: f64 = rf[..k].iter().map(|&x| x as f64).product();
         let todo: f64 = cf[k + 1..].iter().map(|&x| x as f64).product();
-        cost += batch as f64 * done * todo * (bonds[k] * cf[k]) as f64 * (rf[k] * bonds[k + 1]) as f64;
+        cost +=
+            batch as f64 * done * todo * (bonds[k] * cf[k]) as f64 * (rf[k] * bonds[k + 1]) as f64;
     }
     cost
 }
@@ -201,7 +209,9 @@ fn check_cores(cores: &[Tensor], shape: &MpoShape) -> candle_core::Result<Vec<us
             || dims[1] != shape.row_factors[k]
             || dims[2] != shape.col_factors[k]
         {
-            candle_core::bail!("core {k} has shape {dims:?}, which does not chain with the factor shape");
+            candle_core::bail!(
+                "core {k} has shape {dims:?}, which does not chain with the factor shape"
+            );
         }
         bonds.push(dims[3]);
     }
@@ -235,7 +245,11 @@ pub fn dense_from_cores(cores: &[Tensor], shape: &MpoShape) -> candle_core::Resu
         let mut perm: Vec<usize> = (0..s).map(|k| 2 * k).collect();
         perm.extend((0..s).map(|k| 2 * k + 1));
         perm.push(2 * s);
-        lb = lb.reshape(dims)?.permute(perm)?.contiguous()?.reshape((l, d[s]))?;
+        lb = lb
+            .reshape(dims)?
+            .permute(perm)?
+            .contiguous()?
+            .reshape((l, d[s]))?;
     }
     let mut rb = Tensor::ones((1, 1), dt, dev)?;
     let mut r = 1;
@@ -251,7 +265,11 @@ pub fn dense_from_cores(cores: &[Tensor], shape: &MpoShape) -> candle_core::Resu
         let mut perm = vec![0];
         perm.extend((0..g).map(|k| 1 + 2 * k));
         perm.extend((0..g).map(|k| 2 + 2 * k));
-        rb = rb.reshape(dims)?.permute(perm)?.contiguous()?.reshape((d[s + 1], r))?;
+        rb = rb
+            .reshape(dims)?
+            .permute(perm)?
+            .contiguous()?
+            .reshape((d[s + 1], r))?;
     }
     let (a, b, ms, ds1) = (l, r, m[s], d[s + 1]);
     let x = if p.left_first {
@@ -268,8 +286,16 @@ pub fn dense_from_cores(cores: &[Tensor], shape: &MpoShape) -> candle_core::Resu
         .permute(vec![0, 2, 4, 1, 3, 5])?
         .contiguous()?
         .reshape((shape.rows(), shape.cols()))?;
-    let w = if shape.orig_rows < shape.rows() { w.narrow(0, 0, shape.orig_rows)? } else { w };
-    let w = if shape.orig_cols < shape.cols() { w.narrow(1, 0, shape.orig_cols)?.contiguous()? } else { w };
+    let w = if shape.orig_rows < shape.rows() {
+        w.narrow(0, 0, shape.orig_rows)?
+    } else {
+        w
+    };
+    let w = if shape.orig_cols < shape.cols() {
+        w.narrow(1, 0, shape.orig_cols)?.contiguous()?
+    } else {
+        w
+    };
     Ok(w)
 }
 
@@ -283,7 +309,10 @@ pub fn apply_cores(x: &Tensor, cores: &[Tensor], shape: &MpoShape) -> candle_cor
         candle_core::bail!("MPO input must have at least one dimension");
     };
     if last != shape.orig_cols {
-        candle_core::bail!("MPO input has {last} features, the layer expects {}", shape.orig_cols);
+        candle_core::bail!(
+            "MPO input has {last} features, the layer expects {}",
+            shape.orig_cols
+        );
     }
     let batch: usize = lead.iter().product();
     let mut x2 = x.reshape((batch, last))?;
@@ -297,12 +326,18 @@ pub fn apply_cores(x: &Tensor, cores: &[Tensor], shape: &MpoShape) -> candle_cor
         let rest = total / cf[k];
         let rot = state.reshape((cf[k], rest))?.t()?.contiguous()?; // (rest, j_k)
         let rows = rest / d[k];
-        let core = cores[k].permute((0, 2, 1, 3))?.reshape((d[k] * cf[k], rf[k] * d[k + 1]))?;
+        let core = cores[k]
+            .permute((0, 2, 1, 3))?
+            .reshape((d[k] * cf[k], rf[k] * d[k + 1]))?;
         state = rot.reshape((rows, d[k] * cf[k]))?.matmul(&core)?;
         total = rows * rf[k] * d[k + 1];
     }
     let y = state.reshape((batch, shape.rows()))?;
-    let y = if shape.orig_rows < shape.rows() { y.narrow(1, 0, shape.orig_rows)?.contiguous()? } else { y };
+    let y = if shape.orig_rows < shape.rows() {
+        y.narrow(1, 0, shape.orig_rows)?.contiguous()?
+    } else {
+        y
+    };
     let mut out_dims = lead.to_vec();
     out_dims.push(shape.orig_rows);
     y.reshape(out_dims)
@@ -310,15 +345,25 @@ pub fn apply_cores(x: &Tensor, cores: &[Tensor], shape: &MpoShape) -> candle_cor
 
 /// Differentiable row lookup W[ids, :] without forming W: each core is indexed by the id's
 /// digit for that site, then the per-token chains are contracted with batched products.
-pub fn embed_cores(ids: &Tensor, cores: &[Tensor], shape: &MpoShape) -> candle_core::Result<Tensor> {
+pub fn embed_cores(
+    ids: &Tensor,
+    cores: &[Tensor],
+    shape: &MpoShape,
+) -> candle_core::Result<Tensor> {
     let d = check_cores(cores, shape)?;
     let (rf, cf) = (&shape.row_factors, &shape.col_factors);
     let n = shape.n();
     let id_dims = ids.dims().to_vec();
-    let flat: Vec<u32> = ids.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
+    let flat: Vec<u32> = ids
+        .flatten_all()?
+        .to_dtype(candle_core::DType::U32)?
+        .to_vec1()?;
     let count = flat.len();
     if let Some(bad) = flat.iter().find(|&&i| i as usize >= shape.orig_rows) {
-        candle_core::bail!("token id {bad} out of range for an embedding with {} rows", shape.orig_rows);
+        candle_core::bail!(
+            "token id {bad} out of range for an embedding with {} rows",
+            shape.orig_rows
+        );
     }
     let dev = cores[0].device();
     // digits[k][t] = i_k of token t (i_1 most significant)
@@ -334,7 +379,9 @@ pub fn embed_cores(ids: &Tensor, cores: &[Tensor], shape: &MpoShape) -> candle_c
     let mut jdone = 1;
     for k in 0..n {
         let idx = Tensor::from_vec(digits[k].clone(), count, dev)?;
-        let ck = cores[k].permute((1, 0, 2, 3))?.reshape((rf[k], d[k] * cf[k] * d[k + 1]))?;
+        let ck = cores[k]
+            .permute((1, 0, 2, 3))?
+            .reshape((rf[k], d[k] * cf[k] * d[k + 1]))?;
         let sel = ck.index_select(&idx, 0)?; // [count, d_k·j_k·d_{k+1}]
         state = Some(match state {
             None => sel.reshape((count, cf[k], d[k + 1]))?,
@@ -346,7 +393,11 @@ pub fn embed_cores(ids: &Tensor, cores: &[Tensor], shape: &MpoShape) -> candle_c
         jdone *= cf[k];
     }
     let e = state.unwrap().reshape((count, shape.cols()))?;
-    let e = if shape.orig_cols < shape.cols() { e.narrow(1, 0, shape.orig_cols)?.contiguous()? } else { e };
+    let e = if shape.orig_cols < shape.cols() {
+        e.narrow(1, 0, shape.orig_cols)?.contiguous()?
+    } else {
+        e
+    };
     let mut out_dims = id_dims;
     out_dims.push(shape.orig_cols);
     e.reshape(out_dims)

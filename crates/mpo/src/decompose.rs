@@ -67,7 +67,10 @@ pub struct DecomposeOptions {
 impl DecomposeOptions {
     /// Default options with a truncation.
     pub fn truncated(truncation: Truncation) -> Self {
-        Self { truncation, ..Self::default() }
+        Self {
+            truncation,
+            ..Self::default()
+        }
     }
 }
 
@@ -84,14 +87,19 @@ impl<T: Scalar> Mpo<T> {
         shape.validate()?;
         let expected = shape.orig_rows * shape.orig_cols;
         if w.len() != expected {
-            return Err(Error::Size { what: "matrix".into(), got: w.len(), expected });
+            return Err(Error::Size {
+                what: "matrix".into(),
+                got: w.len(),
+                expected,
+            });
         }
-        let (bonds, cores, spectra) = if opts.precision == Precision::F64 && T::DTYPE != candle_core::DType::F64 {
-            let (b, c, s) = run::<f64>(&pad(&convert::<T, f64>(w), shape), shape, opts)?;
-            (b, c.iter().map(|c| convert::<f64, T>(c)).collect(), s)
-        } else {
-            run::<T>(&pad(w, shape), shape, opts)?
-        };
+        let (bonds, cores, spectra) =
+            if opts.precision == Precision::F64 && T::DTYPE != candle_core::DType::F64 {
+                let (b, c, s) = run::<f64>(&pad(&convert::<T, f64>(w), shape), shape, opts)?;
+                (b, c.iter().map(|c| convert::<f64, T>(c)).collect(), s)
+            } else {
+                run::<T>(&pad(w, shape), shape, opts)?
+            };
         Mpo::from_cores(shape, bonds, cores, spectra)
     }
 
@@ -111,7 +119,15 @@ impl<T: Scalar> Mpo<T> {
             let (q, r) = thin_qr(&cores[k], rows, cols);
             let rk = rows.min(cols);
             cores[k] = q;
-            cores[k + 1] = gemm(&r, false, &cores[k + 1], false, rk, cols, m[k + 1] * d[k + 2]);
+            cores[k + 1] = gemm(
+                &r,
+                false,
+                &cores[k + 1],
+                false,
+                rk,
+                cols,
+                m[k + 1] * d[k + 2],
+            );
             d[k + 1] = rk;
         }
         // Right sweep: SVD of each centre gives the exact Schmidt values of that bond.
@@ -122,7 +138,15 @@ impl<T: Scalar> Mpo<T> {
             let rk = rows.min(cols);
             cores[k] = vt;
             let us: Vec<f64> = (0..rows * rk).map(|i| u[i] * s[i % rk]).collect();
-            cores[k - 1] = gemm(&cores[k - 1], false, &us, false, d[k - 1] * m[k - 1], rows, rk);
+            cores[k - 1] = gemm(
+                &cores[k - 1],
+                false,
+                &us,
+                false,
+                d[k - 1] * m[k - 1],
+                rows,
+                rk,
+            );
             d[k] = rk;
             spectra[k - 1] = s;
         }
@@ -134,7 +158,12 @@ impl<T: Scalar> Mpo<T> {
             let right = |b: usize| if k + 1 == n { 1.0 } else { 1.0 / scale[k][b] };
             apply_scaling(&mut cores[k], l, m[k], r, left, right);
         }
-        Mpo::from_cores(&shape, d, cores.iter().map(|c| convert::<f64, T>(c)).collect(), spectra)
+        Mpo::from_cores(
+            &shape,
+            d,
+            cores.iter().map(|c| convert::<f64, T>(c)).collect(),
+            spectra,
+        )
     }
 }
 
@@ -147,7 +176,8 @@ fn pad<'a, T: Scalar>(w: &'a [T], shape: &MpoShape) -> std::borrow::Cow<'a, [T]>
     let (r, c) = (shape.rows(), shape.cols());
     let mut out = vec![T::of(0.0); r * c];
     for i in 0..shape.orig_rows {
-        out[i * c..i * c + shape.orig_cols].copy_from_slice(&w[i * shape.orig_cols..(i + 1) * shape.orig_cols]);
+        out[i * c..i * c + shape.orig_cols]
+            .copy_from_slice(&w[i * shape.orig_cols..(i + 1) * shape.orig_cols]);
     }
     std::borrow::Cow::Owned(out)
 }
@@ -201,18 +231,51 @@ fn apply_scaling<R: Scalar>(
 
 /// Scales the sites of a left-canonical Schmidt-basis chain into the symmetric gauge, given
 /// for every site whether it is left-canonical (A = ΛΓ), central (ΛΓΛ) or right-canonical (ΓΛ).
-fn symmetric_gauge<R: Scalar>(cores: &mut [Vec<R>], bonds: &[usize], m: &[usize], spectra: &[Vec<f64>], center: usize) {
+fn symmetric_gauge<R: Scalar>(
+    cores: &mut [Vec<R>],
+    bonds: &[usize],
+    m: &[usize],
+    spectra: &[Vec<f64>],
+    center: usize,
+) {
     let roots = floored_roots(spectra);
     let n = cores.len();
     // bond b (1..n-1) ↔ roots[b-1]
-    let root = |b: usize, a: usize| if b == 0 || b == n { 1.0 } else { roots[b - 1][a] };
+    let root = |b: usize, a: usize| {
+        if b == 0 || b == n {
+            1.0
+        } else {
+            roots[b - 1][a]
+        }
+    };
     for k in 0..n {
         let (l, r) = (bonds[k], bonds[k + 1]);
         use std::cmp::Ordering::*;
         match k.cmp(&center) {
-            Less => apply_scaling(&mut cores[k], l, m[k], r, |a| 1.0 / root(k, a), |b| root(k + 1, b)),
-            Equal => apply_scaling(&mut cores[k], l, m[k], r, |a| 1.0 / root(k, a), |b| 1.0 / root(k + 1, b)),
-            Greater => apply_scaling(&mut cores[k], l, m[k], r, |a| root(k, a), |b| 1.0 / root(k + 1, b)),
+            Less => apply_scaling(
+                &mut cores[k],
+                l,
+                m[k],
+                r,
+                |a| 1.0 / root(k, a),
+                |b| root(k + 1, b),
+            ),
+            Equal => apply_scaling(
+                &mut cores[k],
+                l,
+                m[k],
+                r,
+                |a| 1.0 / root(k, a),
+                |b| 1.0 / root(k + 1, b),
+            ),
+            Greater => apply_scaling(
+                &mut cores[k],
+                l,
+                m[k],
+                r,
+                |a| root(k, a),
+                |b| 1.0 / root(k + 1, b),
+            ),
         }
     }
 }
@@ -286,7 +349,11 @@ struct BondBasis<R> {
 impl<R: Scalar> BondBasis<R> {
     fn new(g: &[R], dim: usize) -> Result<Self> {
         let (vals, vectors) = eigh_desc(g, dim)?;
-        Ok(Self { values: vals.iter().map(|&v| v.max(0.0).sqrt()).collect(), vectors, dim })
+        Ok(Self {
+            values: vals.iter().map(|&v| v.max(0.0).sqrt()).collect(),
+            vectors,
+            dim,
+        })
     }
 
     /// First `keep` basis vectors as a row-major dim×keep matrix, rows optionally reordered
@@ -336,7 +403,8 @@ fn trace_leading<R: Scalar>(g: &[R], dim: usize, t: usize) -> Vec<R> {
     let mut out = vec![R::of(0.0); small * small];
     for x in 0..t {
         for a in 0..small {
-            let src = &g[(x * small + a) * dim + x * small..(x * small + a) * dim + x * small + small];
+            let src =
+                &g[(x * small + a) * dim + x * small..(x * small + a) * dim + x * small + small];
             for (o, v) in out[a * small..(a + 1) * small].iter_mut().zip(src) {
                 *o += *v;
             }
@@ -359,10 +427,15 @@ fn gram_decompose<R: Scalar>(w: &[R], shape: &MpoShape, trunc: &Truncation) -> R
     // Bonds 1..=c have the left side smaller; site c is the centre.
     let c = (1..n).filter(|&k| lefts[k] <= rights[k]).count();
     let (a_rows, a_cols): (usize, usize) = (rf[..c].iter().product(), cf[..c].iter().product());
-    let (b_rows, b_cols): (usize, usize) = (rf[c + 1..].iter().product(), cf[c + 1..].iter().product());
+    let (b_rows, b_cols): (usize, usize) =
+        (rf[c + 1..].iter().product(), cf[c + 1..].iter().product());
     let (a, b, mc) = (a_rows * a_cols, b_rows * b_cols, m[c]);
     // X = W laid out as [(left rows, left cols), (i_c, j_c), (right rows, right cols)].
-    let x = permute(w, &[a_rows, rf[c], b_rows, a_cols, cf[c], b_cols], &[0, 3, 1, 4, 2, 5]);
+    let x = permute(
+        w,
+        &[a_rows, rf[c], b_rows, a_cols, cf[c], b_cols],
+        &[0, 3, 1, 4, 2, 5],
+    );
 
     let left_map = interleave_map(&rf[..c], &cf[..c]);
     let right_map = interleave_map(&rf[c + 1..], &cf[c + 1..]);
@@ -374,19 +447,29 @@ fn gram_decompose<R: Scalar>(w: &[R], shape: &MpoShape, trunc: &Truncation) -> R
         for (blk, &i) in left_map.iter().enumerate() {
             blk_of_int[i] = blk;
         }
-        let mut gk: Vec<R> = (0..a * a).map(|idx| g[blk_of_int[idx / a] * a + blk_of_int[idx % a]]).collect();
+        let mut gk: Vec<R> = (0..a * a)
+            .map(|idx| g[blk_of_int[idx / a] * a + blk_of_int[idx % a]])
+            .collect();
         for k in (1..=c).rev() {
             // A unit site leaves the Gram unchanged: reuse the basis (keeps OPF's inner cores
             // exactly the identity).
             let basis = if k < c && m[k] == 1 {
                 let next = bases[k + 1].as_ref().unwrap();
-                BondBasis { values: next.values.clone(), vectors: next.vectors.clone(), dim: next.dim }
+                BondBasis {
+                    values: next.values.clone(),
+                    vectors: next.vectors.clone(),
+                    dim: next.dim,
+                }
             } else {
                 BondBasis::new(&gk, lefts[k])?
             };
             bases[k] = Some(basis);
             if k > 1 {
-                gk = if m[k - 1] == 1 { gk } else { trace_trailing(&gk, lefts[k], m[k - 1]) };
+                gk = if m[k - 1] == 1 {
+                    gk
+                } else {
+                    trace_trailing(&gk, lefts[k], m[k - 1])
+                };
             }
         }
     }
@@ -396,21 +479,33 @@ fn gram_decompose<R: Scalar>(w: &[R], shape: &MpoShape, trunc: &Truncation) -> R
         for (blk, &i) in right_map.iter().enumerate() {
             blk_of_int[i] = blk;
         }
-        let mut hk: Vec<R> = (0..b * b).map(|idx| h[blk_of_int[idx / b] * b + blk_of_int[idx % b]]).collect();
+        let mut hk: Vec<R> = (0..b * b)
+            .map(|idx| h[blk_of_int[idx / b] * b + blk_of_int[idx % b]])
+            .collect();
         for k in c + 1..n {
             let basis = if k > c + 1 && m[k - 1] == 1 {
                 let prev = bases[k - 1].as_ref().unwrap();
-                BondBasis { values: prev.values.clone(), vectors: prev.vectors.clone(), dim: prev.dim }
+                BondBasis {
+                    values: prev.values.clone(),
+                    vectors: prev.vectors.clone(),
+                    dim: prev.dim,
+                }
             } else {
                 BondBasis::new(&hk, rights[k])?
             };
             bases[k] = Some(basis);
             if k + 1 < n {
-                hk = if m[k] == 1 { hk } else { trace_leading(&hk, rights[k], m[k]) };
+                hk = if m[k] == 1 {
+                    hk
+                } else {
+                    trace_leading(&hk, rights[k], m[k])
+                };
             }
         }
     }
-    let spectra: Vec<Vec<f64>> = (1..n).map(|k| bases[k].as_ref().unwrap().values.clone()).collect();
+    let spectra: Vec<Vec<f64>> = (1..n)
+        .map(|k| bases[k].as_ref().unwrap().values.clone())
+        .collect();
     for (k, s) in spectra.iter().enumerate() {
         debug_assert_eq!(s.len(), full[k + 1]);
     }
@@ -431,8 +526,19 @@ fn gram_decompose<R: Scalar>(w: &[R], shape: &MpoShape, trunc: &Truncation) -> R
     // Centre: U_cᵀ X V_{c+1}, contracting the cheaper side first.
     {
         // U_cᵀ is built row-major (a transposed left operand is slower in the GEMM).
-        let ut = if c == 0 { vec![R::of(1.0)] } else { bases[c].as_ref().unwrap().rows_t(d[c], Some(&left_map)) };
-        let v = if c == n - 1 { vec![R::of(1.0)] } else { bases[c + 1].as_ref().unwrap().columns(d[c + 1], Some(&right_map)) };
+        let ut = if c == 0 {
+            vec![R::of(1.0)]
+        } else {
+            bases[c].as_ref().unwrap().rows_t(d[c], Some(&left_map))
+        };
+        let v = if c == n - 1 {
+            vec![R::of(1.0)]
+        } else {
+            bases[c + 1]
+                .as_ref()
+                .unwrap()
+                .columns(d[c + 1], Some(&right_map))
+        };
         let (dl, dr) = (d[c], d[c + 1]);
         let u_first = (dl * mc * b) as f64 * (a + dr) as f64;
         let v_first = (a * mc * dr) as f64 * (b + dl) as f64;
@@ -452,7 +558,15 @@ fn gram_decompose<R: Scalar>(w: &[R], shape: &MpoShape, trunc: &Truncation) -> R
             vt
         } else {
             let next = bases[k + 1].as_ref().unwrap().columns(d[k + 1], None); // [R_{k+1}, D_{k+1}]
-            gemm(&vt, false, &next, false, d[k] * m[k], rights[k + 1], d[k + 1])
+            gemm(
+                &vt,
+                false,
+                &next,
+                false,
+                d[k] * m[k],
+                rights[k + 1],
+                d[k + 1],
+            )
         };
         cores.push(core);
     }
@@ -468,7 +582,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 11) as f64 / (1u64 << 53) as f64) - 0.5
             })
             .collect()
@@ -490,7 +606,15 @@ mod tests {
         let shape = MpoShape::exact(vec![2, 3, 2, 2], vec![3, 2, 2, 1]).unwrap();
         let w = lcg(shape.rows() * shape.cols(), 7);
         let g = Mpo::decompose(&w, &shape).unwrap();
-        let s = Mpo::decompose_with(&w, &shape, &DecomposeOptions { algorithm: Algorithm::SvdSweep, ..Default::default() }).unwrap();
+        let s = Mpo::decompose_with(
+            &w,
+            &shape,
+            &DecomposeOptions {
+                algorithm: Algorithm::SvdSweep,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         for (a, b) in g.spectra.iter().zip(&s.spectra) {
             for (x, y) in a.iter().zip(b) {
                 assert!((x - y).abs() < 1e-10, "{x} vs {y}");

@@ -14,7 +14,11 @@ pub enum Error {
 
     /// A buffer whose length does not match the shape it is declared with.
     #[error("size mismatch: {what} has {got} elements, expected {expected}")]
-    Size { what: String, got: usize, expected: usize },
+    Size {
+        what: String,
+        got: usize,
+        expected: usize,
+    },
 
     /// A dense linear-algebra kernel (SVD, eigendecomposition) failed to converge.
     #[error("linear algebra failure: {0}")]

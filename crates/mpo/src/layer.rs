@@ -54,7 +54,12 @@ impl MpoCores {
         let bonds = bonds_of(&tensors, &shape)?;
         shape.check_bonds(&bonds)?;
         let n = vars.len();
-        Ok(Self { shape, vars, trainable: vec![true; n], spectra: Vec::new() })
+        Ok(Self {
+            shape,
+            vars,
+            trainable: vec![true; n],
+            spectra: Vec::new(),
+        })
     }
 
     pub fn shape(&self) -> &MpoShape {
@@ -127,7 +132,12 @@ impl MpoCores {
 
     /// Variables of the trainable cores (for an optimizer).
     pub fn trainable_vars(&self) -> Vec<Var> {
-        self.vars.iter().zip(&self.trainable).filter(|(_, &t)| t).map(|(v, _)| v.clone()).collect()
+        self.vars
+            .iter()
+            .zip(&self.trainable)
+            .filter(|(_, &t)| t)
+            .map(|(v, _)| v.clone())
+            .collect()
     }
 
     /// Core tensors as fed to the graph (frozen cores detached).
@@ -135,7 +145,13 @@ impl MpoCores {
         self.vars
             .iter()
             .zip(&self.trainable)
-            .map(|(v, &t)| if t { v.as_tensor().clone() } else { v.as_detached_tensor() })
+            .map(|(v, &t)| {
+                if t {
+                    v.as_tensor().clone()
+                } else {
+                    v.as_detached_tensor()
+                }
+            })
             .collect()
     }
 
@@ -154,9 +170,18 @@ impl MpoCores {
         let cores = self
             .vars
             .iter()
-            .map(|v| v.as_tensor().to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>())
+            .map(|v| {
+                v.as_tensor()
+                    .to_dtype(T::DTYPE)?
+                    .flatten_all()?
+                    .to_vec1::<T>()
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let spectra = if self.spectra.len() + 1 == self.n() { self.spectra.clone() } else { Vec::new() };
+        let spectra = if self.spectra.len() + 1 == self.n() {
+            self.spectra.clone()
+        } else {
+            Vec::new()
+        };
         Mpo::from_cores(&self.shape, self.bonds(), cores, spectra)
     }
 
@@ -167,13 +192,23 @@ impl MpoCores {
 
 fn bonds_of(tensors: &[Tensor], shape: &MpoShape) -> Result<Vec<usize>> {
     if tensors.len() != shape.n() {
-        return Err(Error::Shape(format!("{} cores for {} sites", tensors.len(), shape.n())));
+        return Err(Error::Shape(format!(
+            "{} cores for {} sites",
+            tensors.len(),
+            shape.n()
+        )));
     }
     let mut b = vec![1];
     for (k, t) in tensors.iter().enumerate() {
         let d = t.dims();
-        if d.len() != 4 || d[0] != b[k] || d[1] != shape.row_factors[k] || d[2] != shape.col_factors[k] {
-            return Err(Error::Shape(format!("core {k} has shape {d:?}, which does not fit {shape:?}")));
+        if d.len() != 4
+            || d[0] != b[k]
+            || d[1] != shape.row_factors[k]
+            || d[2] != shape.col_factors[k]
+        {
+            return Err(Error::Shape(format!(
+                "core {k} has shape {d:?}, which does not fit {shape:?}"
+            )));
         }
         b.push(d[3]);
     }
@@ -205,13 +240,20 @@ impl MpoLinear {
             }
             None => None,
         };
-        Ok(Self { cores, bias, bias_trainable: true, mode: ForwardMode::Auto })
+        Ok(Self {
+            cores,
+            bias,
+            bias_trainable: true,
+            mode: ForwardMode::Auto,
+        })
     }
 
     /// From a decomposed weight and an optional bias (length out).
     pub fn from_mpo<T: Scalar>(mpo: &Mpo<T>, bias: Option<&[T]>, device: &Device) -> Result<Self> {
         let cores = MpoCores::from_mpo(mpo, device)?;
-        let bias = bias.map(|b| Tensor::from_slice(b, b.len(), device)).transpose()?;
+        let bias = bias
+            .map(|b| Tensor::from_slice(b, b.len(), device))
+            .transpose()?;
         Self::new(cores, bias)
     }
 
@@ -264,7 +306,8 @@ impl MpoLinear {
             ForwardMode::Auto => {
                 let s = &self.cores.shape;
                 let contract = apply_flops(s, &self.cores.bonds(), batch);
-                let rebuild = self.cores.rebuild_cost() + (batch * s.orig_rows * s.orig_cols) as f64;
+                let rebuild =
+                    self.cores.rebuild_cost() + (batch * s.orig_rows * s.orig_cols) as f64;
                 if contract <= rebuild {
                     ForwardMode::Contract
                 } else {
@@ -278,7 +321,11 @@ impl MpoLinear {
     /// Forward with an explicit path.
     pub fn forward_with(&self, x: &Tensor, mode: ForwardMode) -> candle_core::Result<Tensor> {
         let batch = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-        let y = match if mode == ForwardMode::Auto { self.resolve_mode(batch) } else { mode } {
+        let y = match if mode == ForwardMode::Auto {
+            self.resolve_mode(batch)
+        } else {
+            mode
+        } {
             ForwardMode::Contract => apply_cores(x, &self.cores.tensors(), &self.cores.shape)?,
             _ => {
                 let w = self.to_dense()?;
@@ -287,7 +334,11 @@ impl MpoLinear {
         };
         match &self.bias {
             Some(b) => {
-                let b = if self.bias_trainable { b.as_tensor().clone() } else { b.as_detached_tensor() };
+                let b = if self.bias_trainable {
+                    b.as_tensor().clone()
+                } else {
+                    b.as_detached_tensor()
+                };
                 y.broadcast_add(&b)
             }
             None => Ok(y),
@@ -311,7 +362,10 @@ pub struct MpoEmbedding {
 
 impl MpoEmbedding {
     pub fn new(cores: MpoCores) -> Self {
-        Self { cores, mode: ForwardMode::Auto }
+        Self {
+            cores,
+            mode: ForwardMode::Auto,
+        }
     }
 
     pub fn from_mpo<T: Scalar>(mpo: &Mpo<T>, device: &Device) -> Result<Self> {
@@ -375,7 +429,12 @@ impl MpoEmbedding {
 
     /// Tied output head: logits = x·Wᵀ over the vocabulary.
     pub fn lm_head(&self, x: &Tensor, mode: ForwardMode) -> candle_core::Result<Tensor> {
-        let lin = MpoLinear { cores: self.cores.clone(), bias: None, bias_trainable: false, mode };
+        let lin = MpoLinear {
+            cores: self.cores.clone(),
+            bias: None,
+            bias_trainable: false,
+            mode,
+        };
         lin.forward(x)
     }
 }

@@ -32,5 +32,7 @@ pub use error::{Error, Result};
 pub use layer::{ForwardMode, MpoCores, MpoEmbedding, MpoLinear};
 pub use mpo::{entropy, Mpo, MpoManifest};
 pub use scalar::Scalar;
-pub use shapes::{balanced_factors, factor_or_pad, preset, presets, table_factors, MpoShape, Preset};
+pub use shapes::{
+    balanced_factors, factor_or_pad, preset, presets, table_factors, MpoShape, Preset,
+};
 pub use truncate::{error_bound, select_bonds, Truncation};

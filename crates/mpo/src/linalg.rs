@@ -23,7 +23,15 @@ pub fn view<R: Scalar>(a: &[R], rows: usize, cols: usize) -> MatRef<'_, R> {
 
 /// C = op(A)·op(B) for row-major A, B; returns row-major C (m×n). `ta`/`tb` transpose the
 /// stored matrices: A is stored k×m when `ta`, else m×k (same for B).
-pub fn gemm<R: Scalar>(a: &[R], ta: bool, b: &[R], tb: bool, m: usize, k: usize, n: usize) -> Vec<R> {
+pub fn gemm<R: Scalar>(
+    a: &[R],
+    ta: bool,
+    b: &[R],
+    tb: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Vec<R> {
     let mut c = vec![R::of(0.0); m * n];
     gemm_into(a, ta, b, tb, m, k, n, &mut c);
     c
@@ -31,12 +39,29 @@ pub fn gemm<R: Scalar>(a: &[R], ta: bool, b: &[R], tb: bool, m: usize, k: usize,
 
 /// Like [`gemm`], writing into `c`.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_into<R: Scalar>(a: &[R], ta: bool, b: &[R], tb: bool, m: usize, k: usize, n: usize, c: &mut [R]) {
+pub fn gemm_into<R: Scalar>(
+    a: &[R],
+    ta: bool,
+    b: &[R],
+    tb: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+    c: &mut [R],
+) {
     assert_eq!(a.len(), m * k);
     assert_eq!(b.len(), k * n);
     assert_eq!(c.len(), m * n);
-    let av = if ta { view(a, k, m).transpose() } else { view(a, m, k) };
-    let bv = if tb { view(b, n, k).transpose() } else { view(b, k, n) };
+    let av = if ta {
+        view(a, k, m).transpose()
+    } else {
+        view(a, m, k)
+    };
+    let bv = if tb {
+        view(b, n, k).transpose()
+    } else {
+        view(b, k, n)
+    };
     let cv = MatMut::from_row_major_slice_mut(c, m, n);
     faer::linalg::matmul::matmul(cv, Accum::Replace, av, bv, R::of(1.0), par_for(m * n * k));
 }
@@ -45,7 +70,11 @@ pub fn gemm_into<R: Scalar>(a: &[R], ta: bool, b: &[R], tb: bool, m: usize, k: u
 /// Only one triangle is computed (half the flops), then mirrored.
 pub fn gram<R: Scalar>(a: &[R], rows: usize, cols: usize, rows_side: bool) -> Vec<R> {
     let av = view(a, rows, cols);
-    let (x, dim) = if rows_side { (av, rows) } else { (av.transpose(), cols) };
+    let (x, dim) = if rows_side {
+        (av, rows)
+    } else {
+        (av.transpose(), cols)
+    };
     let mut g = vec![R::of(0.0); dim * dim];
     {
         let gv = MatMut::from_row_major_slice_mut(&mut g, dim, dim);
@@ -72,8 +101,12 @@ pub fn gram<R: Scalar>(a: &[R], rows: usize, cols: usize, rows_side: bool) -> Ve
 /// Eigendecomposition of a symmetric row-major n×n matrix, eigenvalues in descending order.
 /// Returns (eigenvalues, eigenvectors as the columns of a row-major n×n matrix).
 pub fn eigh_desc<R: Scalar>(g: &[R], n: usize) -> Result<(Vec<f64>, Vec<R>)> {
-    let evd = faer::linalg::solvers::SelfAdjointEigen::new(view(g, n, n), Side::Lower)
-        .map_err(|e| Error::Linalg(format!("symmetric eigendecomposition of a {n}×{n} Gram matrix: {e:?}")))?;
+    let evd =
+        faer::linalg::solvers::SelfAdjointEigen::new(view(g, n, n), Side::Lower).map_err(|e| {
+            Error::Linalg(format!(
+                "symmetric eigendecomposition of a {n}×{n} Gram matrix: {e:?}"
+            ))
+        })?;
     let s = evd.S().column_vector();
     let u = evd.U();
     let vals: Vec<f64> = (0..n).rev().map(|i| s[i].f()).collect();
@@ -88,7 +121,11 @@ pub fn eigh_desc<R: Scalar>(g: &[R], n: usize) -> Result<(Vec<f64>, Vec<R>)> {
 
 /// Thin SVD of a row-major `rows×cols` matrix: (U row-major rows×r, σ descending, Vᵀ
 /// row-major r×cols), r = min(rows, cols).
-pub fn thin_svd<R: Scalar>(a: &[R], rows: usize, cols: usize) -> Result<(Vec<R>, Vec<f64>, Vec<R>)> {
+pub fn thin_svd<R: Scalar>(
+    a: &[R],
+    rows: usize,
+    cols: usize,
+) -> Result<(Vec<R>, Vec<f64>, Vec<R>)> {
     let svd = view(a, rows, cols)
         .thin_svd()
         .map_err(|e| Error::Linalg(format!("thin SVD of a {rows}×{cols} matrix: {e:?}")))?;
@@ -141,7 +178,10 @@ mod tests {
         // A 2×3, B 3×2
         let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0f64];
         let b = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0f64];
-        assert_eq!(gemm(&a, false, &b, false, 2, 3, 2), vec![4.0, 5.0, 10.0, 11.0]);
+        assert_eq!(
+            gemm(&a, false, &b, false, 2, 3, 2),
+            vec![4.0, 5.0, 10.0, 11.0]
+        );
         // Aᵀ·A (3×3) via stored A 2×3 transposed
         let g = gemm(&a, true, &a, false, 3, 2, 3);
         assert_eq!(g, gram(&a, 2, 3, false));
@@ -150,7 +190,9 @@ mod tests {
 
     #[test]
     fn eigh_and_svd_agree() {
-        let a: Vec<f64> = (0..12).map(|i| ((i * 7 % 5) as f64) - 1.5 + 0.1 * i as f64).collect();
+        let a: Vec<f64> = (0..12)
+            .map(|i| ((i * 7 % 5) as f64) - 1.5 + 0.1 * i as f64)
+            .collect();
         let (_, s, _) = thin_svd(&a, 3, 4).unwrap();
         let (ev, _) = eigh_desc(&gram(&a, 3, 4, true), 3).unwrap();
         for (x, y) in s.iter().zip(&ev) {

@@ -48,7 +48,12 @@ pub struct MpoManifest {
 
 impl<T: Scalar> Mpo<T> {
     /// Assembles an MPO from parts, checking every size.
-    pub fn from_cores(shape: &MpoShape, bond_dims: Vec<usize>, cores: Vec<Vec<T>>, spectra: Vec<Vec<f64>>) -> Result<Self> {
+    pub fn from_cores(
+        shape: &MpoShape,
+        bond_dims: Vec<usize>,
+        cores: Vec<Vec<T>>,
+        spectra: Vec<Vec<f64>>,
+    ) -> Result<Self> {
         let m = Self {
             row_factors: shape.row_factors.clone(),
             col_factors: shape.col_factors.clone(),
@@ -68,16 +73,28 @@ impl<T: Scalar> Mpo<T> {
         shape.validate()?;
         shape.check_bonds(&self.bond_dims)?;
         if self.cores.len() != shape.n() {
-            return Err(Error::Shape(format!("{} cores for {} sites", self.cores.len(), shape.n())));
+            return Err(Error::Shape(format!(
+                "{} cores for {} sites",
+                self.cores.len(),
+                shape.n()
+            )));
         }
         for k in 0..shape.n() {
             let expected: usize = self.core_shape(k).iter().product();
             if self.cores[k].len() != expected {
-                return Err(Error::Size { what: format!("core {k}"), got: self.cores[k].len(), expected });
+                return Err(Error::Size {
+                    what: format!("core {k}"),
+                    got: self.cores[k].len(),
+                    expected,
+                });
             }
         }
         if !self.spectra.is_empty() && self.spectra.len() + 1 != shape.n() {
-            return Err(Error::Shape(format!("{} spectra for {} bonds", self.spectra.len(), shape.n() - 1)));
+            return Err(Error::Shape(format!(
+                "{} spectra for {} bonds",
+                self.spectra.len(),
+                shape.n() - 1
+            )));
         }
         Ok(())
     }
@@ -104,7 +121,12 @@ impl<T: Scalar> Mpo<T> {
 
     /// [d_{k-1}, i_k, j_k, d_k] of core k (0-based).
     pub fn core_shape(&self, k: usize) -> [usize; 4] {
-        [self.bond_dims[k], self.row_factors[k], self.col_factors[k], self.bond_dims[k + 1]]
+        [
+            self.bond_dims[k],
+            self.row_factors[k],
+            self.col_factors[k],
+            self.bond_dims[k + 1],
+        ]
     }
 
     /// Σ_k d_{k-1} i_k j_k d_k.
@@ -134,7 +156,9 @@ impl<T: Scalar> Mpo<T> {
 
     /// ‖W‖_F of the decomposed matrix (from a bond spectrum; exact for any bond).
     pub fn frobenius_norm(&self) -> Option<f64> {
-        self.spectra.first().map(|s| s.iter().map(|x| x * x).sum::<f64>().sqrt())
+        self.spectra
+            .first()
+            .map(|s| s.iter().map(|x| x * x).sum::<f64>().sqrt())
     }
 
     /// Norms ε_k of the singular values discarded at each bond 1..n-1 by the current bonds.
@@ -164,10 +188,18 @@ impl<T: Scalar> Mpo<T> {
     /// Exact ‖W − Ŵ‖_F against the original (unpadded, row-major) matrix.
     pub fn frobenius_error(&self, w: &[T]) -> Result<f64> {
         if w.len() != self.orig_rows * self.orig_cols {
-            return Err(Error::Size { what: "matrix".into(), got: w.len(), expected: self.orig_rows * self.orig_cols });
+            return Err(Error::Size {
+                what: "matrix".into(),
+                got: w.len(),
+                expected: self.orig_rows * self.orig_cols,
+            });
         }
         let what = self.to_matrix()?;
-        Ok(w.iter().zip(&what).map(|(a, b)| (a.f() - b.f()).powi(2)).sum::<f64>().sqrt())
+        Ok(w.iter()
+            .zip(&what)
+            .map(|(a, b)| (a.f() - b.f()).powi(2))
+            .sum::<f64>()
+            .sqrt())
     }
 
     /// ‖W − Ŵ‖_F / ‖W‖_F.
@@ -199,7 +231,11 @@ impl<T: Scalar> Mpo<T> {
             bond_dims: self.bond_dims.clone(),
             core_shapes: (0..self.n()).map(|k| self.core_shape(k)).collect(),
             spectra: self.spectra.clone(),
-            dtype: if T::DTYPE == candle_core::DType::F32 { "f32".into() } else { "f64".into() },
+            dtype: if T::DTYPE == candle_core::DType::F32 {
+                "f32".into()
+            } else {
+                "f64".into()
+            },
         };
         (manifest, self.cores.clone())
     }
@@ -212,10 +248,17 @@ impl<T: Scalar> Mpo<T> {
             manifest.orig_rows,
             manifest.orig_cols,
         )?;
-        let m = Self::from_cores(&shape, manifest.bond_dims.clone(), cores, manifest.spectra.clone())?;
+        let m = Self::from_cores(
+            &shape,
+            manifest.bond_dims.clone(),
+            cores,
+            manifest.spectra.clone(),
+        )?;
         for k in 0..m.n() {
             if manifest.core_shapes.get(k) != Some(&m.core_shape(k)) {
-                return Err(Error::Shape(format!("manifest core {k} shape disagrees with its bonds")));
+                return Err(Error::Shape(format!(
+                    "manifest core {k} shape disagrees with its bonds"
+                )));
             }
         }
         Ok(m)
@@ -229,7 +272,13 @@ impl<T: Scalar> Mpo<T> {
     /// Cores as candle tensors of shape [d_{k-1}, i_k, j_k, d_k].
     pub fn core_tensors(&self, device: &candle_core::Device) -> Result<Vec<candle_core::Tensor>> {
         (0..self.n())
-            .map(|k| Ok(crate::contract::tensor_from(&self.cores[k], &self.core_shape(k), device)?))
+            .map(|k| {
+                Ok(crate::contract::tensor_from(
+                    &self.cores[k],
+                    &self.core_shape(k),
+                    device,
+                )?)
+            })
             .collect()
     }
 }

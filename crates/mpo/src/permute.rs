@@ -6,7 +6,11 @@ use rayon::prelude::*;
 
 /// Returns `src` (row-major, shape `dims`) with axes reordered: output axis a is input axis
 /// `perm[a]`.
-pub fn permute<T: Copy + Send + Sync + Default>(src: &[T], dims: &[usize], perm: &[usize]) -> Vec<T> {
+pub fn permute<T: Copy + Send + Sync + Default>(
+    src: &[T],
+    dims: &[usize],
+    perm: &[usize],
+) -> Vec<T> {
     let total: usize = dims.iter().product();
     assert_eq!(src.len(), total, "permute: buffer does not match its shape");
     assert_eq!(dims.len(), perm.len());
@@ -16,7 +20,12 @@ pub fn permute<T: Copy + Send + Sync + Default>(src: &[T], dims: &[usize], perm:
 }
 
 /// Like [`permute`], writing into `out`.
-pub fn permute_into<T: Copy + Send + Sync>(src: &[T], dims: &[usize], perm: &[usize], out: &mut [T]) {
+pub fn permute_into<T: Copy + Send + Sync>(
+    src: &[T],
+    dims: &[usize],
+    perm: &[usize],
+    out: &mut [T],
+) {
     let total: usize = dims.iter().product();
     assert_eq!(out.len(), total);
     if total == 0 {
@@ -27,8 +36,11 @@ pub fn permute_into<T: Copy + Send + Sync>(src: &[T], dims: &[usize], perm: &[us
     for a in (0..dims.len().saturating_sub(1)).rev() {
         strides[a] = strides[a + 1] * dims[a + 1];
     }
-    let mut axes: Vec<(usize, usize)> =
-        perm.iter().map(|&p| (dims[p], strides[p])).filter(|&(s, _)| s > 1).collect();
+    let mut axes: Vec<(usize, usize)> = perm
+        .iter()
+        .map(|&p| (dims[p], strides[p]))
+        .filter(|&(s, _)| s > 1)
+        .collect();
     // Merge output-adjacent axes that are also adjacent (and in order) in the source.
     let mut merged: Vec<(usize, usize)> = Vec::with_capacity(axes.len());
     for (s, st) in axes.drain(..) {
@@ -52,36 +64,38 @@ pub fn permute_into<T: Copy + Send + Sync>(src: &[T], dims: &[usize], perm: &[us
     let outer = &merged[..merged.len() - 1];
     // Blocks of whole inner runs, ~64k elements each.
     let runs_per_block = (65536 / inner).max(1);
-    out.par_chunks_mut(runs_per_block * inner).enumerate().for_each(|(b, chunk)| {
-        let first_run = b * runs_per_block;
-        // multi-index of the first run over the outer axes
-        let mut idx = vec![0usize; outer.len()];
-        let mut rem = first_run;
-        for a in (0..outer.len()).rev() {
-            idx[a] = rem % outer[a].0;
-            rem /= outer[a].0;
-        }
-        let mut base: usize = idx.iter().zip(outer).map(|(i, (_, st))| i * st).sum();
-        for run in chunk.chunks_mut(inner) {
-            if inner_stride == 1 {
-                run.copy_from_slice(&src[base..base + inner]);
-            } else {
-                for (t, o) in run.iter_mut().enumerate() {
-                    *o = src[base + t * inner_stride];
-                }
-            }
-            // odometer increment over the outer axes
+    out.par_chunks_mut(runs_per_block * inner)
+        .enumerate()
+        .for_each(|(b, chunk)| {
+            let first_run = b * runs_per_block;
+            // multi-index of the first run over the outer axes
+            let mut idx = vec![0usize; outer.len()];
+            let mut rem = first_run;
             for a in (0..outer.len()).rev() {
-                idx[a] += 1;
-                base += outer[a].1;
-                if idx[a] < outer[a].0 {
-                    break;
-                }
-                base -= outer[a].1 * outer[a].0;
-                idx[a] = 0;
+                idx[a] = rem % outer[a].0;
+                rem /= outer[a].0;
             }
-        }
-    });
+            let mut base: usize = idx.iter().zip(outer).map(|(i, (_, st))| i * st).sum();
+            for run in chunk.chunks_mut(inner) {
+                if inner_stride == 1 {
+                    run.copy_from_slice(&src[base..base + inner]);
+                } else {
+                    for (t, o) in run.iter_mut().enumerate() {
+                        *o = src[base + t * inner_stride];
+                    }
+                }
+                // odometer increment over the outer axes
+                for a in (0..outer.len()).rev() {
+                    idx[a] += 1;
+                    base += outer[a].1;
+                    if idx[a] < outer[a].0 {
+                        break;
+                    }
+                    base -= outer[a].1 * outer[a].0;
+                    idx[a] = 0;
+                }
+            }
+        });
 }
 
 /// Inverse of a permutation.
@@ -132,7 +146,11 @@ mod tests {
         for (dims, perm) in cases {
             let total: usize = dims.iter().product();
             let src: Vec<f64> = (0..total).map(|x| x as f64).collect();
-            assert_eq!(permute(&src, &dims, &perm), naive(&src, &dims, &perm), "{dims:?} {perm:?}");
+            assert_eq!(
+                permute(&src, &dims, &perm),
+                naive(&src, &dims, &perm),
+                "{dims:?} {perm:?}"
+            );
         }
     }
 }

@@ -30,7 +30,12 @@ impl MpoShape {
         orig_rows: usize,
         orig_cols: usize,
     ) -> Result<Self> {
-        let s = Self { row_factors, col_factors, orig_rows, orig_cols };
+        let s = Self {
+            row_factors,
+            col_factors,
+            orig_rows,
+            orig_cols,
+        };
         s.validate()?;
         Ok(s)
     }
@@ -50,7 +55,12 @@ impl MpoShape {
                 self.row_factors, self.col_factors
             )));
         }
-        if self.row_factors.iter().chain(&self.col_factors).any(|&f| f == 0) {
+        if self
+            .row_factors
+            .iter()
+            .chain(&self.col_factors)
+            .any(|&f| f == 0)
+        {
             return Err(Error::Shape(format!(
                 "factors must be ≥ 1: rows {:?}, cols {:?}",
                 self.row_factors, self.col_factors
@@ -91,7 +101,11 @@ impl MpoShape {
 
     /// Local dimensions m_k = i_k · j_k of the interleaved tensor.
     pub fn local_dims(&self) -> Vec<usize> {
-        self.row_factors.iter().zip(&self.col_factors).map(|(a, b)| a * b).collect()
+        self.row_factors
+            .iter()
+            .zip(&self.col_factors)
+            .map(|(a, b)| a * b)
+            .collect()
     }
 
     /// Exact bond dimensions d_0..d_n (length n+1, d_0 = d_n = 1):
@@ -130,7 +144,9 @@ impl MpoShape {
             )));
         }
         if bonds[0] != 1 || bonds[bonds.len() - 1] != 1 {
-            return Err(Error::Bonds(format!("boundary bonds must be 1, got {bonds:?}")));
+            return Err(Error::Bonds(format!(
+                "boundary bonds must be 1, got {bonds:?}"
+            )));
         }
         for (k, (&d, &f)) in bonds.iter().zip(&full).enumerate() {
             if d == 0 || d > f {
@@ -144,7 +160,11 @@ impl MpoShape {
 
     /// Parameter count Σ_k d_{k-1} i_k j_k d_k for the given bonds d_0..d_n.
     pub fn params_for(&self, bonds: &[usize]) -> usize {
-        self.local_dims().iter().enumerate().map(|(k, m)| bonds[k] * m * bonds[k + 1]).sum()
+        self.local_dims()
+            .iter()
+            .enumerate()
+            .map(|(k, m)| bonds[k] * m * bonds[k + 1])
+            .sum()
     }
 
     /// Parameter count of the exact (untruncated) MPO.
@@ -164,7 +184,12 @@ impl MpoShape {
 
     /// Shape of core k: [d_{k-1}, i_k, j_k, d_k] for the given bonds.
     pub fn core_shape(&self, bonds: &[usize], k: usize) -> [usize; 4] {
-        [bonds[k], self.row_factors[k], self.col_factors[k], bonds[k + 1]]
+        [
+            bonds[k],
+            self.row_factors[k],
+            self.col_factors[k],
+            bonds[k + 1],
+        ]
     }
 
     /// The shape of Wᵀ (rows and columns swapped), e.g. FFN-out from FFN-in.
@@ -203,7 +228,9 @@ impl MpoShape {
     /// (ties: lexicographically smallest lists). 768×768, n = 5 gives the MPOP "balanced" shape.
     pub fn auto(rows: usize, cols: usize, n: usize) -> Result<Self> {
         if n == 0 || rows == 0 || cols == 0 {
-            return Err(Error::Shape(format!("auto factorization needs n, I, J ≥ 1 (got n={n}, {rows}×{cols})")));
+            return Err(Error::Shape(format!(
+                "auto factorization needs n, I, J ≥ 1 (got n={n}, {rows}×{cols})"
+            )));
         }
         let (_, rf) = factor_or_pad(rows, n);
         let (_, cf) = factor_or_pad(cols, n);
@@ -380,7 +407,10 @@ fn best_arrangement(rows: &[usize], cols: &[usize]) -> (Vec<usize>, Vec<usize>) 
     let mut cs = cols.to_vec();
     rs.sort_unstable();
     cs.sort_unstable();
-    if let (Some(rp), Some(cp)) = (distinct_permutations(&rs, CAP), distinct_permutations(&cs, CAP)) {
+    if let (Some(rp), Some(cp)) = (
+        distinct_permutations(&rs, CAP),
+        distinct_permutations(&cs, CAP),
+    ) {
         if rp.len() * cp.len() <= 200_000 {
             let mut best: Option<(usize, Vec<usize>, Vec<usize>)> = None;
             for r in &rp {
@@ -479,67 +509,168 @@ pub fn presets() -> Vec<Preset> {
     let pad = |r: Vec<usize>, c: Vec<usize>, or: usize, oc: usize| {
         MpoShape::new(r, c, or, oc).expect("preset is valid")
     };
-    let p = |name, description, shape| Preset { name, description, shape };
+    let p = |name, description, shape| Preset {
+        name,
+        description,
+        shape,
+    };
     vec![
-        p("balanced-768x768", "MPOP appendix balanced attention: bonds 12,192,192,12, 663,840 params",
-            ex(vec![3, 4, 4, 4, 4], vec![4, 4, 4, 4, 3])),
-        p("albert-768x768", "ALBERT default / MPOBERT \"768\":\"5\": bonds 16,256,144,9, 676,433 params",
-            ex(vec![4, 4, 4, 4, 3], vec![4, 4, 4, 4, 3])),
-        p("ffn-in-3072x768", "ALBERT/T5-base FFN-in (stored 3072×768): bonds 12,192,384,16, 2,544,016 params",
-            ex(vec![4, 4, 8, 6, 4], vec![3, 4, 4, 4, 4])),
-        p("ffn-out-768x3072", "FFN-out, the transpose of ffn-in-3072x768",
-            ex(vec![3, 4, 4, 4, 4], vec![4, 4, 8, 6, 4])),
-        p("bert-ffn-in-3072x768", "BERT FFN-in in the MPOE BERT code",
-            ex(vec![8, 4, 4, 4, 6], vec![3, 4, 4, 4, 4])),
-        p("bert-ffn-out-768x3072", "BERT FFN-out, transpose of bert-ffn-in-3072x768",
-            ex(vec![3, 4, 4, 4, 4], vec![8, 4, 4, 4, 6])),
-        p("albert-emb-30000x128", "ALBERT word embedding: bonds 10,200,480,12, 4.11M params",
-            ex(vec![5, 10, 10, 10, 6], vec![2, 2, 4, 4, 2])),
-        p("bert-emb-30522x768", "BERT word embedding, vocab zero-padded 30522 → 30720",
-            pad(vec![6, 8, 10, 8, 8], vec![4, 4, 4, 4, 3], 30522, 768)),
-        p("t5-emb-32128x768", "T5-base embedding / tied LM head, padded 32128 → 32768",
-            pad(vec![8, 8, 8, 8, 8], vec![3, 4, 4, 4, 4], 32128, 768)),
-        p("t5-emb-32128x1024", "T5-large embedding / tied LM head, padded 32128 → 32768",
-            pad(vec![8, 8, 8, 8, 8], vec![4, 4, 4, 4, 4], 32128, 1024)),
-        p("gpt2-c-attn-2304x768", "GPT-2 c_attn (MPOBERT json 2304)",
-            ex(vec![4, 4, 8, 6, 3], vec![4, 4, 4, 4, 3])),
-        p("mpobert-1024x1024", "MPOBERT json 1024, n = 5", ex(vec![4; 5], vec![4; 5])),
-        p("mpobert-4096x1024", "MPOBERT json 4096×1024 FFN-in, n = 5",
-            ex(vec![4, 4, 8, 8, 4], vec![4, 4, 4, 4, 4])),
-        p("mpobert-2048x2048", "MPOBERT json 2048, n = 5", ex(vec![4, 4, 8, 4, 4], vec![4, 4, 8, 4, 4])),
-        p("mpobert-50400x768", "MPOBERT json 50400 (vocab) × 768, n = 5",
-            ex(vec![5, 10, 14, 12, 6], vec![4, 4, 4, 4, 3])),
-        p("mpobert-768x768-n2", "MPOBERT json 768, n = 2", ex(vec![32, 24], vec![32, 24])),
-        p("mpobert-768x768-n3", "MPOBERT json 768, n = 3", ex(vec![8, 12, 8], vec![8, 12, 8])),
-        p("mpobert-768x768-n7", "MPOBERT json 768, n = 7",
-            ex(vec![2, 2, 4, 4, 3, 2, 2], vec![2, 2, 4, 4, 3, 2, 2])),
-        p("mpobert-768x768-n9", "MPOBERT json 768, n = 9",
-            ex(vec![2, 2, 2, 2, 3, 2, 2, 2, 2], vec![2, 2, 2, 2, 3, 2, 2, 2, 2])),
-        p("mpobert-3072x768-n2", "MPOBERT json 3072×768, n = 2", ex(vec![64, 48], vec![32, 24])),
-        p("mpobert-3072x768-n3", "MPOBERT json 3072×768, n = 3", ex(vec![12, 16, 16], vec![8, 12, 8])),
-        p("opf-bert-base-ffn-3072x768", "OPF BERT-base FFN, 11 sites: all bonds 1152, 15.63M params (6.6×)",
-            ex(chain(64, 9, &[48]), chain(32, 9, &[24]))),
-        p("opf-bert-base-attn-768x768", "OPF BERT-base attention, 11 sites: all bonds 576, 3.91M params",
-            ex(chain(32, 9, &[24]), chain(32, 9, &[24]))),
-        p("opf-bert-large-ffn-4096x1024", "OPF BERT-large FFN, 11 sites",
-            ex(chain(64, 9, &[64]), chain(32, 9, &[32]))),
-        p("opf-bert-small-ffn-2048x512", "OPF BERT-small/medium FFN as in the code ([32,1…1,2,32])",
-            ex(chain(32, 8, &[2, 32]), chain(32, 9, &[16]))),
-        p("opf-svd-3072x768", "OPF-SVD variant, n = 2", ex(vec![64, 48], vec![32, 24])),
-        p("opf-15site-768x768", "OPF released code 15-site chain [32,1×13,24] (8.9×)",
-            ex(chain(32, 13, &[24]), chain(32, 13, &[24]))),
-        p("opf-bart-768x768", "OPF BART 7-site config (1.25×)",
-            ex(vec![3, 4, 1, 1, 4, 4, 4], vec![4, 4, 1, 1, 4, 4, 3])),
+        p(
+            "balanced-768x768",
+            "MPOP appendix balanced attention: bonds 12,192,192,12, 663,840 params",
+            ex(vec![3, 4, 4, 4, 4], vec![4, 4, 4, 4, 3]),
+        ),
+        p(
+            "albert-768x768",
+            "ALBERT default / MPOBERT \"768\":\"5\": bonds 16,256,144,9, 676,433 params",
+            ex(vec![4, 4, 4, 4, 3], vec![4, 4, 4, 4, 3]),
+        ),
+        p(
+            "ffn-in-3072x768",
+            "ALBERT/T5-base FFN-in (stored 3072×768): bonds 12,192,384,16, 2,544,016 params",
+            ex(vec![4, 4, 8, 6, 4], vec![3, 4, 4, 4, 4]),
+        ),
+        p(
+            "ffn-out-768x3072",
+            "FFN-out, the transpose of ffn-in-3072x768",
+            ex(vec![3, 4, 4, 4, 4], vec![4, 4, 8, 6, 4]),
+        ),
+        p(
+            "bert-ffn-in-3072x768",
+            "BERT FFN-in in the MPOE BERT code",
+            ex(vec![8, 4, 4, 4, 6], vec![3, 4, 4, 4, 4]),
+        ),
+        p(
+            "bert-ffn-out-768x3072",
+            "BERT FFN-out, transpose of bert-ffn-in-3072x768",
+            ex(vec![3, 4, 4, 4, 4], vec![8, 4, 4, 4, 6]),
+        ),
+        p(
+            "albert-emb-30000x128",
+            "ALBERT word embedding: bonds 10,200,480,12, 4.11M params",
+            ex(vec![5, 10, 10, 10, 6], vec![2, 2, 4, 4, 2]),
+        ),
+        p(
+            "bert-emb-30522x768",
+            "BERT word embedding, vocab zero-padded 30522 → 30720",
+            pad(vec![6, 8, 10, 8, 8], vec![4, 4, 4, 4, 3], 30522, 768),
+        ),
+        p(
+            "t5-emb-32128x768",
+            "T5-base embedding / tied LM head, padded 32128 → 32768",
+            pad(vec![8, 8, 8, 8, 8], vec![3, 4, 4, 4, 4], 32128, 768),
+        ),
+        p(
+            "t5-emb-32128x1024",
+            "T5-large embedding / tied LM head, padded 32128 → 32768",
+            pad(vec![8, 8, 8, 8, 8], vec![4, 4, 4, 4, 4], 32128, 1024),
+        ),
+        p(
+            "gpt2-c-attn-2304x768",
+            "GPT-2 c_attn (MPOBERT json 2304)",
+            ex(vec![4, 4, 8, 6, 3], vec![4, 4, 4, 4, 3]),
+        ),
+        p(
+            "mpobert-1024x1024",
+            "MPOBERT json 1024, n = 5",
+            ex(vec![4; 5], vec![4; 5]),
+        ),
+        p(
+            "mpobert-4096x1024",
+            "MPOBERT json 4096×1024 FFN-in, n = 5",
+            ex(vec![4, 4, 8, 8, 4], vec![4, 4, 4, 4, 4]),
+        ),
+        p(
+            "mpobert-2048x2048",
+            "MPOBERT json 2048, n = 5",
+            ex(vec![4, 4, 8, 4, 4], vec![4, 4, 8, 4, 4]),
+        ),
+        p(
+            "mpobert-50400x768",
+            "MPOBERT json 50400 (vocab) × 768, n = 5",
+            ex(vec![5, 10, 14, 12, 6], vec![4, 4, 4, 4, 3]),
+        ),
+        p(
+            "mpobert-768x768-n2",
+            "MPOBERT json 768, n = 2",
+            ex(vec![32, 24], vec![32, 24]),
+        ),
+        p(
+            "mpobert-768x768-n3",
+            "MPOBERT json 768, n = 3",
+            ex(vec![8, 12, 8], vec![8, 12, 8]),
+        ),
+        p(
+            "mpobert-768x768-n7",
+            "MPOBERT json 768, n = 7",
+            ex(vec![2, 2, 4, 4, 3, 2, 2], vec![2, 2, 4, 4, 3, 2, 2]),
+        ),
+        p(
+            "mpobert-768x768-n9",
+            "MPOBERT json 768, n = 9",
+            ex(
+                vec![2, 2, 2, 2, 3, 2, 2, 2, 2],
+                vec![2, 2, 2, 2, 3, 2, 2, 2, 2],
+            ),
+        ),
+        p(
+            "mpobert-3072x768-n2",
+            "MPOBERT json 3072×768, n = 2",
+            ex(vec![64, 48], vec![32, 24]),
+        ),
+        p(
+            "mpobert-3072x768-n3",
+            "MPOBERT json 3072×768, n = 3",
+            ex(vec![12, 16, 16], vec![8, 12, 8]),
+        ),
+        p(
+            "opf-bert-base-ffn-3072x768",
+            "OPF BERT-base FFN, 11 sites: all bonds 1152, 15.63M params (6.6×)",
+            ex(chain(64, 9, &[48]), chain(32, 9, &[24])),
+        ),
+        p(
+            "opf-bert-base-attn-768x768",
+            "OPF BERT-base attention, 11 sites: all bonds 576, 3.91M params",
+            ex(chain(32, 9, &[24]), chain(32, 9, &[24])),
+        ),
+        p(
+            "opf-bert-large-ffn-4096x1024",
+            "OPF BERT-large FFN, 11 sites",
+            ex(chain(64, 9, &[64]), chain(32, 9, &[32])),
+        ),
+        p(
+            "opf-bert-small-ffn-2048x512",
+            "OPF BERT-small/medium FFN as in the code ([32,1…1,2,32])",
+            ex(chain(32, 8, &[2, 32]), chain(32, 9, &[16])),
+        ),
+        p(
+            "opf-svd-3072x768",
+            "OPF-SVD variant, n = 2",
+            ex(vec![64, 48], vec![32, 24]),
+        ),
+        p(
+            "opf-15site-768x768",
+            "OPF released code 15-site chain [32,1×13,24] (8.9×)",
+            ex(chain(32, 13, &[24]), chain(32, 13, &[24])),
+        ),
+        p(
+            "opf-bart-768x768",
+            "OPF BART 7-site config (1.25×)",
+            ex(vec![3, 4, 1, 1, 4, 4, 4], vec![4, 4, 1, 1, 4, 4, 3]),
+        ),
     ]
 }
 
 /// Looks a preset up by name.
 pub fn preset(name: &str) -> Result<MpoShape> {
     let all = presets();
-    all.iter().find(|p| p.name == name).map(|p| p.shape.clone()).ok_or_else(|| Error::UnknownPreset {
-        name: name.to_string(),
-        known: all.iter().map(|p| p.name).collect::<Vec<_>>().join(", "),
-    })
+    all.iter()
+        .find(|p| p.name == name)
+        .map(|p| p.shape.clone())
+        .ok_or_else(|| Error::UnknownPreset {
+            name: name.to_string(),
+            known: all.iter().map(|p| p.name).collect::<Vec<_>>().join(", "),
+        })
 }
 
 #[cfg(test)]

@@ -39,7 +39,11 @@ pub fn discarded_norms(spectra: &[Vec<f64>], bond_dims: &[usize]) -> Vec<f64> {
         .iter()
         .enumerate()
         .map(|(b, s)| {
-            let keep = bond_dims.get(b + 1).copied().unwrap_or(usize::MAX).min(s.len());
+            let keep = bond_dims
+                .get(b + 1)
+                .copied()
+                .unwrap_or(usize::MAX)
+                .min(s.len());
             s[keep..].iter().map(|x| x * x).sum::<f64>().sqrt()
         })
         .collect()
@@ -47,7 +51,11 @@ pub fn discarded_norms(spectra: &[Vec<f64>], bond_dims: &[usize]) -> Vec<f64> {
 
 /// sqrt(Σ_k ε_k²) for bonds d_0..d_n.
 pub fn error_bound(spectra: &[Vec<f64>], bond_dims: &[usize]) -> f64 {
-    discarded_norms(spectra, bond_dims).iter().map(|e| e * e).sum::<f64>().sqrt()
+    discarded_norms(spectra, bond_dims)
+        .iter()
+        .map(|e| e * e)
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Resolves a [`Truncation`] to bonds d_0..d_n for a shape and its bond spectra.
@@ -64,10 +72,16 @@ pub fn select_bonds(shape: &MpoShape, spectra: &[Vec<f64>], t: &Truncation) -> R
         }
         Truncation::PerBond(list) => {
             if list.len() + 1 != n {
-                return Err(Error::Bonds(format!("{} per-bond values for {} bonds", list.len(), n - 1)));
+                return Err(Error::Bonds(format!(
+                    "{} per-bond values for {} bonds",
+                    list.len(),
+                    n - 1
+                )));
             }
             if list.contains(&0) {
-                return Err(Error::Bonds(format!("bond dimensions must be ≥ 1: {list:?}")));
+                return Err(Error::Bonds(format!(
+                    "bond dimensions must be ≥ 1: {list:?}"
+                )));
             }
             let mut b = full.clone();
             for (k, &d) in list.iter().enumerate() {
@@ -78,9 +92,14 @@ pub fn select_bonds(shape: &MpoShape, spectra: &[Vec<f64>], t: &Truncation) -> R
         Truncation::MaxParams(budget) => Ok(shape.capped_bonds(shape.max_bond_for_params(*budget))),
         Truncation::RelError(eps) => {
             if spectra.len() + 1 != n {
-                return Err(Error::Bonds("relative-error truncation needs the bond spectra".into()));
+                return Err(Error::Bonds(
+                    "relative-error truncation needs the bond spectra".into(),
+                ));
             }
-            let norm2: f64 = spectra.first().map(|s| s.iter().map(|x| x * x).sum()).unwrap_or(0.0);
+            let norm2: f64 = spectra
+                .first()
+                .map(|s| s.iter().map(|x| x * x).sum())
+                .unwrap_or(0.0);
             Ok(select_rel_error(shape, spectra, eps * eps * norm2))
         }
     }
@@ -139,27 +158,47 @@ impl<T: Scalar> Mpo<T> {
     pub fn truncate(&self, t: &Truncation) -> Result<Mpo<T>> {
         let bonds = select_bonds(&self.shape(), &self.spectra, t)?;
         // Never grow a bond that is already smaller.
-        let bonds: Vec<usize> = bonds.iter().zip(&self.bond_dims).map(|(a, b)| (*a).min(*b)).collect();
+        let bonds: Vec<usize> = bonds
+            .iter()
+            .zip(&self.bond_dims)
+            .map(|(a, b)| (*a).min(*b))
+            .collect();
         self.truncate_to(&bonds)
     }
 
     /// Truncated copy with bonds d_0..d_n (each ≤ the current bond).
     pub fn truncate_to(&self, bond_dims: &[usize]) -> Result<Mpo<T>> {
         if bond_dims.len() != self.bond_dims.len() {
-            return Err(Error::Bonds(format!("expected {} bond dims, got {}", self.bond_dims.len(), bond_dims.len())));
+            return Err(Error::Bonds(format!(
+                "expected {} bond dims, got {}",
+                self.bond_dims.len(),
+                bond_dims.len()
+            )));
         }
         for (k, (&new, &old)) in bond_dims.iter().zip(&self.bond_dims).enumerate() {
             if new == 0 || new > old {
-                return Err(Error::Bonds(format!("bond {k}: cannot slice {old} to {new}")));
+                return Err(Error::Bonds(format!(
+                    "bond {k}: cannot slice {old} to {new}"
+                )));
             }
         }
         let m = self.shape().local_dims();
         let cores = (0..self.n())
             .map(|k| {
-                slice_core(&self.cores[k], m[k], self.bond_dims[k + 1], bond_dims[k], bond_dims[k + 1])
+                slice_core(
+                    &self.cores[k],
+                    m[k],
+                    self.bond_dims[k + 1],
+                    bond_dims[k],
+                    bond_dims[k + 1],
+                )
             })
             .collect();
-        Ok(Mpo { bond_dims: bond_dims.to_vec(), cores, ..self.clone_meta() })
+        Ok(Mpo {
+            bond_dims: bond_dims.to_vec(),
+            cores,
+            ..self.clone_meta()
+        })
     }
 
     /// Copy of everything but the cores (cheap helper for building variants).

@@ -31,7 +31,10 @@ fn shape_strategy() -> impl Strategy<Value = MpoShape> {
 }
 
 fn opts(algorithm: Algorithm) -> DecomposeOptions {
-    DecomposeOptions { algorithm, ..Default::default() }
+    DecomposeOptions {
+        algorithm,
+        ..Default::default()
+    }
 }
 
 fn check_spectra(m: &Mpo<f64>, w: &[f64]) {
@@ -40,9 +43,16 @@ fn check_spectra(m: &Mpo<f64>, w: &[f64]) {
     assert_eq!(m.spectra.len() + 1, m.n().max(1));
     for (k, s) in m.spectra.iter().enumerate() {
         assert_eq!(s.len(), full[k + 1], "spectrum length at bond {}", k + 1);
-        assert!(s.windows(2).all(|p| p[0] >= p[1]), "bond {} not sorted", k + 1);
+        assert!(
+            s.windows(2).all(|p| p[0] >= p[1]),
+            "bond {} not sorted",
+            k + 1
+        );
         let total: f64 = s.iter().map(|x| x * x).sum();
-        assert!((total - norm2).abs() <= 1e-9 * norm2.max(1e-300), "Σλ² {total} vs ‖W‖² {norm2}");
+        assert!(
+            (total - norm2).abs() <= 1e-9 * norm2.max(1e-300),
+            "Σλ² {total} vs ‖W‖² {norm2}"
+        );
     }
 }
 
@@ -175,16 +185,36 @@ fn symmetric_gauge_balances_each_bond() {
     let d = m.bonds().to_vec();
     let mm = shape.local_dims();
     // left block of sites 0, 1: [m0·m1, d2]
-    let l01 = mpo::linalg::gemm(&m.cores[0], false, &m.cores[1], false, mm[0], d[1], mm[1] * d[2]);
+    let l01 = mpo::linalg::gemm(
+        &m.cores[0],
+        false,
+        &m.cores[1],
+        false,
+        mm[0],
+        d[1],
+        mm[1] * d[2],
+    );
     let g = mpo::linalg::gemm(&l01, true, &l01, false, d[2], mm[0] * mm[1], d[2]);
     for a in 0..d[2] {
         for b in 0..d[2] {
             let expect = if a == b { m.spectra[1][a] } else { 0.0 };
-            assert!((g[a * d[2] + b] - expect).abs() < 1e-10, "({a},{b}): {} vs {expect}", g[a * d[2] + b]);
+            assert!(
+                (g[a * d[2] + b] - expect).abs() < 1e-10,
+                "({a},{b}): {} vs {expect}",
+                g[a * d[2] + b]
+            );
         }
     }
     // and from the right: R Rᵀ = diag(λ) for sites 2, 3
-    let r23 = mpo::linalg::gemm(&m.cores[2], false, &m.cores[3], false, d[2] * mm[2], d[3], mm[3]);
+    let r23 = mpo::linalg::gemm(
+        &m.cores[2],
+        false,
+        &m.cores[3],
+        false,
+        d[2] * mm[2],
+        d[3],
+        mm[3],
+    );
     let h = mpo::linalg::gemm(&r23, false, &r23, true, d[2], mm[2] * mm[3], d[2]);
     for a in 0..d[2] {
         assert!((h[a * d[2] + a] - m.spectra[1][a]).abs() < 1e-10);
@@ -193,7 +223,11 @@ fn symmetric_gauge_balances_each_bond() {
 
 #[test]
 fn real_size_shapes_are_exact() {
-    for name in ["balanced-768x768", "opf-bert-base-attn-768x768", "mpobert-768x768-n9"] {
+    for name in [
+        "balanced-768x768",
+        "opf-bert-base-attn-768x768",
+        "mpobert-768x768-n9",
+    ] {
         let shape = preset(name).unwrap();
         let w = gaussian(shape.orig_rows * shape.orig_cols, 11);
         let m = Mpo::decompose(&w, &shape).unwrap();
@@ -215,7 +249,10 @@ fn opf_inner_cores_are_identities() {
         for a in 0..d {
             for b in 0..d {
                 let v = m.cores[k][a * d + b];
-                assert!((v - if a == b { 1.0 } else { 0.0 }).abs() < 1e-12, "core {k} ({a},{b}) = {v}");
+                assert!(
+                    (v - if a == b { 1.0 } else { 0.0 }).abs() < 1e-12,
+                    "core {k} ({a},{b}) = {v}"
+                );
             }
         }
     }
@@ -243,11 +280,20 @@ fn rank_deficient_and_zero_matrices() {
     let b = gaussian(6, 4); // 3×2
     let c = gaussian(4, 5); // 2×2
     let mut k = vec![0.0; 144];
-    for i0 in 0..2 { for i1 in 0..3 { for i2 in 0..2 {
-        for j0 in 0..3 { for j1 in 0..2 { for j2 in 0..2 {
-            k[((i0 * 3 + i1) * 2 + i2) * 12 + (j0 * 2 + j1) * 2 + j2] = a[i0 * 3 + j0] * b[i1 * 2 + j1] * c[i2 * 2 + j2];
-        }}}
-    }}}
+    for i0 in 0..2 {
+        for i1 in 0..3 {
+            for i2 in 0..2 {
+                for j0 in 0..3 {
+                    for j1 in 0..2 {
+                        for j2 in 0..2 {
+                            k[((i0 * 3 + i1) * 2 + i2) * 12 + (j0 * 2 + j1) * 2 + j2] =
+                                a[i0 * 3 + j0] * b[i1 * 2 + j1] * c[i2 * 2 + j2];
+                        }
+                    }
+                }
+            }
+        }
+    }
     let mk = Mpo::decompose(&k, &shape).unwrap();
     for e in mk.entropies() {
         assert!(e.abs() < 1e-10, "entropy {e}");
@@ -333,14 +379,20 @@ fn canonicalize_recovers_spectra_and_matrix() {
 fn checkpoint_roundtrip() {
     let shape = preset("albert-768x768").unwrap();
     let w = gaussian(768 * 768, 6);
-    let m = Mpo::decompose(&w, &shape).unwrap().truncate(&Truncation::MaxBond(64)).unwrap();
+    let m = Mpo::decompose(&w, &shape)
+        .unwrap()
+        .truncate(&Truncation::MaxBond(64))
+        .unwrap();
     let (manifest, cores) = m.to_parts();
     let json = serde_json::to_string(&manifest).unwrap();
     let back: mpo::MpoManifest = serde_json::from_str(&json).unwrap();
     assert_eq!(back.dtype, "f64");
     let m2 = Mpo::from_parts(&back, cores).unwrap();
     // JSON may round the last bit of an f64; everything else is exact.
-    assert_eq!((&m.row_factors, &m.col_factors, &m.bond_dims, &m.cores), (&m2.row_factors, &m2.col_factors, &m2.bond_dims, &m2.cores));
+    assert_eq!(
+        (&m.row_factors, &m.col_factors, &m.bond_dims, &m.cores),
+        (&m2.row_factors, &m2.col_factors, &m2.bond_dims, &m2.cores)
+    );
     for (a, b) in m.spectra.iter().flatten().zip(m2.spectra.iter().flatten()) {
         assert!((a - b).abs() <= 1e-14 * a.abs());
     }

@@ -5,15 +5,24 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use common::{dense_linear, gaussian, rel_diff};
-use mpo::{DecomposeOptions, ForwardMode, Mpo, MpoCores, MpoEmbedding, MpoLinear, MpoShape, Truncation};
+use mpo::{
+    DecomposeOptions, ForwardMode, Mpo, MpoCores, MpoEmbedding, MpoLinear, MpoShape, Truncation,
+};
 use proptest::prelude::*;
 
 fn shape_strategy() -> impl Strategy<Value = MpoShape> {
     (1usize..=5)
         .prop_flat_map(|n| {
-            (proptest::collection::vec(1usize..=4, n), proptest::collection::vec(1usize..=4, n), 0.5f64..=1.0, 0.5f64..=1.0)
+            (
+                proptest::collection::vec(1usize..=4, n),
+                proptest::collection::vec(1usize..=4, n),
+                0.5f64..=1.0,
+                0.5f64..=1.0,
+            )
         })
-        .prop_filter("small enough", |(r, c, _, _)| r.iter().product::<usize>() * c.iter().product::<usize>() <= 4096)
+        .prop_filter("small enough", |(r, c, _, _)| {
+            r.iter().product::<usize>() * c.iter().product::<usize>() <= 4096
+        })
         .prop_map(|(r, c, fr, fc)| {
             let (pr, pc) = (r.iter().product::<usize>(), c.iter().product::<usize>());
             let or = ((pr as f64 * fr).ceil() as usize).clamp(1, pr);
@@ -23,12 +32,22 @@ fn shape_strategy() -> impl Strategy<Value = MpoShape> {
 }
 
 fn to_vec(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
 }
 
 fn decomposed(shape: &MpoShape, seed: u64, max_bond: usize) -> (Vec<f64>, Mpo<f64>) {
     let w = gaussian(shape.orig_rows * shape.orig_cols, seed);
-    let m = Mpo::decompose_with(&w, shape, &DecomposeOptions::truncated(Truncation::MaxBond(max_bond))).unwrap();
+    let m = Mpo::decompose_with(
+        &w,
+        shape,
+        &DecomposeOptions::truncated(Truncation::MaxBond(max_bond)),
+    )
+    .unwrap();
     (w, m)
 }
 
@@ -97,9 +116,17 @@ fn gradients_match_finite_differences() {
     let layer = MpoLinear::from_mpo(&m, Some(&bias), &dev).unwrap();
     for mode in [ForwardMode::Rebuild, ForwardMode::Contract] {
         let loss_of = |l: &MpoLinear| -> f64 {
-            (l.forward_with(&x, mode).unwrap() * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            (l.forward_with(&x, mode).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
-        let loss = (layer.forward_with(&x, mode).unwrap() * &r).unwrap().sum_all().unwrap();
+        let loss = (layer.forward_with(&x, mode).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap();
         let grads = loss.backward().unwrap();
         let mut vars: Vec<Var> = layer.cores().vars().to_vec();
         vars.push(layer.bias().unwrap().clone());
@@ -111,15 +138,22 @@ fn gradients_match_finite_differences() {
                 let h = 1e-6;
                 let mut plus = base.clone();
                 plus[idx] += h;
-                var.set(&Tensor::from_vec(plus, dims.clone(), &dev).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(plus, dims.clone(), &dev).unwrap())
+                    .unwrap();
                 let lp = loss_of(&layer);
                 let mut minus = base.clone();
                 minus[idx] -= h;
-                var.set(&Tensor::from_vec(minus, dims.clone(), &dev).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(minus, dims.clone(), &dev).unwrap())
+                    .unwrap();
                 let lm = loss_of(&layer);
-                var.set(&Tensor::from_vec(base.clone(), dims.clone(), &dev).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(base.clone(), dims.clone(), &dev).unwrap())
+                    .unwrap();
                 let fd = (lp - lm) / (2.0 * h);
-                assert!((fd - g[idx]).abs() <= 1e-6 * (1.0 + g[idx].abs()), "{mode:?} {dims:?}[{idx}]: fd {fd} vs autograd {}", g[idx]);
+                assert!(
+                    (fd - g[idx]).abs() <= 1e-6 * (1.0 + g[idx].abs()),
+                    "{mode:?} {dims:?}[{idx}]: fd {fd} vs autograd {}",
+                    g[idx]
+                );
             }
         }
     }
@@ -135,7 +169,13 @@ fn trainable_flags_freeze_cores() {
     layer.cores_mut().freeze_central();
     assert_eq!(layer.trainable_vars().len(), 4 + 1);
     for mode in [ForwardMode::Rebuild, ForwardMode::Contract] {
-        let g = layer.forward_with(&x, mode).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = layer
+            .forward_with(&x, mode)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for (k, v) in layer.cores().vars().iter().enumerate() {
             assert_eq!(g.get(v.as_tensor()).is_some(), k != 2, "{mode:?} core {k}");
         }
@@ -144,7 +184,13 @@ fn trainable_flags_freeze_cores() {
     layer.cores_mut().train_only_central();
     layer.set_bias_trainable(false);
     assert_eq!(layer.trainable_vars().len(), 1);
-    let g = layer.forward(&x).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = layer
+        .forward(&x)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     for (k, v) in layer.cores().vars().iter().enumerate() {
         assert_eq!(g.get(v.as_tensor()).is_some(), k == 2);
     }
@@ -162,13 +208,36 @@ fn shared_central_tensor_collects_both_gradients() {
     let e1 = MpoCores::from_mpo(&m, &dev).unwrap();
     let mut e2 = MpoCores::from_mpo(&m, &dev).unwrap();
     e2.set_var(1, e1.var(1).clone()).unwrap();
-    let (l1, l2) = (MpoLinear::new(e1, None).unwrap(), MpoLinear::new(e2, None).unwrap());
+    let (l1, l2) = (
+        MpoLinear::new(e1, None).unwrap(),
+        MpoLinear::new(e2, None).unwrap(),
+    );
     let x = Tensor::from_vec(gaussian(3 * 8, 9), (3, 8), &dev).unwrap();
-    let g1 = l1.forward(&x).unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = l2.forward(&x).unwrap().sum_all().unwrap().backward().unwrap();
-    let both = (l1.forward(&x).unwrap().sum_all().unwrap() + l2.forward(&x).unwrap().sum_all().unwrap()).unwrap().backward().unwrap();
+    let g1 = l1
+        .forward(&x)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g2 = l2
+        .forward(&x)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let both = (l1.forward(&x).unwrap().sum_all().unwrap()
+        + l2.forward(&x).unwrap().sum_all().unwrap())
+    .unwrap()
+    .backward()
+    .unwrap();
     let c = l1.cores().var(1).as_tensor();
-    let sum: Vec<f64> = to_vec(g1.get(c).unwrap()).iter().zip(to_vec(g2.get(c).unwrap())).map(|(a, b)| a + b).collect();
+    let sum: Vec<f64> = to_vec(g1.get(c).unwrap())
+        .iter()
+        .zip(to_vec(g2.get(c).unwrap()))
+        .map(|(a, b)| a + b)
+        .collect();
     assert!(rel_diff(&to_vec(both.get(c).unwrap()), &sum) < 1e-12);
     // a mismatched replacement is rejected
     let mut e3 = MpoCores::from_mpo(&m, &dev).unwrap();
@@ -190,14 +259,24 @@ fn embedding_paths_and_tied_head() {
     let rr = emb.forward_with(&ids, ForwardMode::Rebuild).unwrap();
     let ra = emb.forward(&ids).unwrap();
     assert_eq!(rc.dims(), &[2, 3, 12]);
-    let expect: Vec<f64> = ids_v.iter().flat_map(|&i| what[i as usize * 12..(i as usize + 1) * 12].to_vec()).collect();
+    let expect: Vec<f64> = ids_v
+        .iter()
+        .flat_map(|&i| what[i as usize * 12..(i as usize + 1) * 12].to_vec())
+        .collect();
     assert!(rel_diff(&to_vec(&rc), &expect) < 1e-5);
     assert!(rel_diff(&to_vec(&rr), &expect) < 1e-5);
     assert!(rel_diff(&to_vec(&ra), &expect) < 1e-5);
-    assert!(emb.forward(&Tensor::from_vec(vec![61u32], 1, &dev).unwrap()).is_err());
+    assert!(emb
+        .forward(&Tensor::from_vec(vec![61u32], 1, &dev).unwrap())
+        .is_err());
     // tied head: logits = x Wᵀ over the 61 rows
     let x = gaussian(4 * 12, 13);
-    let xt = Tensor::from_vec(x.iter().map(|&v| v as f32).collect::<Vec<_>>(), (4, 12), &dev).unwrap();
+    let xt = Tensor::from_vec(
+        x.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+        (4, 12),
+        &dev,
+    )
+    .unwrap();
     let reference = dense_linear(&x, &what, None, 4, 12, 61);
     for mode in [ForwardMode::Rebuild, ForwardMode::Contract] {
         let logits = emb.lm_head(&xt, mode).unwrap();
@@ -205,7 +284,13 @@ fn embedding_paths_and_tied_head() {
         assert!(rel_diff(&to_vec(&logits), &reference) < 1e-5);
     }
     // gradients through the contract path reach every core
-    let g = emb.forward_with(&ids, ForwardMode::Contract).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = emb
+        .forward_with(&ids, ForwardMode::Contract)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     for v in emb.cores().vars() {
         assert!(g.get(v.as_tensor()).is_some());
     }

@@ -101,9 +101,20 @@ fn mpobert_site_counts() {
         assert_eq!(s.n(), n);
     }
     for n in [2, 3, 5] {
-        assert_eq!(mpo::table_factors(3072, n).unwrap().iter().product::<usize>(), 3072);
+        assert_eq!(
+            mpo::table_factors(3072, n)
+                .unwrap()
+                .iter()
+                .product::<usize>(),
+            3072
+        );
     }
-    for name in ["mpobert-768x768-n2", "mpobert-768x768-n3", "mpobert-768x768-n7", "mpobert-768x768-n9"] {
+    for name in [
+        "mpobert-768x768-n2",
+        "mpobert-768x768-n3",
+        "mpobert-768x768-n7",
+        "mpobert-768x768-n9",
+    ] {
         assert_eq!(preset(name).unwrap().rows(), 768);
     }
 }

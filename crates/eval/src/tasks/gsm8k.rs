@@ -180,7 +180,9 @@ mod tests {
         // lm-eval's pattern needs one character after the number.
         assert_eq!(extract_strict("The answer is 9"), INVALID);
         assert_eq!(extract_strict("the answer is 9."), INVALID);
-        assert_eq!(extract_strict("The answer is 7. Then The answer is 8."), "7");
+        // As Python: the greedy group keeps the "." when another character follows.
+        assert_eq!(extract_strict("The answer is 7. Then The answer is 8."), "7.");
+        assert!(exact_match("7.", "7"));
         assert_eq!(extract_flexible("3 + 4 = 7 apples, so $12.50."), "$12.50.");
         assert_eq!(extract_flexible("so 5 and then 6"), "6");
         assert_eq!(extract_flexible("-42 is it"), "-42");

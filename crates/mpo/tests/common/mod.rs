@@ -22,12 +22,24 @@ pub fn frob(a: &[f64]) -> f64 {
 }
 
 pub fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
-    let d: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let d: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
     d / frob(b).max(1e-300)
 }
 
 /// y = x·Wᵀ (+ b) for row-major x[batch, in], W[out, in].
-pub fn dense_linear(x: &[f64], w: &[f64], b: Option<&[f64]>, batch: usize, inp: usize, out: usize) -> Vec<f64> {
+pub fn dense_linear(
+    x: &[f64],
+    w: &[f64],
+    b: Option<&[f64]>,
+    batch: usize,
+    inp: usize,
+    out: usize,
+) -> Vec<f64> {
     let mut y = vec![0.0; batch * out];
     for r in 0..batch {
         for o in 0..out {
@@ -47,7 +59,9 @@ pub fn config(cases: u32) -> proptest::test_runner::Config {
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
     proptest::test_runner::Config {
         cases: env("MPO_PROPTEST_CASES").map_or(cases, |c| c as u32),
-        rng_seed: proptest::test_runner::RngSeed::Fixed(env("MPO_PROPTEST_SEED").unwrap_or(0x4d504f)),
+        rng_seed: proptest::test_runner::RngSeed::Fixed(
+            env("MPO_PROPTEST_SEED").unwrap_or(0x4d504f),
+        ),
         failure_persistence: None,
         ..Default::default()
     }

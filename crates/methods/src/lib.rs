@@ -1,0 +1,5 @@
+//! The papers' methods, one file (or folder) per method, all working on `models::Model`
+//! through its pluggable Linear layers.
+
+pub mod mpop;
+pub mod quant;

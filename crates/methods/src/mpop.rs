@@ -1,0 +1,328 @@
+//! MPOP (Gao et al., ACL 2021), part 1: compress a pretrained model by replacing chosen Linear
+//! layers (and the embedding, which stays tied to the LM head) with MPOs, save and reload the
+//! compressed checkpoint, and contract it back to a dense HF directory.
+//!
+//! Checkpoint layout (`--out DIR`): config.json + tokenizer files of the base model,
+//! `model.safetensors` holding every dense tensor under its HF name and each MPO layer's cores as
+//! `<module>.mpo.core_<k>` (bias as `<module>.bias`), and `mpo_manifest.json` describing each
+//! MPO layer (factors, bonds, spectra) so loading can check every tensor against it.
+
+use candle_core::{Device, Tensor};
+use models::{LinearLayer, Model};
+use mpo::{ForwardMode, Mpo, MpoLinear, MpoManifest, MpoShape, Truncation};
+use serde::{Deserialize, Serialize};
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+pub const MANIFEST: &str = "mpo_manifest.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] models::Error),
+    #[error(transparent)]
+    Mpo(#[from] mpo::Error),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Msg(String),
+}
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// An MPO weight behind the model's pluggable Linear. For inference the contracted matrix is
+/// built once and kept (rebuilding it per call made decoding ~40x slower); while training
+/// (`models::ops::training()`) every call goes through the cores so gradients reach them.
+#[derive(Debug)]
+pub struct MpoLayer {
+    pub inner: MpoLinear,
+    dense: std::sync::OnceLock<Tensor>,
+}
+
+impl MpoLayer {
+    pub fn new(inner: MpoLinear) -> Self {
+        MpoLayer { inner, dense: std::sync::OnceLock::new() }
+    }
+
+    fn cached_dense(&self) -> candle_core::Result<&Tensor> {
+        if let Some(w) = self.dense.get() {
+            return Ok(w);
+        }
+        let w = self.inner.to_dense()?.detach();
+        Ok(self.dense.get_or_init(|| w))
+    }
+
+    pub fn cores(&self) -> &mpo::MpoCores {
+        self.inner.cores()
+    }
+}
+
+impl LinearLayer for MpoLayer {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if models::ops::training() {
+            return candle_core::Module::forward(&self.inner, x);
+        }
+        let y = models::linear::matmul_t(x, self.cached_dense()?)?;
+        match self.inner.bias() {
+            Some(b) => y.broadcast_add(b.as_tensor()),
+            None => Ok(y),
+        }
+    }
+    fn in_features(&self) -> usize {
+        self.inner.cores().shape().orig_cols
+    }
+    fn out_features(&self) -> usize {
+        self.inner.cores().shape().orig_rows
+    }
+    fn num_params(&self) -> usize {
+        self.inner.cores().num_params() + self.inner.bias().map_or(0, |b| b.elem_count())
+    }
+    fn weight(&self) -> candle_core::Result<Tensor> {
+        self.inner.to_dense()
+    }
+    fn bias(&self) -> Option<Tensor> {
+        self.inner.bias().map(|b| b.as_tensor().clone())
+    }
+    fn kind(&self) -> String {
+        "mpo".into()
+    }
+    fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        if models::ops::training() {
+            // Rows straight from the cores: no vocab-sized table per training step.
+            let c = self.inner.cores();
+            return mpo::embed_cores(ids, &c.tensors(), c.shape());
+        }
+        self.cached_dense()?.index_select(ids, 0)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shapes {
+    Auto,
+    Paper,
+}
+
+#[derive(Debug, Clone)]
+pub enum Budget {
+    Full,
+    Bond(usize),
+    RelError(f64),
+    /// Fraction of each matrix's dense parameter count.
+    ParamsRatio(f64),
+}
+
+#[derive(Debug, Clone)]
+pub struct CompressOptions {
+    pub shapes: Shapes,
+    pub n: usize,
+    pub budget: Budget,
+    /// Module-name patterns (`*` wildcards, substring match); empty = every Linear and the
+    /// embedding; the classification head is never compressed.
+    pub patterns: Vec<String>,
+}
+
+/// `*`-separated pieces of `pat` occur in `name` in order.
+pub fn matches(pat: &str, name: &str) -> bool {
+    let mut rest = name;
+    for p in pat.split('*').filter(|p| !p.is_empty()) {
+        match rest.find(p) {
+            Some(k) => rest = &rest[k + p.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerReport {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub bonds: Vec<usize>,
+    pub dense_params: usize,
+    pub mpo_params: usize,
+    pub rel_error: f64,
+    pub rel_error_bound: f64,
+}
+
+fn truncation(b: &Budget, shape: &MpoShape) -> Truncation {
+    match b {
+        Budget::Full => Truncation::Full,
+        Budget::Bond(d) => Truncation::MaxBond(*d),
+        Budget::RelError(e) => Truncation::RelError(*e),
+        Budget::ParamsRatio(r) => Truncation::MaxParams((r * shape.dense_params() as f64).round() as usize),
+    }
+}
+
+/// Replace the chosen layers of `m` with MPOs; returns one report per compressed layer.
+pub fn compress(m: &mut Model, o: &CompressOptions, progress: bool) -> Result<Vec<LayerReport>> {
+    if o.n == 0 {
+        return Err(Error::Msg("--n (number of MPO sites) must be at least 1".into()));
+    }
+    if let Budget::ParamsRatio(r) = o.budget {
+        if !(r > 0.0) {
+            return Err(Error::Msg(format!("--params-ratio must be > 0, got {r}")));
+        }
+    }
+    if let Budget::RelError(e) = o.budget {
+        if !(0.0..1.0).contains(&e) {
+            return Err(Error::Msg(format!("--rel-error must be in [0, 1), got {e}")));
+        }
+    }
+    let chosen: Vec<String> = m
+        .linears()
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| n != "classifier")
+        .filter(|n| o.patterns.is_empty() || o.patterns.iter().any(|p| matches(p, n)))
+        .collect();
+    if chosen.is_empty() {
+        return Err(Error::Msg(format!("--matrices {:?} matches no weight matrix of this model", o.patterns.join(","))));
+    }
+    let pb = if progress { indicatif::ProgressBar::new(chosen.len() as u64) } else { indicatif::ProgressBar::hidden() };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("compressing {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut reports = Vec::new();
+    for (name, lin) in m.linears_mut() {
+        if !chosen.contains(&name) {
+            continue;
+        }
+        pb.set_message(name.clone());
+        let w = lin.weight()?;
+        let (rows, cols) = w.dims2()?;
+        let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let shape = match o.shapes {
+            Shapes::Paper => MpoShape::from_table_or_auto(rows, cols, o.n)?,
+            Shapes::Auto => MpoShape::auto(rows, cols, o.n)?,
+        };
+        let full = Mpo::<f32>::decompose(&data, &shape)?;
+        let cut = full.truncate(&truncation(&o.budget, &shape))?;
+        let rel_error = cut.relative_error(&data)?;
+        let fro = data.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+        reports.push(LayerReport {
+            name: name.clone(),
+            rows,
+            cols,
+            bonds: cut.bond_dims.clone(),
+            dense_params: rows * cols,
+            mpo_params: cut.num_params(),
+            rel_error,
+            rel_error_bound: cut.error_bound() / fro,
+        });
+        let bias: Option<Vec<f32>> = match lin.bias() {
+            Some(b) => Some(b.to_vec1()?),
+            None => None,
+        };
+        let layer = MpoLinear::from_mpo(&cut, bias.as_deref(), &Device::Cpu)?.with_mode(ForwardMode::Auto);
+        lin.replace(Box::new(MpoLayer::new(layer)));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(reports)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub layers: BTreeMap<String, MpoManifest>,
+}
+
+/// Save a model whose layers may be MPOs (see the module docs for the layout).
+pub fn save(m: &Model, dir: &Path) -> Result<()> {
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut layers = BTreeMap::new();
+    for (name, l) in m.linears() {
+        if let Some(mp) = l.inner().as_any().downcast_ref::<MpoLayer>() {
+            let mpo: Mpo<f32> = mp.cores().to_mpo()?;
+            let (man, _) = mpo.to_parts();
+            for (k, t) in mp.cores().tensors().iter().enumerate() {
+                tensors.insert(format!("{name}.mpo.{}", Mpo::<f32>::core_name(k)), t.contiguous()?);
+            }
+            layers.insert(name.clone(), man);
+        } else {
+            tensors.insert(format!("{name}.weight"), l.weight()?.contiguous()?);
+        }
+        if let Some(b) = l.bias() {
+            tensors.insert(format!("{name}.bias"), b.contiguous()?);
+        }
+    }
+    for (name, t) in m.other_tensors() {
+        tensors.insert(name, t.contiguous()?);
+    }
+    let manifest = Manifest { format: "mpolm-mpo".into(), version: 1, layers };
+    let text = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Msg(e.to_string()))?;
+    models::export::write_hf_dir(m, dir, &tensors, &[(MANIFEST, text)])?;
+    Ok(())
+}
+
+/// Load a checkpoint written by [`save`]: the dense parts through the normal loader (MPO
+/// weights are first contracted so the architecture sees complete tensors), then each MPO
+/// layer swapped back in from its cores, checked against the manifest.
+pub fn load(dir: &Path) -> Result<Model> {
+    let mpath = dir.join(MANIFEST);
+    let text = std::fs::read_to_string(&mpath).map_err(|e| models::Error::io(&mpath, e))?;
+    let man: Manifest = serde_json::from_str(&text).map_err(|e| models::Error::config(&mpath, format!("invalid manifest: {e}")))?;
+    let st_path = dir.join("model.safetensors");
+    let mut tensors = models::weights::load_safetensors(&st_path)?;
+    let mut cores_of: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
+    for (name, lm) in &man.layers {
+        let mut cores = Vec::new();
+        for (k, shp) in lm.core_shapes.iter().enumerate() {
+            let key = format!("{name}.mpo.{}", Mpo::<f32>::core_name(k));
+            let t = tensors.remove(&key).ok_or_else(|| models::Error::MissingTensor { path: st_path.clone(), name: key.clone() })?;
+            if t.dims() != shp {
+                return Err(models::Error::Shape { path: st_path.clone(), name: key, expected: shp.to_vec(), got: t.dims().to_vec() }.into());
+            }
+            cores.push(t);
+        }
+        let mpo = Mpo::<f32>::from_parts(lm, cores.iter().map(|c| c.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<Vec<_>>>()?)
+            .map_err(|e| models::Error::config(&mpath, format!("layer {name}: {e}")))?;
+        let shape = mpo.shape();
+        let dense = mpo::dense_from_cores(&cores, &shape)?;
+        tensors.insert(format!("{name}.weight"), dense);
+        cores_of.insert(name.clone(), cores);
+    }
+    if let Some(extra) = tensors.keys().find(|k| k.contains(".mpo.core_")) {
+        return Err(models::Error::config(&mpath, format!("tensor '{extra}' is not described by the manifest")).into());
+    }
+    // Build the architecture from the contracted weights, then put the MPO layers back.
+    let src = models::hub::ModelSource { name: dir.display().to_string(), format: models::hub::Format::HfDir, path: dir.to_path_buf() };
+    let mut m = models::model::Model::from_weights(src, models::weights::Weights::new(tensors, &st_path))?;
+    for (name, lin) in m.linears_mut() {
+        if let (Some(lm), Some(cores)) = (man.layers.get(&name), cores_of.get(&name)) {
+            let mpo = Mpo::<f32>::from_parts(lm, cores.iter().map(|c| c.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<Vec<_>>>()?)?;
+            let bias: Option<Vec<f32>> = match lin.bias() {
+                Some(b) => Some(b.to_vec1()?),
+                None => None,
+            };
+            let layer = MpoLinear::from_mpo(&mpo, bias.as_deref(), &Device::Cpu)?;
+            lin.replace(Box::new(MpoLayer::new(layer)));
+        }
+    }
+    let missing: Vec<&String> = man.layers.keys().filter(|n| !m.linears().iter().any(|(k, _)| k == *n)).collect();
+    if !missing.is_empty() {
+        return Err(models::Error::config(&mpath, format!("manifest names layers the model does not have: {missing:?}")).into());
+    }
+    Ok(m)
+}
+
+/// Linear layers by kind with their parameter counts, for reports.
+pub fn summary(m: &Model) -> BTreeMap<String, (usize, usize)> {
+    let mut s = BTreeMap::new();
+    for (_, l) in m.linears() {
+        let e = s.entry(l.kind()).or_insert((0, 0));
+        e.0 += 1;
+        e.1 += l.num_params();
+    }
+    s
+}

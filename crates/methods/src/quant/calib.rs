@@ -1,0 +1,424 @@
+//! Calibration and the layer-by-layer driver.
+//!
+//! GPTQ needs, for every Linear of decoder layer i, the Hessian 2/N Σ x xᵀ of its inputs when
+//! layers 0…i−1 are already quantized. Architecture files are not edited; instead the layers'
+//! own `Linear` slots are swapped for wrappers (all implementing `models::LinearLayer`):
+//!
+//! * the embedding is wrapped so `embed()` returns the cached residual stream X_{i−1} (the input
+//!   of layer i−1, computed with quantized earlier layers) for the current calibration batch;
+//! * every Linear of layers < i−1 returns zeros, so those layers become the identity on the
+//!   residual stream (x + 0 + 0) — only their norms and a zero attention still run;
+//! * layer i−1 (already quantized) runs for real and its o_proj / down_proj outputs are recorded,
+//!   giving X_i = X_{i−1} + o_out + down_out, the quantized model's input to layer i;
+//! * layer i's Linears are wrapped in recorders that add XᵀX into a shared `Mutex<Hessian>`
+//!   (q/k/v share one Hessian, gate/up another);
+//! * layer i+1's q_proj aborts the forward pass (nothing after layer i runs).
+//!
+//! So each layer costs one pass through two real decoder layers (plus the cheap identity
+//! layers), and memory is the model, the cached residual stream (nsamples × seqlen × hidden f32)
+//! and the Hessians of one layer. Within a layer the seven projections are quantized from one
+//! pass (AutoGPTQ's in-layer q/k/v → o → gate/up → down sub-sequencing is not done).
+
+use super::gptq::{self, Grid, Hessian};
+use super::layer::QuantLinear;
+use super::{Error, KeepFp16, Result};
+use candle_core::{DType, Device, Tensor};
+use models::linear::Dense;
+use models::{LinearLayer, Model};
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+const STOP: &str = "__mpolm_quant_calibration_stop__";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Rtn,
+    Gptq,
+}
+
+#[derive(Debug, Clone)]
+pub struct QuantOptions {
+    pub method: Method,
+    pub bits: u32,
+    /// 0 = one group per output row (AutoGPTQ's group_size −1).
+    pub group_size: usize,
+    pub act_order: bool,
+    pub damp: f64,
+    pub sym: bool,
+    pub keep: KeepFp16,
+    /// Lazy-update block size (128 in the paper).
+    pub block: usize,
+    /// Calibration sequences per forward pass.
+    pub batch: usize,
+}
+
+impl Default for QuantOptions {
+    fn default() -> Self {
+        QuantOptions { method: Method::Gptq, bits: 4, group_size: 128, act_order: false, damp: 0.01, sym: false, keep: KeepFp16::None, block: 128, batch: 4 }
+    }
+}
+
+impl QuantOptions {
+    pub fn grid(&self) -> Grid {
+        Grid { bits: self.bits, group_size: self.group_size, sym: self.sym }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerReport {
+    pub name: String,
+    /// "gptq4", "rtn3", "fp16".
+    pub kind: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    /// GPTQ loss (RTN: squared weight error); for fp16-kept layers the error they would have had.
+    pub loss: f64,
+    pub secs: f64,
+}
+
+/// Decoder-layer index of a module name `model.layers.N.…`.
+pub fn layer_index(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
+/// The quantization targets: every Linear inside a decoder layer (embedding and head stay).
+fn targets(m: &Model) -> Vec<(String, usize, usize)> {
+    m.linears().into_iter().filter(|(n, _)| layer_index(n).is_some()).map(|(n, l)| (n, l.in_features(), l.out_features())).collect()
+}
+
+/// Validate options against the model before any work.
+pub fn validate(m: &Model, o: &QuantOptions) -> Result<()> {
+    super::pack::check_bits(o.bits)?;
+    m.llama()?;
+    if !(0.0..1.0).contains(&o.damp) {
+        return Err(Error::Msg(format!("--damp must be in [0, 1), got {}", o.damp)));
+    }
+    let b = o.bits as usize;
+    for (n, i, out) in targets(m) {
+        if o.group_size != 0 && i % o.group_size != 0 {
+            return Err(Error::Msg(format!("--group-size {} does not divide in_features {i} of {n}", o.group_size)));
+        }
+        if (i * b) % 32 != 0 || (out * b) % 32 != 0 {
+            return Err(Error::Msg(format!("{n} ({out}×{i}) cannot be packed in {} bits: in and out features × bits must be multiples of 32", o.bits)));
+        }
+    }
+    Ok(())
+}
+
+/// `nsamples` random windows of `seqlen` tokens from a calibration text (seeded, as GPTQ's
+/// get_wikitext2 draws random windows from the training split).
+pub fn calibration_samples(m: &Model, text: &str, nsamples: usize, seqlen: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
+    if nsamples == 0 || seqlen < 2 {
+        return Err(Error::Msg("--nsamples must be ≥ 1 and --seqlen ≥ 2".into()));
+    }
+    let ids = m.tokenizer.encode(text, false)?;
+    if ids.len() <= seqlen {
+        return Err(Error::Msg(format!("calibration text has {} tokens, fewer than --seqlen {seqlen}", ids.len())));
+    }
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut out = Vec::with_capacity(nsamples);
+    for _ in 0..nsamples {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let start = (s % (ids.len() - seqlen) as u64) as usize;
+        out.push(ids[start..start + seqlen].to_vec());
+    }
+    Ok(out)
+}
+
+fn f16_dense(l: &dyn LinearLayer) -> Result<Dense> {
+    let w = l.weight()?.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+    let b = match l.bias() {
+        Some(b) => Some(b.to_dtype(DType::F16)?.to_dtype(DType::F32)?),
+        None => None,
+    };
+    Ok(Dense { weight: w, bias: b })
+}
+
+fn weight_vec(l: &dyn LinearLayer) -> Result<Vec<f32>> {
+    Ok(l.weight()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn placeholder() -> Box<dyn LinearLayer> {
+    Box::new(Dense { weight: Tensor::zeros((0, 0), DType::F32, &Device::Cpu).expect("empty tensor"), bias: None })
+}
+
+/// Quantize one Linear (already validated), returning the packed layer and its report.
+fn quantize_one(name: &str, l: &dyn LinearLayer, o: &QuantOptions, prep: Option<&gptq::Prepared>) -> Result<(QuantLinear, LayerReport)> {
+    let t0 = std::time::Instant::now();
+    let (in_f, out_f) = (l.in_features(), l.out_features());
+    let w = weight_vec(l)?;
+    let q = match (o.method, prep) {
+        (Method::Gptq, Some(p)) => gptq::gptq(&w, out_f, in_f, &o.grid(), p, o.block)?,
+        _ => gptq::rtn(&w, out_f, in_f, &o.grid())?,
+    };
+    let bias = match l.bias() {
+        Some(b) => Some(b.to_dtype(DType::F16)?.to_dtype(DType::F32)?),
+        None => None,
+    };
+    let ql = QuantLinear::from_quantized(&q, o.bits, bias)?;
+    let kind = format!("{}{}", if o.method == Method::Gptq { "gptq" } else { "rtn" }, o.bits);
+    Ok((ql, LayerReport { name: name.into(), kind, in_features: in_f, out_features: out_f, loss: q.loss, secs: t0.elapsed().as_secs_f64() }))
+}
+
+/// Quantize every decoder-layer Linear of `m` in place (QuantLinear swapped in; fp16-kept
+/// layers become f16-rounded dense). GPTQ needs `calib` (token windows); RTN ignores it.
+pub fn quantize_model(m: &mut Model, o: &QuantOptions, calib: Option<&[Vec<u32>]>, progress: bool) -> Result<Vec<LayerReport>> {
+    validate(m, o)?;
+    let names: Vec<String> = targets(m).into_iter().map(|t| t.0).collect();
+    let n_layers = names.iter().filter_map(|n| layer_index(n)).max().map_or(0, |x| x + 1);
+    let pb = if progress { indicatif::ProgressBar::new(names.len() as u64) } else { indicatif::ProgressBar::hidden() };
+    pb.set_style(indicatif::ProgressStyle::with_template("quantizing {bar:30} {pos}/{len} {msg} {elapsed}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    let crucial = match o.keep {
+        KeepFp16::Crucial(n) => n,
+        _ => 0,
+    };
+    let mut reports = Vec::new();
+    // Originals (f16-rounded) kept for crucial:N, by name.
+    let mut originals: HashMap<String, Dense> = HashMap::new();
+    let mut swap_in = |m: &mut Model, layer: usize, prepared: &HashMap<String, gptq::Prepared>, reports: &mut Vec<LayerReport>| -> Result<()> {
+        for (name, lin) in m.linears_mut() {
+            if layer_index(&name) != Some(layer) {
+                continue;
+            }
+            if o.keep.keeps(&name) {
+                let d = f16_dense(lin.inner())?;
+                lin.replace(Box::new(d));
+                reports.push(LayerReport { name: name.clone(), kind: "fp16".into(), in_features: lin.in_features(), out_features: lin.out_features(), loss: 0.0, secs: 0.0 });
+                pb.inc(1);
+                continue;
+            }
+            let prep = prepared.get(&hessian_key(&name));
+            if o.method == Method::Gptq && prep.is_none() {
+                return Err(Error::Msg(format!("no calibration activations reached {name}")));
+            }
+            let (ql, rep) = quantize_one(&name, lin.inner(), o, prep)?;
+            if crucial > 0 {
+                originals.insert(name.clone(), f16_dense(lin.inner())?);
+            }
+            lin.replace(Box::new(ql));
+            pb.set_message(name.clone());
+            pb.inc(1);
+            reports.push(rep);
+        }
+        Ok(())
+    };
+    match o.method {
+        Method::Rtn => {
+            for layer in 0..n_layers {
+                swap_in(m, layer, &HashMap::new(), &mut reports)?;
+            }
+        }
+        Method::Gptq => {
+            let calib = calib.filter(|c| !c.is_empty()).ok_or_else(|| Error::Msg("GPTQ needs calibration data (--calib PATH)".into()))?;
+            let hidden = m.llama()?.cfg.hidden_size;
+            // X_0: the embeddings of every calibration batch.
+            let batches: Vec<Tensor> = calib
+                .chunks(o.batch.max(1))
+                .map(|c| {
+                    let flat: Vec<u32> = c.iter().flatten().copied().collect();
+                    Tensor::from_vec(flat, (c.len(), c[0].len()), &Device::Cpu)
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let embed = m.linears().into_iter().find(|(n, _)| n == "model.embed_tokens").map(|(_, l)| l).ok_or_else(|| Error::Msg("model has no model.embed_tokens".into()))?;
+            let mut xs: Vec<Tensor> = batches.iter().map(|b| embed.embed(&b.flatten_all()?)).collect::<candle_core::Result<_>>()?;
+            for layer in 0..n_layers {
+                let (hess, outs) = calibration_pass(m, layer, &batches, &xs, o, hidden)?;
+                if layer > 0 {
+                    // X_{layer} = X_{layer−1} + o_proj out + down_proj out of the quantized layer−1.
+                    for (bi, x) in xs.iter_mut().enumerate() {
+                        let (a, d) = &outs[bi];
+                        *x = ((&*x + a)? + d)?;
+                    }
+                }
+                let mut prepared = HashMap::new();
+                for (k, h) in hess {
+                    let h = Arc::try_unwrap(h).map_err(|_| Error::Msg("Hessian still shared".into()))?.into_inner().map_err(|_| Error::Msg("Hessian lock poisoned".into()))?;
+                    prepared.insert(k, gptq::prepare(&h.finish(), h.n, o.damp, o.act_order)?);
+                }
+                swap_in(m, layer, &prepared, &mut reports)?;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    if crucial > 0 {
+        let mut order: Vec<usize> = (0..reports.len()).filter(|&i| reports[i].kind != "fp16").collect();
+        order.sort_by(|&a, &b| reports[b].loss.partial_cmp(&reports[a].loss).unwrap_or(std::cmp::Ordering::Equal));
+        let keep: BTreeMap<String, usize> = order.into_iter().take(crucial).map(|i| (reports[i].name.clone(), i)).collect();
+        for (name, lin) in m.linears_mut() {
+            if let Some(&i) = keep.get(&name) {
+                if let Some(d) = originals.remove(&name) {
+                    lin.replace(Box::new(d));
+                    reports[i].kind = "fp16".into();
+                }
+            }
+        }
+    }
+    Ok(reports)
+}
+
+/// Modules reading the same input share one Hessian.
+fn hessian_key(name: &str) -> String {
+    for (s, k) in [("k_proj", "q_proj"), ("v_proj", "q_proj"), ("up_proj", "gate_proj")] {
+        if let Some(p) = name.strip_suffix(s) {
+            return format!("{p}{k}");
+        }
+    }
+    name.to_string()
+}
+
+type Hess = Arc<Mutex<Hessian>>;
+
+/// What a wrapped Linear does during a calibration pass.
+#[derive(Debug)]
+enum Role {
+    /// Layers already folded into the cached residual stream: output zeros.
+    Zero,
+    /// Record the output (o_proj / down_proj of the previous layer).
+    Output(Arc<Mutex<Option<Tensor>>>),
+    /// Accumulate XᵀX (None: another module with the same input records it).
+    Record(Option<Hess>),
+    /// Abort the forward pass.
+    Stop,
+    /// Embedding: return the cached residual stream.
+    Embed(Arc<Mutex<Option<Tensor>>>),
+}
+
+#[derive(Debug)]
+struct Hook {
+    inner: Box<dyn LinearLayer>,
+    role: Role,
+}
+
+impl LinearLayer for Hook {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.role {
+            Role::Zero => {
+                let mut d = x.dims().to_vec();
+                *d.last_mut().unwrap_or(&mut 0) = self.inner.out_features();
+                Tensor::zeros(d, x.dtype(), x.device())
+            }
+            Role::Output(slot) => {
+                let y = self.inner.forward(x)?;
+                *slot.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))? = Some(y.clone());
+                Ok(y)
+            }
+            Role::Record(h) => {
+                if let Some(h) = h {
+                    let n = x.dim(x.rank() - 1)?;
+                    let x2 = x.contiguous()?.reshape(((), n))?.to_dtype(DType::F32)?;
+                    let xtx = x2.t()?.matmul(&x2)?.flatten_all()?.to_vec1::<f32>()?;
+                    h.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.add_xtx(&xtx, x2.dim(0)?);
+                }
+                self.inner.forward(x)
+            }
+            Role::Stop => Err(candle_core::Error::Msg(STOP.into())),
+            Role::Embed(_) => self.inner.forward(x),
+        }
+    }
+    fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.role {
+            Role::Embed(slot) => slot.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.clone().ok_or_else(|| candle_core::Error::Msg("no cached hidden states".into())),
+            _ => self.inner.embed(ids),
+        }
+    }
+    fn in_features(&self) -> usize {
+        self.inner.in_features()
+    }
+    fn out_features(&self) -> usize {
+        self.inner.out_features()
+    }
+    fn num_params(&self) -> usize {
+        self.inner.num_params()
+    }
+    fn weight(&self) -> candle_core::Result<Tensor> {
+        self.inner.weight()
+    }
+    fn bias(&self) -> Option<Tensor> {
+        self.inner.bias()
+    }
+    fn kind(&self) -> String {
+        self.inner.kind()
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+type Outs = Vec<(Tensor, Tensor)>;
+
+/// One pass over the calibration batches for decoder layer `layer` (see the module docs).
+/// Returns the Hessians of the layer's modules and, for layer > 0, the recorded o_proj and
+/// down_proj outputs of layer − 1 per batch.
+fn calibration_pass(m: &mut Model, layer: usize, batches: &[Tensor], xs: &[Tensor], o: &QuantOptions, hidden: usize) -> Result<(HashMap<String, Hess>, Outs)> {
+    let embed_slot = Arc::new(Mutex::new(None));
+    let o_slot = Arc::new(Mutex::new(None));
+    let d_slot = Arc::new(Mutex::new(None));
+    let mut hess: HashMap<String, Hess> = HashMap::new();
+    let start = layer.saturating_sub(1);
+    // Install hooks.
+    for (name, lin) in m.linears_mut() {
+        let role = if name == "model.embed_tokens" {
+            Role::Embed(embed_slot.clone())
+        } else {
+            match layer_index(&name) {
+                Some(j) if j < start => Role::Zero,
+                Some(j) if j + 1 == layer && name.ends_with("o_proj") => Role::Output(o_slot.clone()),
+                Some(j) if j + 1 == layer && name.ends_with("down_proj") => Role::Output(d_slot.clone()),
+                Some(j) if j == layer && !o.keep.keeps(&name) => {
+                    let key = hessian_key(&name);
+                    if hess.contains_key(&key) {
+                        Role::Record(None)
+                    } else {
+                        let h = Arc::new(Mutex::new(Hessian::new(lin.in_features())));
+                        hess.insert(key, h.clone());
+                        Role::Record(Some(h))
+                    }
+                }
+                Some(j) if j == layer + 1 && name.ends_with("q_proj") => Role::Stop,
+                _ => continue,
+            }
+        };
+        let inner = lin.replace(placeholder());
+        lin.replace(Box::new(Hook { inner, role }));
+    }
+    let mut outs = Vec::new();
+    let run = (|| -> Result<()> {
+        let llama = m.llama()?;
+        for (b, x) in batches.iter().zip(xs) {
+            let (bs, t) = b.dims2()?;
+            *embed_slot.lock().map_err(|_| Error::Msg("poisoned".into()))? = Some(x.reshape((bs * t, hidden))?);
+            match llama.forward_hidden(b, None, None) {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains(STOP) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if layer > 0 {
+                let a = o_slot.lock().map_err(|_| Error::Msg("poisoned".into()))?.take();
+                let d = d_slot.lock().map_err(|_| Error::Msg("poisoned".into()))?.take();
+                match (a, d) {
+                    (Some(a), Some(d)) => outs.push((a.reshape((bs * t, hidden))?, d.reshape((bs * t, hidden))?)),
+                    _ => return Err(Error::Msg(format!("calibration pass did not reach layer {}", layer - 1))),
+                }
+            }
+        }
+        Ok(())
+    })();
+    // Remove hooks (always, even after an error).
+    for (_, lin) in m.linears_mut() {
+        if lin.inner().as_any().downcast_ref::<Hook>().is_some() {
+            let mut b = lin.replace(placeholder());
+            if let Some(h) = b.as_any_mut().downcast_mut::<Hook>() {
+                let inner = std::mem::replace(&mut h.inner, placeholder());
+                lin.replace(inner);
+            }
+        }
+    }
+    run?;
+    Ok((hess, outs))
+}

@@ -1,0 +1,146 @@
+//! Quantized checkpoints in the AutoGPTQ layout: config.json + tokenizer of the base model,
+//! `model.safetensors` with every quantized Linear as `<module>.qweight` (int32 [in·bits/32, out]),
+//! `<module>.qzeros` (int32 [groups, out·bits/32], zero − 1), `<module>.scales` (f16 [groups, out]),
+//! `<module>.g_idx` (int32 [in]) and `<module>.bias` (f16); every other tensor (embedding, norms,
+//! head, fp16-kept layers) in f16; and `quantize_config.json`.
+
+use super::layer::QuantLinear;
+use super::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use models::Model;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+pub const QUANT_CONFIG: &str = "quantize_config.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QuantizeConfig {
+    pub bits: u32,
+    /// −1 = one group per output row.
+    pub group_size: i64,
+    pub damp_percent: f64,
+    pub desc_act: bool,
+    pub sym: bool,
+    pub true_sequential: bool,
+    pub quant_method: String,
+    pub checkpoint_format: String,
+    /// "gptq" or "rtn": how the integers were chosen (the format is the same).
+    #[serde(default)]
+    pub mpolm_method: String,
+    /// Modules left in fp16.
+    #[serde(default)]
+    pub mpolm_fp16_modules: Vec<String>,
+}
+
+pub fn is_quantized_dir(dir: &Path) -> bool {
+    dir.is_dir() && dir.join(QUANT_CONFIG).exists()
+}
+
+fn i32_tensor(v: &[u32], shape: (usize, usize)) -> Result<Tensor> {
+    let v: Vec<i32> = v.iter().map(|&x| x as i32).collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+fn f16(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F16)?.contiguous()?)
+}
+
+/// Save a model whose decoder Linears are `QuantLinear`s (others are written in f16).
+pub fn save_quantized(m: &Model, dir: &Path, cfg: &QuantizeConfig) -> Result<()> {
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut cfg = cfg.clone();
+    cfg.mpolm_fp16_modules.clear();
+    for (name, l) in m.linears() {
+        if let Some(q) = l.inner().as_any().downcast_ref::<QuantLinear>() {
+            if q.bits != cfg.bits {
+                return Err(Error::Msg(format!("{name} is {}-bit but the config says {}", q.bits, cfg.bits)));
+            }
+            let b = q.bits as usize;
+            tensors.insert(format!("{name}.qweight"), i32_tensor(&q.qweight, (q.in_f * b / 32, q.out_f))?);
+            tensors.insert(format!("{name}.qzeros"), i32_tensor(&q.qzeros, (q.groups(), q.out_f * b / 32))?);
+            tensors.insert(format!("{name}.scales"), f16(&Tensor::from_vec(q.scales.clone(), (q.groups(), q.out_f), &Device::Cpu)?)?);
+            tensors.insert(format!("{name}.g_idx"), i32_tensor(&q.g_idx, (q.in_f, 1))?.reshape(q.in_f)?);
+        } else {
+            tensors.insert(format!("{name}.weight"), f16(&l.weight()?)?);
+            if super::calib::layer_index(&name).is_some() {
+                cfg.mpolm_fp16_modules.push(name.clone());
+            }
+        }
+        if let Some(b) = l.bias() {
+            tensors.insert(format!("{name}.bias"), f16(&b)?);
+        }
+    }
+    for (name, t) in m.other_tensors() {
+        tensors.insert(name, f16(t)?);
+    }
+    let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
+    models::export::write_hf_dir(m, dir, &tensors, &[(QUANT_CONFIG, text)])?;
+    Ok(())
+}
+
+/// Load a checkpoint written by [`save_quantized`] (or any AutoGPTQ v1 checkpoint of a llama-
+/// family model with the same tensor names): the architecture is built with zero-stride
+/// placeholder weights for the quantized modules (no f32 copy is ever allocated), then each
+/// `QuantLinear` is swapped in.
+pub fn load_quantized(dir: &Path) -> Result<Model> {
+    let cpath = dir.join(QUANT_CONFIG);
+    let text = std::fs::read_to_string(&cpath).map_err(|e| models::Error::io(&cpath, e))?;
+    let cfg: QuantizeConfig = serde_json::from_str(&text).map_err(|e| models::Error::config(&cpath, format!("invalid quantize_config.json: {e}")))?;
+    super::pack::check_bits(cfg.bits).map_err(|e| models::Error::config(&cpath, e.to_string()))?;
+    if cfg.checkpoint_format != "gptq" {
+        return Err(models::Error::config(&cpath, format!("checkpoint_format '{}' is not supported (only 'gptq' v1)", cfg.checkpoint_format)).into());
+    }
+    let st = dir.join("model.safetensors");
+    let mut tensors = models::weights::load_safetensors(&st)?;
+    let modules: BTreeSet<String> = tensors.keys().filter_map(|k| k.strip_suffix(".qweight").map(String::from)).collect();
+    let bad = |msg: String| -> Error { models::Error::Safetensors { path: st.clone(), msg }.into() };
+    let mut packed = HashMap::new();
+    for name in &modules {
+        let mut take = |suffix: &str| tensors.remove(&format!("{name}.{suffix}")).ok_or_else(|| bad(format!("tensor '{name}.{suffix}' is missing")));
+        let (qw, qz, sc, gi) = (take("qweight")?, take("qzeros")?, take("scales")?, take("g_idx")?);
+        let u32s = |t: &Tensor, what: &str| -> Result<Vec<u32>> {
+            if t.dtype() != DType::I32 {
+                return Err(bad(format!("'{name}.{what}' must be int32, found {:?}", t.dtype())));
+            }
+            Ok(t.flatten_all()?.to_vec1::<i32>()?.into_iter().map(|x| x as u32).collect())
+        };
+        let (qw_dims, qz_dims) = (qw.dims().to_vec(), qz.dims().to_vec());
+        if qw_dims.len() != 2 || qz_dims.len() != 2 || sc.rank() != 2 {
+            return Err(bad(format!("'{name}': qweight, qzeros and scales must be 2-D")));
+        }
+        let in_f = gi.elem_count();
+        let out_f = qw_dims[1];
+        let q = QuantLinear::from_packed(
+            cfg.bits,
+            in_f,
+            out_f,
+            u32s(&qw, "qweight")?,
+            u32s(&qz, "qzeros")?,
+            sc.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            u32s(&gi, "g_idx")?,
+            None,
+        )
+        .map_err(|e| bad(format!("'{name}': {e}")))?;
+        // Zero-stride placeholder: the right shape for the architecture, no memory.
+        let ph = Tensor::zeros((1, 1), DType::F32, &Device::Cpu)?.broadcast_as((out_f, in_f))?;
+        tensors.insert(format!("{name}.weight"), ph);
+        packed.insert(name.clone(), q);
+    }
+    let src = models::hub::ModelSource { name: dir.display().to_string(), format: models::hub::Format::HfDir, path: dir.to_path_buf() };
+    let mut m = Model::from_weights(src, models::weights::Weights::new(tensors, &st))?;
+    let mut found = 0;
+    for (name, lin) in m.linears_mut() {
+        if let Some(mut q) = packed.remove(&name) {
+            q.bias = lin.bias();
+            lin.replace(Box::new(q));
+            found += 1;
+        }
+    }
+    if !packed.is_empty() {
+        return Err(bad(format!("quantized modules the model does not have: {:?}", packed.keys().collect::<Vec<_>>())));
+    }
+    m.stored_types.clear();
+    m.stored_types.insert(format!("gptq int{} (packed)", cfg.bits), found);
+    Ok(m)
+}

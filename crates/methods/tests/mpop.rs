@@ -1,0 +1,112 @@
+//! MPOP compression on tiny models: exact at full bond, bounded when truncated, and the
+//! checkpoint / dense export round trips reproduce the compressed model's outputs.
+
+use candle_core::{Device, Tensor};
+use methods::mpop::{self, Budget, CompressOptions, Shapes};
+use models::{testing, Model};
+
+fn logits(m: &Model) -> Tensor {
+    let ids = Tensor::new(&[[5u32, 77, 12, 200, 3, 9]], &Device::Cpu).unwrap();
+    m.llama().unwrap().forward(&ids, None).unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn opts(budget: Budget) -> CompressOptions {
+    CompressOptions { shapes: Shapes::Auto, n: 3, budget, patterns: vec![] }
+}
+
+fn tiny(qwen2: bool) -> (tempfile::TempDir, Model) {
+    let d = tempfile::tempdir().unwrap();
+    testing::write_tiny_llama(&d.path().join("m"), qwen2).unwrap();
+    let m = Model::load(d.path().join("m").to_str().unwrap(), false).unwrap();
+    (d, m)
+}
+
+#[test]
+fn full_bond_compression_is_exact_and_keeps_tying() {
+    for qwen2 in [false, true] {
+        let (_d, mut m) = tiny(qwen2);
+        let want = logits(&m);
+        let reps = mpop::compress(&mut m, &opts(Budget::Full), false).unwrap();
+        assert_eq!(reps.len(), m.linears().len());
+        for r in &reps {
+            assert!(r.rel_error < 1e-5, "{r:?}");
+        }
+        assert!(m.linears().iter().all(|(_, l)| l.kind() == "mpo"));
+        if !qwen2 {
+            assert!(m.llama().unwrap().lm_head.is_none(), "tied head stays tied to the (MPO) embedding");
+        }
+        let d = max_abs(&logits(&m), &want);
+        assert!(d < 1e-3, "qwen2={qwen2}: {d}");
+    }
+}
+
+#[test]
+fn params_ratio_budget_is_respected_and_error_within_bound() {
+    let (_d, mut m) = tiny(false);
+    let reps = mpop::compress(&mut m, &opts(Budget::ParamsRatio(0.5)), false).unwrap();
+    for r in &reps {
+        assert!(r.mpo_params as f64 <= 0.5 * r.dense_params as f64 + 1.0, "{r:?}");
+        assert!(r.rel_error <= r.rel_error_bound * (1.0 + 1e-4) + 1e-6, "{r:?}");
+        assert!(r.rel_error > 0.0);
+    }
+    let mut m2 = Model::load(_d.path().join("m").to_str().unwrap(), false).unwrap();
+    let e = mpop::compress(&mut m2, &CompressOptions { patterns: vec!["nothing".into()], ..opts(Budget::Full) }, false).unwrap_err();
+    assert!(e.to_string().contains("matches no weight matrix"), "{e}");
+}
+
+#[test]
+fn checkpoint_and_dense_export_round_trip() {
+    let (d, mut m) = tiny(false);
+    mpop::compress(&mut m, &CompressOptions { patterns: vec!["mlp".into(), "q_proj".into()], ..opts(Budget::Bond(3)) }, false).unwrap();
+    let want = logits(&m);
+    let ck = d.path().join("ck");
+    mpop::save(&m, &ck).unwrap();
+    let back = mpop::load(&ck).unwrap();
+    assert_eq!(back.linears().iter().filter(|(_, l)| l.kind() == "mpo").count(), 2 * 4);
+    assert_eq!(back.total_params(), m.total_params());
+    assert!(max_abs(&logits(&back), &want) < 1e-5);
+    // Saving again into the same directory is refused (nothing overwritten).
+    assert!(mpop::save(&m, &ck).unwrap_err().to_string().contains("not empty"));
+
+    let dense = d.path().join("dense");
+    models::export::write_hf_dir(&back, &dense, &models::export::dense_state_dict(&back).unwrap(), &[]).unwrap();
+    let plain = Model::load(dense.to_str().unwrap(), false).unwrap();
+    assert!(plain.linears().iter().all(|(_, l)| l.kind() == "dense"));
+    assert!(max_abs(&logits(&plain), &want) < 1e-4);
+}
+
+#[test]
+fn checkpoint_that_disagrees_with_its_manifest_is_refused() {
+    let (d, mut m) = tiny(false);
+    mpop::compress(&mut m, &CompressOptions { patterns: vec!["layers.0.mlp.up_proj".into()], ..opts(Budget::Full) }, false).unwrap();
+    let ck = d.path().join("ck");
+    mpop::save(&m, &ck).unwrap();
+    let mf = ck.join(mpop::MANIFEST);
+    let text = std::fs::read_to_string(&mf).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let layer = &mut v["layers"]["model.layers.0.mlp.up_proj"];
+    let s0 = layer["core_shapes"][0][3].as_u64().unwrap();
+    layer["core_shapes"][0][3] = serde_json::json!(s0 + 1);
+    std::fs::write(&mf, v.to_string()).unwrap();
+    let e = mpop::load(&ck).unwrap_err().to_string();
+    assert!(e.contains("model.layers.0.mlp.up_proj.mpo.core_0") && e.contains("shape"), "{e}");
+    std::fs::write(&mf, "{ broken").unwrap();
+    let e = mpop::load(&ck).unwrap_err().to_string();
+    assert!(e.contains("mpo_manifest.json") && e.contains("invalid manifest"), "{e}");
+}
+
+#[test]
+fn bert_compression_keeps_outputs() {
+    let d = tempfile::tempdir().unwrap();
+    testing::write_tiny_bert(d.path()).unwrap();
+    let mut m = Model::load(d.path().to_str().unwrap(), false).unwrap();
+    let ids = Tensor::new(&[[1u32, 50, 60, 70, 2]], &Device::Cpu).unwrap();
+    let want = m.bert().unwrap().forward(&ids, None, None).unwrap();
+    mpop::compress(&mut m, &opts(Budget::Full), false).unwrap();
+    let got = m.bert().unwrap().forward(&ids, None, None).unwrap();
+    assert!(max_abs(&got, &want) < 1e-3);
+}

@@ -1,0 +1,97 @@
+//! Writing models back out as plain HF directories (config.json, model.safetensors,
+//! tokenizer.json, tokenizer_config.json) that transformers loads directly — the exit door
+//! for every method (dense export of MPO/LoRA models, the base of quantized checkpoints).
+
+use crate::model::{Arch, Model};
+use crate::{Error, Result};
+use candle_core::Tensor;
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The dense state dict under HF names: every Linear's effective weight (MPO contracted,
+/// quantized dequantized, adapters merged) and bias, plus norms and other tensors.
+pub fn dense_state_dict(m: &Model) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for (name, l) in m.linears() {
+        out.insert(format!("{name}.weight"), l.weight()?.contiguous()?);
+        if let Some(b) = l.bias() {
+            out.insert(format!("{name}.bias"), b.contiguous()?);
+        }
+    }
+    for (name, t) in m.other_tensors() {
+        out.insert(name, t.contiguous()?);
+    }
+    Ok(out)
+}
+
+/// config.json contents for the model's architecture.
+pub fn config_json(m: &Model) -> Result<serde_json::Value> {
+    let mut v = match &m.arch {
+        Arch::Llama(l) => serde_json::to_value(&l.cfg).map_err(|e| Error::Msg(e.to_string()))?,
+        Arch::Bert(b) => serde_json::to_value(&b.cfg).map_err(|e| Error::Msg(e.to_string()))?,
+    };
+    let obj = v.as_object_mut().ok_or_else(|| Error::Msg("config is not an object".into()))?;
+    let arch = match &m.arch {
+        Arch::Llama(l) if l.cfg.model_type == "qwen2" => "Qwen2ForCausalLM",
+        Arch::Llama(_) => "LlamaForCausalLM",
+        Arch::Bert(b) if b.classifier.is_some() => "BertForSequenceClassification",
+        Arch::Bert(_) => "BertModel",
+    };
+    obj.insert("architectures".into(), json!([arch]));
+    obj.insert("torch_dtype".into(), json!("float32"));
+    if let Arch::Llama(l) = &m.arch {
+        obj.insert("tie_word_embeddings".into(), json!(l.lm_head.is_none()));
+        obj.insert("head_dim".into(), json!(l.cfg.head_dim()));
+        obj.insert("num_key_value_heads".into(), json!(l.cfg.num_kv_heads()));
+        obj.insert("attention_bias".into(), json!(l.cfg.qkv_bias()));
+        if obj.get("rope_scaling").is_some_and(|r| r.is_null()) {
+            obj.remove("rope_scaling");
+        }
+    }
+    obj.retain(|_, v| !v.is_null());
+    Ok(v)
+}
+
+/// Write `tensors` with the model's config and tokenizer as an HF directory. The directory is
+/// assembled under a temporary name and renamed into place; an existing non-empty `dir` is
+/// refused so nothing is overwritten.
+pub fn write_hf_dir(m: &Model, dir: &Path, tensors: &HashMap<String, Tensor>, extra_files: &[(&str, String)]) -> Result<()> {
+    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::AlreadyExists, "output directory exists and is not empty; choose a new --out")));
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let tmp = tempfile::TempDir::new_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    let t = tmp.path();
+    let w = |name: &str, s: String| -> Result<()> { std::fs::write(t.join(name), s).map_err(|e| Error::io(t.join(name), e)) };
+    w("config.json", serde_json::to_string_pretty(&config_json(m)?).unwrap_or_default())?;
+    m.tokenizer.inner.save(t.join("tokenizer.json"), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let mut tc = json!({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": false});
+    if let Some(b) = &m.tokenizer.bos_token {
+        tc["bos_token"] = json!(b);
+    }
+    if let Some(e) = &m.tokenizer.eos_token {
+        tc["eos_token"] = json!(e);
+    }
+    if let Some(c) = &m.tokenizer.chat_template {
+        tc["chat_template"] = json!(c);
+    }
+    if matches!(m.arch, Arch::Bert(_)) {
+        tc["tokenizer_class"] = json!("BertTokenizerFast");
+    }
+    w("tokenizer_config.json", serde_json::to_string_pretty(&tc).unwrap_or_default())?;
+    for (name, text) in extra_files {
+        w(name, text.clone())?;
+    }
+    candle_core::safetensors::save(tensors, t.join("model.safetensors"))?;
+    let kept = tmp.keep();
+    if dir.exists() {
+        let _ = std::fs::remove_dir(dir);
+    }
+    std::fs::rename(&kept, dir).map_err(|e| Error::io(dir, e))?;
+    Ok(())
+}
