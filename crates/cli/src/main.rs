@@ -4,6 +4,7 @@
 
 mod bench;
 mod eval_cmd;
+mod quant_cmd;
 mod report;
 mod spectrum;
 
@@ -113,6 +114,8 @@ enum Cmd {
     Bench(BenchCmd),
     /// Evaluate a model on benchmark tasks (wikitext2, mmlu, gsm8k, ifeval, sst2, .jsonl files).
     Eval(eval_cmd::EvalArgs),
+    /// Quantize a causal model with RTN or GPTQ into an AutoGPTQ-layout checkpoint (issue #6).
+    Quantize(quant_cmd::QuantizeArgs),
     /// The main job on a model: fetch, inspect and a greedy chat generation.
     Run {
         #[arg(default_value = hub::DEFAULT_CAUSAL)]
@@ -218,6 +221,7 @@ fn run(cli: Cli) -> Result<()> {
             rep.set("matrices", json!(specs.iter().map(spectrum::to_json).collect::<Vec<_>>()));
         }
         Cmd::Eval(args) => eval_cmd::run(args, &mut rep)?,
+        Cmd::Quantize(args) => quant_cmd::run(args, &mut rep)?,
         Cmd::Compress { model, method: _, shapes, n, bond, rel_error, params_ratio, matrices, out } => {
             use methods::mpop::{self, Budget, CompressOptions, Shapes};
             if out.exists() && std::fs::read_dir(&out).map(|mut d| d.next().is_some()).unwrap_or(true) {

@@ -167,7 +167,8 @@ fn tiny_model_gptq_save_load_generate() {
     assert_eq!(m.linears().iter().filter(|(_, l)| l.kind() == "gptq4").count(), 14);
     let ql = logits(&m, &ids);
     let diff = base.iter().zip(&ql).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(diff > 0.0 && diff < 2.0, "4-bit logits moved by {diff}");
+    let scale = base.iter().fold(0f32, |a, b| a.max(b.abs()));
+    assert!(diff > 0.0 && diff < 0.3 * scale, "4-bit logits moved by {diff} (max |logit| {scale})");
     let out = d.path().join("q4");
     let cfg = quant::QuantizeConfig {
         bits: 4, group_size: 16, damp_percent: 0.01, desc_act: true, sym: false, true_sequential: true,
@@ -208,7 +209,8 @@ fn tiny_model_rtn8_is_close_and_keep_fp16_works() {
     assert_eq!(reps.iter().filter(|r| r.kind == "fp16").count(), 8);
     assert_eq!(reps.iter().filter(|r| r.kind == "rtn8").count(), 6);
     let d = base.iter().zip(&logits(&m, &ids)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(d < 0.05, "8-bit RTN moved logits by {d}");
+    let scale = base.iter().fold(0f32, |a, b| a.max(b.abs()));
+    assert!(d < 0.01 * scale, "8-bit RTN moved logits by {d} (max |logit| {scale})");
     // crucial:N keeps the N largest-error projections in fp16.
     let mut m = models::Model::load(p.to_str().unwrap(), false).unwrap();
     let calib = quant::calib::calibration_samples(&m, &calib_text(), 4, 32, 1).unwrap();

@@ -1,0 +1,182 @@
+//! `mpolm quantize`: RTN / GPTQ quantization into an AutoGPTQ-layout checkpoint, with total
+//! bits, file size, peak RSS and (optionally) WikiText-2 perplexity and a sample generation.
+//! MODEL may also be a quantized checkpoint (with `--method none`) to evaluate or generate.
+
+use crate::report::Report;
+use anyhow::{Context, Result};
+use methods::quant::{self, calib::Method, KeepFp16, QuantOptions, QuantizeConfig};
+use models::Model;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+const WIKITEXT2: &str = "/work/shared/data/wikitext2";
+
+#[derive(clap::Args)]
+pub struct QuantizeArgs {
+    /// Model alias, HF directory, .gguf file, or (with --method none) a quantized checkpoint.
+    pub model: String,
+    /// rtn, gptq, or none (no quantization: evaluate MODEL as it is, e.g. the f32 baseline).
+    #[arg(long, default_value = "gptq", value_parser = ["rtn", "gptq", "none"])]
+    pub method: String,
+    /// Bits per weight: 2, 3, 4 or 8.
+    #[arg(long, default_value_t = 4)]
+    pub bits: u32,
+    /// Input columns per scale/zero group; -1 = one group per output row.
+    #[arg(long, default_value_t = 128, allow_hyphen_values = true)]
+    pub group_size: i64,
+    /// GPTQ act-order (desc_act): quantize columns by decreasing Hessian diagonal (g_idx stored).
+    #[arg(long)]
+    pub act_order: bool,
+    /// Hessian damping as a fraction of its mean diagonal.
+    #[arg(long, default_value_t = 0.01)]
+    pub damp: f64,
+    /// Symmetric grid (zero at 2^(bits-1)).
+    #[arg(long)]
+    pub sym: bool,
+    /// Calibration text file (default: the WikiText-2 validation split; its test split is never used).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    pub nsamples: usize,
+    #[arg(long, default_value_t = 512)]
+    pub seqlen: usize,
+    /// Keep projections in fp16: attn | ffn | q,k,v,o,gate,up,down | crucial:N.
+    #[arg(long)]
+    pub keep_fp16: Option<String>,
+    /// Output checkpoint directory (must not exist or be empty).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// After quantizing (and reloading the checkpoint), perplexity over the first K
+    /// non-overlapping 512-token windows of the evaluation text.
+    #[arg(long, default_value_t = 0)]
+    pub ppl_windows: usize,
+    /// Evaluation text for --ppl-windows (default: WikiText-2 test split).
+    #[arg(long)]
+    pub ppl_data: Option<PathBuf>,
+    /// Generate from this prompt with the (reloaded) quantized model.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Seed of the calibration window draw.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+fn load_any(model: &str) -> Result<Model> {
+    let p = Path::new(model);
+    if quant::is_quantized_dir(p) {
+        return quant::load_quantized(p).with_context(|| format!("loading quantized checkpoint '{model}'"));
+    }
+    Model::load(model, true).with_context(|| format!("loading model '{model}'"))
+}
+
+pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let method = match a.method.as_str() {
+        "rtn" => Some(Method::Rtn),
+        "gptq" => Some(Method::Gptq),
+        _ => None,
+    };
+    if method.is_some() {
+        quant::pack::check_bits(a.bits)?;
+        anyhow::ensure!(a.group_size == -1 || a.group_size > 0, "--group-size must be positive or -1, got {}", a.group_size);
+        anyhow::ensure!(a.out.is_some(), "--out DIR is required to write the quantized checkpoint");
+    }
+    let keep = KeepFp16::parse(a.keep_fp16.as_deref().unwrap_or(""))?;
+    // Check data files before the (slow) work.
+    let calib_path = a.calib.clone().unwrap_or_else(|| Path::new(WIKITEXT2).join("valid.txt"));
+    let calib_text = if method == Some(Method::Gptq) { Some(quant::read_text(&calib_path, "calibration")?) } else { None };
+    let ppl_path = a.ppl_data.clone().unwrap_or_else(|| Path::new(WIKITEXT2).join("test.txt"));
+    let ppl_text = if a.ppl_windows > 0 { Some(quant::read_text(&ppl_path, "evaluation")?) } else { None };
+
+    let mut m = load_any(&a.model)?;
+    let base_params = m.total_params();
+    let mut out_dir = None;
+    if let Some(method) = method {
+        let o = QuantOptions {
+            method,
+            bits: a.bits,
+            group_size: if a.group_size < 0 { 0 } else { a.group_size as usize },
+            act_order: a.act_order,
+            damp: a.damp,
+            sym: a.sym,
+            keep: keep.clone(),
+            ..Default::default()
+        };
+        quant::calib::validate(&m, &o)?;
+        let calib = match &calib_text {
+            Some(t) => Some(quant::calib::calibration_samples(&m, t, a.nsamples, a.seqlen, a.seed)?),
+            None => None,
+        };
+        let tq = std::time::Instant::now();
+        let reps = quant::quantize_model(&mut m, &o, calib.as_deref(), true)?;
+        let qsecs = tq.elapsed().as_secs_f64();
+        let fp16: Vec<&str> = reps.iter().filter(|r| r.kind == "fp16").map(|r| r.name.as_str()).collect();
+        println!(
+            "{} {}-bit (group {}, act-order {}, sym {}): {} projections quantized, {} kept fp16 in {:.1}s{}",
+            a.method, a.bits, a.group_size, a.act_order, a.sym, reps.len() - fp16.len(), fp16.len(), qsecs,
+            calib.as_ref().map_or(String::new(), |c| format!(" (calibration {} × {} tokens from {})", c.len(), a.seqlen, calib_path.display()))
+        );
+        let mut worst: Vec<_> = reps.iter().collect();
+        worst.sort_by(|x, y| y.loss.partial_cmp(&x.loss).unwrap_or(std::cmp::Ordering::Equal));
+        for r in worst.iter().take(5) {
+            println!("  largest error: {:<40} {:>7} loss {:.4e}", r.name, r.kind, r.loss);
+        }
+        let dir = a.out.clone().unwrap_or_default();
+        let cfg = QuantizeConfig {
+            bits: a.bits,
+            group_size: a.group_size,
+            damp_percent: a.damp,
+            desc_act: a.act_order,
+            sym: a.sym,
+            true_sequential: true,
+            quant_method: "gptq".into(),
+            checkpoint_format: "gptq".into(),
+            mpolm_method: a.method.clone(),
+            mpolm_fp16_modules: vec![],
+        };
+        quant::save_quantized(&m, &dir, &cfg)?;
+        rep.set("quantize", json!({"method": a.method, "bits": a.bits, "group_size": a.group_size, "act_order": a.act_order,
+            "sym": a.sym, "damp": a.damp, "keep_fp16": a.keep_fp16, "nsamples": a.nsamples, "seqlen": a.seqlen,
+            "calib": calib_text.as_ref().map(|_| calib_path.display().to_string()), "secs": qsecs, "layers": reps, "out": dir.display().to_string()}));
+        // Continue with the checkpoint as saved (what users will load).
+        drop(m);
+        m = quant::load_quantized(&dir).with_context(|| format!("reloading {}", dir.display()))?;
+        out_dir = Some(dir);
+    }
+    let quantized = m.linears().iter().any(|(_, l)| l.inner().as_any().downcast_ref::<quant::QuantLinear>().is_some());
+    let bits = quant::total_bits(&m, if quantized { 16 } else { 32 });
+    let file_bytes = match &out_dir {
+        Some(d) => quant::dir_size(d),
+        None => {
+            let p = Path::new(&a.model);
+            if p.is_dir() { quant::dir_size(p) } else { std::fs::metadata(&m.source.path).map(|x| x.len()).unwrap_or(0) }
+        }
+    };
+    println!(
+        "model: {} params, total {:.1} Mbit = {:.1} MiB ({:.2} bits/param), files {:.1} MiB",
+        base_params, bits as f64 / 1e6, bits as f64 / 8.0 / 1048576.0, bits as f64 / base_params.max(1) as f64, file_bytes as f64 / 1048576.0
+    );
+    let mut summary = json!({"params": base_params, "total_bits": bits, "bits_per_param": bits as f64 / base_params.max(1) as f64, "file_bytes": file_bytes});
+    if let Some(text) = &ppl_text {
+        let tp = std::time::Instant::now();
+        let (ppl, k) = quant::perplexity(&m, text, a.ppl_windows, 512)?;
+        println!("perplexity {:.3} on the first {k} × 512-token windows of {} ({:.1}s)", ppl, ppl_path.display(), tp.elapsed().as_secs_f64());
+        summary["perplexity"] = json!({"ppl": ppl, "windows": k, "window": 512, "data": ppl_path.display().to_string()});
+    }
+    if let Some(prompt) = &a.prompt {
+        let ids = m.tokenizer.encode(prompt, false)?;
+        let sp = models::generate::SamplingParams { max_new_tokens: a.max_new_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids: vec![] };
+        let (toks, st) = models::generate::generate(m.llama()?, &ids, &sp, |_| {})?;
+        let text = m.tokenizer.decode(&toks, true)?;
+        println!("{prompt}{text}");
+        summary["generation"] = json!({"prompt": prompt, "text": text, "stats": st});
+    }
+    let rss = quant::peak_rss_mib();
+    println!("peak RSS {:.0} MiB, {:.1}s total", rss, t0.elapsed().as_secs_f64());
+    summary["peak_rss_mib"] = json!(rss);
+    summary["secs"] = json!(t0.elapsed().as_secs_f64());
+    rep.set("model_summary", summary);
+    Ok(())
+}
