@@ -276,7 +276,11 @@ def compare(rust_path, ref_path):
             print(f"{task:<28} {k:<30} {r:>12.5f} {v:>12.5f} {rel:>10}")
     rs = rust.get("samples", {})
     if "mmlu" in rs and "mmlu" in ref["info"]:
-        a, b = rs["mmlu"], ref["info"]["mmlu"]["samples"]
+        # Align documents by subject (mpolm orders subjects canonically).
+        by = lambda xs: {sub: [x for x in xs if x["subject"] == sub] for sub in sorted({x["subject"] for x in xs})}
+        ra, rb = by(rs["mmlu"]), by(ref["info"]["mmlu"]["samples"])
+        a = [x for sub in sorted(ra) for x in ra[sub]]
+        b = [x for sub in sorted(ra) for x in rb.get(sub, [])]
         if len(a) == len(b):
             d = max(abs(x - y) for s, t in zip(a, b) for x, y in zip(s["loglikelihoods"], t["loglikelihoods"]))
             dis = sum(s["pred"] != t["pred"] for s, t in zip(a, b))

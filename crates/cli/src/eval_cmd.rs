@@ -2,9 +2,8 @@
 //! lm-eval style table and put the lm-eval shaped results into the `--report` JSON.
 
 use crate::report::Report;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use eval::{EvalOptions, TaskSpec};
-use models::Model;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -60,7 +59,7 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
     if specs.iter().any(|s| !matches!(s, TaskSpec::Jsonl(_))) {
         eval::data::require(&data_dir)?;
     }
-    let m = Model::load(&a.model, true).with_context(|| format!("loading model '{}'", a.model))?;
+    let m = crate::load(&a.model)?;
     let opts = EvalOptions {
         data_dir: data_dir.clone(),
         shots: a.shots,
@@ -129,4 +128,53 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
     rep.set("timings", json!({"model_load_seconds": m.load_secs, "tasks_seconds": task_secs, "total_seconds": total}));
     rep.set("total_evaluation_time_seconds", json!(format!("{total:.2}")));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(model: &str, task: &str, data: PathBuf) -> EvalArgs {
+        EvalArgs {
+            model: model.into(),
+            task: task.into(),
+            shots: Some(1),
+            limit: Some(2),
+            batch: 2,
+            seed: 1,
+            data_dir: Some(data),
+            max_length: None,
+            stride: None,
+            max_gen_tokens: Some(3),
+            log_samples: false,
+        }
+    }
+
+    #[test]
+    fn eval_report_has_lm_eval_shape() {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path().join("m");
+        models::testing::write_tiny_llama(&m, false).unwrap();
+        let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/eval/data");
+        let mut rep = Report::new();
+        run(args(m.to_str().unwrap(), "mmlu_anatomy,wikitext2,gsm8k", data.clone()), &mut rep).unwrap();
+        let out = d.path().join("r.json");
+        rep.write(&out).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        assert!(v["results"]["mmlu_anatomy"]["acc,none"].is_number());
+        assert!(v["results"]["mmlu_anatomy"]["acc_stderr,none"].is_number());
+        assert!(v["results"]["wikitext2"]["bits_per_byte,none"].is_number());
+        assert!(v["results"]["gsm8k"]["exact_match,flexible-extract"].is_number());
+        assert_eq!(v["n-shot"]["mmlu_anatomy"], 1);
+        assert_eq!(v["n-samples"]["gsm8k"]["effective"], 2);
+        assert_eq!(v["config"]["batch_size"], 2);
+        assert_eq!(v["model"]["architecture"], "llama");
+        assert!(v["timings"]["tasks_seconds"]["mmlu"].is_number());
+
+        // Errors are single lines naming what to fix.
+        let e = run(args(m.to_str().unwrap(), "wikitext2", "/nonexistent/d".into()), &mut rep).unwrap_err();
+        assert!(format!("{e:#}").starts_with("/nonexistent/d: not found"), "{e:#}");
+        let e = run(args(m.to_str().unwrap(), "bogus", data), &mut rep).unwrap_err();
+        assert!(format!("{e:#}").contains("unknown task 'bogus'"), "{e:#}");
+    }
 }

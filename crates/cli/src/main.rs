@@ -290,11 +290,14 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// MODEL as any command takes it: an alias, an HF/GGUF path, or a method checkpoint
-/// (MPO checkpoints are recognised by their manifest).
-fn load(model: &str) -> Result<Model> {
+/// (MPO checkpoints are recognised by their manifest, quantized ones by quantize_config.json).
+pub(crate) fn load(model: &str) -> Result<Model> {
     let p = std::path::Path::new(model);
     if p.join(methods::mpop::MANIFEST).exists() {
         return methods::mpop::load(p).with_context(|| format!("loading MPO checkpoint '{model}'"));
+    }
+    if methods::quant::is_quantized_dir(p) {
+        return methods::quant::load_quantized(p).with_context(|| format!("loading quantized checkpoint '{model}'"));
     }
     let m = Model::load(model, true).with_context(|| format!("loading model '{model}'"))?;
     Ok(m)

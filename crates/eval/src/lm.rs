@@ -177,6 +177,43 @@ impl<'a> Lm<'a> {
         self.score_rows(&rows, label)
     }
 
+    /// Log-likelihood of every choice of every document: `docs` = (context, continuations).
+    /// Same numbers as [`Lm::loglikelihood`] on the flattened pairs, but each context is
+    /// stored and tokenised once. Returns one score per choice, in order.
+    pub fn loglikelihood_choices(&self, docs: &[(String, Vec<String>)], label: &str) -> Result<Vec<Vec<Score>>> {
+        let pb = if docs.len() > 200 { progress_bar(docs.len() as u64, "tokenizing", self.progress) } else { None };
+        let mut rows = Vec::new();
+        for (ctx, choices) in docs {
+            let trimmed = ctx.trim_end();
+            let ctx_enc = if ctx.is_empty() { None } else { Some(self.encode(trimmed)?) };
+            for c in choices {
+                let (ce, xe) = match &ctx_enc {
+                    None => self.encode_pair(ctx, c)?,
+                    Some(ce) => {
+                        // encode_pair with the context's tokens reused.
+                        let whole = self.encode(&format!("{ctx}{c}"))?;
+                        (ce.clone(), whole.get(ce.len().min(whole.len())..).unwrap_or(&[]).to_vec())
+                    }
+                };
+                rows.push(self.pair_row(&ce, &xe));
+            }
+            if let Some(pb) = &pb {
+                pb.inc(1);
+            }
+        }
+        if let Some(pb) = pb {
+            pb.finish_and_clear();
+        }
+        let flat = self.score_rows(&rows, label)?;
+        let mut out = Vec::with_capacity(docs.len());
+        let mut i = 0;
+        for (_, choices) in docs {
+            out.push(flat[i..i + choices.len()].to_vec());
+            i += choices.len();
+        }
+        Ok(out)
+    }
+
     /// Score rows: identical inputs run once; rows sharing ≥ MIN_SHARED_PREFIX leading tokens
     /// run that prefix once (its KV cache is cloned per batch); batches are right-padded with a
     /// key mask.
@@ -222,9 +259,14 @@ impl<'a> Lm<'a> {
             }
             groups.push((units[u].need_from, vec![u]));
         }
+        // Rows without a shared prefix are batched together.
+        let (mut shared, lone): (Vec<_>, Vec<_>) = groups.into_iter().partition(|(p, g)| g.len() >= 2 && *p >= MIN_SHARED_PREFIX);
+        let lone: Vec<usize> = lone.into_iter().flat_map(|(_, g)| g).collect();
+        if !lone.is_empty() {
+            shared.push((0, lone));
+        }
         let pb = progress_bar(rows.len() as u64, label, self.progress);
-        for (p, mut g) in groups {
-            let p = if g.len() >= 2 && p >= MIN_SHARED_PREFIX { p } else { 0 };
+        for (p, mut g) in shared {
             // Longest first, so padding within a batch is small and the ETA pessimistic.
             g.sort_by_key(|&u| std::cmp::Reverse(units[u].input.len()));
             let mut caches: HashMap<usize, Cache> = HashMap::new();

@@ -114,6 +114,13 @@ fn batched_prefix_shared_scores_equal_naive_forwards() {
             assert!((g.logprob - w).abs() < 2e-3, "batch {b} row {i}: {} vs {w}", g.logprob);
         }
     }
+    // Per-document choices: the same numbers with each context tokenised once.
+    let docs: Vec<(String, Vec<String>)> = pairs.iter().map(|(c, x)| (c.clone(), vec![x.clone(), " extra".into()])).collect();
+    let got = base.loglikelihood_choices(&docs, "test").unwrap();
+    for (i, w) in want.iter().enumerate() {
+        assert!((got[i][0].logprob - w).abs() < 2e-3, "choices row {i}");
+    }
+    assert!(got.iter().all(|g| g.len() == 2));
     // Context whitespace moves to the continuation, as lm-eval's _encode_pair.
     let (c1, x1) = base.encode_pair("Answer: ", "yes").unwrap();
     let (c2, x2) = base.encode_pair("Answer:", " yes").unwrap();

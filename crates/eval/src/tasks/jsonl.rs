@@ -164,29 +164,24 @@ pub fn run(lm: &Lm, path: &Path, opts: &EvalOptions) -> Result<TaskOutput> {
     let kind;
     if all[0].is_choice() {
         kind = "multiple_choice";
-        let mut pairs = Vec::new();
+        let mut requests: Vec<(String, Vec<String>)> = Vec::new();
         for (i, d) in all.iter().take(used).enumerate() {
             if let Doc::Choice { context, choices, .. } = d {
-                let c = format!("{}{context}", shots_for(&all, &cands, k, i));
-                for ch in choices {
-                    pairs.push((c.clone(), ch.clone()));
-                }
+                requests.push((format!("{}{context}", shots_for(&all, &cands, k, i)), choices.clone()));
             }
         }
-        let scores = lm.loglikelihood(&pairs, &name)?;
+        let scores = lm.loglikelihood_choices(&requests, &name)?;
         let (mut acc, mut acc_norm) = (Vec::new(), Vec::new());
-        let mut at = 0;
         for (i, d) in all.iter().take(used).enumerate() {
             if let Doc::Choice { choices, gold, .. } = d {
-                let ll: Vec<f64> = (0..choices.len()).map(|j| scores[at + j].logprob).collect();
+                let ll: Vec<f64> = scores[i].iter().map(|s| s.logprob).collect();
                 let norm: Vec<f64> = ll.iter().zip(choices).map(|(l, c)| l / (c.len().max(1) as f64)).collect();
                 let (p, pn) = (super::mmlu::argmax_f64(&ll), super::mmlu::argmax_f64(&norm));
                 acc.push((p == *gold) as u8 as f64);
                 acc_norm.push((pn == *gold) as u8 as f64);
                 if opts.log_samples {
-                    samples.push(json!({"doc": i, "context": pairs[at].0, "loglikelihoods": ll, "pred": p, "pred_norm": pn, "gold": gold}));
+                    samples.push(json!({"doc": i, "context": requests[i].0, "loglikelihoods": ll, "pred": p, "pred_norm": pn, "gold": gold}));
                 }
-                at += choices.len();
             }
         }
         r.metrics.push(Metric::new("acc", mean(&acc), stderr(&acc)));

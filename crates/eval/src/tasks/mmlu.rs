@@ -159,8 +159,7 @@ pub fn run(lm: &Lm, subjects: &[&'static str], opts: &EvalOptions) -> Result<Tas
     data::require(&opts.data_dir.join("mmlu"))?;
     // (subject, docs, n in split)
     let mut per: Vec<(&str, Vec<Doc>, usize)> = Vec::new();
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    let mut contexts: Vec<String> = Vec::new();
+    let mut requests: Vec<(String, Vec<String>)> = Vec::new();
     for &subject in subjects {
         let shots = if k > 0 { load(&opts.data_dir, subject, "dev")? } else { vec![] };
         if shots.len() < k {
@@ -170,15 +169,11 @@ pub fn run(lm: &Lm, subjects: &[&'static str], opts: &EvalOptions) -> Result<Tas
         let n = all.len();
         let docs = super::limit(all, opts.limit);
         for d in &docs {
-            let ctx = context(subject, &shots[..k], d);
-            for l in LETTERS {
-                pairs.push((ctx.clone(), format!(" {l}")));
-            }
-            contexts.push(ctx);
+            requests.push((context(subject, &shots[..k], d), LETTERS.iter().map(|l| format!(" {l}")).collect()));
         }
         per.push((subject, docs, n));
     }
-    let scores = lm.loglikelihood(&pairs, "mmlu")?;
+    let scores = lm.loglikelihood_choices(&requests, "mmlu")?;
 
     let mut results = Vec::new();
     let mut samples = Vec::new();
@@ -189,12 +184,12 @@ pub fn run(lm: &Lm, subjects: &[&'static str], opts: &EvalOptions) -> Result<Tas
     for (subject, docs, n) in &per {
         let mut correct = Vec::with_capacity(docs.len());
         for d in docs {
-            let ll: Vec<f64> = (0..4).map(|c| scores[i * 4 + c].logprob).collect();
+            let ll: Vec<f64> = scores[i].iter().map(|s| s.logprob).collect();
             let pred = argmax_f64(&ll);
             let ok = (pred == d.answer) as u8 as f64;
             correct.push(ok);
             if opts.log_samples {
-                samples.push(json!({"subject": subject, "context": contexts[i], "loglikelihoods": ll,
+                samples.push(json!({"subject": subject, "context": requests[i].0, "loglikelihoods": ll,
                                     "pred": LETTERS[pred], "gold": LETTERS[d.answer], "acc": ok}));
             }
             i += 1;

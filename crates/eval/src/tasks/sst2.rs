@@ -83,22 +83,17 @@ pub fn run_prompted(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
     let (path, docs, n) = dev(opts)?;
     let k = opts.shots.unwrap_or(0);
     let shots = if k > 0 { draw_shots(&load(&opts.data_dir.join("glue").join("SST-2").join("train.tsv"))?, k, opts.seed) } else { vec![] };
-    let mut pairs = Vec::new();
-    for d in &docs {
-        let c = context(&shots, &d.sentence);
-        for l in LABELS {
-            pairs.push((c.clone(), format!(" {l}")));
-        }
-    }
-    let scores = lm.loglikelihood(&pairs, "sst2")?;
+    let requests: Vec<(String, Vec<String>)> =
+        docs.iter().map(|d| (context(&shots, &d.sentence), LABELS.iter().map(|l| format!(" {l}")).collect())).collect();
+    let scores = lm.loglikelihood_choices(&requests, "sst2")?;
     let mut acc = Vec::new();
     let mut samples = Vec::new();
     for (i, d) in docs.iter().enumerate() {
-        let (a, b) = (scores[2 * i].logprob, scores[2 * i + 1].logprob);
+        let (a, b) = (scores[i][0].logprob, scores[i][1].logprob);
         let pred = if b > a { 1 } else { 0 };
         acc.push((pred == d.label) as u8 as f64);
         if opts.log_samples {
-            samples.push(json!({"doc": i, "context": pairs[2 * i].0, "loglikelihoods": [a, b], "pred": pred, "gold": d.label}));
+            samples.push(json!({"doc": i, "context": requests[i].0, "loglikelihoods": [a, b], "pred": pred, "gold": d.label}));
         }
     }
     let cfg = json!({"file": path, "mode": "k-shot prompting", "num_fewshot": k, "seed": opts.seed,
