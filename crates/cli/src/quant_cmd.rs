@@ -21,8 +21,9 @@ pub struct QuantizeArgs {
     /// Bits per weight: 2, 3, 4 or 8.
     #[arg(long, default_value_t = 4)]
     pub bits: u32,
-    /// Input columns per scale/zero group; -1 = one group per output row.
-    #[arg(long, default_value_t = 128, allow_hyphen_values = true)]
+    /// Input columns per scale/zero group; -1 = one group per output row. Must divide every
+    /// layer's in_features (64 by default: AutoGPTQ's usual 128 does not divide SmolLM2's 576).
+    #[arg(long, default_value_t = 64, allow_hyphen_values = true)]
     pub group_size: i64,
     /// GPTQ act-order (desc_act): quantize columns by decreasing Hessian diagonal (g_idx stored).
     #[arg(long)]

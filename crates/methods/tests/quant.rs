@@ -248,3 +248,22 @@ fn bad_inputs_give_clear_errors() {
     let err = quant::load_quantized(&p).unwrap_err().to_string();
     assert!(err.contains("quantize_config.json"), "{err}");
 }
+
+/// Timing of the per-matrix GPTQ work at SmolLM2's largest shape (run with --ignored).
+#[test]
+#[ignore]
+fn timing_gptq_smollm2_down_proj() {
+    let (n, out, tokens) = (1536usize, 576usize, 1024usize);
+    let x = correlated_inputs(tokens, n, 1);
+    let xt = Tensor::from_vec(x, (tokens, n), &Device::Cpu).unwrap();
+    let xtx = xt.t().unwrap().matmul(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut h = gptq::Hessian::new(n);
+    h.add_xtx(&xtx, tokens);
+    let t = std::time::Instant::now();
+    let p = gptq::prepare(&h.finish(), n, 0.01, false).unwrap();
+    eprintln!("prepare {n}: {:.2}s", t.elapsed().as_secs_f64());
+    let w = randn(out * n, 2);
+    let t = std::time::Instant::now();
+    gptq::gptq(&w, out, n, &gptq::Grid { bits: 4, group_size: 64, sym: false }, &p, 128).unwrap();
+    eprintln!("gptq {out}x{n}: {:.2}s", t.elapsed().as_secs_f64());
+}

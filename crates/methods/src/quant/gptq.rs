@@ -167,16 +167,15 @@ pub fn prepare(h: &[f64], n: usize, damp: f64, act_order: bool) -> Result<Prepar
     }
     let l = cholesky(&hp, n).ok_or_else(|| Error::Msg("Hessian is not positive definite even after damping; raise --damp".into()))?;
     let li = lower_inverse(&l, n);
-    // H⁻¹ = L⁻ᵀ L⁻¹
+    // H⁻¹ = L⁻ᵀ L⁻¹: with C = (L⁻¹)ᵀ (rows contiguous), H⁻¹[a][b] = Σ_{k ≥ max(a,b)} C[a][k]·C[b][k].
+    let c = super::pack::transpose(&li, n, n);
     let mut hinv = vec![0f64; n * n];
     hinv.par_chunks_mut(n).enumerate().for_each(|(a, row)| {
+        let ca = &c[a * n..(a + 1) * n];
         for b in 0..n {
             let k0 = a.max(b);
-            let mut s = 0.0;
-            for k in k0..n {
-                s += li[k * n + a] * li[k * n + b];
-            }
-            row[b] = s;
+            let cb = &c[b * n..(b + 1) * n];
+            row[b] = ca[k0..].iter().zip(&cb[k0..]).map(|(x, y)| x * y).sum();
         }
     });
     let l2 = cholesky(&hinv, n).ok_or_else(|| Error::Msg("inverse Hessian lost positive definiteness; raise --damp".into()))?;
