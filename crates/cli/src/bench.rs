@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 use std::time::Instant;
 
 /// The same paragraph as the PyTorch script (repeated, then truncated at the id level).
-const PARAGRAPH: &str = "The old lighthouse keeper climbed the spiral stairs every evening, counting each \
+const PARAGRAPH: &str =
+    "The old lighthouse keeper climbed the spiral stairs every evening, counting each \
 of the one hundred and twelve steps as his father had done before him. From the \
 lantern room he could see the fishing boats returning to the harbor, their sails \
 catching the last orange light of the sun, while gulls circled above the breakwater \
@@ -36,12 +37,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
 
-pub fn bench_generate(m: &Model, prompt_tokens: usize, new_tokens: usize, repeats: usize) -> Result<Value> {
+pub fn bench_generate(
+    m: &Model,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    repeats: usize,
+) -> Result<Value> {
     let l = m.llama()?;
     let ids = prompt_ids(m, prompt_tokens)?;
     let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
@@ -71,7 +81,10 @@ pub fn bench_generate(m: &Model, prompt_tokens: usize, new_tokens: usize, repeat
         pre.push(p);
         dec.push((new_tokens - 1) as f64 / d);
         if let Some(f) = &first {
-            anyhow::ensure!(f == &out, "greedy decoding was not deterministic across repeats");
+            anyhow::ensure!(
+                f == &out,
+                "greedy decoding was not deterministic across repeats"
+            );
         } else {
             first = Some(out);
         }

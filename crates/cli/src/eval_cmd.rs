@@ -50,7 +50,10 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
     let t0 = Instant::now();
     anyhow::ensure!(a.batch >= 1, "--batch must be at least 1");
     anyhow::ensure!(a.limit != Some(0), "--limit must be at least 1");
-    anyhow::ensure!(a.max_gen_tokens != Some(0), "--max-gen-tokens must be at least 1");
+    anyhow::ensure!(
+        a.max_gen_tokens != Some(0),
+        "--max-gen-tokens must be at least 1"
+    );
     if let Some(m) = a.max_length {
         anyhow::ensure!(m >= 2, "--max-length must be at least 2");
     }
@@ -84,7 +87,10 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
     }
     print!("{}", eval::format_table(&outputs));
     let total = t0.elapsed().as_secs_f64();
-    println!("[{} in {:.1} s; model load {:.1} s]", a.model, total, m.load_secs);
+    println!(
+        "[{} in {:.1} s; model load {:.1} s]",
+        a.model, total, m.load_secs
+    );
 
     let res = eval::results_json(&outputs);
     rep.set("command", json!("eval"));
@@ -126,7 +132,10 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
         }),
     );
     rep.set("timings", json!({"model_load_seconds": m.load_secs, "tasks_seconds": task_secs, "total_seconds": total}));
-    rep.set("total_evaluation_time_seconds", json!(format!("{total:.2}")));
+    rep.set(
+        "total_evaluation_time_seconds",
+        json!(format!("{total:.2}")),
+    );
     Ok(())
 }
 
@@ -157,10 +166,19 @@ mod tests {
         models::testing::write_tiny_llama(&m, false).unwrap();
         let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/eval/data");
         let mut rep = Report::new();
-        run(args(m.to_str().unwrap(), "mmlu_anatomy,wikitext2,gsm8k", data.clone()), &mut rep).unwrap();
+        run(
+            args(
+                m.to_str().unwrap(),
+                "mmlu_anatomy,wikitext2,gsm8k",
+                data.clone(),
+            ),
+            &mut rep,
+        )
+        .unwrap();
         let out = d.path().join("r.json");
         rep.write(&out).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
         assert!(v["results"]["mmlu_anatomy"]["acc,none"].is_number());
         assert!(v["results"]["mmlu_anatomy"]["acc_stderr,none"].is_number());
         assert!(v["results"]["wikitext2"]["bits_per_byte,none"].is_number());
@@ -172,8 +190,15 @@ mod tests {
         assert!(v["timings"]["tasks_seconds"]["mmlu"].is_number());
 
         // Errors are single lines naming what to fix.
-        let e = run(args(m.to_str().unwrap(), "wikitext2", "/nonexistent/d".into()), &mut rep).unwrap_err();
-        assert!(format!("{e:#}").starts_with("/nonexistent/d: not found"), "{e:#}");
+        let e = run(
+            args(m.to_str().unwrap(), "wikitext2", "/nonexistent/d".into()),
+            &mut rep,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("/nonexistent/d: not found"),
+            "{e:#}"
+        );
         let e = run(args(m.to_str().unwrap(), "bogus", data), &mut rep).unwrap_err();
         assert!(format!("{e:#}").contains("unknown task 'bogus'"), "{e:#}");
     }

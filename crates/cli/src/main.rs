@@ -20,7 +20,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "mpolm", version, about = "Decompose, compress, adapt, quantize and evaluate pretrained language models")]
+#[command(
+    name = "mpolm",
+    version,
+    about = "Decompose, compress, adapt, quantize and evaluate pretrained language models"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -159,13 +163,24 @@ fn run(cli: Cli) -> Result<()> {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "64");
     }
     let mut rep = Report::new();
-    match cli.cmd.unwrap_or(Cmd::Run { model: hub::DEFAULT_CAUSAL.into() }) {
+    match cli.cmd.unwrap_or(Cmd::Run {
+        model: hub::DEFAULT_CAUSAL.into(),
+    }) {
         Cmd::Fetch { model } => cmd_fetch(model, &mut rep)?,
         Cmd::Inspect { model } => {
             let m = load(&model)?;
             cmd_inspect(&m, &mut rep)?;
         }
-        Cmd::Generate { model, prompt, max_new_tokens, temperature, top_p, seed, chat, system } => {
+        Cmd::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            chat,
+            system,
+        } => {
             if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
                 anyhow::bail!("--top-p must be in (0, 1], got {top_p}");
             }
@@ -173,26 +188,57 @@ fn run(cli: Cli) -> Result<()> {
                 anyhow::bail!("--temperature must be >= 0, got {temperature}");
             }
             let m = load(&model)?;
-            let p = SamplingParams { max_new_tokens, temperature, top_p, seed, stop_ids: vec![] };
+            let p = SamplingParams {
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                stop_ids: vec![],
+            };
             cmd_generate(&m, &prompt, system.as_deref(), chat, p, &mut rep)?;
         }
-        Cmd::Bench(BenchCmd::Generate { model, prompt_tokens, new_tokens, repeats }) => {
-            anyhow::ensure!(prompt_tokens > 0 && new_tokens > 1 && repeats > 0, "--prompt-tokens, --new-tokens (>1) and --repeats must be positive");
+        Cmd::Bench(BenchCmd::Generate {
+            model,
+            prompt_tokens,
+            new_tokens,
+            repeats,
+        }) => {
+            anyhow::ensure!(
+                prompt_tokens > 0 && new_tokens > 1 && repeats > 0,
+                "--prompt-tokens, --new-tokens (>1) and --repeats must be positive"
+            );
             let m = load(&model)?;
             let r = bench::bench_generate(&m, prompt_tokens, new_tokens, repeats)?;
             println!(
                 "{}: prefill {:.1} tok/s, decode {:.1} tok/s, peak RSS {:.0} MiB ({} threads)",
-                model, r["prefill_tok_s"].as_f64().unwrap_or(0.0), r["decode_tok_s"].as_f64().unwrap_or(0.0),
-                r["peak_rss_mb"].as_f64().unwrap_or(0.0), r["threads"]
+                model,
+                r["prefill_tok_s"].as_f64().unwrap_or(0.0),
+                r["decode_tok_s"].as_f64().unwrap_or(0.0),
+                r["peak_rss_mb"].as_f64().unwrap_or(0.0),
+                r["threads"]
             );
             rep.set("bench_generate", r);
         }
-        Cmd::Spectrum { model, matrices, n, shapes, plot } => {
+        Cmd::Spectrum {
+            model,
+            matrices,
+            n,
+            shapes,
+            plot,
+        } => {
             anyhow::ensure!(n >= 1, "--n must be at least 1");
             let m = load(&model)?;
-            let o = spectrum::Options { patterns: matrices, n, paper_shapes: shapes == "paper", plot: plot.as_deref() };
+            let o = spectrum::Options {
+                patterns: matrices,
+                n,
+                paper_shapes: shapes == "paper",
+                plot: plot.as_deref(),
+            };
             let specs = spectrum::analyse(&m, &o)?;
-            println!("{:<40} {:>11} {:>22} {:>10} {:>7} {:>9} {:>10}", "matrix", "shape", "full bonds", "params", "ratio", "C share", "max S");
+            println!(
+                "{:<40} {:>11} {:>22} {:>10} {:>7} {:>9} {:>10}",
+                "matrix", "shape", "full bonds", "params", "ratio", "C share", "max S"
+            );
             for s in &specs {
                 let mp = &s.mpo;
                 let maxs = mp.entropies().iter().cloned().fold(0.0f64, f64::max);
@@ -208,7 +254,13 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 // Where a 50% parameter budget lands on the bound curve, as a quick guide.
                 if let Some((r, b, e)) = s.half_budget {
-                    println!("{:<40}   at {:.0}% params: relative error {:.4} (bound {:.4})", "", 100.0 * r, e, b);
+                    println!(
+                        "{:<40}   at {:.0}% params: relative error {:.4} (bound {:.4})",
+                        "",
+                        100.0 * r,
+                        e,
+                        b
+                    );
                 }
             }
             if let Some(p) = &plot {
@@ -218,14 +270,34 @@ fn run(cli: Cli) -> Result<()> {
             rep.set("model", json!(model));
             rep.set("n", json!(n));
             rep.set("shapes", json!(shapes));
-            rep.set("matrices", json!(specs.iter().map(spectrum::to_json).collect::<Vec<_>>()));
+            rep.set(
+                "matrices",
+                json!(specs.iter().map(spectrum::to_json).collect::<Vec<_>>()),
+            );
         }
         Cmd::Eval(args) => eval_cmd::run(args, &mut rep)?,
         Cmd::Quantize(args) => quant_cmd::run(args, &mut rep)?,
-        Cmd::Compress { model, method: _, shapes, n, bond, rel_error, params_ratio, matrices, out } => {
+        Cmd::Compress {
+            model,
+            method: _,
+            shapes,
+            n,
+            bond,
+            rel_error,
+            params_ratio,
+            matrices,
+            out,
+        } => {
             use methods::mpop::{self, Budget, CompressOptions, Shapes};
-            if out.exists() && std::fs::read_dir(&out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-                anyhow::bail!("{}: output directory exists and is not empty; choose a new --out", out.display());
+            if out.exists()
+                && std::fs::read_dir(&out)
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(true)
+            {
+                anyhow::bail!(
+                    "{}: output directory exists and is not empty; choose a new --out",
+                    out.display()
+                );
             }
             let mut m = load(&model)?;
             let before = m.total_params();
@@ -238,10 +310,22 @@ fn run(cli: Cli) -> Result<()> {
             if let Budget::Bond(0) = budget {
                 anyhow::bail!("--bond must be at least 1");
             }
-            let o = CompressOptions { shapes: if shapes == "paper" { Shapes::Paper } else { Shapes::Auto }, n, budget, patterns: matrices };
+            let o = CompressOptions {
+                shapes: if shapes == "paper" {
+                    Shapes::Paper
+                } else {
+                    Shapes::Auto
+                },
+                n,
+                budget,
+                patterns: matrices,
+            };
             let t0 = std::time::Instant::now();
             let layers = mpop::compress(&mut m, &o, true)?;
-            println!("{:<40} {:>22} {:>11} {:>11} {:>9}", "matrix", "bonds", "dense", "mpo", "rel err");
+            println!(
+                "{:<40} {:>22} {:>11} {:>11} {:>9}",
+                "matrix", "bonds", "dense", "mpo", "rel err"
+            );
             for l in &layers {
                 println!(
                     "{:<40} {:>22} {:>11} {:>11} {:>9.5}",
@@ -253,7 +337,13 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             let after = m.total_params();
-            println!("total params {} -> {} ({:.1}%), {:.1} s", fmt_int(before), fmt_int(after), 100.0 * after as f64 / before as f64, t0.elapsed().as_secs_f64());
+            println!(
+                "total params {} -> {} ({:.1}%), {:.1} s",
+                fmt_int(before),
+                fmt_int(after),
+                100.0 * after as f64 / before as f64,
+                t0.elapsed().as_secs_f64()
+            );
             mpop::save(&m, &out)?;
             println!("MPO checkpoint written to {}", out.display());
             rep.set("command", json!("compress"));
@@ -263,11 +353,19 @@ fn run(cli: Cli) -> Result<()> {
             rep.set("total_params_after", json!(after));
             rep.set("layers", json!(layers));
         }
-        Cmd::Export { model, dense: _, out } => {
+        Cmd::Export {
+            model,
+            dense: _,
+            out,
+        } => {
             let m = load(&model)?;
             let t = models::export::dense_state_dict(&m)?;
             models::export::write_hf_dir(&m, &out, &t, &[])?;
-            println!("dense HF directory ({} params) written to {}", fmt_int(m.total_params()), out.display());
+            println!(
+                "dense HF directory ({} params) written to {}",
+                fmt_int(m.total_params()),
+                out.display()
+            );
             rep.set("command", json!("export"));
             rep.set("out", json!(out));
             rep.set("tensors", json!(t.len()));
@@ -277,9 +375,19 @@ fn run(cli: Cli) -> Result<()> {
             let m = load(&model)?;
             cmd_inspect(&m, &mut rep)?;
             println!();
-            let p = SamplingParams { max_new_tokens: 48, ..Default::default() };
+            let p = SamplingParams {
+                max_new_tokens: 48,
+                ..Default::default()
+            };
             let chat = m.tokenizer.chat_template.is_some();
-            cmd_generate(&m, "What is the capital of France? Answer in one sentence.", None, chat, p, &mut rep)?;
+            cmd_generate(
+                &m,
+                "What is the capital of France? Answer in one sentence.",
+                None,
+                chat,
+                p,
+                &mut rep,
+            )?;
         }
     }
     if let Some(path) = &cli.report {
@@ -297,7 +405,8 @@ pub(crate) fn load(model: &str) -> Result<Model> {
         return methods::mpop::load(p).with_context(|| format!("loading MPO checkpoint '{model}'"));
     }
     if methods::quant::is_quantized_dir(p) {
-        return methods::quant::load_quantized(p).with_context(|| format!("loading quantized checkpoint '{model}'"));
+        return methods::quant::load_quantized(p)
+            .with_context(|| format!("loading quantized checkpoint '{model}'"));
     }
     let m = Model::load(model, true).with_context(|| format!("loading model '{model}'"))?;
     Ok(m)
@@ -307,15 +416,28 @@ fn cmd_fetch(model: Option<String>, rep: &mut Report) -> Result<()> {
     let Some(model) = model else {
         println!("{:<14} {:<7} {}", "alias", "format", "description");
         for s in hub::MODELS {
-            println!("{:<14} {:<7} {}", s.alias, format!("{:?}", s.format).to_lowercase(), s.description);
+            println!(
+                "{:<14} {:<7} {}",
+                s.alias,
+                format!("{:?}", s.format).to_lowercase(),
+                s.description
+            );
         }
-        rep.set("aliases", json!(hub::MODELS.iter().map(|s| s.alias).collect::<Vec<_>>()));
+        rep.set(
+            "aliases",
+            json!(hub::MODELS.iter().map(|s| s.alias).collect::<Vec<_>>()),
+        );
         return Ok(());
     };
     let t0 = std::time::Instant::now();
     let src = hub::resolve(&model, true)?;
     let size = dir_size(&src.path);
-    println!("{} -> {} ({:.1} MB)", model, src.path.display(), size as f64 / 1e6);
+    println!(
+        "{} -> {} ({:.1} MB)",
+        model,
+        src.path.display(),
+        size as f64 / 1e6
+    );
     rep.set("command", json!("fetch"));
     rep.set("model", json!(model));
     rep.set("path", json!(src.path));
@@ -329,13 +451,19 @@ fn dir_size(p: &std::path::Path) -> u64 {
     if p.is_file() {
         return p.metadata().map(|m| m.len()).unwrap_or(0);
     }
-    std::fs::read_dir(p).map(|rd| rd.filter_map(|e| e.ok()).map(|e| dir_size(&e.path())).sum()).unwrap_or(0)
+    std::fs::read_dir(p)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| dir_size(&e.path())).sum())
+        .unwrap_or(0)
 }
 
 fn cmd_inspect(m: &Model, rep: &mut Report) -> Result<()> {
     let counts = m.param_counts();
     let total: usize = counts.values().sum();
-    println!("model:        {} ({})", m.source.name, m.source.path.display());
+    println!(
+        "model:        {} ({})",
+        m.source.name,
+        m.source.path.display()
+    );
     println!("architecture: {}", m.arch_name());
     let cfg_json = match &m.arch {
         models::Arch::Llama(l) => {
@@ -370,18 +498,36 @@ fn cmd_inspect(m: &Model, rep: &mut Report) -> Result<()> {
             serde_json::to_value(c)?
         }
     };
-    println!("stored as:    {}", m.stored_types.iter().map(|(k, v)| format!("{k}×{v}")).collect::<Vec<_>>().join(", "));
+    println!(
+        "stored as:    {}",
+        m.stored_types
+            .iter()
+            .map(|(k, v)| format!("{k}×{v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!("compute:      f32");
     println!("{:<20} {:>14} {:>7}", "component", "params", "share");
     for (k, v) in &counts {
-        println!("{:<20} {:>14} {:>6.2}%", k, fmt_int(*v), 100.0 * *v as f64 / total.max(1) as f64);
+        println!(
+            "{:<20} {:>14} {:>6.2}%",
+            k,
+            fmt_int(*v),
+            100.0 * *v as f64 / total.max(1) as f64
+        );
     }
     println!("{:<20} {:>14}", "total", fmt_int(total));
-    println!("memory (f32):        {:.1} MiB", total as f64 * 4.0 / (1024.0 * 1024.0));
-    let kinds: std::collections::BTreeMap<String, usize> = m.linears().iter().fold(Default::default(), |mut acc, (_, l)| {
-        *acc.entry(l.kind()).or_insert(0) += 1;
-        acc
-    });
+    println!(
+        "memory (f32):        {:.1} MiB",
+        total as f64 * 4.0 / (1024.0 * 1024.0)
+    );
+    let kinds: std::collections::BTreeMap<String, usize> =
+        m.linears()
+            .iter()
+            .fold(Default::default(), |mut acc, (_, l)| {
+                *acc.entry(l.kind()).or_insert(0) += 1;
+                acc
+            });
     rep.set(
         "inspect",
         json!({
@@ -412,7 +558,14 @@ fn fmt_int(n: usize) -> String {
     out
 }
 
-fn cmd_generate(m: &Model, prompt: &str, system: Option<&str>, chat: bool, mut p: SamplingParams, rep: &mut Report) -> Result<()> {
+fn cmd_generate(
+    m: &Model,
+    prompt: &str,
+    system: Option<&str>,
+    chat: bool,
+    mut p: SamplingParams,
+    rep: &mut Report,
+) -> Result<()> {
     let llama = m.llama()?;
     let tok = &m.tokenizer;
     let text = if chat {

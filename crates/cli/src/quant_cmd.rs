@@ -67,7 +67,8 @@ pub struct QuantizeArgs {
 fn load_any(model: &str) -> Result<Model> {
     let p = Path::new(model);
     if quant::is_quantized_dir(p) {
-        return quant::load_quantized(p).with_context(|| format!("loading quantized checkpoint '{model}'"));
+        return quant::load_quantized(p)
+            .with_context(|| format!("loading quantized checkpoint '{model}'"));
     }
     Model::load(model, true).with_context(|| format!("loading model '{model}'"))
 }
@@ -81,15 +82,36 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
     };
     if method.is_some() {
         quant::pack::check_bits(a.bits)?;
-        anyhow::ensure!(a.group_size == -1 || a.group_size > 0, "--group-size must be positive or -1, got {}", a.group_size);
-        anyhow::ensure!(a.out.is_some(), "--out DIR is required to write the quantized checkpoint");
+        anyhow::ensure!(
+            a.group_size == -1 || a.group_size > 0,
+            "--group-size must be positive or -1, got {}",
+            a.group_size
+        );
+        anyhow::ensure!(
+            a.out.is_some(),
+            "--out DIR is required to write the quantized checkpoint"
+        );
     }
     let keep = KeepFp16::parse(a.keep_fp16.as_deref().unwrap_or(""))?;
     // Check data files before the (slow) work.
-    let calib_path = a.calib.clone().unwrap_or_else(|| Path::new(WIKITEXT2).join("valid.txt"));
-    let calib_text = if method == Some(Method::Gptq) { Some(quant::read_text(&calib_path, "calibration")?) } else { None };
-    let ppl_path = a.ppl_data.clone().unwrap_or_else(|| Path::new(WIKITEXT2).join("test.txt"));
-    let ppl_text = if a.ppl_windows > 0 { Some(quant::read_text(&ppl_path, "evaluation")?) } else { None };
+    let calib_path = a
+        .calib
+        .clone()
+        .unwrap_or_else(|| Path::new(WIKITEXT2).join("valid.txt"));
+    let calib_text = if method == Some(Method::Gptq) {
+        Some(quant::read_text(&calib_path, "calibration")?)
+    } else {
+        None
+    };
+    let ppl_path = a
+        .ppl_data
+        .clone()
+        .unwrap_or_else(|| Path::new(WIKITEXT2).join("test.txt"));
+    let ppl_text = if a.ppl_windows > 0 {
+        Some(quant::read_text(&ppl_path, "evaluation")?)
+    } else {
+        None
+    };
 
     let mut m = load_any(&a.model)?;
     let base_params = m.total_params();
@@ -98,7 +120,11 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
         let o = QuantOptions {
             method,
             bits: a.bits,
-            group_size: if a.group_size < 0 { 0 } else { a.group_size as usize },
+            group_size: if a.group_size < 0 {
+                0
+            } else {
+                a.group_size as usize
+            },
             act_order: a.act_order,
             damp: a.damp,
             sym: a.sym,
@@ -107,22 +133,35 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
         };
         quant::calib::validate(&m, &o)?;
         let calib = match &calib_text {
-            Some(t) => Some(quant::calib::calibration_samples(&m, t, a.nsamples, a.seqlen, a.seed)?),
+            Some(t) => Some(quant::calib::calibration_samples(
+                &m, t, a.nsamples, a.seqlen, a.seed,
+            )?),
             None => None,
         };
         let tq = std::time::Instant::now();
         let reps = quant::quantize_model(&mut m, &o, calib.as_deref(), true)?;
         let qsecs = tq.elapsed().as_secs_f64();
-        let fp16: Vec<&str> = reps.iter().filter(|r| r.kind == "fp16").map(|r| r.name.as_str()).collect();
+        let fp16: Vec<&str> = reps
+            .iter()
+            .filter(|r| r.kind == "fp16")
+            .map(|r| r.name.as_str())
+            .collect();
         println!(
             "{} {}-bit (group {}, act-order {}, sym {}): {} projections quantized, {} kept fp16 in {:.1}s{}",
             a.method, a.bits, a.group_size, a.act_order, a.sym, reps.len() - fp16.len(), fp16.len(), qsecs,
             calib.as_ref().map_or(String::new(), |c| format!(" (calibration {} × {} tokens from {})", c.len(), a.seqlen, calib_path.display()))
         );
         let mut worst: Vec<_> = reps.iter().collect();
-        worst.sort_by(|x, y| y.loss.partial_cmp(&x.loss).unwrap_or(std::cmp::Ordering::Equal));
+        worst.sort_by(|x, y| {
+            y.loss
+                .partial_cmp(&x.loss)
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
         for r in worst.iter().take(5) {
-            println!("  largest error: {:<40} {:>7} loss {:.4e}", r.name, r.kind, r.loss);
+            println!(
+                "  largest error: {:<40} {:>7} loss {:.4e}",
+                r.name, r.kind, r.loss
+            );
         }
         let dir = a.out.clone().unwrap_or_default();
         let cfg = QuantizeConfig {
@@ -146,36 +185,66 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
         m = quant::load_quantized(&dir).with_context(|| format!("reloading {}", dir.display()))?;
         out_dir = Some(dir);
     }
-    let quantized = m.linears().iter().any(|(_, l)| l.inner().as_any().downcast_ref::<quant::QuantLinear>().is_some());
+    let quantized = m.linears().iter().any(|(_, l)| {
+        l.inner()
+            .as_any()
+            .downcast_ref::<quant::QuantLinear>()
+            .is_some()
+    });
     let bits = quant::total_bits(&m, if quantized { 16 } else { 32 });
     let file_bytes = match &out_dir {
         Some(d) => quant::dir_size(d),
         None => {
             let p = Path::new(&a.model);
-            if p.is_dir() { quant::dir_size(p) } else { std::fs::metadata(&m.source.path).map(|x| x.len()).unwrap_or(0) }
+            if p.is_dir() {
+                quant::dir_size(p)
+            } else {
+                std::fs::metadata(&m.source.path)
+                    .map(|x| x.len())
+                    .unwrap_or(0)
+            }
         }
     };
     println!(
         "model: {} params, total {:.1} Mbit = {:.1} MiB ({:.2} bits/param), files {:.1} MiB",
-        base_params, bits as f64 / 1e6, bits as f64 / 8.0 / 1048576.0, bits as f64 / base_params.max(1) as f64, file_bytes as f64 / 1048576.0
+        base_params,
+        bits as f64 / 1e6,
+        bits as f64 / 8.0 / 1048576.0,
+        bits as f64 / base_params.max(1) as f64,
+        file_bytes as f64 / 1048576.0
     );
     let mut summary = json!({"params": base_params, "total_bits": bits, "bits_per_param": bits as f64 / base_params.max(1) as f64, "file_bytes": file_bytes});
     if let Some(text) = &ppl_text {
         let tp = std::time::Instant::now();
         let (ppl, k) = quant::perplexity(&m, text, a.ppl_windows, 512)?;
-        println!("perplexity {:.3} on the first {k} × 512-token windows of {} ({:.1}s)", ppl, ppl_path.display(), tp.elapsed().as_secs_f64());
+        println!(
+            "perplexity {:.3} on the first {k} × 512-token windows of {} ({:.1}s)",
+            ppl,
+            ppl_path.display(),
+            tp.elapsed().as_secs_f64()
+        );
         summary["perplexity"] = json!({"ppl": ppl, "windows": k, "window": 512, "data": ppl_path.display().to_string()});
     }
     if let Some(prompt) = &a.prompt {
         let ids = m.tokenizer.encode(prompt, false)?;
-        let sp = models::generate::SamplingParams { max_new_tokens: a.max_new_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids: vec![] };
+        let sp = models::generate::SamplingParams {
+            max_new_tokens: a.max_new_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop_ids: vec![],
+        };
         let (toks, st) = models::generate::generate(m.llama()?, &ids, &sp, |_| {})?;
         let text = m.tokenizer.decode(&toks, true)?;
         println!("{prompt}{text}");
         summary["generation"] = json!({"prompt": prompt, "text": text, "stats": st});
     }
     let rss = quant::peak_rss_mib();
-    println!("peak RSS {:.0} MiB, {:.1}s total", rss, t0.elapsed().as_secs_f64());
+    println!(
+        "peak RSS {:.0} MiB, {:.1}s total",
+        rss,
+        t0.elapsed().as_secs_f64()
+    );
     summary["peak_rss_mib"] = json!(rss);
     summary["secs"] = json!(t0.elapsed().as_secs_f64());
     rep.set("model_summary", summary);

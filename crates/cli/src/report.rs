@@ -13,7 +13,10 @@ pub struct Report {
 impl Report {
     pub fn new() -> Self {
         let mut root = Map::new();
-        root.insert("mpolm_version".into(), Value::String(env!("CARGO_PKG_VERSION").into()));
+        root.insert(
+            "mpolm_version".into(),
+            Value::String(env!("CARGO_PKG_VERSION").into()),
+        );
         Report { root }
     }
 
@@ -22,7 +25,10 @@ impl Report {
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
-        write_atomic(path, serde_json::to_string_pretty(&Value::Object(self.root.clone()))?.as_bytes())
+        write_atomic(
+            path,
+            serde_json::to_string_pretty(&Value::Object(self.root.clone()))?.as_bytes(),
+        )
     }
 }
 
@@ -31,9 +37,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(&dir).with_context(|| format!("{}: cannot write", dir.display()))?;
-    tmp.write_all(bytes).with_context(|| format!("{}: write failed", path.display()))?;
-    tmp.persist(path).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.error))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("{}: cannot create directory", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(&dir)
+        .with_context(|| format!("{}: cannot write", dir.display()))?;
+    tmp.write_all(bytes)
+        .with_context(|| format!("{}: write failed", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.error))?;
     Ok(())
 }

@@ -63,12 +63,17 @@ pub fn analyse(m: &Model, o: &Options) -> Result<Vec<MatrixSpectrum>> {
         "--matrices {:?} matches no weight matrix of {} (names look like {})",
         o.patterns.join(","),
         m.source.name,
-        m.linears().first().map(|(n, _)| n.clone()).unwrap_or_default()
+        m.linears()
+            .first()
+            .map(|(n, _)| n.clone())
+            .unwrap_or_default()
     );
     let pb = indicatif::ProgressBar::new(chosen.len() as u64);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("decomposing {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "decomposing {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut out = Vec::new();
     for (name, l) in chosen {
@@ -76,29 +81,51 @@ pub fn analyse(m: &Model, o: &Options) -> Result<Vec<MatrixSpectrum>> {
         let w = l.weight()?;
         let (rows, cols) = w.dims2()?;
         let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
-        let shape = if o.paper_shapes { MpoShape::from_table_or_auto(rows, cols, o.n) } else { MpoShape::auto(rows, cols, o.n) }
-            .with_context(|| format!("{name}: no MPO shape for {rows}x{cols} with n = {}", o.n))?;
-        let mpo = Mpo::<f32>::decompose(&data, &shape).with_context(|| format!("{name}: decomposition failed"))?;
-        let fro = data.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+        let shape = if o.paper_shapes {
+            MpoShape::from_table_or_auto(rows, cols, o.n)
+        } else {
+            MpoShape::auto(rows, cols, o.n)
+        }
+        .with_context(|| format!("{name}: no MPO shape for {rows}x{cols} with n = {}", o.n))?;
+        let mpo = Mpo::<f32>::decompose(&data, &shape)
+            .with_context(|| format!("{name}: decomposition failed"))?;
+        let fro = data
+            .iter()
+            .map(|x| (*x as f64) * (*x as f64))
+            .sum::<f64>()
+            .sqrt();
         let full_rel_error = mpo.relative_error(&data)?;
         let full = shape.full_bonds();
         let maxb = *full.iter().max().unwrap_or(&1);
-        let mut caps: Vec<usize> = (0..=64).map(|i| ((maxb as f64).powf(i as f64 / 64.0)).round() as usize).collect();
+        let mut caps: Vec<usize> = (0..=64)
+            .map(|i| ((maxb as f64).powf(i as f64 / 64.0)).round() as usize)
+            .collect();
         caps.dedup();
         let dense = shape.dense_params() as f64;
         let curve: Vec<(f64, f64)> = caps
             .iter()
             .map(|&d| {
                 let b = shape.capped_bonds(d);
-                (shape.params_for(&b) as f64 / dense, mpo.error_bound_for(&b) / fro.max(1e-30))
+                (
+                    shape.params_for(&b) as f64 / dense,
+                    mpo.error_bound_for(&b) / fro.max(1e-30),
+                )
             })
             .collect();
         // The bound sums every bond's discarded weight; one exact point shows how loose it is.
-        let half_budget = match caps.iter().rev().find(|&&d| shape.params_for(&shape.capped_bonds(d)) as f64 <= 0.5 * dense) {
+        let half_budget = match caps
+            .iter()
+            .rev()
+            .find(|&&d| shape.params_for(&shape.capped_bonds(d)) as f64 <= 0.5 * dense)
+        {
             Some(&d) => {
                 let b = shape.capped_bonds(d);
                 let cut = mpo.truncate_to(&b)?;
-                Some((shape.params_for(&b) as f64 / dense, mpo.error_bound_for(&b) / fro.max(1e-30), cut.relative_error(&data)?))
+                Some((
+                    shape.params_for(&b) as f64 / dense,
+                    mpo.error_bound_for(&b) / fro.max(1e-30),
+                    cut.relative_error(&data)?,
+                ))
             }
             None => None,
         };
@@ -168,7 +195,8 @@ fn plot(specs: &[MatrixSpectrum], path: &Path) -> Result<()> {
             c.dedup();
             c
         };
-        let color = |c: &str| Palette99::pick(comps.iter().position(|x| x == c).unwrap_or(0)).to_rgba();
+        let color =
+            |c: &str| Palette99::pick(comps.iter().position(|x| x == c).unwrap_or(0)).to_rgba();
         let ymin = specs
             .iter()
             .filter_map(|s| s.mpo.spectra.get(s.mpo.central_index().saturating_sub(1)))
@@ -176,44 +204,75 @@ fn plot(specs: &[MatrixSpectrum], path: &Path) -> Result<()> {
             .fold(1.0f64, f64::min)
             .max(1e-6);
         let ymin = 10f64.powf(ymin.log10().floor());
-        let maxlen = specs.iter().map(|s| s.mpo.spectra.get(s.mpo.central_index().saturating_sub(1)).map_or(1, |v| v.len())).max().unwrap_or(1);
+        let maxlen = specs
+            .iter()
+            .map(|s| {
+                s.mpo
+                    .spectra
+                    .get(s.mpo.central_index().saturating_sub(1))
+                    .map_or(1, |v| v.len())
+            })
+            .max()
+            .unwrap_or(1);
         let mut ch = ChartBuilder::on(&left)
             .caption("central-bond spectrum (s / s_max)", ("sans-serif", 22))
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
             .build_cartesian_2d(0usize..maxlen, (ymin..1.0f64).log_scale())?;
-        ch.configure_mesh().x_desc("singular value index").y_desc("normalized").draw()?;
+        ch.configure_mesh()
+            .x_desc("singular value index")
+            .y_desc("normalized")
+            .draw()?;
         for s in specs {
             // Bond left of the central tensor: the largest bonds sit around it.
             if let Some(sp) = s.mpo.spectra.get(s.mpo.central_index().saturating_sub(1)) {
                 let top = sp.first().copied().unwrap_or(1.0).max(1e-30);
-                let pts: Vec<(usize, f64)> = sp.iter().enumerate().map(|(i, v)| (i, (v / top).max(ymin))).collect();
+                let pts: Vec<(usize, f64)> = sp
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (i, (v / top).max(ymin)))
+                    .collect();
                 ch.draw_series(LineSeries::new(pts, color(&s.component).stroke_width(1)))?;
             }
         }
-        let xmax = specs.iter().flat_map(|s| s.curve.iter().map(|c| c.0)).fold(1.0f64, f64::max);
+        let xmax = specs
+            .iter()
+            .flat_map(|s| s.curve.iter().map(|c| c.0))
+            .fold(1.0f64, f64::max);
         let mut ch = ChartBuilder::on(&right)
             .caption("error bound vs parameters", ("sans-serif", 22))
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
             .build_cartesian_2d(0f64..xmax, 0f64..1.0f64)?;
-        ch.configure_mesh().x_desc("MPO params / dense params").y_desc("relative error bound").draw()?;
+        ch.configure_mesh()
+            .x_desc("MPO params / dense params")
+            .y_desc("relative error bound")
+            .draw()?;
         for c in &comps {
             let mut first = true;
             for s in specs.iter().filter(|s| &s.component == c) {
-                let series = ch.draw_series(LineSeries::new(s.curve.iter().map(|&(r, e)| (r, e.min(1.0))), color(c).stroke_width(1)))?;
+                let series = ch.draw_series(LineSeries::new(
+                    s.curve.iter().map(|&(r, e)| (r, e.min(1.0))),
+                    color(c).stroke_width(1),
+                ))?;
                 if first {
                     let col = color(c);
-                    series.label(c.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(3)));
+                    series.label(c.clone()).legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(3))
+                    });
                     first = false;
                 }
             }
         }
-        ch.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        ch.configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
         root.present()?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write plot", path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("{}: cannot write plot", path.display()))?;
     Ok(())
 }

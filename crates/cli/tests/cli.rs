@@ -4,7 +4,10 @@
 use std::process::{Command, Output};
 
 fn mpolm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mpolm")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_mpolm"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn assert_clean_error(o: &Output, needle: &str) {
@@ -22,42 +25,97 @@ fn inspect_and_generate_tiny_model_with_reports() {
     let m = d.path().join("m");
     models::testing::write_tiny_llama(&m, false).unwrap();
     let rep = d.path().join("out/inspect.json");
-    let o = mpolm(&["inspect", m.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+    let o = mpolm(&[
+        "inspect",
+        m.to_str().unwrap(),
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
     let total = v["inspect"]["total_params"].as_u64().unwrap();
-    let printed = stdout.lines().find(|l| l.starts_with("total")).unwrap().replace(',', "");
+    let printed = stdout
+        .lines()
+        .find(|l| l.starts_with("total"))
+        .unwrap()
+        .replace(',', "");
     assert!(printed.contains(&total.to_string()), "{printed} vs {total}");
     assert_eq!(v["inspect"]["architecture"], "llama");
 
     let rep = d.path().join("gen.json");
-    let o = mpolm(&["generate", m.to_str().unwrap(), "--prompt", "the cat", "--max-new-tokens", "4", "--report", rep.to_str().unwrap()]);
+    let o = mpolm(&[
+        "generate",
+        m.to_str().unwrap(),
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "4",
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
     assert_eq!(v["generate"]["output_ids"].as_array().unwrap().len(), 4);
     assert!(v["generate"]["stats"]["decode_tok_per_s"].as_f64().unwrap() > 0.0);
 
-    let o = mpolm(&["generate", m.to_str().unwrap(), "--prompt", "hi", "--chat", "--max-new-tokens", "2"]);
+    let o = mpolm(&[
+        "generate",
+        m.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--chat",
+        "--max-new-tokens",
+        "2",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]
 fn bad_inputs_give_one_line_errors() {
-    assert_clean_error(&mpolm(&["inspect", "no-such-alias"]), "unknown model 'no-such-alias'");
-    assert_clean_error(&mpolm(&["inspect", "/nonexistent/dir/"]), "/nonexistent/dir/");
+    assert_clean_error(
+        &mpolm(&["inspect", "no-such-alias"]),
+        "unknown model 'no-such-alias'",
+    );
+    assert_clean_error(
+        &mpolm(&["inspect", "/nonexistent/dir/"]),
+        "/nonexistent/dir/",
+    );
     let d = tempfile::tempdir().unwrap();
     let b = d.path().join("bert");
     models::testing::write_tiny_bert(&b).unwrap();
-    assert_clean_error(&mpolm(&["generate", b.to_str().unwrap(), "--prompt", "x"]), "is an encoder");
+    assert_clean_error(
+        &mpolm(&["generate", b.to_str().unwrap(), "--prompt", "x"]),
+        "is an encoder",
+    );
     let l = d.path().join("llama");
     models::testing::write_tiny_llama(&l, false).unwrap();
-    assert_clean_error(&mpolm(&["generate", l.to_str().unwrap(), "--prompt", "x", "--top-p", "0"]), "--top-p");
+    assert_clean_error(
+        &mpolm(&[
+            "generate",
+            l.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--top-p",
+            "0",
+        ]),
+        "--top-p",
+    );
     // A report that cannot be written: the parent is a file.
     let f = d.path().join("file");
     std::fs::write(&f, "x").unwrap();
     let bad = f.join("r.json");
-    assert_clean_error(&mpolm(&["inspect", l.to_str().unwrap(), "--report", bad.to_str().unwrap()]), "cannot create directory");
+    assert_clean_error(
+        &mpolm(&[
+            "inspect",
+            l.to_str().unwrap(),
+            "--report",
+            bad.to_str().unwrap(),
+        ]),
+        "cannot create directory",
+    );
 }
 
 #[test]
@@ -78,27 +136,55 @@ fn spectrum_reports_exact_full_bond_mpos_and_plots() {
     let rep = d.path().join("spec.json");
     let png = d.path().join("spec.png");
     let o = mpolm(&[
-        "spectrum", m.to_str().unwrap(), "--matrices", "layers.0.*proj", "--n", "3",
-        "--plot", png.to_str().unwrap(), "--report", rep.to_str().unwrap(),
+        "spectrum",
+        m.to_str().unwrap(),
+        "--matrices",
+        "layers.0.*proj",
+        "--n",
+        "3",
+        "--plot",
+        png.to_str().unwrap(),
+        "--report",
+        rep.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
     let mats = v["matrices"].as_array().unwrap();
     assert_eq!(mats.len(), 7, "q,k,v,o,gate,up,down of layer 0");
     for mtx in mats {
         assert!(mtx["name"].as_str().unwrap().starts_with("model.layers.0."));
-        assert!(mtx["full_bond_relative_error"].as_f64().unwrap() < 1e-5, "{mtx}");
+        assert!(
+            mtx["full_bond_relative_error"].as_f64().unwrap() < 1e-5,
+            "{mtx}"
+        );
         let rows = mtx["rows"].as_u64().unwrap();
-        let rf: u64 = mtx["row_factors"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).product();
+        let rf: u64 = mtx["row_factors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .product();
         assert!(rf >= rows);
         // The bound must hold at the half-budget point and the curve must end at error 0.
         if let Some(h) = mtx["half_budget"].as_object() {
-            assert!(h["rel_error_exact"].as_f64().unwrap() <= h["rel_error_bound"].as_f64().unwrap() * (1.0 + 1e-4) + 1e-6);
+            assert!(
+                h["rel_error_exact"].as_f64().unwrap()
+                    <= h["rel_error_bound"].as_f64().unwrap() * (1.0 + 1e-4) + 1e-6
+            );
         }
         let last = mtx["curve"].as_array().unwrap().last().unwrap();
         assert!(last["rel_error_bound"].as_f64().unwrap() < 1e-6);
     }
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[1..4], b"PNG");
-    assert_clean_error(&mpolm(&["spectrum", m.to_str().unwrap(), "--matrices", "nothing_like_this"]), "matches no weight matrix");
+    assert_clean_error(
+        &mpolm(&[
+            "spectrum",
+            m.to_str().unwrap(),
+            "--matrices",
+            "nothing_like_this",
+        ]),
+        "matches no weight matrix",
+    );
 }

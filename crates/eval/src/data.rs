@@ -28,7 +28,9 @@ fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
-        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
     }
 }
 
@@ -144,8 +146,8 @@ pub fn parse_jsonl(text: &str, path: &Path) -> Result<Vec<(usize, serde_json::Va
         if l.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value =
-            serde_json::from_str(l).map_err(|e| Error::parse(path, i + 1, format!("invalid JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(l)
+            .map_err(|e| Error::parse(path, i + 1, format!("invalid JSON: {e}")))?;
         if !v.is_object() {
             return Err(Error::parse(path, i + 1, "expected a JSON object"));
         }
@@ -166,17 +168,27 @@ mod tests {
         let t = "a,\"b, c\",\"say \"\"hi\"\"\"\r\n\"multi\nline\",,x\nlast,1,2";
         let r = parse_csv(t, Path::new("t.csv")).unwrap();
         assert_eq!(r.len(), 3);
-        assert_eq!(r[0], (1, vec!["a".into(), "b, c".into(), "say \"hi\"".into()]));
+        assert_eq!(
+            r[0],
+            (1, vec!["a".into(), "b, c".into(), "say \"hi\"".into()])
+        );
         assert_eq!(r[1], (2, vec!["multi\nline".into(), "".into(), "x".into()]));
         assert_eq!(r[2], (4, vec!["last".into(), "1".into(), "2".into()]));
-        let e = parse_csv("a,\"open\n", Path::new("t.csv")).unwrap_err().to_string();
+        let e = parse_csv("a,\"open\n", Path::new("t.csv"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("t.csv:1: unterminated"), "{e}");
     }
 
     #[test]
     fn missing_data_names_path() {
-        let e = read_text(Path::new("/nonexistent/data/mmlu/test")).unwrap_err().to_string();
-        assert!(e.starts_with("/nonexistent/data/mmlu/test: not found"), "{e}");
+        let e = read_text(Path::new("/nonexistent/data/mmlu/test"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/nonexistent/data/mmlu/test: not found"),
+            "{e}"
+        );
         assert!(e.contains("--data-dir"), "{e}");
     }
 }

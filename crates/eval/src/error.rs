@@ -18,7 +18,11 @@ pub enum Error {
 
     /// Malformed input: file and 1-based line number.
     #[error("{path}:{line}: {msg}")]
-    Parse { path: PathBuf, line: usize, msg: String },
+    Parse {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
 
     #[error("unknown task '{name}' (known: {known}; or a path to a .jsonl task file)")]
     UnknownTask { name: String, known: String },
@@ -41,12 +45,22 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn parse(path: impl Into<PathBuf>, line: usize, msg: impl Into<String>) -> Self {
-        Error::Parse { path: path.into(), line, msg: msg.into() }
+        Error::Parse {
+            path: path.into(),
+            line,
+            msg: msg.into(),
+        }
     }
     pub fn unsupported(task: &str, msg: impl Into<String>) -> Self {
-        Error::Unsupported { task: task.into(), msg: msg.into() }
+        Error::Unsupported {
+            task: task.into(),
+            msg: msg.into(),
+        }
     }
 }

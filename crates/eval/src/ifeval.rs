@@ -45,17 +45,26 @@ fn rx(p: &str) -> Regex {
 }
 
 fn kw_str(kw: &Value, key: &str) -> Result<String, String> {
-    kw.get(key).and_then(Value::as_str).map(String::from).ok_or_else(|| format!("missing string argument '{key}'"))
+    kw.get(key)
+        .and_then(Value::as_str)
+        .map(String::from)
+        .ok_or_else(|| format!("missing string argument '{key}'"))
 }
 
 fn kw_int(kw: &Value, key: &str) -> Result<i64, String> {
-    kw.get(key).and_then(Value::as_i64).ok_or_else(|| format!("missing integer argument '{key}'"))
+    kw.get(key)
+        .and_then(Value::as_i64)
+        .ok_or_else(|| format!("missing integer argument '{key}'"))
 }
 
 fn kw_list(kw: &Value, key: &str) -> Result<Vec<String>, String> {
     kw.get(key)
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
         .ok_or_else(|| format!("missing list argument '{key}'"))
 }
 
@@ -64,7 +73,9 @@ fn relation(rel: &str, count: i64, n: i64) -> Result<bool, String> {
     match rel {
         "less than" => Ok(count < n),
         "at least" => Ok(count >= n),
-        other => Err(format!("relation must be 'less than' or 'at least', got '{other}'")),
+        other => Err(format!(
+            "relation must be 'less than' or 'at least', got '{other}'"
+        )),
     }
 }
 
@@ -79,7 +90,9 @@ pub fn is_lower(s: &str) -> bool {
 /// IFEval's `count_words`: tokens of `\w+`.
 pub fn count_words(s: &str) -> usize {
     static R: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
-    R.get_or_init(|| Regex::new(r"\w+").expect("regex")).find_iter(s).count()
+    R.get_or_init(|| Regex::new(r"\w+").expect("regex"))
+        .find_iter(s)
+        .count()
 }
 
 /// IFEval's rule-based `split_into_sentences`.
@@ -91,23 +104,38 @@ pub fn split_into_sentences(text: &str) -> Vec<String> {
     const ACRONYMS: &str = "([A-Z][.][A-Z][.](?:[A-Z][.])?)";
     const WEBSITES: &str = "[.](com|net|org|io|gov|edu|me)";
     const DIGITS: &str = "([0-9])";
-    let sub = |t: &str, pat: &str, rep: &str| -> String { Regex::new(pat).expect("regex").replace_all(t, rep).into_owned() };
+    let sub = |t: &str, pat: &str, rep: &str| -> String {
+        Regex::new(pat)
+            .expect("regex")
+            .replace_all(t, rep)
+            .into_owned()
+    };
     let mut t = format!(" {text}  ").replace('\n', " ");
     t = sub(&t, PREFIXES, "${1}<prd>");
     t = sub(&t, WEBSITES, "<prd>${1}");
     t = sub(&t, &format!("{DIGITS}[.]{DIGITS}"), "${1}<prd>${2}");
     t = Regex::new(r"\.{2,}")
         .expect("regex")
-        .replace_all(&t, |c: &regex::Captures| format!("{}<stop>", "<prd>".repeat(c[0].len())))
+        .replace_all(&t, |c: &regex::Captures| {
+            format!("{}<stop>", "<prd>".repeat(c[0].len()))
+        })
         .into_owned();
     if t.contains("Ph.D") {
         t = t.replace("Ph.D.", "Ph<prd>D<prd>");
     }
     t = sub(&t, &format!(r"\s{ALPHA}[.] "), " ${1}<prd> ");
     t = sub(&t, &format!("{ACRONYMS} {STARTERS}"), "${1}<stop> ${2}");
-    t = sub(&t, &format!("{ALPHA}[.]{ALPHA}[.]{ALPHA}[.]"), "${1}<prd>${2}<prd>${3}<prd>");
+    t = sub(
+        &t,
+        &format!("{ALPHA}[.]{ALPHA}[.]{ALPHA}[.]"),
+        "${1}<prd>${2}<prd>${3}<prd>",
+    );
     t = sub(&t, &format!("{ALPHA}[.]{ALPHA}[.]"), "${1}<prd>${2}<prd>");
-    t = sub(&t, &format!(" {SUFFIXES}[.] {STARTERS}"), " ${1}<stop> ${2}");
+    t = sub(
+        &t,
+        &format!(" {SUFFIXES}[.] {STARTERS}"),
+        " ${1}<stop> ${2}",
+    );
     t = sub(&t, &format!(" {SUFFIXES}[.]"), " ${1}<prd>");
     t = sub(&t, &format!(" {ALPHA}[.]"), " ${1}<prd>");
     if t.contains('\u{201d}') {
@@ -122,7 +150,11 @@ pub fn split_into_sentences(text: &str) -> Vec<String> {
     if t.contains('?') {
         t = t.replace("?\"", "\"?");
     }
-    t = t.replace('.', ".<stop>").replace('?', "?<stop>").replace('!', "!<stop>").replace("<prd>", ".");
+    t = t
+        .replace('.', ".<stop>")
+        .replace('?', "?<stop>")
+        .replace('!', "!<stop>")
+        .replace("<prd>", ".");
     let mut s: Vec<String> = t.split("<stop>").map(|x| x.trim().to_string()).collect();
     if s.last().is_some_and(|x| x.is_empty()) {
         s.pop();
@@ -155,12 +187,19 @@ pub fn detect_language(text: &str) -> Option<String> {
             0x3040..=0x30FF => "kana",
             0xAC00..=0xD7AF | 0x1100..=0x11FF => "ko",
             0x4E00..=0x9FFF | 0x3400..=0x4DBF => "han",
-            _ if c.is_ascii_alphabetic() || (0x00C0..=0x024F).contains(&u) || (0x1E00..=0x1EFF).contains(&u) => "latin",
+            _ if c.is_ascii_alphabetic()
+                || (0x00C0..=0x024F).contains(&u)
+                || (0x1E00..=0x1EFF).contains(&u) =>
+            {
+                "latin"
+            }
             _ => "other",
         };
         *counts.entry(script).or_insert(0) += 1;
     }
-    let (script, _) = counts.iter().max_by_key(|(k, v)| (**v, std::cmp::Reverse(**k)))?;
+    let (script, _) = counts
+        .iter()
+        .max_by_key(|(k, v)| (**v, std::cmp::Reverse(**k)))?;
     let has = |chars: &str| text.chars().any(|c| chars.contains(c));
     let lang = match *script {
         "cyrillic" => {
@@ -209,25 +248,67 @@ pub fn detect_language(text: &str) -> Option<String> {
 }
 
 fn latin_language(text: &str) -> String {
-    if text.chars().any(|c| "ơưạảấầẩẫậắằẳẵặẹẻẽếềểễệỉịọỏốồổỗộớờởỡợụủứừửữựỳỵỷỹđĐ".contains(c)) {
+    if text
+        .chars()
+        .any(|c| "ơưạảấầẩẫậắằẳẵặẹẻẽếềểễệỉịọỏốồổỗộớờởỡợụủứừửữựỳỵỷỹđĐ".contains(c))
+    {
         return "vi".into();
     }
     const WORDS: &[(&str, &str)] = &[
-        ("en", "the and of to in is that it for you with was on are this be as have not but they"),
-        ("es", "el la de que y en los se del las por un una para con no es al lo como más"),
-        ("pt", "o a de que e do da em um para com não uma os no se na por mais as dos é"),
-        ("fr", "le la de et les des est un une du en que pas pour qui dans sur au il elle"),
-        ("de", "der die und das ist nicht ein eine zu den von mit sich des auf für im dem auch"),
-        ("it", "il di che e la per un una non sono del della le gli con si è ma anche questo"),
-        ("pl", "i w nie na się z do to że jest jak ale co o od po tak dla czy"),
-        ("sw", "na ya wa kwa ni za la katika kuwa hii cha vya yake huo watu sana"),
-        ("fi", "ja on ei se että oli hän mutta kun niin myös tai ovat tämä mitä joka"),
-        ("nl", "de het een en van is dat niet op te zijn voor met die ook"),
-        ("tr", "ve bir bu da için ile çok ama gibi daha olarak değil ne var"),
-        ("id", "yang dan di dengan untuk tidak ini dari dalam akan pada juga ada itu"),
+        (
+            "en",
+            "the and of to in is that it for you with was on are this be as have not but they",
+        ),
+        (
+            "es",
+            "el la de que y en los se del las por un una para con no es al lo como más",
+        ),
+        (
+            "pt",
+            "o a de que e do da em um para com não uma os no se na por mais as dos é",
+        ),
+        (
+            "fr",
+            "le la de et les des est un une du en que pas pour qui dans sur au il elle",
+        ),
+        (
+            "de",
+            "der die und das ist nicht ein eine zu den von mit sich des auf für im dem auch",
+        ),
+        (
+            "it",
+            "il di che e la per un una non sono del della le gli con si è ma anche questo",
+        ),
+        (
+            "pl",
+            "i w nie na się z do to że jest jak ale co o od po tak dla czy",
+        ),
+        (
+            "sw",
+            "na ya wa kwa ni za la katika kuwa hii cha vya yake huo watu sana",
+        ),
+        (
+            "fi",
+            "ja on ei se että oli hän mutta kun niin myös tai ovat tämä mitä joka",
+        ),
+        (
+            "nl",
+            "de het een en van is dat niet op te zijn voor met die ook",
+        ),
+        (
+            "tr",
+            "ve bir bu da için ile çok ama gibi daha olarak değil ne var",
+        ),
+        (
+            "id",
+            "yang dan di dengan untuk tidak ini dari dalam akan pada juga ada itu",
+        ),
     ];
     let lower = text.to_lowercase();
-    let tokens: Vec<&str> = lower.split(|c: char| !c.is_alphabetic()).filter(|t| !t.is_empty()).collect();
+    let tokens: Vec<&str> = lower
+        .split(|c: char| !c.is_alphabetic())
+        .filter(|t| !t.is_empty())
+        .collect();
     let mut best = ("en", 0usize);
     for (lang, list) in WORDS {
         let set: std::collections::HashSet<&str> = list.split(' ').collect();
@@ -262,10 +343,16 @@ pub fn check(id: &str, kw: &Value, response: &str) -> Result<bool, String> {
             let letter = kw_str(kw, "letter")?.trim().to_lowercase();
             let lc = v.to_lowercase();
             let n = match letter.chars().next() {
-                Some(l) if letter.chars().count() == 1 => lc.chars().filter(|&c| c == l).count() as i64,
+                Some(l) if letter.chars().count() == 1 => {
+                    lc.chars().filter(|&c| c == l).count() as i64
+                }
                 _ => return Err("'letter' must be one character".into()),
             };
-            relation(&kw_str(kw, "let_relation")?, n, kw_int(kw, "let_frequency")?)?
+            relation(
+                &kw_str(kw, "let_relation")?,
+                n,
+                kw_int(kw, "let_frequency")?,
+            )?
         }
         "language:response_language" => match detect_language(v) {
             Some(l) => l == kw_str(kw, "language")?,
@@ -289,9 +376,11 @@ pub fn check(id: &str, kw: &Value, response: &str) -> Result<bool, String> {
             }
             n == kw_int(kw, "num_paragraphs")?
         }
-        "length_constraints:number_words" => {
-            relation(&kw_str(kw, "relation")?, count_words(v) as i64, kw_int(kw, "num_words")?)?
-        }
+        "length_constraints:number_words" => relation(
+            &kw_str(kw, "relation")?,
+            count_words(v) as i64,
+            kw_int(kw, "num_words")?,
+        )?,
         "length_constraints:nth_paragraph_first_word" => {
             let want_n = kw_int(kw, "num_paragraphs")?;
             let nth = kw_int(kw, "nth_paragraph")?;
@@ -305,7 +394,13 @@ pub fn check(id: &str, kw: &Value, response: &str) -> Result<bool, String> {
             if p.is_empty() {
                 return Ok(false);
             }
-            let word = p.split_whitespace().next().unwrap_or("").trim().trim_start_matches('\'').trim_start_matches('"');
+            let word = p
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_start_matches('\'')
+                .trim_start_matches('"');
             let mut fw = String::new();
             for c in word.chars() {
                 if ".,?!'\"".contains(c) {
@@ -315,7 +410,9 @@ pub fn check(id: &str, kw: &Value, response: &str) -> Result<bool, String> {
             }
             n == want_n && fw == first
         }
-        "detectable_content:number_placeholders" => rx(r"\[.*?\]").find_iter(v).count() as i64 >= kw_int(kw, "num_placeholders")?,
+        "detectable_content:number_placeholders" => {
+            rx(r"\[.*?\]").find_iter(v).count() as i64 >= kw_int(kw, "num_placeholders")?
+        }
         "detectable_content:postscript" => {
             let marker = kw_str(kw, "postscript_marker")?.trim().to_string();
             let pat = match marker.as_str() {
@@ -332,10 +429,19 @@ pub fn check(id: &str, kw: &Value, response: &str) -> Result<bool, String> {
         }
         "detectable_format:constrained_response" => {
             let t = v.trim();
-            ["My answer is yes.", "My answer is no.", "My answer is maybe."].iter().any(|o| t.contains(o))
+            [
+                "My answer is yes.",
+                "My answer is no.",
+                "My answer is maybe.",
+            ]
+            .iter()
+            .any(|o| t.contains(o))
         }
         "detectable_format:number_highlighted_sections" => {
-            let single = rx(r"\*[^\n\*]*\*").find_iter(v).filter(|m| !m.as_str().trim_matches('*').trim().is_empty()).count();
+            let single = rx(r"\*[^\n\*]*\*")
+                .find_iter(v)
+                .filter(|m| !m.as_str().trim_matches('*').trim().is_empty())
+                .count();
             let double = rx(r"\*\*[^\n\*]*\*\*")
                 .find_iter(v)
                 .filter(|m| {
@@ -348,7 +454,8 @@ pub fn check(id: &str, kw: &Value, response: &str) -> Result<bool, String> {
         }
         "detectable_format:multiple_sections" => {
             let sp = kw_str(kw, "section_spliter")?.trim().to_string();
-            rx(&format!(r"\s?{sp}\s?\d+\s?")).find_iter(v).count() as i64 >= kw_int(kw, "num_sections")?
+            rx(&format!(r"\s?{sp}\s?\d+\s?")).find_iter(v).count() as i64
+                >= kw_int(kw, "num_sections")?
         }
         "detectable_format:json_format" => {
             let mut t = v.trim();
@@ -358,9 +465,13 @@ pub fn check(id: &str, kw: &Value, response: &str) -> Result<bool, String> {
             t = t.strip_suffix("```").unwrap_or(t).trim();
             serde_json::from_str::<Value>(t).is_ok()
         }
-        "detectable_format:title" => rx(r"<<[^\n]+>>")
-            .find_iter(v)
-            .any(|m| !m.as_str().trim_start_matches('<').trim_end_matches('>').trim().is_empty()),
+        "detectable_format:title" => rx(r"<<[^\n]+>>").find_iter(v).any(|m| {
+            !m.as_str()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .trim()
+                .is_empty()
+        }),
         "combination:two_responses" => {
             let parts: Vec<&str> = v.split("******").collect();
             let mut valid = Vec::new();
@@ -377,14 +488,19 @@ pub fn check(id: &str, kw: &Value, response: &str) -> Result<bool, String> {
         }
         "combination:repeat_prompt" => {
             let p = kw_str(kw, "prompt_to_repeat")?;
-            v.trim().to_lowercase().starts_with(&p.trim().to_lowercase())
+            v.trim()
+                .to_lowercase()
+                .starts_with(&p.trim().to_lowercase())
         }
         "startend:end_checker" => {
             let e = kw_str(kw, "end_phrase")?.trim().to_lowercase();
             v.trim().trim_matches('"').to_lowercase().ends_with(&e)
         }
         "change_case:capital_word_frequency" => {
-            let n = rx(r"\w+(?:[-']\w+)*").find_iter(v).filter(|m| is_upper(m.as_str())).count() as i64;
+            let n = rx(r"\w+(?:[-']\w+)*")
+                .find_iter(v)
+                .filter(|m| is_upper(m.as_str()))
+                .count() as i64;
             let rel = kw_str(kw, "capital_relation")?;
             let f = kw_int(kw, "capital_frequency")?;
             if rel == "less than" {
@@ -393,8 +509,12 @@ pub fn check(id: &str, kw: &Value, response: &str) -> Result<bool, String> {
                 n >= f
             }
         }
-        "change_case:english_capital" => is_upper(v) && detect_language(v).is_none_or(|l| l == "en"),
-        "change_case:english_lowercase" => is_lower(v) && detect_language(v).is_none_or(|l| l == "en"),
+        "change_case:english_capital" => {
+            is_upper(v) && detect_language(v).is_none_or(|l| l == "en")
+        }
+        "change_case:english_lowercase" => {
+            is_lower(v) && detect_language(v).is_none_or(|l| l == "en")
+        }
         "punctuation:no_comma" => !v.contains(','),
         "startend:quotation" => {
             let t = v.trim();
@@ -425,7 +545,11 @@ pub fn loose_variants(response: &str) -> Vec<String> {
 }
 
 /// (strict, loose) verdicts for each instruction of a prompt.
-pub fn evaluate(ids: &[String], kwargs: &[Value], response: &str) -> Result<(Vec<bool>, Vec<bool>), String> {
+pub fn evaluate(
+    ids: &[String],
+    kwargs: &[Value],
+    response: &str,
+) -> Result<(Vec<bool>, Vec<bool>), String> {
     let variants = loose_variants(response);
     let mut strict = Vec::new();
     let mut loose = Vec::new();

@@ -77,10 +77,22 @@ pub struct Metric {
 
 impl Metric {
     pub fn new(name: &str, value: f64, stderr: Option<f64>) -> Self {
-        Metric { name: name.into(), filter: "none".into(), value, stderr, higher_is_better: true }
+        Metric {
+            name: name.into(),
+            filter: "none".into(),
+            value,
+            stderr,
+            higher_is_better: true,
+        }
     }
     pub fn filtered(name: &str, filter: &str, value: f64, stderr: Option<f64>) -> Self {
-        Metric { name: name.into(), filter: filter.into(), value, stderr, higher_is_better: true }
+        Metric {
+            name: name.into(),
+            filter: filter.into(),
+            value,
+            stderr,
+            higher_is_better: true,
+        }
     }
     pub fn lower_better(mut self) -> Self {
         self.higher_is_better = false;
@@ -104,11 +116,21 @@ pub struct TaskResult {
 
 impl TaskResult {
     pub fn new(name: &str, alias: &str) -> Self {
-        TaskResult { name: name.into(), alias: alias.into(), metrics: vec![], n_shot: None, n_samples: None, subtasks: vec![] }
+        TaskResult {
+            name: name.into(),
+            alias: alias.into(),
+            metrics: vec![],
+            n_shot: None,
+            n_samples: None,
+            subtasks: vec![],
+        }
     }
     pub fn metric(&self, name: &str) -> Option<f64> {
         let (n, f) = name.split_once(',').unwrap_or((name, "none"));
-        self.metrics.iter().find(|m| m.name == n && m.filter == f).map(|m| m.value)
+        self.metrics
+            .iter()
+            .find(|m| m.name == n && m.filter == f)
+            .map(|m| m.value)
     }
 }
 
@@ -199,13 +221,25 @@ pub fn format_table(outputs: &[TaskOutput]) -> String {
             for (k, m) in r.metrics.iter().enumerate() {
                 let first = k == 0;
                 rows.push([
-                    if first { r.alias.clone() } else { String::new() },
-                    if first { r.n_shot.map(|n| n.to_string()).unwrap_or_default() } else { String::new() },
+                    if first {
+                        r.alias.clone()
+                    } else {
+                        String::new()
+                    },
+                    if first {
+                        r.n_shot.map(|n| n.to_string()).unwrap_or_default()
+                    } else {
+                        String::new()
+                    },
                     m.filter.clone(),
                     format!("{} {}", m.name, if m.higher_is_better { "↑" } else { "↓" }),
                     format!("{:.4}", m.value),
                     m.stderr.map(|s| format!("± {s:.4}")).unwrap_or_default(),
-                    if first { r.n_samples.map(|(_, e)| e.to_string()).unwrap_or_default() } else { String::new() },
+                    if first {
+                        r.n_samples.map(|(_, e)| e.to_string()).unwrap_or_default()
+                    } else {
+                        String::new()
+                    },
                 ]);
             }
         }
@@ -231,7 +265,13 @@ pub fn format_table(outputs: &[TaskOutput]) -> String {
     };
     let mut out = line(&head.map(String::from));
     out.push('\n');
-    out.push_str(&format!("|{}|", w.iter().map(|n| "-".repeat(n + 2)).collect::<Vec<_>>().join("|")));
+    out.push_str(&format!(
+        "|{}|",
+        w.iter()
+            .map(|n| "-".repeat(n + 2))
+            .collect::<Vec<_>>()
+            .join("|")
+    ));
     out.push('\n');
     for r in &rows {
         out.push_str(&line(r));

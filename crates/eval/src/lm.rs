@@ -64,7 +64,10 @@ pub fn log_softmax_at(logits: &[f32], target: u32) -> (f64, bool) {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
     let lse = max + sum.ln();
-    (logits[target as usize] as f64 - lse, argmax(logits) == target)
+    (
+        logits[target as usize] as f64 - lse,
+        argmax(logits) == target,
+    )
 }
 
 fn lcp(a: &[u32], b: &[u32]) -> usize {
@@ -73,7 +76,11 @@ fn lcp(a: &[u32], b: &[u32]) -> usize {
 
 /// Earliest byte index in `text` where any non-empty stop string starts.
 pub fn first_stop(text: &str, until: &[String]) -> Option<usize> {
-    until.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+    until
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
 }
 
 /// Rolling-window rows over `tokens` with lm-eval's `loglikelihood_rolling` layout: the first
@@ -81,7 +88,12 @@ pub fn first_stop(text: &str, until: &[String]) -> Option<usize> {
 /// feeds at most `max_length` tokens. The first window predicts `max_length` tokens, later ones
 /// `stride` new tokens each with the preceding tokens as context (stride = max_length gives
 /// lm-eval's disjoint windows, including its full-context last window).
-pub fn rolling_rows(tokens: &[u32], prefix_token: u32, max_length: usize, stride: usize) -> Vec<Row> {
+pub fn rolling_rows(
+    tokens: &[u32],
+    prefix_token: u32,
+    max_length: usize,
+    stride: usize,
+) -> Vec<Row> {
     assert!(max_length >= 1 && stride >= 1 && stride <= max_length);
     let mut s = Vec::with_capacity(tokens.len() + 1);
     s.push(prefix_token);
@@ -90,9 +102,16 @@ pub fn rolling_rows(tokens: &[u32], prefix_token: u32, max_length: usize, stride
     let mut rows = Vec::new();
     let mut t0 = 1usize; // targets are s[1..=n]
     while t0 <= n {
-        let t1 = if t0 == 1 { (max_length + 1).min(n + 1) } else { (t0 + stride).min(n + 1) };
+        let t1 = if t0 == 1 {
+            (max_length + 1).min(n + 1)
+        } else {
+            (t0 + stride).min(n + 1)
+        };
         let i0 = (t1 - 1).saturating_sub(max_length);
-        rows.push(Row { input: s[i0..t1 - 1].to_vec(), targets: s[t0..t1].to_vec() });
+        rows.push(Row {
+            input: s[i0..t1 - 1].to_vec(),
+            targets: s[t0..t1].to_vec(),
+        });
         t0 = t1;
     }
     rows
@@ -121,8 +140,20 @@ pub fn progress_bar(len: u64, what: &str, show: bool) -> Option<ProgressBar> {
 }
 
 impl<'a> Lm<'a> {
-    pub fn new(model: &'a Llama, tok: &'a Tokenizer, batch: usize, max_length: usize, progress: bool) -> Self {
-        Lm { model, tok, batch: batch.max(1), max_length: max_length.clamp(2, model.cfg.max_position_embeddings), progress }
+    pub fn new(
+        model: &'a Llama,
+        tok: &'a Tokenizer,
+        batch: usize,
+        max_length: usize,
+        progress: bool,
+    ) -> Self {
+        Lm {
+            model,
+            tok,
+            batch: batch.max(1),
+            max_length: max_length.clamp(2, model.cfg.max_position_embeddings),
+            progress,
+        }
     }
 
     /// lm-eval's prefix token: BOS when the tokenizer has one, else EOS.
@@ -130,7 +161,12 @@ impl<'a> Lm<'a> {
         self.tok
             .bos_id
             .or_else(|| self.tok.eos_ids.first().copied())
-            .ok_or_else(|| Error::Msg("the tokenizer has neither a BOS nor an EOS token to start empty contexts with".into()))
+            .ok_or_else(|| {
+                Error::Msg(
+                    "the tokenizer has neither a BOS nor an EOS token to start empty contexts with"
+                        .into(),
+                )
+            })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -146,13 +182,19 @@ impl<'a> Lm<'a> {
         }
         let trimmed = context.trim_end();
         let (ctx, cont) = if trimmed.len() < context.len() {
-            (trimmed.to_string(), format!("{}{}", &context[trimmed.len()..], continuation))
+            (
+                trimmed.to_string(),
+                format!("{}{}", &context[trimmed.len()..], continuation),
+            )
         } else {
             (context.to_string(), continuation.to_string())
         };
         let whole = self.encode(&format!("{ctx}{cont}"))?;
         let ctx_enc = self.encode(&ctx)?;
-        let cont_enc = whole.get(ctx_enc.len().min(whole.len())..).unwrap_or(&[]).to_vec();
+        let cont_enc = whole
+            .get(ctx_enc.len().min(whole.len())..)
+            .unwrap_or(&[])
+            .to_vec();
         Ok((ctx_enc, cont_enc))
     }
 
@@ -164,7 +206,10 @@ impl<'a> Lm<'a> {
             full.drain(..full.len() - self.max_length - 1);
         }
         full.pop();
-        Row { input: full, targets: cont.to_vec() }
+        Row {
+            input: full,
+            targets: cont.to_vec(),
+        }
     }
 
     /// Log-likelihood of (context, continuation) string pairs.
@@ -180,19 +225,37 @@ impl<'a> Lm<'a> {
     /// Log-likelihood of every choice of every document: `docs` = (context, continuations).
     /// Same numbers as [`Lm::loglikelihood`] on the flattened pairs, but each context is
     /// stored and tokenised once. Returns one score per choice, in order.
-    pub fn loglikelihood_choices(&self, docs: &[(String, Vec<String>)], label: &str) -> Result<Vec<Vec<Score>>> {
-        let pb = if docs.len() > 200 { progress_bar(docs.len() as u64, "tokenizing", self.progress) } else { None };
+    pub fn loglikelihood_choices(
+        &self,
+        docs: &[(String, Vec<String>)],
+        label: &str,
+    ) -> Result<Vec<Vec<Score>>> {
+        let pb = if docs.len() > 200 {
+            progress_bar(docs.len() as u64, "tokenizing", self.progress)
+        } else {
+            None
+        };
         let mut rows = Vec::new();
         for (ctx, choices) in docs {
             let trimmed = ctx.trim_end();
-            let ctx_enc = if ctx.is_empty() { None } else { Some(self.encode(trimmed)?) };
+            let ctx_enc = if ctx.is_empty() {
+                None
+            } else {
+                Some(self.encode(trimmed)?)
+            };
             for c in choices {
                 let (ce, xe) = match &ctx_enc {
                     None => self.encode_pair(ctx, c)?,
                     Some(ce) => {
                         // encode_pair with the context's tokens reused.
                         let whole = self.encode(&format!("{ctx}{c}"))?;
-                        (ce.clone(), whole.get(ce.len().min(whole.len())..).unwrap_or(&[]).to_vec())
+                        (
+                            ce.clone(),
+                            whole
+                                .get(ce.len().min(whole.len())..)
+                                .unwrap_or(&[])
+                                .to_vec(),
+                        )
                     }
                 };
                 rows.push(self.pair_row(&ce, &xe));
@@ -218,7 +281,13 @@ impl<'a> Lm<'a> {
     /// run that prefix once (its KV cache is cloned per batch); batches are right-padded with a
     /// key mask.
     pub fn score_rows(&self, rows: &[Row], label: &str) -> Result<Vec<Score>> {
-        let mut out = vec![Score { logprob: 0.0, greedy: true }; rows.len()];
+        let mut out = vec![
+            Score {
+                logprob: 0.0,
+                greedy: true
+            };
+            rows.len()
+        ];
         let mut units: Vec<Unit> = Vec::new();
         let mut by_input: HashMap<&[u32], usize> = HashMap::new();
         for (i, r) in rows.iter().enumerate() {
@@ -226,7 +295,11 @@ impl<'a> Lm<'a> {
                 continue; // nothing to score: log p = 0 (as lm-eval with an empty continuation)
             }
             if r.input.is_empty() || r.targets.len() > r.input.len() {
-                return Err(Error::Msg(format!("internal: row {i} has {} inputs for {} targets", r.input.len(), r.targets.len())));
+                return Err(Error::Msg(format!(
+                    "internal: row {i} has {} inputs for {} targets",
+                    r.input.len(),
+                    r.targets.len()
+                )));
             }
             if r.input.len() > self.model.cfg.max_position_embeddings {
                 return Err(Error::Msg(format!(
@@ -237,7 +310,11 @@ impl<'a> Lm<'a> {
             }
             let start = r.input.len() - r.targets.len();
             let u = *by_input.entry(r.input.as_slice()).or_insert_with(|| {
-                units.push(Unit { input: r.input.clone(), need_from: start, reqs: vec![] });
+                units.push(Unit {
+                    input: r.input.clone(),
+                    need_from: start,
+                    reqs: vec![],
+                });
                 units.len() - 1
             });
             units[u].need_from = units[u].need_from.min(start);
@@ -250,7 +327,9 @@ impl<'a> Lm<'a> {
         for &u in &order {
             if let Some((p, g)) = groups.last_mut() {
                 let first = &units[g[0]].input;
-                let l = (*p).min(lcp(first, &units[u].input)).min(units[u].need_from);
+                let l = (*p)
+                    .min(lcp(first, &units[u].input))
+                    .min(units[u].need_from);
                 if l >= MIN_SHARED_PREFIX {
                     *p = l;
                     g.push(u);
@@ -260,7 +339,9 @@ impl<'a> Lm<'a> {
             groups.push((units[u].need_from, vec![u]));
         }
         // Rows without a shared prefix are batched together.
-        let (mut shared, lone): (Vec<_>, Vec<_>) = groups.into_iter().partition(|(p, g)| g.len() >= 2 && *p >= MIN_SHARED_PREFIX);
+        let (mut shared, lone): (Vec<_>, Vec<_>) = groups
+            .into_iter()
+            .partition(|(p, g)| g.len() >= 2 && *p >= MIN_SHARED_PREFIX);
         let lone: Vec<usize> = lone.into_iter().flat_map(|(_, g)| g).collect();
         if !lone.is_empty() {
             shared.push((0, lone));
@@ -275,7 +356,9 @@ impl<'a> Lm<'a> {
                     let b = chunk.len();
                     let c = match caches.entry(b) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(e) => e.insert(self.prefix_cache(&units[chunk[0]].input[..p], b)?),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(self.prefix_cache(&units[chunk[0]].input[..p], b)?)
+                        }
                     };
                     Some(c.clone())
                 } else {
@@ -302,22 +385,42 @@ impl<'a> Lm<'a> {
         Ok(cache)
     }
 
-    fn score_chunk(&self, rows: &[Row], units: &[Unit], chunk: &[usize], p: usize, cache: Option<Cache>, out: &mut [Score]) -> Result<()> {
+    fn score_chunk(
+        &self,
+        rows: &[Row],
+        units: &[Unit],
+        chunk: &[usize],
+        p: usize,
+        cache: Option<Cache>,
+        out: &mut [Score],
+    ) -> Result<()> {
         let b = chunk.len();
-        let t = chunk.iter().map(|&u| units[u].input.len() - p).max().unwrap_or(0);
+        let t = chunk
+            .iter()
+            .map(|&u| units[u].input.len() - p)
+            .max()
+            .unwrap_or(0);
         let mut ids = vec![0u32; b * t];
         let mut mask = vec![0u32; b * (p + t)];
         let mut padded = false;
         for (r, &u) in chunk.iter().enumerate() {
             let suf = &units[u].input[p..];
             ids[r * t..r * t + suf.len()].copy_from_slice(suf);
-            mask[r * (p + t)..r * (p + t) + p + suf.len()].iter_mut().for_each(|m| *m = 1);
+            mask[r * (p + t)..r * (p + t) + p + suf.len()]
+                .iter_mut()
+                .for_each(|m| *m = 1);
             padded |= suf.len() < t;
         }
         let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
-        let key_mask = if padded { Some(Tensor::from_vec(mask, (b, p + t), &Device::Cpu)?) } else { None };
+        let key_mask = if padded {
+            Some(Tensor::from_vec(mask, (b, p + t), &Device::Cpu)?)
+        } else {
+            None
+        };
         let mut cache = cache;
-        let hidden = self.model.forward_hidden(&ids, cache.as_mut(), key_mask.as_ref())?; // [b, t, h]
+        let hidden = self
+            .model
+            .forward_hidden(&ids, cache.as_mut(), key_mask.as_ref())?; // [b, t, h]
         let h = hidden.dim(2)?;
         let hidden = hidden.reshape((b * t, h))?;
         // Positions whose logits are needed: (unit, position in the unit's input).
@@ -361,7 +464,12 @@ impl<'a> Lm<'a> {
     /// Greedy generation for each request (one at a time, KV-cached). Requests whose contexts
     /// share ≥ MIN_SHARED_PREFIX leading tokens (a few-shot prefix) run that prefix once and
     /// clone its cache.
-    pub fn generate_until(&self, reqs: &[GenRequest], label: &str, mut on_done: impl FnMut(usize, &GenOutput)) -> Result<Vec<GenOutput>> {
+    pub fn generate_until(
+        &self,
+        reqs: &[GenRequest],
+        label: &str,
+        mut on_done: impl FnMut(usize, &GenOutput),
+    ) -> Result<Vec<GenOutput>> {
         let mut ctxs: Vec<Vec<u32>> = Vec::with_capacity(reqs.len());
         for r in reqs {
             let mut c = r.context.clone();
@@ -397,7 +505,11 @@ impl<'a> Lm<'a> {
         let mut outs: Vec<Option<GenOutput>> = vec![None; reqs.len()];
         for (p, mut g) in groups {
             g.sort();
-            let p = if g.len() >= 2 && p >= MIN_SHARED_PREFIX { p } else { 0 };
+            let p = if g.len() >= 2 && p >= MIN_SHARED_PREFIX {
+                p
+            } else {
+                0
+            };
             let prefix = if p > 0 {
                 let mut c = self.model.new_cache();
                 let ids = Tensor::new(&ctxs[g[0]][..p], &Device::Cpu)?.unsqueeze(0)?;
@@ -408,7 +520,8 @@ impl<'a> Lm<'a> {
             };
             for i in g {
                 let cache = prefix.clone().unwrap_or_else(|| self.model.new_cache());
-                let o = self.greedy(&ctxs[i][p..], cache, &reqs[i].until, reqs[i].max_new_tokens)?;
+                let o =
+                    self.greedy(&ctxs[i][p..], cache, &reqs[i].until, reqs[i].max_new_tokens)?;
                 on_done(i, &o);
                 outs[i] = Some(o);
                 if let Some(pb) = &pb {
@@ -419,17 +532,30 @@ impl<'a> Lm<'a> {
         if let Some(pb) = pb {
             pb.finish_and_clear();
         }
-        Ok(outs.into_iter().map(|o| o.expect("every request generated")).collect())
+        Ok(outs
+            .into_iter()
+            .map(|o| o.expect("every request generated"))
+            .collect())
     }
 
     /// Greedy decoding after `ids` (the part of the context not already in `cache`).
-    pub fn greedy(&self, ids: &[u32], mut cache: Cache, until: &[String], max_new: usize) -> Result<GenOutput> {
+    pub fn greedy(
+        &self,
+        ids: &[u32],
+        mut cache: Cache,
+        until: &[String],
+        max_new: usize,
+    ) -> Result<GenOutput> {
         let mut out_ids: Vec<u32> = Vec::new();
         let mut stopped = "max_new_tokens";
         let mut text = String::new();
         if max_new > 0 {
             let x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
-            let mut logits = self.model.forward_last(&x, Some(&mut cache))?.squeeze(0)?.to_vec1::<f32>()?;
+            let mut logits = self
+                .model
+                .forward_last(&x, Some(&mut cache))?
+                .squeeze(0)?
+                .to_vec1::<f32>()?;
             loop {
                 let next = argmax(&logits);
                 if self.tok.eos_ids.contains(&next) {
@@ -451,10 +577,18 @@ impl<'a> Lm<'a> {
                     break;
                 }
                 let x = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
-                logits = self.model.forward_last(&x, Some(&mut cache))?.squeeze(0)?.to_vec1::<f32>()?;
+                logits = self
+                    .model
+                    .forward_last(&x, Some(&mut cache))?
+                    .squeeze(0)?
+                    .to_vec1::<f32>()?;
             }
         }
-        Ok(GenOutput { text, new_tokens: out_ids.len(), stopped_by: stopped.into() })
+        Ok(GenOutput {
+            text,
+            new_tokens: out_ids.len(),
+            stopped_by: stopped.into(),
+        })
     }
 }
 
@@ -473,15 +607,36 @@ mod tests {
                 assert!(r.input.len() <= l && r.targets.len() <= r.input.len());
                 // The input is exactly the tokens before the targets' last one.
                 let full: Vec<u32> = std::iter::once(0).chain(toks.iter().copied()).collect();
-                let end = full.iter().position(|&x| x == *r.targets.last().unwrap()).unwrap();
+                let end = full
+                    .iter()
+                    .position(|&x| x == *r.targets.last().unwrap())
+                    .unwrap();
                 assert_eq!(r.input, full[end - r.input.len()..end].to_vec());
             }
         }
         // lm-eval layout for L = stride = 4 over 10 tokens: [P,a,b,c]→abcd, [c..f]... last window full context.
         let rows = rolling_rows(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0, 4, 4);
-        assert_eq!(rows[0], Row { input: vec![0, 1, 2, 3], targets: vec![1, 2, 3, 4] });
-        assert_eq!(rows[1], Row { input: vec![4, 5, 6, 7], targets: vec![5, 6, 7, 8] });
-        assert_eq!(rows[2], Row { input: vec![6, 7, 8, 9], targets: vec![9, 10] });
+        assert_eq!(
+            rows[0],
+            Row {
+                input: vec![0, 1, 2, 3],
+                targets: vec![1, 2, 3, 4]
+            }
+        );
+        assert_eq!(
+            rows[1],
+            Row {
+                input: vec![4, 5, 6, 7],
+                targets: vec![5, 6, 7, 8]
+            }
+        );
+        assert_eq!(
+            rows[2],
+            Row {
+                input: vec![6, 7, 8, 9],
+                targets: vec![9, 10]
+            }
+        );
     }
 
     #[test]

@@ -74,7 +74,9 @@ mod tests {
     fn mean_stderr_words() {
         assert_eq!(mean(&[1.0, 0.0, 1.0, 0.0]), 0.5);
         // sample sd of [1,0,1,0] = sqrt(1/3); / sqrt(4)
-        assert!((stderr(&[1.0, 0.0, 1.0, 0.0]).unwrap() - (1.0f64 / 3.0).sqrt() / 2.0).abs() < 1e-12);
+        assert!(
+            (stderr(&[1.0, 0.0, 1.0, 0.0]).unwrap() - (1.0f64 / 3.0).sqrt() / 2.0).abs() < 1e-12
+        );
         assert_eq!(stderr(&[1.0]), None);
         // Python: len(re.split(r"\s+", " = A b = \n")) == 6 (empty pieces at both ends)
         assert_eq!(count_words(" = A b = \n"), 6);

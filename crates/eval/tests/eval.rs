@@ -22,13 +22,26 @@ fn tiny() -> (tempfile::TempDir, Model) {
 }
 
 fn opts() -> EvalOptions {
-    EvalOptions { data_dir: fixtures().join("data"), ..Default::default() }
+    EvalOptions {
+        data_dir: fixtures().join("data"),
+        ..Default::default()
+    }
 }
 
 /// log p(target | input) summed over `row`'s targets, from one plain forward (no cache, no batch).
 fn naive(lm: &Lm, row: &Row) -> f64 {
-    let x = Tensor::new(row.input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let logits = lm.model.forward(&x, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let x = Tensor::new(row.input.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = lm
+        .model
+        .forward(&x, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     let start = row.input.len() - row.targets.len();
     let mut s = 0.0;
     for (k, &t) in row.targets.iter().enumerate() {
@@ -48,12 +61,27 @@ fn perplexity_matches_hand_computation() {
     let toks = m.tokenizer.encode(text, false).unwrap();
     let lm = Lm::new(llama, &m.tokenizer, 1, 128, false);
     let prefix = lm.prefix_token().unwrap();
-    assert_eq!(Some(prefix), m.tokenizer.eos_ids.first().copied(), "tiny tokenizer has no BOS: EOS starts the text");
+    assert_eq!(
+        Some(prefix),
+        m.tokenizer.eos_ids.first().copied(),
+        "tiny tokenizer has no BOS: EOS starts the text"
+    );
 
     // By hand: one forward over [prefix] + tokens, log-softmax at each position.
-    let ids: Vec<u32> = std::iter::once(prefix).chain(toks.iter().copied()).collect();
-    let x = Tensor::new(&ids[..ids.len() - 1], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let logits = llama.forward(&x, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let ids: Vec<u32> = std::iter::once(prefix)
+        .chain(toks.iter().copied())
+        .collect();
+    let x = Tensor::new(&ids[..ids.len() - 1], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = llama
+        .forward(&x, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     let mut ll = 0.0f64;
     for (i, row) in logits.iter().enumerate() {
         let z: f64 = row.iter().map(|&v| (v as f64).exp()).sum();
@@ -61,7 +89,11 @@ fn perplexity_matches_hand_computation() {
     }
     let (p, windows, used) = wikitext::perplexity(&lm, text, 128, None).unwrap();
     assert_eq!((windows, used, p.tokens), (1, 1, toks.len()));
-    assert!((p.loglikelihood - ll).abs() < 1e-3, "{} vs {ll}", p.loglikelihood);
+    assert!(
+        (p.loglikelihood - ll).abs() < 1e-3,
+        "{} vs {ll}",
+        p.loglikelihood
+    );
     let words = 9.0; // len(re.split(r"\s+", text))
     let bytes = text.len() as f64;
     let rel = |a: f64, b: f64| ((a - b) / b).abs();
@@ -77,7 +109,11 @@ fn perplexity_matches_hand_computation() {
     let hand: f64 = rows.iter().map(|r| naive(&lm8, r)).sum();
     let (p8, w8, _) = wikitext::perplexity(&lm8, text, 3, None).unwrap();
     assert_eq!(w8, rows.len());
-    assert!((p8.loglikelihood - hand).abs() < 1e-3, "{} vs {hand}", p8.loglikelihood);
+    assert!(
+        (p8.loglikelihood - hand).abs() < 1e-3,
+        "{} vs {hand}",
+        p8.loglikelihood
+    );
     // --limit: only the first windows, counts cover their text.
     let (pl, _, used) = wikitext::perplexity(&lm8, text, 3, Some(2)).unwrap();
     assert_eq!(used, 2);
@@ -91,7 +127,11 @@ fn batched_prefix_shared_scores_equal_naive_forwards() {
     let tok = &m.tokenizer;
     let shared = "The following are questions about things that matter.\n\n";
     let mut pairs = vec![];
-    for q in ["Q: first?\nAnswer:", "Q: a second, longer question here?\nAnswer:", "Q: x\nAnswer:"] {
+    for q in [
+        "Q: first?\nAnswer:",
+        "Q: a second, longer question here?\nAnswer:",
+        "Q: x\nAnswer:",
+    ] {
         for c in [" A", " B", " yes indeed", " no", "A", "B"] {
             pairs.push((format!("{shared}{q}"), c.to_string()));
         }
@@ -111,11 +151,18 @@ fn batched_prefix_shared_scores_equal_naive_forwards() {
         let lm = Lm::new(llama, tok, b, 128, false);
         let got = lm.loglikelihood(&pairs, "test").unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!((g.logprob - w).abs() < 2e-3, "batch {b} row {i}: {} vs {w}", g.logprob);
+            assert!(
+                (g.logprob - w).abs() < 2e-3,
+                "batch {b} row {i}: {} vs {w}",
+                g.logprob
+            );
         }
     }
     // Per-document choices: the same numbers with each context tokenised once.
-    let docs: Vec<(String, Vec<String>)> = pairs.iter().map(|(c, x)| (c.clone(), vec![x.clone(), " extra".into()])).collect();
+    let docs: Vec<(String, Vec<String>)> = pairs
+        .iter()
+        .map(|(c, x)| (c.clone(), vec![x.clone(), " extra".into()]))
+        .collect();
     let got = base.loglikelihood_choices(&docs, "test").unwrap();
     for (i, w) in want.iter().enumerate() {
         assert!((got[i][0].logprob - w).abs() < 2e-3, "choices row {i}");
@@ -138,16 +185,30 @@ fn generation_matches_models_generate_and_stops() {
     let tok = &m.tokenizer;
     let lm = Lm::new(llama, tok, 1, 128, false);
     let prefix = "A long shared few-shot prefix for every request goes here.\n\n";
-    let prompts: Vec<String> = ["Q: one", "Q: two two", "Q: three"].iter().map(|q| format!("{prefix}{q}\nA:")).collect();
+    let prompts: Vec<String> = ["Q: one", "Q: two two", "Q: three"]
+        .iter()
+        .map(|q| format!("{prefix}{q}\nA:"))
+        .collect();
     let reqs: Vec<GenRequest> = prompts
         .iter()
-        .map(|p| GenRequest { context: tok.encode(p, false).unwrap(), until: vec![], max_new_tokens: 6 })
+        .map(|p| GenRequest {
+            context: tok.encode(p, false).unwrap(),
+            until: vec![],
+            max_new_tokens: 6,
+        })
         .collect();
     let outs = lm.generate_until(&reqs, "gen", |_, _| {}).unwrap();
     for (r, o) in reqs.iter().zip(&outs) {
-        let p = models::generate::SamplingParams { max_new_tokens: 6, stop_ids: tok.eos_ids.clone(), ..Default::default() };
+        let p = models::generate::SamplingParams {
+            max_new_tokens: 6,
+            stop_ids: tok.eos_ids.clone(),
+            ..Default::default()
+        };
         let (ids, _) = models::generate::generate(llama, &r.context, &p, |_| {}).unwrap();
-        let ids: Vec<u32> = ids.into_iter().filter(|i| !tok.eos_ids.contains(i)).collect();
+        let ids: Vec<u32> = ids
+            .into_iter()
+            .filter(|i| !tok.eos_ids.contains(i))
+            .collect();
         assert_eq!(o.text, tok.decode(&ids, false).unwrap());
         assert_eq!(o.new_tokens, ids.len());
     }
@@ -156,7 +217,14 @@ fn generation_matches_models_generate_and_stops() {
     if let Some(ch) = full.chars().nth(2) {
         let stop = ch.to_string();
         let cut = lm
-            .generate_until(&[GenRequest { until: vec![stop.clone()], ..reqs[0].clone() }], "gen", |_, _| {})
+            .generate_until(
+                &[GenRequest {
+                    until: vec![stop.clone()],
+                    ..reqs[0].clone()
+                }],
+                "gen",
+                |_, _| {},
+            )
             .unwrap();
         assert_eq!(cut[0].text, full[..full.find(&stop).unwrap()]);
         assert_eq!(cut[0].stopped_by, "stop_string");
@@ -168,7 +236,8 @@ fn golden(name: &str, actual: &str) {
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&p, actual).unwrap();
     }
-    let want = std::fs::read_to_string(&p).unwrap_or_else(|_| panic!("{}: missing (run with UPDATE_GOLDEN=1)", p.display()));
+    let want = std::fs::read_to_string(&p)
+        .unwrap_or_else(|_| panic!("{}: missing (run with UPDATE_GOLDEN=1)", p.display()));
     assert_eq!(actual, want, "{name} differs from the golden file");
 }
 
@@ -179,13 +248,28 @@ fn golden_prompts() {
     let test = mmlu::load(&data, "abstract_algebra", "test").unwrap();
     assert_eq!(dev[1].choices[0], "True, True");
     assert_eq!(dev[4].question, "How many units\ndoes Z_6 have?");
-    golden("mmlu_abstract_algebra_5shot.txt", &mmlu::context("abstract_algebra", &dev, &test[1]));
+    golden(
+        "mmlu_abstract_algebra_5shot.txt",
+        &mmlu::context("abstract_algebra", &dev, &test[1]),
+    );
     let test = mmlu::load(&data, "anatomy", "test").unwrap();
-    golden("mmlu_anatomy_0shot.txt", &mmlu::context("anatomy", &[], &test[1]));
-    golden("gsm8k_8shot.txt", &gsm8k::prompt("Tom has 3 apples and buys 2 more. How many apples does he have?", 8));
+    golden(
+        "mmlu_anatomy_0shot.txt",
+        &mmlu::context("anatomy", &[], &test[1]),
+    );
+    golden(
+        "gsm8k_8shot.txt",
+        &gsm8k::prompt(
+            "Tom has 3 apples and buys 2 more. How many apples does he have?",
+            8,
+        ),
+    );
     let train = sst2::load(&data.join("glue/SST-2/train.tsv")).unwrap();
     let dev = sst2::load(&data.join("glue/SST-2/dev.tsv")).unwrap();
-    golden("sst2_2shot.txt", &sst2::context(&sst2::draw_shots(&train, 2, 1234), &dev[0].sentence));
+    golden(
+        "sst2_2shot.txt",
+        &sst2::context(&sst2::draw_shots(&train, 2, 1234), &dev[0].sentence),
+    );
 }
 
 #[test]
@@ -196,21 +280,36 @@ fn every_task_runs_on_tiny_models() {
 
     let specs = tasks::parse_tasks("mmlu_abstract_algebra,mmlu_anatomy,wikitext2,sst2").unwrap();
     o.shots = Some(2);
-    let outs: Vec<_> = specs.iter().map(|s| tasks::run_task(&m, s, &o).unwrap()).collect();
+    let outs: Vec<_> = specs
+        .iter()
+        .map(|s| tasks::run_task(&m, s, &o).unwrap())
+        .collect();
     let j = eval::results_json(&outs);
     let r = &j["results"];
-    for k in ["mmlu", "mmlu_stem", "mmlu_abstract_algebra", "mmlu_anatomy", "sst2"] {
+    for k in [
+        "mmlu",
+        "mmlu_stem",
+        "mmlu_abstract_algebra",
+        "mmlu_anatomy",
+        "sst2",
+    ] {
         let acc = r[k]["acc,none"].as_f64().unwrap_or(-1.0);
         assert!((0.0..=1.0).contains(&acc), "{k}: {}", r[k]);
         assert!(r[k].get("acc_stderr,none").is_some());
     }
     assert_eq!(j["n-samples"]["mmlu_abstract_algebra"]["original"], 3);
     assert_eq!(j["n-shot"]["mmlu_anatomy"], 2);
-    assert_eq!(j["group_subtasks"]["mmlu_stem"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        j["group_subtasks"]["mmlu_stem"].as_array().unwrap().len(),
+        2
+    );
     assert!(r["wikitext2"]["word_perplexity,none"].as_f64().unwrap() > 1.0);
     assert!(j["samples"]["mmlu"].as_array().unwrap().len() == 5);
     let table = eval::format_table(&outs);
-    assert!(table.contains("| mmlu ") && table.contains("word_perplexity"), "{table}");
+    assert!(
+        table.contains("| mmlu ") && table.contains("word_perplexity"),
+        "{table}"
+    );
 
     o.shots = None;
     o.max_gen_tokens = Some(4);
@@ -229,7 +328,8 @@ fn every_task_runs_on_tiny_models() {
     let mc = tasks::run_task(&m, &TaskSpec::Jsonl(fixtures().join("jsonl/mc.jsonl")), &o).unwrap();
     assert_eq!(mc.task, "mc");
     assert!(mc.results[0].metric("acc_norm").is_some());
-    let gen = tasks::run_task(&m, &TaskSpec::Jsonl(fixtures().join("jsonl/gen.jsonl")), &o).unwrap();
+    let gen =
+        tasks::run_task(&m, &TaskSpec::Jsonl(fixtures().join("jsonl/gen.jsonl")), &o).unwrap();
     assert!(gen.results[0].metric("exact_match").is_some());
     o.shots = Some(1);
     tasks::run_task(&m, &TaskSpec::Jsonl(fixtures().join("jsonl/mc.jsonl")), &o).unwrap();
@@ -240,9 +340,13 @@ fn sst2_classifier_needs_a_head() {
     let d = tempfile::tempdir().unwrap();
     models::testing::write_tiny_bert(d.path()).unwrap();
     let mut m = Model::load(d.path().to_str().unwrap(), false).unwrap();
-    let e = tasks::run_task(&m, &TaskSpec::Sst2, &opts()).unwrap_err().to_string();
+    let e = tasks::run_task(&m, &TaskSpec::Sst2, &opts())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no classification head"), "{e}");
-    let e = tasks::run_task(&m, &TaskSpec::Wikitext2, &opts()).unwrap_err().to_string();
+    let e = tasks::run_task(&m, &TaskSpec::Wikitext2, &opts())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("needs a causal LM"), "{e}");
     if let Arch::Bert(b) = &mut m.arch {
         let w = Tensor::new(&[[0.1f32; 32], [-0.1f32; 32]], &Device::Cpu).unwrap();
@@ -262,22 +366,41 @@ fn missing_data_gives_one_line_error_naming_the_path() {
     let mut o = opts();
     o.data_dir = PathBuf::from("/nonexistent/mpolm-data");
     for (spec, file) in [
-        (TaskSpec::Wikitext2, "/nonexistent/mpolm-data/wikitext2/test.txt"),
+        (
+            TaskSpec::Wikitext2,
+            "/nonexistent/mpolm-data/wikitext2/test.txt",
+        ),
         (TaskSpec::Gsm8k, "/nonexistent/mpolm-data/gsm8k/test.jsonl"),
-        (TaskSpec::Mmlu { subjects: vec!["anatomy"] }, "/nonexistent/mpolm-data/mmlu"),
+        (
+            TaskSpec::Mmlu {
+                subjects: vec!["anatomy"],
+            },
+            "/nonexistent/mpolm-data/mmlu",
+        ),
         (TaskSpec::Sst2, "/nonexistent/mpolm-data/glue/SST-2/dev.tsv"),
-        (TaskSpec::Ifeval, "/nonexistent/mpolm-data/ifeval/input_data.jsonl"),
-        (TaskSpec::Jsonl("/nonexistent/t.jsonl".into()), "/nonexistent/t.jsonl"),
+        (
+            TaskSpec::Ifeval,
+            "/nonexistent/mpolm-data/ifeval/input_data.jsonl",
+        ),
+        (
+            TaskSpec::Jsonl("/nonexistent/t.jsonl".into()),
+            "/nonexistent/t.jsonl",
+        ),
     ] {
         let e = tasks::run_task(&m, &spec, &o).unwrap_err().to_string();
         assert!(e.starts_with(&format!("{file}: not found")), "{e}");
         assert!(e.contains("--data-dir") && !e.contains('\n'), "{e}");
     }
     // A subject file missing inside an existing data dir names that file.
-    let e = mmlu::load(&fixtures().join("data"), "virology", "test").unwrap_err().to_string();
+    let e = mmlu::load(&fixtures().join("data"), "virology", "test")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("mmlu/test/virology_test.csv: not found"), "{e}");
     // The resolution order: flag, then ../shared/data when present, else $MPOLM_DATA.
-    assert_eq!(eval::data::resolve_data_dir(Some(Path::new("/x"))), PathBuf::from("/x"));
+    assert_eq!(
+        eval::data::resolve_data_dir(Some(Path::new("/x"))),
+        PathBuf::from("/x")
+    );
 }
 
 #[test]
@@ -286,21 +409,34 @@ fn jsonl_errors_name_file_and_line() {
     let err = |text: &str| jsonl::parse(text, p).unwrap_err().to_string();
     let mc = r#"{"context": "a", "choices": [" x", " y"], "gold": 1}"#;
     assert!(err(&format!("{mc}\n{{not json")).starts_with("task.jsonl:2: invalid JSON"));
-    assert!(err(&format!("{mc}\n\n{}", r#"{"context": "a", "choices": [" x", " y"], "gold": 2}"#))
-        .starts_with("task.jsonl:3: 'gold' 2 is out of range for 2 choices"));
-    assert!(err(&format!("{mc}\n{}", r#"{"prompt": "p", "target": "t"}"#)).starts_with("task.jsonl:2: a generation line in a multiple-choice file"));
+    assert!(err(&format!(
+        "{mc}\n\n{}",
+        r#"{"context": "a", "choices": [" x", " y"], "gold": 2}"#
+    ))
+    .starts_with("task.jsonl:3: 'gold' 2 is out of range for 2 choices"));
+    assert!(
+        err(&format!("{mc}\n{}", r#"{"prompt": "p", "target": "t"}"#))
+            .starts_with("task.jsonl:2: a generation line in a multiple-choice file")
+    );
     assert!(err(r#"{"prompt": "p"}"#).starts_with("task.jsonl:1: missing 'target'"));
-    assert!(err(r#"{"prompt": "p", "target": "t", "regex": "("}"#).starts_with("task.jsonl:1: invalid 'regex'"));
-    assert!(err(r#"{"context": "a", "choices": [" x"], "gold": 0}"#).starts_with("task.jsonl:1: 'choices' needs at least 2"));
-    assert!(err(r#"{"context": "a", "choices": [" x", 3], "gold": 0}"#).starts_with("task.jsonl:1: every choice must be a string"));
-    assert!(err(r#"{"context": "a", "choices": [" x", " y"]}"#).starts_with("task.jsonl:1: missing 'gold'"));
+    assert!(err(r#"{"prompt": "p", "target": "t", "regex": "("}"#)
+        .starts_with("task.jsonl:1: invalid 'regex'"));
+    assert!(err(r#"{"context": "a", "choices": [" x"], "gold": 0}"#)
+        .starts_with("task.jsonl:1: 'choices' needs at least 2"));
+    assert!(err(r#"{"context": "a", "choices": [" x", 3], "gold": 0}"#)
+        .starts_with("task.jsonl:1: every choice must be a string"));
+    assert!(err(r#"{"context": "a", "choices": [" x", " y"]}"#)
+        .starts_with("task.jsonl:1: missing 'gold'"));
     assert!(err(r#"{"question": "?"}"#).starts_with("task.jsonl:1: a task line needs either"));
     assert!(err("[1, 2]").starts_with("task.jsonl:1: expected a JSON object"));
     assert!(err("\n\n").starts_with("task.jsonl:1: no records"));
     let docs = jsonl::parse(&format!("{mc}\n{mc}"), p).unwrap();
     assert_eq!(docs.len(), 2);
     let re = regex::Regex::new(r"answer is (\d+)").unwrap();
-    assert_eq!(jsonl::extract("so the answer is 42.", Some(&re)).as_deref(), Some("42"));
+    assert_eq!(
+        jsonl::extract("so the answer is 42.", Some(&re)).as_deref(),
+        Some("42")
+    );
     assert_eq!(jsonl::extract("nothing", Some(&re)), None);
     assert_eq!(jsonl::extract("  hi \n", None).as_deref(), Some("hi"));
 }

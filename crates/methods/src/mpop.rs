@@ -41,7 +41,10 @@ pub struct MpoLayer {
 
 impl MpoLayer {
     pub fn new(inner: MpoLinear) -> Self {
-        MpoLayer { inner, dense: std::sync::OnceLock::new() }
+        MpoLayer {
+            inner,
+            dense: std::sync::OnceLock::new(),
+        }
     }
 
     fn cached_dense(&self) -> candle_core::Result<&Tensor> {
@@ -157,14 +160,18 @@ fn truncation(b: &Budget, shape: &MpoShape) -> Truncation {
         Budget::Full => Truncation::Full,
         Budget::Bond(d) => Truncation::MaxBond(*d),
         Budget::RelError(e) => Truncation::RelError(*e),
-        Budget::ParamsRatio(r) => Truncation::MaxParams((r * shape.dense_params() as f64).round() as usize),
+        Budget::ParamsRatio(r) => {
+            Truncation::MaxParams((r * shape.dense_params() as f64).round() as usize)
+        }
     }
 }
 
 /// Replace the chosen layers of `m` with MPOs; returns one report per compressed layer.
 pub fn compress(m: &mut Model, o: &CompressOptions, progress: bool) -> Result<Vec<LayerReport>> {
     if o.n == 0 {
-        return Err(Error::Msg("--n (number of MPO sites) must be at least 1".into()));
+        return Err(Error::Msg(
+            "--n (number of MPO sites) must be at least 1".into(),
+        ));
     }
     if let Budget::ParamsRatio(r) = o.budget {
         if !(r > 0.0) {
@@ -173,7 +180,9 @@ pub fn compress(m: &mut Model, o: &CompressOptions, progress: bool) -> Result<Ve
     }
     if let Budget::RelError(e) = o.budget {
         if !(0.0..1.0).contains(&e) {
-            return Err(Error::Msg(format!("--rel-error must be in [0, 1), got {e}")));
+            return Err(Error::Msg(format!(
+                "--rel-error must be in [0, 1), got {e}"
+            )));
         }
     }
     let chosen: Vec<String> = m
@@ -184,12 +193,21 @@ pub fn compress(m: &mut Model, o: &CompressOptions, progress: bool) -> Result<Ve
         .filter(|n| o.patterns.is_empty() || o.patterns.iter().any(|p| matches(p, n)))
         .collect();
     if chosen.is_empty() {
-        return Err(Error::Msg(format!("--matrices {:?} matches no weight matrix of this model", o.patterns.join(","))));
+        return Err(Error::Msg(format!(
+            "--matrices {:?} matches no weight matrix of this model",
+            o.patterns.join(",")
+        )));
     }
-    let pb = if progress { indicatif::ProgressBar::new(chosen.len() as u64) } else { indicatif::ProgressBar::hidden() };
+    let pb = if progress {
+        indicatif::ProgressBar::new(chosen.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     pb.set_style(
-        indicatif::ProgressStyle::with_template("compressing {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "compressing {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut reports = Vec::new();
     for (name, lin) in m.linears_mut() {
@@ -207,7 +225,12 @@ pub fn compress(m: &mut Model, o: &CompressOptions, progress: bool) -> Result<Ve
         let full = Mpo::<f32>::decompose(&data, &shape)?;
         let cut = full.truncate(&truncation(&o.budget, &shape))?;
         let rel_error = cut.relative_error(&data)?;
-        let fro = data.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+        let fro = data
+            .iter()
+            .map(|x| (*x as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-30);
         reports.push(LayerReport {
             name: name.clone(),
             rows,
@@ -222,7 +245,8 @@ pub fn compress(m: &mut Model, o: &CompressOptions, progress: bool) -> Result<Ve
             Some(b) => Some(b.to_vec1()?),
             None => None,
         };
-        let layer = MpoLinear::from_mpo(&cut, bias.as_deref(), &Device::Cpu)?.with_mode(ForwardMode::Auto);
+        let layer =
+            MpoLinear::from_mpo(&cut, bias.as_deref(), &Device::Cpu)?.with_mode(ForwardMode::Auto);
         lin.replace(Box::new(MpoLayer::new(layer)));
         pb.inc(1);
     }
@@ -246,7 +270,10 @@ pub fn save(m: &Model, dir: &Path) -> Result<()> {
             let mpo: Mpo<f32> = mp.cores().to_mpo()?;
             let (man, _) = mpo.to_parts();
             for (k, t) in mp.cores().tensors().iter().enumerate() {
-                tensors.insert(format!("{name}.mpo.{}", Mpo::<f32>::core_name(k)), t.contiguous()?);
+                tensors.insert(
+                    format!("{name}.mpo.{}", Mpo::<f32>::core_name(k)),
+                    t.contiguous()?,
+                );
             }
             layers.insert(name.clone(), man);
         } else {
@@ -259,7 +286,11 @@ pub fn save(m: &Model, dir: &Path) -> Result<()> {
     for (name, t) in m.other_tensors() {
         tensors.insert(name, t.contiguous()?);
     }
-    let manifest = Manifest { format: "mpolm-mpo".into(), version: 1, layers };
+    let manifest = Manifest {
+        format: "mpolm-mpo".into(),
+        version: 1,
+        layers,
+    };
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Msg(e.to_string()))?;
     models::export::write_hf_dir(m, dir, &tensors, &[(MANIFEST, text)])?;
     Ok(())
@@ -271,7 +302,8 @@ pub fn save(m: &Model, dir: &Path) -> Result<()> {
 pub fn load(dir: &Path) -> Result<Model> {
     let mpath = dir.join(MANIFEST);
     let text = std::fs::read_to_string(&mpath).map_err(|e| models::Error::io(&mpath, e))?;
-    let man: Manifest = serde_json::from_str(&text).map_err(|e| models::Error::config(&mpath, format!("invalid manifest: {e}")))?;
+    let man: Manifest = serde_json::from_str(&text)
+        .map_err(|e| models::Error::config(&mpath, format!("invalid manifest: {e}")))?;
     let st_path = dir.join("model.safetensors");
     let mut tensors = models::weights::load_safetensors(&st_path)?;
     let mut cores_of: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
@@ -279,28 +311,60 @@ pub fn load(dir: &Path) -> Result<Model> {
         let mut cores = Vec::new();
         for (k, shp) in lm.core_shapes.iter().enumerate() {
             let key = format!("{name}.mpo.{}", Mpo::<f32>::core_name(k));
-            let t = tensors.remove(&key).ok_or_else(|| models::Error::MissingTensor { path: st_path.clone(), name: key.clone() })?;
+            let t = tensors
+                .remove(&key)
+                .ok_or_else(|| models::Error::MissingTensor {
+                    path: st_path.clone(),
+                    name: key.clone(),
+                })?;
             if t.dims() != shp {
-                return Err(models::Error::Shape { path: st_path.clone(), name: key, expected: shp.to_vec(), got: t.dims().to_vec() }.into());
+                return Err(models::Error::Shape {
+                    path: st_path.clone(),
+                    name: key,
+                    expected: shp.to_vec(),
+                    got: t.dims().to_vec(),
+                }
+                .into());
             }
             cores.push(t);
         }
-        let mpo = Mpo::<f32>::from_parts(lm, cores.iter().map(|c| c.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<Vec<_>>>()?)
-            .map_err(|e| models::Error::config(&mpath, format!("layer {name}: {e}")))?;
+        let mpo = Mpo::<f32>::from_parts(
+            lm,
+            cores
+                .iter()
+                .map(|c| c.flatten_all()?.to_vec1::<f32>())
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        )
+        .map_err(|e| models::Error::config(&mpath, format!("layer {name}: {e}")))?;
         let shape = mpo.shape();
         let dense = mpo::dense_from_cores(&cores, &shape)?;
         tensors.insert(format!("{name}.weight"), dense);
         cores_of.insert(name.clone(), cores);
     }
     if let Some(extra) = tensors.keys().find(|k| k.contains(".mpo.core_")) {
-        return Err(models::Error::config(&mpath, format!("tensor '{extra}' is not described by the manifest")).into());
+        return Err(models::Error::config(
+            &mpath,
+            format!("tensor '{extra}' is not described by the manifest"),
+        )
+        .into());
     }
     // Build the architecture from the contracted weights, then put the MPO layers back.
-    let src = models::hub::ModelSource { name: dir.display().to_string(), format: models::hub::Format::HfDir, path: dir.to_path_buf() };
-    let mut m = models::model::Model::from_weights(src, models::weights::Weights::new(tensors, &st_path))?;
+    let src = models::hub::ModelSource {
+        name: dir.display().to_string(),
+        format: models::hub::Format::HfDir,
+        path: dir.to_path_buf(),
+    };
+    let mut m =
+        models::model::Model::from_weights(src, models::weights::Weights::new(tensors, &st_path))?;
     for (name, lin) in m.linears_mut() {
         if let (Some(lm), Some(cores)) = (man.layers.get(&name), cores_of.get(&name)) {
-            let mpo = Mpo::<f32>::from_parts(lm, cores.iter().map(|c| c.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<Vec<_>>>()?)?;
+            let mpo = Mpo::<f32>::from_parts(
+                lm,
+                cores
+                    .iter()
+                    .map(|c| c.flatten_all()?.to_vec1::<f32>())
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            )?;
             let bias: Option<Vec<f32>> = match lin.bias() {
                 Some(b) => Some(b.to_vec1()?),
                 None => None,
@@ -309,9 +373,17 @@ pub fn load(dir: &Path) -> Result<Model> {
             lin.replace(Box::new(MpoLayer::new(layer)));
         }
     }
-    let missing: Vec<&String> = man.layers.keys().filter(|n| !m.linears().iter().any(|(k, _)| k == *n)).collect();
+    let missing: Vec<&String> = man
+        .layers
+        .keys()
+        .filter(|n| !m.linears().iter().any(|(k, _)| k == *n))
+        .collect();
     if !missing.is_empty() {
-        return Err(models::Error::config(&mpath, format!("manifest names layers the model does not have: {missing:?}")).into());
+        return Err(models::Error::config(
+            &mpath,
+            format!("manifest names layers the model does not have: {missing:?}"),
+        )
+        .into());
     }
     Ok(m)
 }

@@ -11,11 +11,25 @@ fn logits(m: &Model) -> Tensor {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn opts(budget: Budget) -> CompressOptions {
-    CompressOptions { shapes: Shapes::Auto, n: 3, budget, patterns: vec![] }
+    CompressOptions {
+        shapes: Shapes::Auto,
+        n: 3,
+        budget,
+        patterns: vec![],
+    }
 }
 
 fn tiny(qwen2: bool) -> (tempfile::TempDir, Model) {
@@ -37,7 +51,10 @@ fn full_bond_compression_is_exact_and_keeps_tying() {
         }
         assert!(m.linears().iter().all(|(_, l)| l.kind() == "mpo"));
         if !qwen2 {
-            assert!(m.llama().unwrap().lm_head.is_none(), "tied head stays tied to the (MPO) embedding");
+            assert!(
+                m.llama().unwrap().lm_head.is_none(),
+                "tied head stays tied to the (MPO) embedding"
+            );
         }
         let d = max_abs(&logits(&m), &want);
         assert!(d < 1e-3, "qwen2={qwen2}: {d}");
@@ -49,31 +66,68 @@ fn params_ratio_budget_is_respected_and_error_within_bound() {
     let (_d, mut m) = tiny(false);
     let reps = mpop::compress(&mut m, &opts(Budget::ParamsRatio(0.5)), false).unwrap();
     for r in &reps {
-        assert!(r.mpo_params as f64 <= 0.5 * r.dense_params as f64 + 1.0, "{r:?}");
-        assert!(r.rel_error <= r.rel_error_bound * (1.0 + 1e-4) + 1e-6, "{r:?}");
+        assert!(
+            r.mpo_params as f64 <= 0.5 * r.dense_params as f64 + 1.0,
+            "{r:?}"
+        );
+        assert!(
+            r.rel_error <= r.rel_error_bound * (1.0 + 1e-4) + 1e-6,
+            "{r:?}"
+        );
         assert!(r.rel_error > 0.0);
     }
     let mut m2 = Model::load(_d.path().join("m").to_str().unwrap(), false).unwrap();
-    let e = mpop::compress(&mut m2, &CompressOptions { patterns: vec!["nothing".into()], ..opts(Budget::Full) }, false).unwrap_err();
+    let e = mpop::compress(
+        &mut m2,
+        &CompressOptions {
+            patterns: vec!["nothing".into()],
+            ..opts(Budget::Full)
+        },
+        false,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("matches no weight matrix"), "{e}");
 }
 
 #[test]
 fn checkpoint_and_dense_export_round_trip() {
     let (d, mut m) = tiny(false);
-    mpop::compress(&mut m, &CompressOptions { patterns: vec!["mlp".into(), "q_proj".into()], ..opts(Budget::Bond(3)) }, false).unwrap();
+    mpop::compress(
+        &mut m,
+        &CompressOptions {
+            patterns: vec!["mlp".into(), "q_proj".into()],
+            ..opts(Budget::Bond(3))
+        },
+        false,
+    )
+    .unwrap();
     let want = logits(&m);
     let ck = d.path().join("ck");
     mpop::save(&m, &ck).unwrap();
     let back = mpop::load(&ck).unwrap();
-    assert_eq!(back.linears().iter().filter(|(_, l)| l.kind() == "mpo").count(), 2 * 4);
+    assert_eq!(
+        back.linears()
+            .iter()
+            .filter(|(_, l)| l.kind() == "mpo")
+            .count(),
+        2 * 4
+    );
     assert_eq!(back.total_params(), m.total_params());
     assert!(max_abs(&logits(&back), &want) < 1e-5);
     // Saving again into the same directory is refused (nothing overwritten).
-    assert!(mpop::save(&m, &ck).unwrap_err().to_string().contains("not empty"));
+    assert!(mpop::save(&m, &ck)
+        .unwrap_err()
+        .to_string()
+        .contains("not empty"));
 
     let dense = d.path().join("dense");
-    models::export::write_hf_dir(&back, &dense, &models::export::dense_state_dict(&back).unwrap(), &[]).unwrap();
+    models::export::write_hf_dir(
+        &back,
+        &dense,
+        &models::export::dense_state_dict(&back).unwrap(),
+        &[],
+    )
+    .unwrap();
     let plain = Model::load(dense.to_str().unwrap(), false).unwrap();
     assert!(plain.linears().iter().all(|(_, l)| l.kind() == "dense"));
     assert!(max_abs(&logits(&plain), &want) < 1e-4);
@@ -82,7 +136,15 @@ fn checkpoint_and_dense_export_round_trip() {
 #[test]
 fn checkpoint_that_disagrees_with_its_manifest_is_refused() {
     let (d, mut m) = tiny(false);
-    mpop::compress(&mut m, &CompressOptions { patterns: vec!["layers.0.mlp.up_proj".into()], ..opts(Budget::Full) }, false).unwrap();
+    mpop::compress(
+        &mut m,
+        &CompressOptions {
+            patterns: vec!["layers.0.mlp.up_proj".into()],
+            ..opts(Budget::Full)
+        },
+        false,
+    )
+    .unwrap();
     let ck = d.path().join("ck");
     mpop::save(&m, &ck).unwrap();
     let mf = ck.join(mpop::MANIFEST);
@@ -93,10 +155,16 @@ fn checkpoint_that_disagrees_with_its_manifest_is_refused() {
     layer["core_shapes"][0][3] = serde_json::json!(s0 + 1);
     std::fs::write(&mf, v.to_string()).unwrap();
     let e = mpop::load(&ck).unwrap_err().to_string();
-    assert!(e.contains("model.layers.0.mlp.up_proj.mpo.core_0") && e.contains("shape"), "{e}");
+    assert!(
+        e.contains("model.layers.0.mlp.up_proj.mpo.core_0") && e.contains("shape"),
+        "{e}"
+    );
     std::fs::write(&mf, "{ broken").unwrap();
     let e = mpop::load(&ck).unwrap_err().to_string();
-    assert!(e.contains("mpo_manifest.json") && e.contains("invalid manifest"), "{e}");
+    assert!(
+        e.contains("mpo_manifest.json") && e.contains("invalid manifest"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -8,14 +8,18 @@ use models::LinearLayer;
 fn lcg(seed: u64) -> impl FnMut() -> f64 {
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
     move || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((s >> 11) as f64) / ((1u64 << 53) as f64)
     }
 }
 
 fn randn(n: usize, seed: u64) -> Vec<f32> {
     let mut r = lcg(seed);
-    (0..n).map(|_| ((0..4).map(|_| r() - 0.5).sum::<f64>() * 1.732) as f32).collect()
+    (0..n)
+        .map(|_| ((0..4).map(|_| r() - 0.5).sum::<f64>() * 1.732) as f32)
+        .collect()
 }
 
 #[test]
@@ -23,26 +27,65 @@ fn packing_round_trips_exactly() {
     for bits in [2u32, 3, 4, 8] {
         let (n, cols) = (96usize, 64usize);
         let mut r = lcg(bits as u64);
-        let vals: Vec<u32> = (0..n * cols).map(|_| (r() * (1u64 << bits) as f64) as u32).collect();
+        let vals: Vec<u32> = (0..n * cols)
+            .map(|_| (r() * (1u64 << bits) as f64) as u32)
+            .collect();
         let w = pack::pack_rows(&vals, n, cols, bits).unwrap();
         assert_eq!(w.len(), n * bits as usize / 32 * cols);
-        assert_eq!(pack::unpack_rows(&w, n, cols, bits).unwrap(), vals, "rows, {bits} bits");
+        assert_eq!(
+            pack::unpack_rows(&w, n, cols, bits).unwrap(),
+            vals,
+            "rows, {bits} bits"
+        );
         let z = pack::pack_cols(&vals, cols, n, bits).unwrap();
-        assert_eq!(pack::unpack_cols(&z, cols, n, bits).unwrap(), vals, "cols, {bits} bits");
+        assert_eq!(
+            pack::unpack_cols(&z, cols, n, bits).unwrap(),
+            vals,
+            "cols, {bits} bits"
+        );
     }
 }
 
 #[test]
 fn packing_matches_autogptq_reference() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/quant/pack_reference.json");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let flat_u = |x: &serde_json::Value| -> Vec<u32> { x.as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|e| e.as_i64().unwrap() as i32 as u32)).collect() };
-    let flat_f = |x: &serde_json::Value| -> Vec<f32> { x.as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|e| e.as_f64().unwrap() as f32)).collect() };
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/quant/pack_reference.json"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let flat_u = |x: &serde_json::Value| -> Vec<u32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e.as_i64().unwrap() as i32 as u32)
+            })
+            .collect()
+    };
+    let flat_f = |x: &serde_json::Value| -> Vec<f32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e.as_f64().unwrap() as f32)
+            })
+            .collect()
+    };
     let cases = v["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 4);
     for c in cases {
         let bits = c["bits"].as_u64().unwrap() as u32;
-        let (n_in, n_out) = (c["in"].as_u64().unwrap() as usize, c["out"].as_u64().unwrap() as usize);
+        let (n_in, n_out) = (
+            c["in"].as_u64().unwrap() as usize,
+            c["out"].as_u64().unwrap() as usize,
+        );
         let q = flat_u(&c["q"]);
         let zeros = flat_u(&c["zeros"]);
         let groups = zeros.len() / n_out;
@@ -52,8 +95,23 @@ fn packing_matches_autogptq_reference() {
         let qzeros = pack::pack_cols(&zm1, groups, n_out, bits).unwrap();
         assert_eq!(qzeros, flat_u(&c["qzeros"]), "qzeros, {bits} bits");
         // Loading the reference arrays and dequantising gives the reference weight.
-        let g_idx: Vec<u32> = c["g_idx"].as_array().unwrap().iter().map(|e| e.as_u64().unwrap() as u32).collect();
-        let ql = QuantLinear::from_packed(bits, n_in, n_out, flat_u(&c["qweight"]), flat_u(&c["qzeros"]), flat_f(&c["scales"]), g_idx, None).unwrap();
+        let g_idx: Vec<u32> = c["g_idx"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_u64().unwrap() as u32)
+            .collect();
+        let ql = QuantLinear::from_packed(
+            bits,
+            n_in,
+            n_out,
+            flat_u(&c["qweight"]),
+            flat_u(&c["qzeros"]),
+            flat_f(&c["scales"]),
+            g_idx,
+            None,
+        )
+        .unwrap();
         let wt = ql.dequant_t(); // [in, out]
         assert_eq!(wt, flat_f(&c["dequant"]), "dequant, {bits} bits");
         assert_eq!(ql.codes(), q);
@@ -100,19 +158,43 @@ fn gptq_beats_rtn_on_a_random_layer() {
     let x = correlated_inputs(tokens, n, 11);
     let mut h = gptq::Hessian::new(n);
     let xt = Tensor::from_vec(x.clone(), (tokens, n), &Device::Cpu).unwrap();
-    let xtx = xt.t().unwrap().matmul(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let xtx = xt
+        .t()
+        .unwrap()
+        .matmul(&xt)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     h.add_xtx(&xtx, tokens);
     for bits in [2u32, 3, 4] {
         for (gs, act) in [(0usize, false), (32, false), (32, true)] {
-            let g = gptq::Grid { bits, group_size: gs, sym: false };
+            let g = gptq::Grid {
+                bits,
+                group_size: gs,
+                sym: false,
+            };
             let p = gptq::prepare(&h.finish(), n, 0.01, act).unwrap();
             let r = gptq::rtn(&w, out, n, &g).unwrap();
             let q = gptq::gptq(&w, out, n, &g, &p, 32).unwrap();
-            let (er, eq) = (out_err(&x, &w, &r.dequant(), tokens, n, out), out_err(&x, &w, &q.dequant(), tokens, n, out));
-            assert!(eq < 0.9 * er, "bits {bits} group {gs} act-order {act}: GPTQ output error {eq} not below RTN {er}");
+            let (er, eq) = (
+                out_err(&x, &w, &r.dequant(), tokens, n, out),
+                out_err(&x, &w, &q.dequant(), tokens, n, out),
+            );
+            assert!(
+                eq < 0.9 * er,
+                "bits {bits} group {gs} act-order {act}: GPTQ output error {eq} not below RTN {er}"
+            );
             // Packed layer reproduces the unpacked dequantisation.
             let ql = QuantLinear::from_quantized(&q, bits, None).unwrap();
-            let wq = ql.weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let wq = ql
+                .weight()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             assert_eq!(wq, q.dequant());
         }
     }
@@ -123,14 +205,34 @@ fn dequantised_matmul_equals_dense_matmul_of_dequantised_weights() {
     let (n, out) = (96usize, 64usize);
     let w = randn(out * n, 3);
     for bits in [2u32, 3, 4, 8] {
-        let q = gptq::rtn(&w, out, n, &gptq::Grid { bits, group_size: 32, sym: bits == 4 }).unwrap();
+        let q = gptq::rtn(
+            &w,
+            out,
+            n,
+            &gptq::Grid {
+                bits,
+                group_size: 32,
+                sym: bits == 4,
+            },
+        )
+        .unwrap();
         let bias = Tensor::from_vec(randn(out, 5), out, &Device::Cpu).unwrap();
         let ql = QuantLinear::from_quantized(&q, bits, Some(bias.clone())).unwrap();
         let x = Tensor::from_vec(randn(2 * 5 * n, 9), (2, 5, n), &Device::Cpu).unwrap();
         let y = ql.forward(&x).unwrap();
         let wd = Tensor::from_vec(q.dequant(), (out, n), &Device::Cpu).unwrap();
-        let yref = models::linear::matmul_t(&x, &wd).unwrap().broadcast_add(&bias).unwrap();
-        let d = (y - yref).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let yref = models::linear::matmul_t(&x, &wd)
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let d = (y - yref)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-4, "{bits} bits: max |Δ| {d}");
         // The grid is the issue's: every dequantised value is s·(q − z) with q in range.
         assert!(ql.codes().iter().all(|&c| c < (1 << bits)));
@@ -145,12 +247,24 @@ fn tiny() -> (tempfile::TempDir, std::path::PathBuf) {
 }
 
 fn calib_text() -> String {
-    (0..200).map(|i| format!("the cat {i} sat on the mat and then the dog ran in the hall. ")).collect()
+    (0..200)
+        .map(|i| format!("the cat {i} sat on the mat and then the dog ran in the hall. "))
+        .collect()
 }
 
 fn logits(m: &models::Model, ids: &[u32]) -> Vec<f32> {
-    let t = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    m.llama().unwrap().forward(&t, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    let t = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.llama()
+        .unwrap()
+        .forward(&t, None)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -160,38 +274,88 @@ fn tiny_model_gptq_save_load_generate() {
     let ids: Vec<u32> = m.tokenizer.encode("the cat sat on the mat", false).unwrap();
     let base = logits(&m, &ids);
     let calib = quant::calib::calibration_samples(&m, &calib_text(), 8, 32, 0).unwrap();
-    let o = QuantOptions { bits: 4, group_size: 16, act_order: true, ..Default::default() };
+    let o = QuantOptions {
+        bits: 4,
+        group_size: 16,
+        act_order: true,
+        ..Default::default()
+    };
     let reps = quant::quantize_model(&mut m, &o, Some(&calib), false).unwrap();
     assert_eq!(reps.len(), 14);
     assert!(reps.iter().all(|r| r.kind == "gptq4" && r.loss.is_finite()));
-    assert_eq!(m.linears().iter().filter(|(_, l)| l.kind() == "gptq4").count(), 14);
+    assert_eq!(
+        m.linears()
+            .iter()
+            .filter(|(_, l)| l.kind() == "gptq4")
+            .count(),
+        14
+    );
     let ql = logits(&m, &ids);
-    let diff = base.iter().zip(&ql).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let diff = base
+        .iter()
+        .zip(&ql)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     let scale = base.iter().fold(0f32, |a, b| a.max(b.abs()));
-    assert!(diff > 0.0 && diff < 0.3 * scale, "4-bit logits moved by {diff} (max |logit| {scale})");
+    assert!(
+        diff > 0.0 && diff < 0.3 * scale,
+        "4-bit logits moved by {diff} (max |logit| {scale})"
+    );
     let out = d.path().join("q4");
     let cfg = quant::QuantizeConfig {
-        bits: 4, group_size: 16, damp_percent: 0.01, desc_act: true, sym: false, true_sequential: true,
-        quant_method: "gptq".into(), checkpoint_format: "gptq".into(), mpolm_method: "gptq".into(), mpolm_fp16_modules: vec![],
+        bits: 4,
+        group_size: 16,
+        damp_percent: 0.01,
+        desc_act: true,
+        sym: false,
+        true_sequential: true,
+        quant_method: "gptq".into(),
+        checkpoint_format: "gptq".into(),
+        mpolm_method: "gptq".into(),
+        mpolm_fp16_modules: vec![],
     };
     quant::save_quantized(&m, &out, &cfg).unwrap();
     assert!(quant::is_quantized_dir(&out));
-    let qc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("quantize_config.json")).unwrap()).unwrap();
+    let qc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("quantize_config.json")).unwrap())
+            .unwrap();
     assert_eq!(qc["quant_method"], "gptq");
     assert_eq!(qc["desc_act"], true);
     let st = models::weights::load_safetensors(&out.join("model.safetensors")).unwrap();
-    assert_eq!(st["model.layers.0.self_attn.q_proj.qweight"].dims(), &[4, 32]);
+    assert_eq!(
+        st["model.layers.0.self_attn.q_proj.qweight"].dims(),
+        &[4, 32]
+    );
     assert_eq!(st["model.layers.0.self_attn.q_proj.qzeros"].dims(), &[2, 4]);
-    assert_eq!(st["model.layers.0.self_attn.q_proj.scales"].dims(), &[2, 32]);
+    assert_eq!(
+        st["model.layers.0.self_attn.q_proj.scales"].dims(),
+        &[2, 32]
+    );
     assert_eq!(st["model.layers.0.self_attn.q_proj.g_idx"].dims(), &[32]);
     assert!(!st.contains_key("model.layers.0.self_attn.q_proj.weight"));
     let m2 = quant::load_quantized(&out).unwrap();
-    assert_eq!(m2.linears().iter().filter(|(_, l)| l.kind() == "gptq4").count(), 14);
+    assert_eq!(
+        m2.linears()
+            .iter()
+            .filter(|(_, l)| l.kind() == "gptq4")
+            .count(),
+        14
+    );
     // Packed layers are bit-identical; only the f16 storage of the embedding/norms differs.
     let l2 = logits(&m2, &ids);
-    let diff2 = ql.iter().zip(&l2).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let diff2 = ql
+        .iter()
+        .zip(&l2)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(diff2 < 2e-2, "reloaded logits differ by {diff2}");
-    let sp = models::generate::SamplingParams { max_new_tokens: 5, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids: vec![] };
+    let sp = models::generate::SamplingParams {
+        max_new_tokens: 5,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        stop_ids: vec![],
+    };
     let (toks, _) = models::generate::generate(m2.llama().unwrap(), &ids, &sp, |_| {}).unwrap();
     assert!(!toks.is_empty());
     assert!(quant::total_bits(&m2, 16) < quant::total_bits(&m2, 32));
@@ -204,23 +368,50 @@ fn tiny_model_rtn8_is_close_and_keep_fp16_works() {
     let ids: Vec<u32> = base_m.tokenizer.encode("the dog ran", false).unwrap();
     let base = logits(&base_m, &ids);
     let mut m = models::Model::load(p.to_str().unwrap(), false).unwrap();
-    let o = QuantOptions { method: quant::calib::Method::Rtn, bits: 8, group_size: 0, keep: KeepFp16::parse("attn").unwrap(), ..Default::default() };
+    let o = QuantOptions {
+        method: quant::calib::Method::Rtn,
+        bits: 8,
+        group_size: 0,
+        keep: KeepFp16::parse("attn").unwrap(),
+        ..Default::default()
+    };
     let reps = quant::quantize_model(&mut m, &o, None, false).unwrap();
     assert_eq!(reps.iter().filter(|r| r.kind == "fp16").count(), 8);
     assert_eq!(reps.iter().filter(|r| r.kind == "rtn8").count(), 6);
-    let d = base.iter().zip(&logits(&m, &ids)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let d = base
+        .iter()
+        .zip(&logits(&m, &ids))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     let scale = base.iter().fold(0f32, |a, b| a.max(b.abs()));
-    assert!(d < 0.01 * scale, "8-bit RTN moved logits by {d} (max |logit| {scale})");
+    assert!(
+        d < 0.01 * scale,
+        "8-bit RTN moved logits by {d} (max |logit| {scale})"
+    );
     // crucial:N keeps the N largest-error projections in fp16.
     let mut m = models::Model::load(p.to_str().unwrap(), false).unwrap();
     let calib = quant::calib::calibration_samples(&m, &calib_text(), 4, 32, 1).unwrap();
-    let o = QuantOptions { bits: 2, group_size: 16, keep: KeepFp16::Crucial(3), ..Default::default() };
+    let o = QuantOptions {
+        bits: 2,
+        group_size: 16,
+        keep: KeepFp16::Crucial(3),
+        ..Default::default()
+    };
     let reps = quant::quantize_model(&mut m, &o, Some(&calib), false).unwrap();
     let kept: Vec<_> = reps.iter().filter(|r| r.kind == "fp16").collect();
     assert_eq!(kept.len(), 3);
     let min_kept = kept.iter().map(|r| r.loss).fold(f64::INFINITY, f64::min);
-    assert!(reps.iter().filter(|r| r.kind == "gptq2").all(|r| r.loss <= min_kept));
-    assert_eq!(m.linears().iter().filter(|(_, l)| l.kind() == "dense").count(), 3 + 1);
+    assert!(reps
+        .iter()
+        .filter(|r| r.kind == "gptq2")
+        .all(|r| r.loss <= min_kept));
+    assert_eq!(
+        m.linears()
+            .iter()
+            .filter(|(_, l)| l.kind() == "dense")
+            .count(),
+        3 + 1
+    );
 }
 
 #[test]
@@ -228,21 +419,63 @@ fn bad_inputs_give_clear_errors() {
     let err = pack::pack_rows(&[0; 32], 32, 1, 5).unwrap_err().to_string();
     assert!(err.contains("unsupported bit width 5"), "{err}");
     let w = randn(32 * 48, 1);
-    let err = gptq::rtn(&w, 32, 48, &gptq::Grid { bits: 4, group_size: 32, sym: false }).unwrap_err().to_string();
-    assert!(err.contains("group size 32 does not divide in_features 48"), "{err}");
+    let err = gptq::rtn(
+        &w,
+        32,
+        48,
+        &gptq::Grid {
+            bits: 4,
+            group_size: 32,
+            sym: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("group size 32 does not divide in_features 48"),
+        "{err}"
+    );
     let (_d, p) = tiny();
     let mut m = models::Model::load(p.to_str().unwrap(), false).unwrap();
-    let o = QuantOptions { bits: 5, ..Default::default() };
-    let err = quant::quantize_model(&mut m, &o, None, false).unwrap_err().to_string();
+    let o = QuantOptions {
+        bits: 5,
+        ..Default::default()
+    };
+    let err = quant::quantize_model(&mut m, &o, None, false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("unsupported bit width 5"), "{err}");
-    let o = QuantOptions { bits: 4, group_size: 24, ..Default::default() };
-    let err = quant::quantize_model(&mut m, &o, None, false).unwrap_err().to_string();
-    assert!(err.contains("--group-size 24 does not divide in_features 32"), "{err}");
-    let o = QuantOptions { bits: 4, group_size: 16, ..Default::default() };
-    let err = quant::quantize_model(&mut m, &o, None, false).unwrap_err().to_string();
+    let o = QuantOptions {
+        bits: 4,
+        group_size: 24,
+        ..Default::default()
+    };
+    let err = quant::quantize_model(&mut m, &o, None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--group-size 24 does not divide in_features 32"),
+        "{err}"
+    );
+    let o = QuantOptions {
+        bits: 4,
+        group_size: 16,
+        ..Default::default()
+    };
+    let err = quant::quantize_model(&mut m, &o, None, false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("GPTQ needs calibration data"), "{err}");
-    let err = quant::read_text(std::path::Path::new("/nonexistent/calib.txt"), "calibration").unwrap_err().to_string();
-    assert!(err.contains("/nonexistent/calib.txt") && err.contains("calibration"), "{err}");
+    let err = quant::read_text(
+        std::path::Path::new("/nonexistent/calib.txt"),
+        "calibration",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("/nonexistent/calib.txt") && err.contains("calibration"),
+        "{err}"
+    );
     let err = KeepFp16::parse("attn,foo").unwrap_err().to_string();
     assert!(err.contains("unknown part 'foo'"), "{err}");
     let err = quant::load_quantized(&p).unwrap_err().to_string();
@@ -256,7 +489,15 @@ fn timing_gptq_smollm2_down_proj() {
     let (n, out, tokens) = (1536usize, 576usize, 1024usize);
     let x = correlated_inputs(tokens, n, 1);
     let xt = Tensor::from_vec(x, (tokens, n), &Device::Cpu).unwrap();
-    let xtx = xt.t().unwrap().matmul(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let xtx = xt
+        .t()
+        .unwrap()
+        .matmul(&xt)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let mut h = gptq::Hessian::new(n);
     h.add_xtx(&xtx, tokens);
     let t = std::time::Instant::now();
@@ -264,6 +505,18 @@ fn timing_gptq_smollm2_down_proj() {
     eprintln!("prepare {n}: {:.2}s", t.elapsed().as_secs_f64());
     let w = randn(out * n, 2);
     let t = std::time::Instant::now();
-    gptq::gptq(&w, out, n, &gptq::Grid { bits: 4, group_size: 64, sym: false }, &p, 128).unwrap();
+    gptq::gptq(
+        &w,
+        out,
+        n,
+        &gptq::Grid {
+            bits: 4,
+            group_size: 64,
+            sym: false,
+        },
+        &p,
+        128,
+    )
+    .unwrap();
     eprintln!("gptq {out}x{n}: {:.2}s", t.elapsed().as_secs_f64());
 }

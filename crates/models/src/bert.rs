@@ -18,7 +18,11 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn load(w: &Weights, name: &str, h: usize, eps: f64) -> Result<Self> {
-        Ok(LayerNorm { w: w.get(&format!("{name}.weight"), &[h])?, b: w.get(&format!("{name}.bias"), &[h])?, eps })
+        Ok(LayerNorm {
+            w: w.get(&format!("{name}.weight"), &[h])?,
+            b: w.get(&format!("{name}.bias"), &[h])?,
+            eps,
+        })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::layer_norm(x, &self.w, &self.b, self.eps)?)
@@ -52,17 +56,34 @@ pub struct Bert {
 }
 
 fn lin(w: &Weights, name: &str, out_f: usize, in_f: usize) -> Result<Linear> {
-    Ok(Linear::dense(w.get(&format!("{name}.weight"), &[out_f, in_f])?, Some(w.get(&format!("{name}.bias"), &[out_f])?)))
+    Ok(Linear::dense(
+        w.get(&format!("{name}.weight"), &[out_f, in_f])?,
+        Some(w.get(&format!("{name}.bias"), &[out_f])?),
+    ))
 }
 
 impl Bert {
     pub fn new(cfg: BertConfig, w: &Weights) -> Result<Self> {
-        let prefix = if w.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" }.to_string();
+        let prefix = if w.contains("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else {
+            ""
+        }
+        .to_string();
         let (h, inter, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         let p = |s: &str| format!("{prefix}{s}");
-        let word = w.get(&p("embeddings.word_embeddings.weight"), &[cfg.vocab_size, h])?;
-        let position_embeddings = w.get(&p("embeddings.position_embeddings.weight"), &[cfg.max_position_embeddings, h])?;
-        let token_type_embeddings = w.get(&p("embeddings.token_type_embeddings.weight"), &[cfg.type_vocab_size, h])?;
+        let word = w.get(
+            &p("embeddings.word_embeddings.weight"),
+            &[cfg.vocab_size, h],
+        )?;
+        let position_embeddings = w.get(
+            &p("embeddings.position_embeddings.weight"),
+            &[cfg.max_position_embeddings, h],
+        )?;
+        let token_type_embeddings = w.get(
+            &p("embeddings.token_type_embeddings.weight"),
+            &[cfg.type_vocab_size, h],
+        )?;
         let emb_ln = LayerNorm::load(w, &p("embeddings.LayerNorm"), h, eps)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -78,7 +99,11 @@ impl Bert {
                 out_ln: LayerNorm::load(w, &format!("{l}.output.LayerNorm"), h, eps)?,
             });
         }
-        let pooler = if w.contains(&p("pooler.dense.weight")) { Some(lin(w, &p("pooler.dense"), h, h)?) } else { None };
+        let pooler = if w.contains(&p("pooler.dense.weight")) {
+            Some(lin(w, &p("pooler.dense"), h, h)?)
+        } else {
+            None
+        };
         let classifier = match (w.contains("classifier.weight"), cfg.num_labels) {
             (true, n) => {
                 let n = n.unwrap_or_else(|| w.tensors["classifier.weight"].dims()[0]);
@@ -106,7 +131,10 @@ impl Bert {
 
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let p = self.prefix.clone();
-        let mut v: Vec<(String, &mut Linear)> = vec![(format!("{p}embeddings.word_embeddings"), &mut self.word_embeddings)];
+        let mut v: Vec<(String, &mut Linear)> = vec![(
+            format!("{p}embeddings.word_embeddings"),
+            &mut self.word_embeddings,
+        )];
         for (i, l) in self.layers.iter_mut().enumerate() {
             let n = format!("{p}encoder.layer.{i}");
             v.push((format!("{n}.attention.self.query"), &mut l.query));
@@ -127,7 +155,10 @@ impl Bert {
 
     pub fn linears(&self) -> Vec<(String, &Linear)> {
         let p = self.prefix.clone();
-        let mut v: Vec<(String, &Linear)> = vec![(format!("{p}embeddings.word_embeddings"), &self.word_embeddings)];
+        let mut v: Vec<(String, &Linear)> = vec![(
+            format!("{p}embeddings.word_embeddings"),
+            &self.word_embeddings,
+        )];
         for (i, l) in self.layers.iter().enumerate() {
             let n = format!("{p}encoder.layer.{i}");
             v.push((format!("{n}.attention.self.query"), &l.query));
@@ -150,14 +181,23 @@ impl Bert {
     pub fn other_tensors(&self) -> Vec<(String, &Tensor)> {
         let p = &self.prefix;
         let mut v = vec![
-            (format!("{p}embeddings.position_embeddings.weight"), &self.position_embeddings),
-            (format!("{p}embeddings.token_type_embeddings.weight"), &self.token_type_embeddings),
+            (
+                format!("{p}embeddings.position_embeddings.weight"),
+                &self.position_embeddings,
+            ),
+            (
+                format!("{p}embeddings.token_type_embeddings.weight"),
+                &self.token_type_embeddings,
+            ),
             (format!("{p}embeddings.LayerNorm.weight"), &self.emb_ln.w),
             (format!("{p}embeddings.LayerNorm.bias"), &self.emb_ln.b),
         ];
         for (i, l) in self.layers.iter().enumerate() {
             let n = format!("{p}encoder.layer.{i}");
-            v.push((format!("{n}.attention.output.LayerNorm.weight"), &l.attn_ln.w));
+            v.push((
+                format!("{n}.attention.output.LayerNorm.weight"),
+                &l.attn_ln.w,
+            ));
             v.push((format!("{n}.attention.output.LayerNorm.bias"), &l.attn_ln.b));
             v.push((format!("{n}.output.LayerNorm.weight"), &l.out_ln.w));
             v.push((format!("{n}.output.LayerNorm.bias"), &l.out_ln.b));
@@ -166,23 +206,44 @@ impl Bert {
     }
 
     /// Last hidden states [b, t, hidden]. `mask` [b, t]: 1 for tokens, 0 for padding.
-    pub fn forward(&self, ids: &Tensor, token_type_ids: Option<&Tensor>, mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let h = self.cfg.hidden_size;
         if t > self.cfg.max_position_embeddings {
-            crate::bail!("input of {t} tokens exceeds max_position_embeddings {}", self.cfg.max_position_embeddings);
+            crate::bail!(
+                "input of {t} tokens exceeds max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            );
         }
-        let words = self.word_embeddings.embed(&ids.flatten_all()?)?.reshape((b, t, h))?;
+        let words = self
+            .word_embeddings
+            .embed(&ids.flatten_all()?)?
+            .reshape((b, t, h))?;
         let pos = self.position_embeddings.narrow(0, 0, t)?.unsqueeze(0)?;
         let types = match token_type_ids {
-            Some(tt) => self.token_type_embeddings.index_select(&tt.flatten_all()?, 0)?.reshape((b, t, h))?,
-            None => self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?.broadcast_as((b, t, h))?,
+            Some(tt) => self
+                .token_type_embeddings
+                .index_select(&tt.flatten_all()?, 0)?
+                .reshape((b, t, h))?,
+            None => self
+                .token_type_embeddings
+                .narrow(0, 0, 1)?
+                .unsqueeze(0)?
+                .broadcast_as((b, t, h))?,
         };
         let x = words.broadcast_add(&pos)?.add(&types)?;
         let mut x = self.emb_ln.forward(&x)?;
         let add_mask = match mask {
             // (1 - m) · f32::MIN, as transformers' extended attention mask.
-            Some(m) => Some(((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * f32::MIN as f64)?).reshape((b, 1, 1, t))?),
+            Some(m) => Some(
+                ((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * f32::MIN as f64)?)
+                    .reshape((b, 1, 1, t))?,
+            ),
             None => None,
         };
         let nh = self.cfg.num_attention_heads;
@@ -190,7 +251,11 @@ impl Bert {
         let scale = 1.0 / (hd as f64).sqrt();
         for l in &self.layers {
             let heads = |lin: &Linear| -> Result<Tensor> {
-                Ok(lin.forward(&x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
+                Ok(lin
+                    .forward(&x)?
+                    .reshape((b, t, nh, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
             };
             let (q, k, v) = (heads(&l.query)?, heads(&l.key)?, heads(&l.value)?);
             let mut s = (q.matmul(&k.t()?)? * scale)?;

@@ -73,22 +73,30 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
     pub fn qkv_bias(&self) -> bool {
         self.attention_bias.unwrap_or(self.model_type == "qwen2")
     }
     pub fn eos_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect(),
             _ => vec![],
         }
     }
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |m: String| Err(Error::config(path, m));
         if self.num_attention_heads == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
-            return bad("hidden_size, num_hidden_layers and num_attention_heads must be > 0".into());
+            return bad(
+                "hidden_size, num_hidden_layers and num_attention_heads must be > 0".into(),
+            );
         }
         if self.num_attention_heads % self.num_kv_heads() != 0 {
             return bad(format!(
@@ -98,17 +106,24 @@ impl LlamaConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return bad(format!("head_dim {} must be even for RoPE", self.head_dim()));
+            return bad(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         if let Some(act) = &self.hidden_act {
             if act != "silu" && act != "swish" {
-                return bad(format!("hidden_act '{act}' is not supported (LLaMA-family models use silu)"));
+                return bad(format!(
+                    "hidden_act '{act}' is not supported (LLaMA-family models use silu)"
+                ));
             }
         }
         if let Some(rs) = &self.rope_scaling {
             let t = rs.rope_type.as_deref().unwrap_or("default");
             if !matches!(t, "default" | "linear" | "llama3") {
-                return bad(format!("rope_scaling type '{t}' is not supported (supported: default, linear, llama3)"));
+                return bad(format!(
+                    "rope_scaling type '{t}' is not supported (supported: default, linear, llama3)"
+                ));
             }
         }
         Ok(())
@@ -169,8 +184,14 @@ impl BertConfig {
                 ),
             ));
         }
-        if !matches!(self.hidden_act.as_str(), "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu") {
-            return Err(Error::config(path, format!("hidden_act '{}' is not supported", self.hidden_act)));
+        if !matches!(
+            self.hidden_act.as_str(),
+            "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu"
+        ) {
+            return Err(Error::config(
+                path,
+                format!("hidden_act '{}' is not supported", self.hidden_act),
+            ));
         }
         Ok(())
     }
@@ -185,12 +206,16 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 /// `model_type` (or `architectures[0]`) of an HF config.json.
 pub fn model_type(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
     if let Some(t) = v.get("model_type").and_then(|t| t.as_str()) {
         return Ok(t.to_string());
     }
-    if let Some(a) = v.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()) {
+    if let Some(a) = v
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(|a| a.as_str())
+    {
         return Ok(a.to_string());
     }
     Err(Error::config(path, "missing key 'model_type'"))

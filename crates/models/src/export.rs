@@ -31,7 +31,9 @@ pub fn config_json(m: &Model) -> Result<serde_json::Value> {
         Arch::Llama(l) => serde_json::to_value(&l.cfg).map_err(|e| Error::Msg(e.to_string()))?,
         Arch::Bert(b) => serde_json::to_value(&b.cfg).map_err(|e| Error::Msg(e.to_string()))?,
     };
-    let obj = v.as_object_mut().ok_or_else(|| Error::Msg("config is not an object".into()))?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| Error::Msg("config is not an object".into()))?;
     let arch = match &m.arch {
         Arch::Llama(l) if l.cfg.model_type == "qwen2" => "Qwen2ForCausalLM",
         Arch::Llama(_) => "LlamaForCausalLM",
@@ -56,9 +58,24 @@ pub fn config_json(m: &Model) -> Result<serde_json::Value> {
 /// Write `tensors` with the model's config and tokenizer as an HF directory. The directory is
 /// assembled under a temporary name and renamed into place; an existing non-empty `dir` is
 /// refused so nothing is overwritten.
-pub fn write_hf_dir(m: &Model, dir: &Path, tensors: &HashMap<String, Tensor>, extra_files: &[(&str, String)]) -> Result<()> {
-    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::AlreadyExists, "output directory exists and is not empty; choose a new --out")));
+pub fn write_hf_dir(
+    m: &Model,
+    dir: &Path,
+    tensors: &HashMap<String, Tensor>,
+    extra_files: &[(&str, String)],
+) -> Result<()> {
+    if dir.exists()
+        && std::fs::read_dir(dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "output directory exists and is not empty; choose a new --out",
+            ),
+        ));
     }
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -67,9 +84,17 @@ pub fn write_hf_dir(m: &Model, dir: &Path, tensors: &HashMap<String, Tensor>, ex
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     let tmp = tempfile::TempDir::new_in(&parent).map_err(|e| Error::io(&parent, e))?;
     let t = tmp.path();
-    let w = |name: &str, s: String| -> Result<()> { std::fs::write(t.join(name), s).map_err(|e| Error::io(t.join(name), e)) };
-    w("config.json", serde_json::to_string_pretty(&config_json(m)?).unwrap_or_default())?;
-    m.tokenizer.inner.save(t.join("tokenizer.json"), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let w = |name: &str, s: String| -> Result<()> {
+        std::fs::write(t.join(name), s).map_err(|e| Error::io(t.join(name), e))
+    };
+    w(
+        "config.json",
+        serde_json::to_string_pretty(&config_json(m)?).unwrap_or_default(),
+    )?;
+    m.tokenizer
+        .inner
+        .save(t.join("tokenizer.json"), false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
     let mut tc = json!({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": false});
     if let Some(b) = &m.tokenizer.bos_token {
         tc["bos_token"] = json!(b);
@@ -83,7 +108,10 @@ pub fn write_hf_dir(m: &Model, dir: &Path, tensors: &HashMap<String, Tensor>, ex
     if matches!(m.arch, Arch::Bert(_)) {
         tc["tokenizer_class"] = json!("BertTokenizerFast");
     }
-    w("tokenizer_config.json", serde_json::to_string_pretty(&tc).unwrap_or_default())?;
+    w(
+        "tokenizer_config.json",
+        serde_json::to_string_pretty(&tc).unwrap_or_default(),
+    )?;
     for (name, text) in extra_files {
         w(name, text.clone())?;
     }

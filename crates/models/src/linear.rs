@@ -38,7 +38,11 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let in_f = *dims.last().unwrap_or(&0);
     let lead: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-    let x2 = if x.is_contiguous() { x.reshape((lead, in_f))? } else { x.contiguous()?.reshape((lead, in_f))? };
+    let x2 = if x.is_contiguous() {
+        x.reshape((lead, in_f))?
+    } else {
+        x.contiguous()?.reshape((lead, in_f))?
+    };
     let y = x2.matmul(&w.t()?)?;
     let mut out_dims = dims[..dims.len() - 1].to_vec();
     out_dims.push(w.dim(0)?);
@@ -87,7 +91,9 @@ pub struct Linear {
 
 impl Linear {
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { inner: Box::new(Dense { weight, bias }) }
+        Linear {
+            inner: Box::new(Dense { weight, bias }),
+        }
     }
     pub fn new(inner: Box<dyn LinearLayer>) -> Self {
         Linear { inner }

@@ -57,20 +57,29 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(n_layers: usize) -> Self {
-        Cache { kv: vec![None; n_layers], seq_len: 0 }
+        Cache {
+            kv: vec![None; n_layers],
+            seq_len: 0,
+        }
     }
 }
 
 fn lin(w: &Weights, name: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Linear> {
     let weight = w.get(&format!("{name}.weight"), &[out_f, in_f])?;
-    let b = if bias { Some(w.get(&format!("{name}.bias"), &[out_f])?) } else { w.get_opt(&format!("{name}.bias"), &[out_f])? };
+    let b = if bias {
+        Some(w.get(&format!("{name}.bias"), &[out_f])?)
+    } else {
+        w.get_opt(&format!("{name}.bias"), &[out_f])?
+    };
     Ok(Linear::dense(weight, b))
 }
 
 /// cos/sin tables [max_pos, head_dim/2] with the configured frequency scaling.
 fn rope_tables(cfg: &LlamaConfig, dev: &Device) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim();
-    let mut inv: Vec<f64> = (0..hd / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
+    let mut inv: Vec<f64> = (0..hd / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64))
+        .collect();
     if let Some(rs) = &cfg.rope_scaling {
         let factor = rs.factor.unwrap_or(1.0);
         match rs.rope_type.as_deref().unwrap_or("default") {
@@ -106,7 +115,10 @@ fn rope_tables(cfg: &LlamaConfig, dev: &Device) -> Result<(Tensor, Tensor)> {
             sin.push(a.sin());
         }
     }
-    Ok((Tensor::from_vec(cos, (n, hd / 2), dev)?, Tensor::from_vec(sin, (n, hd / 2), dev)?))
+    Ok((
+        Tensor::from_vec(cos, (n, hd / 2), dev)?,
+        Tensor::from_vec(sin, (n, hd / 2), dev)?,
+    ))
 }
 
 impl Llama {
@@ -120,7 +132,8 @@ impl Llama {
             let p = format!("model.layers.{i}");
             layers.push(Layer {
                 input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                post_attention_layernorm: w
+                    .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 attn: Attention {
                     q_proj: lin(w, &format!("{p}.self_attn.q_proj"), nh * hd, h, bias)?,
                     k_proj: lin(w, &format!("{p}.self_attn.k_proj"), nkv * hd, h, bias)?,
@@ -144,7 +157,15 @@ impl Llama {
             Some(lin(w, "lm_head", cfg.vocab_size, h, false)?)
         };
         let (cos, sin) = rope_tables(&cfg, &Device::Cpu)?;
-        Ok(Llama { cfg, embed_tokens: Linear::dense(embed, None), layers, norm, lm_head, cos, sin })
+        Ok(Llama {
+            cfg,
+            embed_tokens: Linear::dense(embed, None),
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+        })
     }
 
     pub fn new_cache(&self) -> Cache {
@@ -154,7 +175,8 @@ impl Llama {
     /// Every swappable Linear with its HF module name; the embedding is included as
     /// `model.embed_tokens` (and doubles as the head when tied).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut v: Vec<(String, &mut Linear)> = vec![("model.embed_tokens".into(), &mut self.embed_tokens)];
+        let mut v: Vec<(String, &mut Linear)> =
+            vec![("model.embed_tokens".into(), &mut self.embed_tokens)];
         for (i, l) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
             v.push((format!("{p}.self_attn.q_proj"), &mut l.attn.q_proj));
@@ -193,8 +215,14 @@ impl Llama {
     pub fn norms(&self) -> Vec<(String, &Tensor)> {
         let mut v = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            v.push((format!("model.layers.{i}.input_layernorm.weight"), &l.input_layernorm));
-            v.push((format!("model.layers.{i}.post_attention_layernorm.weight"), &l.post_attention_layernorm));
+            v.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                &l.input_layernorm,
+            ));
+            v.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                &l.post_attention_layernorm,
+            ));
         }
         v.push(("model.norm.weight".into(), &self.norm));
         v
@@ -202,7 +230,12 @@ impl Llama {
 
     /// Final hidden states [b, t, hidden] (after the last norm). `key_mask` [b, T] (1 = keep,
     /// 0 = padding) covers cached plus new positions and is only needed for padded batches.
-    pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>, key_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut Cache>,
+        key_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.seq_len);
         if offset + t > self.cfg.max_position_embeddings {
@@ -212,7 +245,10 @@ impl Llama {
                 self.cfg.max_position_embeddings
             );
         }
-        let mut x = self.embed_tokens.embed(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut x =
+            self.embed_tokens
+                .embed(&ids.flatten_all()?)?
+                .reshape((b, t, self.cfg.hidden_size))?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
         let mask = attention_mask(b, t, offset, key_mask, x.device())?;
@@ -255,11 +291,25 @@ impl Llama {
 }
 
 /// Additive mask [b or 1, 1, t, T]: causal over the new positions plus optional key padding.
-fn attention_mask(b: usize, t: usize, offset: usize, key_mask: Option<&Tensor>, dev: &Device) -> Result<Option<Tensor>> {
+fn attention_mask(
+    b: usize,
+    t: usize,
+    offset: usize,
+    key_mask: Option<&Tensor>,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
     let total = offset + t;
     let causal = if t > 1 {
         let m: Vec<f32> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    if j > i + offset {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
             .collect();
         Some(Tensor::from_vec(m, (1, 1, t, total), dev)?)
     } else {
@@ -292,9 +342,22 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = ops::rope(&q, cos, sin)?;
         let k = ops::rope(&k, cos, sin)?;
         let (k, v) = match kv {
@@ -322,7 +385,10 @@ impl Attention {
         }
         let p = ops::softmax_last_dim(&s)?;
         let o = p.matmul(&v)?; // [b, nkv, g·t, hd]
-        let o = o.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let o = o
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
         Ok(self.o_proj.forward(&o)?)
     }
 }

@@ -45,7 +45,13 @@ impl Model {
             Format::Gguf => load_gguf(&src.path, progress)?,
             Format::HfDir => load_hf_dir(&src.path)?,
         };
-        Ok(Model { source: src, arch, tokenizer, stored_types, load_secs: t0.elapsed().as_secs_f64() })
+        Ok(Model {
+            source: src,
+            arch,
+            tokenizer,
+            stored_types,
+            load_secs: t0.elapsed().as_secs_f64(),
+        })
     }
 
     /// Build an HF directory's architecture (config.json, tokenizer) from weights supplied by
@@ -54,7 +60,13 @@ impl Model {
     pub fn from_weights(src: ModelSource, w: Weights) -> Result<Model> {
         let t0 = std::time::Instant::now();
         let (arch, tokenizer, stored_types) = build_hf(&src.path, w)?;
-        Ok(Model { source: src, arch, tokenizer, stored_types, load_secs: t0.elapsed().as_secs_f64() })
+        Ok(Model {
+            source: src,
+            arch,
+            tokenizer,
+            stored_types,
+            load_secs: t0.elapsed().as_secs_f64(),
+        })
     }
 
     pub fn arch_name(&self) -> &str {
@@ -67,14 +79,20 @@ impl Model {
     pub fn llama(&self) -> Result<&Llama> {
         match &self.arch {
             Arch::Llama(m) => Ok(m),
-            Arch::Bert(_) => crate::bail!("{} is an encoder (bert); this command needs a causal LM such as smollm2-135m", self.source.name),
+            Arch::Bert(_) => crate::bail!(
+                "{} is an encoder (bert); this command needs a causal LM such as smollm2-135m",
+                self.source.name
+            ),
         }
     }
 
     pub fn bert(&self) -> Result<&Bert> {
         match &self.arch {
             Arch::Bert(m) => Ok(m),
-            Arch::Llama(_) => crate::bail!("{} is a causal LM; this command needs an encoder such as minilm-l6", self.source.name),
+            Arch::Llama(_) => crate::bail!(
+                "{} is a causal LM; this command needs an encoder such as minilm-l6",
+                self.source.name
+            ),
         }
     }
 
@@ -156,8 +174,10 @@ fn load_gguf(path: &Path, progress: bool) -> Result<(Arch, Tokenizer, BTreeMap<S
     let pb = if progress {
         let pb = indicatif::ProgressBar::new(0);
         pb.set_style(
-            indicatif::ProgressStyle::with_template("dequantizing {bar:30} {pos}/{len} tensors {elapsed}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "dequantizing {bar:30} {pos}/{len} tensors {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         Some(pb)
     } else {
@@ -179,11 +199,18 @@ fn load_hf_dir(dir: &Path) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)>
     let mt = config::model_type(&cfg_path)?;
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.exists() {
-        return Err(Error::io(&tok_path, std::io::Error::new(std::io::ErrorKind::NotFound, "missing tokenizer.json")));
+        return Err(Error::io(
+            &tok_path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "missing tokenizer.json"),
+        ));
     }
     let arch_ok = matches!(mt.as_str(), "llama" | "qwen2" | "mistral" | "bert");
     if !arch_ok {
-        return Err(Error::UnsupportedArch { path: cfg_path, arch: mt, supported: SUPPORTED.into() });
+        return Err(Error::UnsupportedArch {
+            path: cfg_path,
+            arch: mt,
+            supported: SUPPORTED.into(),
+        });
     }
     build_hf(dir, Weights::from_hf_dir(dir)?)
 }
@@ -192,7 +219,11 @@ fn build_hf(dir: &Path, w: Weights) -> Result<(Arch, Tokenizer, BTreeMap<String,
     let cfg_path = dir.join("config.json");
     let mt = config::model_type(&cfg_path)?;
     if !matches!(mt.as_str(), "llama" | "qwen2" | "mistral" | "bert") {
-        return Err(Error::UnsupportedArch { path: cfg_path, arch: mt, supported: SUPPORTED.into() });
+        return Err(Error::UnsupportedArch {
+            path: cfg_path,
+            arch: mt,
+            supported: SUPPORTED.into(),
+        });
     }
     let mut types = BTreeMap::new();
     types.insert("f32 (as loaded)".to_string(), w.tensors.len());

@@ -29,7 +29,9 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?.broadcast_add(b)
+        xc.broadcast_div(&(var + eps)?.sqrt()?)?
+            .broadcast_mul(w)?
+            .broadcast_add(b)
     } else {
         candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32)
     }

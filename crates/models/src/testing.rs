@@ -12,7 +12,10 @@ use std::path::Path;
 /// control tokens; vocab size 256 + merges + specials.
 pub fn byte_tokenizer_json(merges: &[(&str, &str)]) -> serde_json::Value {
     // GPT-2's byte→unicode table, so every byte has a printable symbol.
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -22,7 +25,11 @@ pub fn byte_tokenizer_json(merges: &[(&str, &str)]) -> serde_json::Value {
             n += 1;
         }
     }
-    let mut pairs: Vec<(u32, char)> = bs.iter().zip(&cs).map(|(&b, &c)| (b, char::from_u32(c).unwrap())).collect();
+    let mut pairs: Vec<(u32, char)> = bs
+        .iter()
+        .zip(&cs)
+        .map(|(&b, &c)| (b, char::from_u32(c).unwrap()))
+        .collect();
     pairs.sort();
     let mut vocab = serde_json::Map::new();
     for (i, (_, c)) in pairs.iter().enumerate() {
@@ -58,13 +65,17 @@ const TINY_MERGES: &[(&str, &str)] = &[("t", "h"), ("th", "e"), ("Ġ", "t"), ("a
 fn randn(shape: &[usize], std: f64, seed: u64) -> Result<Tensor> {
     // Deterministic across runs: a small LCG-free hash so tests do not depend on RNG crates.
     let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let v: Vec<f32> = (0..n)
         .map(|_| {
             // Sum of 4 uniforms → roughly normal, plenty for test weights.
             let mut acc = 0.0f64;
             for _ in 0..4 {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 acc += ((s >> 11) as f64) / ((1u64 << 53) as f64) - 0.5;
             }
             (acc * std * 1.732) as f32
@@ -98,7 +109,10 @@ impl Builder {
 pub fn write_tiny_llama(dir: &Path, qwen2: bool) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
     let tok = byte_tokenizer_json(TINY_MERGES);
-    let vocab = tok["model"]["vocab"].as_object().map(|v| v.len()).unwrap_or(0);
+    let vocab = tok["model"]["vocab"]
+        .as_object()
+        .map(|v| v.len())
+        .unwrap_or(0);
     let (h, inter, layers, nh, nkv) = (32usize, 64usize, 2usize, 4usize, 2usize);
     let hd = h / nh;
     let cfg = json!({
@@ -109,7 +123,10 @@ pub fn write_tiny_llama(dir: &Path, qwen2: bool) -> Result<()> {
         "rope_theta": 10000.0, "max_position_embeddings": 128, "vocab_size": vocab,
         "tie_word_embeddings": !qwen2, "hidden_act": "silu", "eos_token_id": vocab - 3,
     });
-    let mut b = Builder { t: HashMap::new(), seed: 1 };
+    let mut b = Builder {
+        t: HashMap::new(),
+        seed: 1,
+    };
     let mut put = |name: String, shape: &[usize], std: f64| b.put(name, shape, std);
     put("model.embed_tokens.weight".into(), &[vocab, h], 0.5)?;
     for i in 0..layers {
@@ -140,16 +157,30 @@ pub fn write_tiny_llama(dir: &Path, qwen2: bool) -> Result<()> {
 pub fn write_tiny_bert(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
     let tok = byte_tokenizer_json(TINY_MERGES);
-    let vocab = tok["model"]["vocab"].as_object().map(|v| v.len()).unwrap_or(0);
+    let vocab = tok["model"]["vocab"]
+        .as_object()
+        .map(|v| v.len())
+        .unwrap_or(0);
     let (h, inter, layers) = (32usize, 64usize, 2usize);
     let cfg = json!({"model_type": "bert", "vocab_size": vocab, "hidden_size": h, "num_hidden_layers": layers,
         "num_attention_heads": 4, "intermediate_size": inter, "max_position_embeddings": 64, "type_vocab_size": 2,
         "layer_norm_eps": 1e-12, "hidden_act": "gelu"});
-    let mut b = Builder { t: HashMap::new(), seed: 100 };
+    let mut b = Builder {
+        t: HashMap::new(),
+        seed: 100,
+    };
     let mut put = |name: String, shape: &[usize], std: f64| b.put(name, shape, std);
     put("embeddings.word_embeddings.weight".into(), &[vocab, h], 0.5)?;
-    put("embeddings.position_embeddings.weight".into(), &[64, h], 0.1)?;
-    put("embeddings.token_type_embeddings.weight".into(), &[2, h], 0.1)?;
+    put(
+        "embeddings.position_embeddings.weight".into(),
+        &[64, h],
+        0.1,
+    )?;
+    put(
+        "embeddings.token_type_embeddings.weight".into(),
+        &[2, h],
+        0.1,
+    )?;
     let mut names = vec![];
     for i in 0..layers {
         let l = format!("encoder.layer.{i}");
@@ -181,10 +212,16 @@ pub fn write_tiny_bert(dir: &Path) -> Result<()> {
     write_dir(dir, &cfg, &tok, &b.t)
 }
 
-fn write_dir(dir: &Path, cfg: &serde_json::Value, tok: &serde_json::Value, t: &HashMap<String, Tensor>) -> Result<()> {
+fn write_dir(
+    dir: &Path,
+    cfg: &serde_json::Value,
+    tok: &serde_json::Value,
+    t: &HashMap<String, Tensor>,
+) -> Result<()> {
     let w = |name: &str, v: &serde_json::Value| -> Result<()> {
         let p = dir.join(name);
-        std::fs::write(&p, serde_json::to_string_pretty(v).unwrap_or_default()).map_err(|e| crate::Error::io(p, e))
+        std::fs::write(&p, serde_json::to_string_pretty(v).unwrap_or_default())
+            .map_err(|e| crate::Error::io(p, e))
     };
     w("config.json", cfg)?;
     w("tokenizer.json", tok)?;

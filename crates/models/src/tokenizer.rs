@@ -21,7 +21,11 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer").field("vocab", &self.vocab_size()).field("bos", &self.bos_id).field("eos", &self.eos_ids).finish()
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.vocab_size())
+            .field("bos", &self.bos_id)
+            .field("eos", &self.eos_ids)
+            .finish()
     }
 }
 
@@ -43,27 +47,38 @@ fn pre_tokenizer(pre: &str) -> serde_json::Value {
         "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "falcon3" | "pixtral" | "dbrx" => {
             seq(vec![split(LLAMA3_REGEX), byte_level(false)])
         }
-        "qwen2" | "deepseek-r1-qwen" | "qwen35" | "megrez" | "hunyuan" => seq(vec![split(QWEN2_REGEX), byte_level(false)]),
+        "qwen2" | "deepseek-r1-qwen" | "qwen35" | "megrez" | "hunyuan" => {
+            seq(vec![split(QWEN2_REGEX), byte_level(false)])
+        }
         // StarCoder-style: every digit on its own, then GPT-2 splitting.
-        "starcoder" | "smollm" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => seq(vec![
-            json!({"type": "Digits", "individual_digits": true}),
-            byte_level(true),
-        ]),
+        "starcoder" | "smollm" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            seq(vec![
+                json!({"type": "Digits", "individual_digits": true}),
+                byte_level(true),
+            ])
+        }
         _ => byte_level(true),
     }
 }
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let mut inner =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let mut inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         // Padding/truncation saved in tokenizer.json are per-call choices in transformers
         // (it clears them on load); batching code pads explicitly.
         inner.with_padding(None);
         inner
             .with_truncation(None)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Tokenizer { inner, bos_id: None, eos_ids: vec![], chat_template: None, bos_token: None, eos_token: None })
+        Ok(Tokenizer {
+            inner,
+            bos_id: None,
+            eos_ids: vec![],
+            chat_template: None,
+            bos_token: None,
+            eos_token: None,
+        })
     }
 
     /// An HF directory: tokenizer.json plus the special tokens and chat template from
@@ -72,7 +87,8 @@ impl Tokenizer {
         let mut t = Self::from_file(&dir.join("tokenizer.json"))?;
         let cfg_path = dir.join("tokenizer_config.json");
         if let Ok(text) = std::fs::read_to_string(&cfg_path) {
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::config(&cfg_path, format!("invalid JSON: {e}")))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::config(&cfg_path, format!("invalid JSON: {e}")))?;
             let tok = |k: &str| -> Option<String> {
                 match v.get(k) {
                     Some(serde_json::Value::String(s)) => Some(s.clone()),
@@ -83,40 +99,64 @@ impl Tokenizer {
             t.bos_token = tok("bos_token");
             t.eos_token = tok("eos_token");
             t.bos_id = t.bos_token.as_deref().and_then(|s| t.inner.token_to_id(s));
-            t.eos_ids = t.eos_token.as_deref().and_then(|s| t.inner.token_to_id(s)).into_iter().collect();
-            t.chat_template = v.get("chat_template").and_then(|c| c.as_str()).map(String::from);
+            t.eos_ids = t
+                .eos_token
+                .as_deref()
+                .and_then(|s| t.inner.token_to_id(s))
+                .into_iter()
+                .collect();
+            t.chat_template = v
+                .get("chat_template")
+                .and_then(|c| c.as_str())
+                .map(String::from);
         }
         Ok(t)
     }
 
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let err = |m: String| Error::Tokenizer(format!("{}: {m}", g.path.display()));
-        let model = g.meta_str("tokenizer.ggml.model").map_err(|e| err(e.to_string()))?;
+        let model = g
+            .meta_str("tokenizer.ggml.model")
+            .map_err(|e| err(e.to_string()))?;
         if model != "gpt2" {
             return Err(err(format!(
                 "tokenizer model '{model}' is not supported yet (only byte-level BPE, 'gpt2'); use an HF directory with tokenizer.json"
             )));
         }
         let tokens = match g.meta("tokenizer.ggml.tokens") {
-            Some(Value::Array(a)) => a.iter().map(|v| v.to_string().cloned().map_err(|e| err(e.to_string()))).collect::<Result<Vec<_>>>()?,
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.to_string().cloned().map_err(|e| err(e.to_string())))
+                .collect::<Result<Vec<_>>>()?,
             _ => return Err(err("missing tokenizer.ggml.tokens".into())),
         };
         let merges: Vec<String> = match g.meta("tokenizer.ggml.merges") {
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.to_string().ok().cloned()).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.to_string().ok().cloned())
+                .collect(),
             _ => return Err(err("missing tokenizer.ggml.merges".into())),
         };
         let types: Vec<u64> = match g.meta("tokenizer.ggml.token_type") {
             Some(Value::Array(a)) => a.iter().map(|v| as_u64(v).unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
-        let pre = g.meta_str("tokenizer.ggml.pre").unwrap_or_else(|_| "default".into());
+        let pre = g
+            .meta_str("tokenizer.ggml.pre")
+            .unwrap_or_else(|_| "default".into());
         let id = |k: &str| g.meta(k).and_then(as_u64).map(|x| x as u32);
         let bos_id = id("tokenizer.ggml.bos_token_id");
         let eos_id = id("tokenizer.ggml.eos_token_id");
-        let add_bos = matches!(g.meta("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+        let add_bos = matches!(
+            g.meta("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(true))
+        );
 
-        let vocab: serde_json::Map<String, serde_json::Value> =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
         // Control (3) and user-defined (4) tokens are matched before BPE, as in HF.
         let added: Vec<serde_json::Value> = tokens
             .iter()
@@ -136,7 +176,9 @@ impl Tokenizer {
                                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
                        "special_tokens": {bos.clone(): {"id": bos, "ids": [b], "tokens": [bos]}}})
             }
-            _ => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}),
+            _ => {
+                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false})
+            }
         };
         let tj = json!({
             "version": "1.0",
@@ -152,8 +194,8 @@ impl Tokenizer {
                       "ignore_merges": pre == "llama3" || pre == "llama-bpe",
                       "vocab": vocab, "merges": merges}
         });
-        let inner: tokenizers::Tokenizer =
-            serde_json::from_value(tj).map_err(|e| err(format!("cannot build tokenizer from GGUF metadata: {e}")))?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(tj)
+            .map_err(|e| err(format!("cannot build tokenizer from GGUF metadata: {e}")))?;
         let chat_template = g.meta_str("tokenizer.chat_template").ok();
         Ok(Tokenizer {
             inner,
@@ -170,12 +212,17 @@ impl Tokenizer {
     }
 
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let e = self.inner.encode(text, add_special).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let e = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(e.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     pub fn token_to_id(&self, t: &str) -> Option<u32> {
@@ -183,7 +230,11 @@ impl Tokenizer {
     }
 
     /// Render the model's chat template for `messages` ([{role, content}, …]).
-    pub fn apply_chat_template(&self, messages: &serde_json::Value, add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tpl = self.chat_template.as_deref().ok_or_else(|| {
             Error::Template("this model has no chat template; run without --chat".into())
         })?;
@@ -192,11 +243,20 @@ impl Tokenizer {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", tpl).map_err(|e| Error::Template(e.to_string()))?;
-        let t = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", tpl)
+            .map_err(|e| Error::Template(e.to_string()))?;
+        let t = env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
         t.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,

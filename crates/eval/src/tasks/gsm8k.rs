@@ -7,7 +7,7 @@
 use crate::data;
 use crate::lm::{GenRequest, Lm};
 use crate::metrics::{mean, stderr};
-use crate::{EvalOptions, Error, Metric, Result, TaskOutput, TaskResult};
+use crate::{Error, EvalOptions, Metric, Result, TaskOutput, TaskResult};
 use regex::Regex;
 use serde_json::json;
 use std::sync::OnceLock;
@@ -64,7 +64,12 @@ pub fn prompt(question: &str, k: usize) -> String {
 
 /// The reference answer: text after the last "####", trimmed.
 pub fn target(answer: &str) -> String {
-    answer.rsplit("####").next().unwrap_or("").trim().to_string()
+    answer
+        .rsplit("####")
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
 }
 
 fn re(cell: &'static OnceLock<Regex>, pat: &str) -> &'static Regex {
@@ -112,15 +117,25 @@ pub fn exact_match(pred: &str, gold: &str) -> bool {
 pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
     let k = opts.shots.unwrap_or(8);
     if k > EXEMPLARS.len() {
-        return Err(Error::unsupported("gsm8k", format!("--shots {k}: gsm8k_cot has {} standard exemplars", EXEMPLARS.len())));
+        return Err(Error::unsupported(
+            "gsm8k",
+            format!(
+                "--shots {k}: gsm8k_cot has {} standard exemplars",
+                EXEMPLARS.len()
+            ),
+        ));
     }
     let path = opts.data_dir.join("gsm8k").join("test.jsonl");
     let rows = data::read_jsonl(&path)?;
     let n = rows.len();
     let mut docs = Vec::new();
     for (line, v) in super::limit(rows, opts.limit) {
-        let q = v["question"].as_str().ok_or_else(|| Error::parse(&path, line, "missing string field 'question'"))?;
-        let a = v["answer"].as_str().ok_or_else(|| Error::parse(&path, line, "missing string field 'answer'"))?;
+        let q = v["question"]
+            .as_str()
+            .ok_or_else(|| Error::parse(&path, line, "missing string field 'question'"))?;
+        let a = v["answer"]
+            .as_str()
+            .ok_or_else(|| Error::parse(&path, line, "missing string field 'answer'"))?;
         docs.push((q.to_string(), target(a)));
     }
     let max_new = opts.max_gen_tokens.unwrap_or(DEFAULT_MAX_GEN);
@@ -134,7 +149,11 @@ pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
     let prompts: Vec<String> = docs.iter().map(|(q, _)| prompt(q, k)).collect();
     let mut reqs = Vec::new();
     for p in &prompts {
-        reqs.push(GenRequest { context: lm.encode(p)?, until: until.clone(), max_new_tokens: max_new });
+        reqs.push(GenRequest {
+            context: lm.encode(p)?,
+            until: until.clone(),
+            max_new_tokens: max_new,
+        });
     }
     let outs = lm.generate_until(&reqs, "gsm8k", |_, _| {})?;
     let (mut strict, mut flex) = (Vec::new(), Vec::new());
@@ -143,7 +162,10 @@ pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
     for (i, o) in outs.iter().enumerate() {
         let gold = &docs[i].1;
         let (s, f) = (extract_strict(&o.text), extract_flexible(&o.text));
-        let (ms, mf) = (exact_match(&s, gold) as u8 as f64, exact_match(&f, gold) as u8 as f64);
+        let (ms, mf) = (
+            exact_match(&s, gold) as u8 as f64,
+            exact_match(&f, gold) as u8 as f64,
+        );
         strict.push(ms);
         flex.push(mf);
         gen_tokens += o.new_tokens;
@@ -154,8 +176,18 @@ pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
         }
     }
     let mut r = TaskResult::new("gsm8k", "gsm8k");
-    r.metrics.push(Metric::filtered("exact_match", "strict-match", mean(&strict), stderr(&strict)));
-    r.metrics.push(Metric::filtered("exact_match", "flexible-extract", mean(&flex), stderr(&flex)));
+    r.metrics.push(Metric::filtered(
+        "exact_match",
+        "strict-match",
+        mean(&strict),
+        stderr(&strict),
+    ));
+    r.metrics.push(Metric::filtered(
+        "exact_match",
+        "flexible-extract",
+        mean(&flex),
+        stderr(&flex),
+    ));
     r.n_shot = Some(k);
     r.n_samples = Some((n, docs.len()));
     Ok(TaskOutput {
@@ -181,7 +213,10 @@ mod tests {
         assert_eq!(extract_strict("The answer is 9"), INVALID);
         assert_eq!(extract_strict("the answer is 9."), INVALID);
         // As Python: the greedy group keeps the "." when another character follows.
-        assert_eq!(extract_strict("The answer is 7. Then The answer is 8."), "7.");
+        assert_eq!(
+            extract_strict("The answer is 7. Then The answer is 8."),
+            "7."
+        );
         assert!(exact_match("7.", "7"));
         assert_eq!(extract_flexible("3 + 4 = 7 apples, so $12.50."), "$12.50.");
         assert_eq!(extract_flexible("so 5 and then 6"), "6");

@@ -7,13 +7,19 @@ use crate::data;
 use crate::ifeval::evaluate;
 use crate::lm::{GenRequest, Lm};
 use crate::metrics::{mean, stderr};
-use crate::{EvalOptions, Error, Metric, Result, TaskOutput, TaskResult};
+use crate::{Error, EvalOptions, Metric, Result, TaskOutput, TaskResult};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
 pub const DEFAULT_MAX_GEN: usize = 1280;
 /// End-of-turn markers of common chat templates, added as stop strings when in the vocabulary.
-const END_OF_TURN: [&str; 5] = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"];
+const END_OF_TURN: [&str; 5] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+];
 
 pub struct Doc {
     pub key: i64,
@@ -25,30 +31,53 @@ pub struct Doc {
 pub fn load(path: &std::path::Path) -> Result<Vec<Doc>> {
     let mut out = Vec::new();
     for (line, v) in data::read_jsonl(path)? {
-        let prompt = v["prompt"].as_str().ok_or_else(|| Error::parse(path, line, "missing string 'prompt'"))?.to_string();
+        let prompt = v["prompt"]
+            .as_str()
+            .ok_or_else(|| Error::parse(path, line, "missing string 'prompt'"))?
+            .to_string();
         let ids: Vec<String> = v["instruction_id_list"]
             .as_array()
             .ok_or_else(|| Error::parse(path, line, "missing list 'instruction_id_list'"))?
             .iter()
-            .map(|x| x.as_str().map(String::from).ok_or_else(|| Error::parse(path, line, "instruction ids must be strings")))
+            .map(|x| {
+                x.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| Error::parse(path, line, "instruction ids must be strings"))
+            })
             .collect::<Result<_>>()?;
         let kwargs = v["kwargs"].as_array().cloned().unwrap_or_default();
         if kwargs.len() != ids.len() {
-            return Err(Error::parse(path, line, format!("{} instruction ids but {} kwargs", ids.len(), kwargs.len())));
+            return Err(Error::parse(
+                path,
+                line,
+                format!("{} instruction ids but {} kwargs", ids.len(), kwargs.len()),
+            ));
         }
         for id in &ids {
             if !crate::ifeval::INSTRUCTIONS.contains(&id.as_str()) {
-                return Err(Error::parse(path, line, format!("unknown instruction '{id}'")));
+                return Err(Error::parse(
+                    path,
+                    line,
+                    format!("unknown instruction '{id}'"),
+                ));
             }
         }
-        out.push(Doc { key: v["key"].as_i64().unwrap_or(line as i64), prompt, ids, kwargs });
+        out.push(Doc {
+            key: v["key"].as_i64().unwrap_or(line as i64),
+            prompt,
+            ids,
+            kwargs,
+        });
     }
     Ok(out)
 }
 
 pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
     if lm.tok.chat_template.is_none() {
-        return Err(Error::unsupported("ifeval", "the model has no chat template"));
+        return Err(Error::unsupported(
+            "ifeval",
+            "the model has no chat template",
+        ));
     }
     let path = opts.data_dir.join("ifeval").join("input_data.jsonl");
     let all = load(&path)?;
@@ -66,15 +95,22 @@ pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
     }
     let mut reqs = Vec::new();
     for d in &docs {
-        let text = lm.tok.apply_chat_template(&json!([{"role": "user", "content": d.prompt}]), true)?;
-        reqs.push(GenRequest { context: lm.encode(&text)?, until: until.clone(), max_new_tokens: max_new });
+        let text = lm
+            .tok
+            .apply_chat_template(&json!([{"role": "user", "content": d.prompt}]), true)?;
+        reqs.push(GenRequest {
+            context: lm.encode(&text)?,
+            until: until.clone(),
+            max_new_tokens: max_new,
+        });
     }
     let outs = lm.generate_until(&reqs, "ifeval", |_, _| {})?;
     let (mut ps, mut pl, mut is, mut il) = (vec![], vec![], vec![], vec![]);
     let mut per: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new(); // id → (n, strict, loose)
     let mut samples = Vec::new();
     for (d, o) in docs.iter().zip(&outs) {
-        let (s, l) = evaluate(&d.ids, &d.kwargs, &o.text).map_err(|e| Error::Msg(format!("ifeval key {}: {e}", d.key)))?;
+        let (s, l) = evaluate(&d.ids, &d.kwargs, &o.text)
+            .map_err(|e| Error::Msg(format!("ifeval key {}: {e}", d.key)))?;
         ps.push(s.iter().all(|&x| x) as u8 as f64);
         pl.push(l.iter().all(|&x| x) as u8 as f64);
         is.extend(s.iter().map(|&x| x as u8 as f64));
@@ -91,10 +127,20 @@ pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
         }
     }
     let mut r = TaskResult::new("ifeval", "ifeval");
-    r.metrics.push(Metric::new("prompt_level_strict_acc", mean(&ps), stderr(&ps)));
-    r.metrics.push(Metric::new("inst_level_strict_acc", mean(&is), stderr(&is)));
-    r.metrics.push(Metric::new("prompt_level_loose_acc", mean(&pl), stderr(&pl)));
-    r.metrics.push(Metric::new("inst_level_loose_acc", mean(&il), stderr(&il)));
+    r.metrics.push(Metric::new(
+        "prompt_level_strict_acc",
+        mean(&ps),
+        stderr(&ps),
+    ));
+    r.metrics
+        .push(Metric::new("inst_level_strict_acc", mean(&is), stderr(&is)));
+    r.metrics.push(Metric::new(
+        "prompt_level_loose_acc",
+        mean(&pl),
+        stderr(&pl),
+    ));
+    r.metrics
+        .push(Metric::new("inst_level_loose_acc", mean(&il), stderr(&il)));
     r.n_shot = Some(0);
     r.n_samples = Some((n, docs.len()));
     let per_inst: serde_json::Map<String, Value> = per

@@ -15,7 +15,7 @@
 use crate::data;
 use crate::lm::{GenRequest, Lm};
 use crate::metrics::{mean, stderr};
-use crate::{EvalOptions, Error, Metric, Result, TaskOutput, TaskResult};
+use crate::{Error, EvalOptions, Metric, Result, TaskOutput, TaskResult};
 use rand::seq::index::sample;
 use rand::SeedableRng;
 use regex::Regex;
@@ -27,8 +27,19 @@ pub const DEFAULT_MAX_GEN: usize = 256;
 
 #[derive(Debug, Clone)]
 pub enum Doc {
-    Choice { context: String, choices: Vec<String>, gold: usize },
-    Gen { prompt: String, target: String, regex: Option<Regex>, until: Vec<String>, max_tokens: Option<usize>, ignore_case: bool },
+    Choice {
+        context: String,
+        choices: Vec<String>,
+        gold: usize,
+    },
+    Gen {
+        prompt: String,
+        target: String,
+        regex: Option<Regex>,
+        until: Vec<String>,
+        max_tokens: Option<usize>,
+        ignore_case: bool,
+    },
 }
 
 impl Doc {
@@ -38,20 +49,30 @@ impl Doc {
     /// The text this document contributes as a few-shot example.
     fn as_shot(&self) -> String {
         match self {
-            Doc::Choice { context, choices, gold } => format!("{context}{}", choices[*gold]),
+            Doc::Choice {
+                context,
+                choices,
+                gold,
+            } => format!("{context}{}", choices[*gold]),
             Doc::Gen { prompt, target, .. } => format!("{prompt}{target}"),
         }
     }
 }
 
 pub fn task_name(p: &Path) -> String {
-    p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "jsonl".into())
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "jsonl".into())
 }
 
 fn string(v: &Value, key: &str, path: &Path, line: usize) -> Result<String> {
     match v.get(key) {
         Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(Error::parse(path, line, format!("'{key}' must be a string"))),
+        Some(_) => Err(Error::parse(
+            path,
+            line,
+            format!("'{key}' must be a string"),
+        )),
         None => Err(Error::parse(path, line, format!("missing '{key}'"))),
     }
 }
@@ -62,45 +83,110 @@ fn parse_doc(v: &Value, path: &Path, line: usize) -> Result<Doc> {
         let choices = match v.get("choices") {
             Some(Value::Array(a)) if a.len() >= 2 => a
                 .iter()
-                .map(|c| c.as_str().map(String::from).ok_or_else(|| Error::parse(path, line, "every choice must be a string")))
+                .map(|c| {
+                    c.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| Error::parse(path, line, "every choice must be a string"))
+                })
                 .collect::<Result<Vec<_>>>()?,
-            Some(Value::Array(_)) => return Err(Error::parse(path, line, "'choices' needs at least 2 entries")),
-            Some(_) => return Err(Error::parse(path, line, "'choices' must be an array of strings")),
+            Some(Value::Array(_)) => {
+                return Err(Error::parse(
+                    path,
+                    line,
+                    "'choices' needs at least 2 entries",
+                ))
+            }
+            Some(_) => {
+                return Err(Error::parse(
+                    path,
+                    line,
+                    "'choices' must be an array of strings",
+                ))
+            }
             None => return Err(Error::parse(path, line, "missing 'choices'")),
         };
         let gold = match v.get("gold") {
-            Some(g) => g.as_u64().ok_or_else(|| Error::parse(path, line, "'gold' must be a non-negative integer (0-based index)"))? as usize,
-            None => return Err(Error::parse(path, line, "missing 'gold' (0-based index of the correct choice)")),
+            Some(g) => g.as_u64().ok_or_else(|| {
+                Error::parse(
+                    path,
+                    line,
+                    "'gold' must be a non-negative integer (0-based index)",
+                )
+            })? as usize,
+            None => {
+                return Err(Error::parse(
+                    path,
+                    line,
+                    "missing 'gold' (0-based index of the correct choice)",
+                ))
+            }
         };
         if gold >= choices.len() {
-            return Err(Error::parse(path, line, format!("'gold' {gold} is out of range for {} choices", choices.len())));
+            return Err(Error::parse(
+                path,
+                line,
+                format!(
+                    "'gold' {gold} is out of range for {} choices",
+                    choices.len()
+                ),
+            ));
         }
-        return Ok(Doc::Choice { context, choices, gold });
+        return Ok(Doc::Choice {
+            context,
+            choices,
+            gold,
+        });
     }
     if v.get("prompt").is_some() || v.get("target").is_some() {
         let prompt = string(v, "prompt", path, line)?;
         let target = string(v, "target", path, line)?;
         let regex = match v.get("regex") {
             None | Some(Value::Null) => None,
-            Some(Value::String(r)) => {
-                Some(Regex::new(r).map_err(|e| Error::parse(path, line, format!("invalid 'regex': {}", e.to_string().replace('\n', " "))))?)
-            }
+            Some(Value::String(r)) => Some(Regex::new(r).map_err(|e| {
+                Error::parse(
+                    path,
+                    line,
+                    format!("invalid 'regex': {}", e.to_string().replace('\n', " ")),
+                )
+            })?),
             Some(_) => return Err(Error::parse(path, line, "'regex' must be a string")),
         };
         let until = match v.get("until") {
             None | Some(Value::Null) => vec![DEFAULT_UNTIL.to_string()],
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|c| c.as_str().map(String::from).ok_or_else(|| Error::parse(path, line, "'until' must be an array of strings")))
+                .map(|c| {
+                    c.as_str().map(String::from).ok_or_else(|| {
+                        Error::parse(path, line, "'until' must be an array of strings")
+                    })
+                })
                 .collect::<Result<Vec<_>>>()?,
-            Some(_) => return Err(Error::parse(path, line, "'until' must be an array of strings")),
+            Some(_) => {
+                return Err(Error::parse(
+                    path,
+                    line,
+                    "'until' must be an array of strings",
+                ))
+            }
         };
         let max_tokens = match v.get("max_tokens") {
             None | Some(Value::Null) => None,
-            Some(m) => Some(m.as_u64().ok_or_else(|| Error::parse(path, line, "'max_tokens' must be a positive integer"))? as usize),
+            Some(m) => Some(m.as_u64().ok_or_else(|| {
+                Error::parse(path, line, "'max_tokens' must be a positive integer")
+            })? as usize),
         };
-        let ignore_case = v.get("ignore_case").and_then(Value::as_bool).unwrap_or(false);
-        return Ok(Doc::Gen { prompt, target, regex, until, max_tokens, ignore_case });
+        let ignore_case = v
+            .get("ignore_case")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        return Ok(Doc::Gen {
+            prompt,
+            target,
+            regex,
+            until,
+            max_tokens,
+            ignore_case,
+        });
     }
     Err(Error::parse(path, line, "a task line needs either 'context'/'choices'/'gold' (multiple choice) or 'prompt'/'target' (generation)"))
 }
@@ -112,8 +198,16 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<Doc>> {
         let d = parse_doc(&v, path, line)?;
         if let Some(first) = docs.first() {
             if first.is_choice() != d.is_choice() {
-                let (a, b) = if first.is_choice() { ("multiple-choice", "generation") } else { ("generation", "multiple-choice") };
-                return Err(Error::parse(path, line, format!("a {b} line in a {a} file (all lines must be of one kind)")));
+                let (a, b) = if first.is_choice() {
+                    ("multiple-choice", "generation")
+                } else {
+                    ("generation", "multiple-choice")
+                };
+                return Err(Error::parse(
+                    path,
+                    line,
+                    format!("a {b} line in a {a} file (all lines must be of one kind)"),
+                ));
             }
         }
         docs.push(d);
@@ -130,7 +224,12 @@ pub fn load(path: &Path) -> Result<Vec<Doc>> {
 pub fn extract(resp: &str, regex: Option<&Regex>) -> Option<String> {
     match regex {
         None => Some(resp.trim().to_string()),
-        Some(r) => r.captures(resp).map(|c| c.get(1).or_else(|| c.get(0)).map(|m| m.as_str().trim().to_string()).unwrap_or_default()),
+        Some(r) => r.captures(resp).map(|c| {
+            c.get(1)
+                .or_else(|| c.get(0))
+                .map(|m| m.as_str().trim().to_string())
+                .unwrap_or_default()
+        }),
     }
 }
 
@@ -150,7 +249,13 @@ pub fn run(lm: &Lm, path: &Path, opts: &EvalOptions) -> Result<TaskOutput> {
     let n = all.len();
     let k = opts.shots.unwrap_or(0);
     if k >= n && k > 0 {
-        return Err(Error::unsupported(&name, format!("--shots {k} needs more than {k} lines in {}", path.display())));
+        return Err(Error::unsupported(
+            &name,
+            format!(
+                "--shots {k} needs more than {k} lines in {}",
+                path.display()
+            ),
+        ));
     }
     let cands: Vec<usize> = {
         let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
@@ -166,8 +271,14 @@ pub fn run(lm: &Lm, path: &Path, opts: &EvalOptions) -> Result<TaskOutput> {
         kind = "multiple_choice";
         let mut requests: Vec<(String, Vec<String>)> = Vec::new();
         for (i, d) in all.iter().take(used).enumerate() {
-            if let Doc::Choice { context, choices, .. } = d {
-                requests.push((format!("{}{context}", shots_for(&all, &cands, k, i)), choices.clone()));
+            if let Doc::Choice {
+                context, choices, ..
+            } = d
+            {
+                requests.push((
+                    format!("{}{context}", shots_for(&all, &cands, k, i)),
+                    choices.clone(),
+                ));
             }
         }
         let scores = lm.loglikelihood_choices(&requests, &name)?;
@@ -175,7 +286,11 @@ pub fn run(lm: &Lm, path: &Path, opts: &EvalOptions) -> Result<TaskOutput> {
         for (i, d) in all.iter().take(used).enumerate() {
             if let Doc::Choice { choices, gold, .. } = d {
                 let ll: Vec<f64> = scores[i].iter().map(|s| s.logprob).collect();
-                let norm: Vec<f64> = ll.iter().zip(choices).map(|(l, c)| l / (c.len().max(1) as f64)).collect();
+                let norm: Vec<f64> = ll
+                    .iter()
+                    .zip(choices)
+                    .map(|(l, c)| l / (c.len().max(1) as f64))
+                    .collect();
                 let (p, pn) = (super::mmlu::argmax_f64(&ll), super::mmlu::argmax_f64(&norm));
                 acc.push((p == *gold) as u8 as f64);
                 acc_norm.push((pn == *gold) as u8 as f64);
@@ -185,27 +300,44 @@ pub fn run(lm: &Lm, path: &Path, opts: &EvalOptions) -> Result<TaskOutput> {
             }
         }
         r.metrics.push(Metric::new("acc", mean(&acc), stderr(&acc)));
-        r.metrics.push(Metric::new("acc_norm", mean(&acc_norm), stderr(&acc_norm)));
+        r.metrics
+            .push(Metric::new("acc_norm", mean(&acc_norm), stderr(&acc_norm)));
     } else {
         kind = "generation";
         let default_max = opts.max_gen_tokens.unwrap_or(DEFAULT_MAX_GEN);
         let mut reqs = Vec::new();
         let mut prompts = Vec::new();
         for (i, d) in all.iter().take(used).enumerate() {
-            if let Doc::Gen { prompt, until, max_tokens, .. } = d {
+            if let Doc::Gen {
+                prompt,
+                until,
+                max_tokens,
+                ..
+            } = d
+            {
                 let p = format!("{}{prompt}", shots_for(&all, &cands, k, i));
                 let mut until = until.clone();
                 for &e in &lm.tok.eos_ids {
                     until.push(lm.tok.decode(&[e], false)?);
                 }
-                reqs.push(GenRequest { context: lm.encode(&p)?, until, max_new_tokens: max_tokens.unwrap_or(default_max) });
+                reqs.push(GenRequest {
+                    context: lm.encode(&p)?,
+                    until,
+                    max_new_tokens: max_tokens.unwrap_or(default_max),
+                });
                 prompts.push(p);
             }
         }
         let outs = lm.generate_until(&reqs, &name, |_, _| {})?;
         let mut em = Vec::new();
         for (i, (d, o)) in all.iter().take(used).zip(&outs).enumerate() {
-            if let Doc::Gen { target, regex, ignore_case, .. } = d {
+            if let Doc::Gen {
+                target,
+                regex,
+                ignore_case,
+                ..
+            } = d
+            {
                 let ans = extract(&o.text, regex.as_ref());
                 let ok = match &ans {
                     Some(a) if *ignore_case => a.to_lowercase() == target.trim().to_lowercase(),
@@ -218,7 +350,8 @@ pub fn run(lm: &Lm, path: &Path, opts: &EvalOptions) -> Result<TaskOutput> {
                 }
             }
         }
-        r.metrics.push(Metric::new("exact_match", mean(&em), stderr(&em)));
+        r.metrics
+            .push(Metric::new("exact_match", mean(&em), stderr(&em)));
     }
     Ok(TaskOutput {
         task: name.clone(),

@@ -8,7 +8,7 @@
 use crate::data;
 use crate::lm::Lm;
 use crate::metrics::{mean, stderr};
-use crate::{EvalOptions, Error, Metric, Result, TaskOutput, TaskResult};
+use crate::{Error, EvalOptions, Metric, Result, TaskOutput, TaskResult};
 use serde_json::json;
 use std::path::Path;
 
@@ -84,13 +84,23 @@ pub fn select(name: &str) -> Option<Vec<&'static str>> {
     }
     let rest = name.strip_prefix("mmlu_")?;
     if CATEGORIES.contains(&rest) {
-        return Some(SUBJECTS.iter().filter(|s| s.1 == rest).map(|s| s.0).collect());
+        return Some(
+            SUBJECTS
+                .iter()
+                .filter(|s| s.1 == rest)
+                .map(|s| s.0)
+                .collect(),
+        );
     }
     SUBJECTS.iter().find(|s| s.0 == rest).map(|s| vec![s.0])
 }
 
 pub fn category(subject: &str) -> &'static str {
-    SUBJECTS.iter().find(|s| s.0 == subject).map(|s| s.1).unwrap_or("other")
+    SUBJECTS
+        .iter()
+        .find(|s| s.0 == subject)
+        .map(|s| s.1)
+        .unwrap_or("other")
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -102,7 +112,10 @@ pub struct Doc {
 }
 
 pub fn description(subject: &str) -> String {
-    format!("The following are multiple choice questions (with answers) about {}.\n\n", subject.replace('_', " "))
+    format!(
+        "The following are multiple choice questions (with answers) about {}.\n\n",
+        subject.replace('_', " ")
+    )
 }
 
 pub fn doc_to_text(d: &Doc) -> String {
@@ -131,20 +144,41 @@ pub fn context(subject: &str, shots: &[Doc], doc: &Doc) -> String {
 
 /// `<dir>/mmlu/<split>/<subject>_<split>.csv` (no header; question, A, B, C, D, answer letter).
 pub fn load(data_dir: &Path, subject: &str, split: &str) -> Result<Vec<Doc>> {
-    let path = data_dir.join("mmlu").join(split).join(format!("{subject}_{split}.csv"));
+    let path = data_dir
+        .join("mmlu")
+        .join(split)
+        .join(format!("{subject}_{split}.csv"));
     let text = data::read_text(&path)?;
     let mut docs = Vec::new();
     for (line, rec) in data::parse_csv(&text, &path)? {
         if rec.len() != 6 {
-            return Err(Error::parse(&path, line, format!("expected 6 columns (question, A, B, C, D, answer), found {}", rec.len())));
+            return Err(Error::parse(
+                &path,
+                line,
+                format!(
+                    "expected 6 columns (question, A, B, C, D, answer), found {}",
+                    rec.len()
+                ),
+            ));
         }
         let answer = LETTERS
             .iter()
             .position(|l| *l == rec[5].trim())
-            .ok_or_else(|| Error::parse(&path, line, format!("answer must be A, B, C or D, found '{}'", rec[5])))?;
+            .ok_or_else(|| {
+                Error::parse(
+                    &path,
+                    line,
+                    format!("answer must be A, B, C or D, found '{}'", rec[5]),
+                )
+            })?;
         docs.push(Doc {
             question: rec[0].clone(),
-            choices: [rec[1].clone(), rec[2].clone(), rec[3].clone(), rec[4].clone()],
+            choices: [
+                rec[1].clone(),
+                rec[2].clone(),
+                rec[3].clone(),
+                rec[4].clone(),
+            ],
             answer,
         });
     }
@@ -154,22 +188,35 @@ pub fn load(data_dir: &Path, subject: &str, split: &str) -> Result<Vec<Doc>> {
 pub fn run(lm: &Lm, subjects: &[&'static str], opts: &EvalOptions) -> Result<TaskOutput> {
     let k = opts.shots.unwrap_or(0);
     if k > MAX_SHOTS {
-        return Err(Error::unsupported("mmlu", format!("--shots {k}: the dev split has {MAX_SHOTS} examples per subject")));
+        return Err(Error::unsupported(
+            "mmlu",
+            format!("--shots {k}: the dev split has {MAX_SHOTS} examples per subject"),
+        ));
     }
     data::require(&opts.data_dir.join("mmlu"))?;
     // (subject, docs, n in split)
     let mut per: Vec<(&str, Vec<Doc>, usize)> = Vec::new();
     let mut requests: Vec<(String, Vec<String>)> = Vec::new();
     for &subject in subjects {
-        let shots = if k > 0 { load(&opts.data_dir, subject, "dev")? } else { vec![] };
+        let shots = if k > 0 {
+            load(&opts.data_dir, subject, "dev")?
+        } else {
+            vec![]
+        };
         if shots.len() < k {
-            return Err(Error::Msg(format!("mmlu/dev/{subject}_dev.csv has {} examples, fewer than --shots {k}", shots.len())));
+            return Err(Error::Msg(format!(
+                "mmlu/dev/{subject}_dev.csv has {} examples, fewer than --shots {k}",
+                shots.len()
+            )));
         }
         let all = load(&opts.data_dir, subject, "test")?;
         let n = all.len();
         let docs = super::limit(all, opts.limit);
         for d in &docs {
-            requests.push((context(subject, &shots[..k], d), LETTERS.iter().map(|l| format!(" {l}")).collect()));
+            requests.push((
+                context(subject, &shots[..k], d),
+                LETTERS.iter().map(|l| format!(" {l}")).collect(),
+            ));
         }
         per.push((subject, docs, n));
     }
@@ -178,7 +225,8 @@ pub fn run(lm: &Lm, subjects: &[&'static str], opts: &EvalOptions) -> Result<Tas
     let mut results = Vec::new();
     let mut samples = Vec::new();
     let mut all_correct: Vec<f64> = Vec::new();
-    let mut by_cat: Vec<(&str, Vec<f64>, Vec<String>)> = CATEGORIES.iter().map(|c| (*c, vec![], vec![])).collect();
+    let mut by_cat: Vec<(&str, Vec<f64>, Vec<String>)> =
+        CATEGORIES.iter().map(|c| (*c, vec![], vec![])).collect();
     let mut sub_results = Vec::new();
     let mut i = 0usize; // document index over all subjects
     for (subject, docs, n) in &per {
@@ -189,14 +237,17 @@ pub fn run(lm: &Lm, subjects: &[&'static str], opts: &EvalOptions) -> Result<Tas
             let ok = (pred == d.answer) as u8 as f64;
             correct.push(ok);
             if opts.log_samples {
-                samples.push(json!({"subject": subject, "context": requests[i].0, "loglikelihoods": ll,
-                                    "pred": LETTERS[pred], "gold": LETTERS[d.answer], "acc": ok}));
+                samples.push(
+                    json!({"subject": subject, "context": requests[i].0, "loglikelihoods": ll,
+                                    "pred": LETTERS[pred], "gold": LETTERS[d.answer], "acc": ok}),
+                );
             }
             i += 1;
         }
         let name = format!("mmlu_{subject}");
         let mut r = TaskResult::new(&name, &format!("  - {}", subject.replace('_', " ")));
-        r.metrics.push(Metric::new("acc", mean(&correct), stderr(&correct)));
+        r.metrics
+            .push(Metric::new("acc", mean(&correct), stderr(&correct)));
         r.n_shot = Some(k);
         r.n_samples = Some((*n, docs.len()));
         let c = category(subject);
@@ -208,7 +259,8 @@ pub fn run(lm: &Lm, subjects: &[&'static str], opts: &EvalOptions) -> Result<Tas
         sub_results.push((c, r));
     }
     let mut top = TaskResult::new("mmlu", "mmlu");
-    top.metrics.push(Metric::new("acc", mean(&all_correct), stderr(&all_correct)));
+    top.metrics
+        .push(Metric::new("acc", mean(&all_correct), stderr(&all_correct)));
     top.n_shot = Some(k);
     results.push(top);
     let mut cat_results = Vec::new();

@@ -8,7 +8,7 @@ pub mod sst2;
 pub mod wikitext;
 
 use crate::lm::Lm;
-use crate::{EvalOptions, Error, Result, TaskOutput};
+use crate::{Error, EvalOptions, Result, TaskOutput};
 use models::{Arch, Model};
 use std::path::PathBuf;
 
@@ -16,7 +16,9 @@ use std::path::PathBuf;
 pub enum TaskSpec {
     Wikitext2,
     /// The selected subjects (all 57 for `mmlu`); every `mmlu*` name in one list merges here.
-    Mmlu { subjects: Vec<&'static str> },
+    Mmlu {
+        subjects: Vec<&'static str>,
+    },
     Gsm8k,
     Ifeval,
     Sst2,
@@ -60,7 +62,10 @@ pub fn parse_tasks(list: &str) -> Result<Vec<TaskSpec>> {
             continue;
         }
         if lower == "mmlu" || lower.starts_with("mmlu_") {
-            let subs = mmlu::select(&lower).ok_or_else(|| Error::UnknownTask { name: raw.into(), known: KNOWN.into() })?;
+            let subs = mmlu::select(&lower).ok_or_else(|| Error::UnknownTask {
+                name: raw.into(),
+                known: KNOWN.into(),
+            })?;
             for s in subs {
                 if !mmlu.contains(&s) {
                     mmlu.push(s);
@@ -77,11 +82,18 @@ pub fn parse_tasks(list: &str) -> Result<Vec<TaskSpec>> {
             out.push(TaskSpec::Jsonl(p));
             continue;
         }
-        return Err(Error::UnknownTask { name: raw.into(), known: KNOWN.into() });
+        return Err(Error::UnknownTask {
+            name: raw.into(),
+            known: KNOWN.into(),
+        });
     }
     if let Some(i) = mmlu_at {
         // Keep the canonical subject order.
-        let subjects = mmlu::SUBJECTS.iter().map(|(s, _)| *s).filter(|s| mmlu.contains(s)).collect();
+        let subjects = mmlu::SUBJECTS
+            .iter()
+            .map(|(s, _)| *s)
+            .filter(|s| mmlu.contains(s))
+            .collect();
         out[i] = TaskSpec::Mmlu { subjects };
     }
     if out.is_empty() {
@@ -91,19 +103,41 @@ pub fn parse_tasks(list: &str) -> Result<Vec<TaskSpec>> {
 }
 
 /// Causal-LM wrapper with the options' batch and length settings.
-pub(crate) fn causal<'a>(model: &'a Model, task: &str, opts: &EvalOptions, default_max: Option<usize>) -> Result<Lm<'a>> {
+pub(crate) fn causal<'a>(
+    model: &'a Model,
+    task: &str,
+    opts: &EvalOptions,
+    default_max: Option<usize>,
+) -> Result<Lm<'a>> {
     let llama = match &model.arch {
         Arch::Llama(l) => l,
         Arch::Bert(_) => {
-            return Err(Error::unsupported(task, format!("needs a causal LM, but {} is an encoder (bert)", model.source.name)))
+            return Err(Error::unsupported(
+                task,
+                format!(
+                    "needs a causal LM, but {} is an encoder (bert)",
+                    model.source.name
+                ),
+            ))
         }
     };
     let ctx = llama.cfg.max_position_embeddings;
-    let max_length = opts.max_length.unwrap_or_else(|| default_max.unwrap_or(ctx).min(ctx));
+    let max_length = opts
+        .max_length
+        .unwrap_or_else(|| default_max.unwrap_or(ctx).min(ctx));
     if max_length > ctx {
-        return Err(Error::unsupported(task, format!("--max-length {max_length} exceeds the model's context of {ctx}")));
+        return Err(Error::unsupported(
+            task,
+            format!("--max-length {max_length} exceeds the model's context of {ctx}"),
+        ));
     }
-    Ok(Lm::new(llama, &model.tokenizer, opts.batch_size, max_length, opts.progress))
+    Ok(Lm::new(
+        llama,
+        &model.tokenizer,
+        opts.batch_size,
+        max_length,
+        opts.progress,
+    ))
 }
 
 pub(crate) fn limit<T>(mut v: Vec<T>, limit: Option<usize>) -> Vec<T> {
@@ -118,7 +152,9 @@ pub fn run_task(model: &Model, spec: &TaskSpec, opts: &EvalOptions) -> Result<Ta
     let t0 = std::time::Instant::now();
     let mut out = match spec {
         TaskSpec::Wikitext2 => wikitext::run(&causal(model, "wikitext2", opts, Some(2048))?, opts)?,
-        TaskSpec::Mmlu { subjects } => mmlu::run(&causal(model, "mmlu", opts, None)?, subjects, opts)?,
+        TaskSpec::Mmlu { subjects } => {
+            mmlu::run(&causal(model, "mmlu", opts, None)?, subjects, opts)?
+        }
         TaskSpec::Gsm8k => gsm8k::run(&causal(model, "gsm8k", opts, None)?, opts)?,
         TaskSpec::Ifeval => ifeval::run(&causal(model, "ifeval", opts, None)?, opts)?,
         TaskSpec::Sst2 => match &model.arch {
@@ -139,7 +175,12 @@ mod tests {
     fn task_lists() {
         let t = parse_tasks("wikitext2, mmlu_anatomy,gsm8k,mmlu_abstract_algebra").unwrap();
         assert_eq!(t.len(), 3);
-        assert_eq!(t[1], TaskSpec::Mmlu { subjects: vec!["abstract_algebra", "anatomy"] });
+        assert_eq!(
+            t[1],
+            TaskSpec::Mmlu {
+                subjects: vec!["abstract_algebra", "anatomy"]
+            }
+        );
         match &parse_tasks("mmlu").unwrap()[0] {
             TaskSpec::Mmlu { subjects } => assert_eq!(subjects.len(), 57),
             _ => panic!(),
@@ -148,7 +189,10 @@ mod tests {
             TaskSpec::Mmlu { subjects } => assert_eq!(subjects.len(), 19),
             _ => panic!(),
         }
-        assert_eq!(parse_tasks("x/y.jsonl").unwrap(), vec![TaskSpec::Jsonl("x/y.jsonl".into())]);
+        assert_eq!(
+            parse_tasks("x/y.jsonl").unwrap(),
+            vec![TaskSpec::Jsonl("x/y.jsonl".into())]
+        );
         let e = parse_tasks("nope").unwrap_err().to_string();
         assert!(e.contains("unknown task 'nope'"), "{e}");
         assert!(parse_tasks("mmlu_nope").is_err());

@@ -8,7 +8,7 @@
 use crate::data;
 use crate::lm::{progress_bar, Lm};
 use crate::metrics::{mean, stderr};
-use crate::{EvalOptions, Error, Metric, Result, TaskOutput, TaskResult};
+use crate::{Error, EvalOptions, Metric, Result, TaskOutput, TaskResult};
 use candle_core::{Device, Tensor};
 use models::bert::Bert;
 use models::tokenizer::Tokenizer;
@@ -27,15 +27,30 @@ pub struct Doc {
 
 pub fn load(path: &Path) -> Result<Vec<Doc>> {
     let (header, rows) = data::read_tsv(path)?;
-    let si = header.iter().position(|h| h == "sentence").ok_or_else(|| Error::parse(path, 1, "no 'sentence' column"))?;
-    let li = header.iter().position(|h| h == "label").ok_or_else(|| Error::parse(path, 1, "no 'label' column"))?;
+    let si = header
+        .iter()
+        .position(|h| h == "sentence")
+        .ok_or_else(|| Error::parse(path, 1, "no 'sentence' column"))?;
+    let li = header
+        .iter()
+        .position(|h| h == "label")
+        .ok_or_else(|| Error::parse(path, 1, "no 'label' column"))?;
     rows.into_iter()
         .map(|(line, r)| {
-            let sentence = r.get(si).ok_or_else(|| Error::parse(path, line, "missing sentence column"))?.clone();
+            let sentence = r
+                .get(si)
+                .ok_or_else(|| Error::parse(path, line, "missing sentence column"))?
+                .clone();
             let label = match r.get(li).map(|s| s.trim()) {
                 Some("0") => 0,
                 Some("1") => 1,
-                other => return Err(Error::parse(path, line, format!("label must be 0 or 1, found {other:?}"))),
+                other => {
+                    return Err(Error::parse(
+                        path,
+                        line,
+                        format!("label must be 0 or 1, found {other:?}"),
+                    ))
+                }
             };
             Ok(Doc { sentence, label })
         })
@@ -61,7 +76,10 @@ pub fn context(shots: &[Doc], sentence: &str) -> String {
 /// `k` distinct training examples drawn with a seeded RNG.
 pub fn draw_shots(train: &[Doc], k: usize, seed: u64) -> Vec<Doc> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    sample(&mut rng, train.len(), k.min(train.len())).into_iter().map(|i| train[i].clone()).collect()
+    sample(&mut rng, train.len(), k.min(train.len()))
+        .into_iter()
+        .map(|i| train[i].clone())
+        .collect()
 }
 
 fn dev(opts: &EvalOptions) -> Result<(std::path::PathBuf, Vec<Doc>, usize)> {
@@ -71,20 +89,47 @@ fn dev(opts: &EvalOptions) -> Result<(std::path::PathBuf, Vec<Doc>, usize)> {
     Ok((path, super::limit(all, opts.limit), n))
 }
 
-fn output(acc: Vec<f64>, n: usize, k: Option<usize>, config: serde_json::Value, samples: Vec<serde_json::Value>) -> TaskOutput {
+fn output(
+    acc: Vec<f64>,
+    n: usize,
+    k: Option<usize>,
+    config: serde_json::Value,
+    samples: Vec<serde_json::Value>,
+) -> TaskOutput {
     let mut r = TaskResult::new("sst2", "sst2");
     r.metrics.push(Metric::new("acc", mean(&acc), stderr(&acc)));
     r.n_shot = k;
     r.n_samples = Some((n, acc.len()));
-    TaskOutput { task: "sst2".into(), results: vec![r], seconds: 0.0, config, samples }
+    TaskOutput {
+        task: "sst2".into(),
+        results: vec![r],
+        seconds: 0.0,
+        config,
+        samples,
+    }
 }
 
 pub fn run_prompted(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
     let (path, docs, n) = dev(opts)?;
     let k = opts.shots.unwrap_or(0);
-    let shots = if k > 0 { draw_shots(&load(&opts.data_dir.join("glue").join("SST-2").join("train.tsv"))?, k, opts.seed) } else { vec![] };
-    let requests: Vec<(String, Vec<String>)> =
-        docs.iter().map(|d| (context(&shots, &d.sentence), LABELS.iter().map(|l| format!(" {l}")).collect())).collect();
+    let shots = if k > 0 {
+        draw_shots(
+            &load(&opts.data_dir.join("glue").join("SST-2").join("train.tsv"))?,
+            k,
+            opts.seed,
+        )
+    } else {
+        vec![]
+    };
+    let requests: Vec<(String, Vec<String>)> = docs
+        .iter()
+        .map(|d| {
+            (
+                context(&shots, &d.sentence),
+                LABELS.iter().map(|l| format!(" {l}")).collect(),
+            )
+        })
+        .collect();
     let scores = lm.loglikelihood_choices(&requests, "sst2")?;
     let mut acc = Vec::new();
     let mut samples = Vec::new();
@@ -110,7 +155,13 @@ pub fn run_classifier(bert: &Bert, tok: &Tokenizer, opts: &EvalOptions) -> Resul
         ));
     };
     if cls.out_features() != 2 {
-        return Err(Error::unsupported("sst2", format!("the classification head has {} labels; SST-2 needs 2", cls.out_features())));
+        return Err(Error::unsupported(
+            "sst2",
+            format!(
+                "the classification head has {} labels; SST-2 needs 2",
+                cls.out_features()
+            ),
+        ));
     }
     let (path, docs, n) = dev(opts)?;
     let maxp = bert.cfg.max_position_embeddings;

@@ -9,11 +9,16 @@
 use crate::data;
 use crate::lm::{rolling_rows, Lm};
 use crate::metrics::Perplexity;
-use crate::{EvalOptions, Error, Metric, Result, TaskOutput, TaskResult};
+use crate::{Error, EvalOptions, Metric, Result, TaskOutput, TaskResult};
 use serde_json::json;
 
 /// Perplexity of `text` (all of it, or its first `limit` windows).
-pub fn perplexity(lm: &Lm, text: &str, stride: usize, limit: Option<usize>) -> Result<(Perplexity, usize, usize)> {
+pub fn perplexity(
+    lm: &Lm,
+    text: &str,
+    stride: usize,
+    limit: Option<usize>,
+) -> Result<(Perplexity, usize, usize)> {
     let tokens = lm.encode(text)?;
     if tokens.is_empty() {
         return Err(Error::Msg("wikitext2: the text is empty".into()));
@@ -24,7 +29,11 @@ pub fn perplexity(lm: &Lm, text: &str, stride: usize, limit: Option<usize>) -> R
     let scored: usize = rows.iter().map(|r| r.targets.len()).sum();
     let scores = lm.score_rows(&rows, "wikitext2")?;
     let ll: f64 = scores.iter().map(|s| s.logprob).sum();
-    let covered = if scored == tokens.len() { text.to_string() } else { lm.tok.decode(&tokens[..scored], false)? };
+    let covered = if scored == tokens.len() {
+        text.to_string()
+    } else {
+        lm.tok.decode(&tokens[..scored], false)?
+    };
     Ok((Perplexity::new(ll, scored, &covered), n_windows, rows.len()))
 }
 
@@ -33,14 +42,21 @@ pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
     let text = data::read_text(&path)?;
     let stride = opts.stride.unwrap_or(lm.max_length);
     if stride == 0 || stride > lm.max_length {
-        return Err(Error::unsupported("wikitext2", format!("--stride must be in 1..={} (the max length)", lm.max_length)));
+        return Err(Error::unsupported(
+            "wikitext2",
+            format!("--stride must be in 1..={} (the max length)", lm.max_length),
+        ));
     }
     let (p, n_windows, used) = perplexity(lm, &text, stride, opts.limit)?;
     let mut r = TaskResult::new("wikitext2", "wikitext2");
-    r.metrics.push(Metric::new("word_perplexity", p.word_perplexity, None).lower_better());
-    r.metrics.push(Metric::new("byte_perplexity", p.byte_perplexity, None).lower_better());
-    r.metrics.push(Metric::new("bits_per_byte", p.bits_per_byte, None).lower_better());
-    r.metrics.push(Metric::new("token_perplexity", p.token_perplexity, None).lower_better());
+    r.metrics
+        .push(Metric::new("word_perplexity", p.word_perplexity, None).lower_better());
+    r.metrics
+        .push(Metric::new("byte_perplexity", p.byte_perplexity, None).lower_better());
+    r.metrics
+        .push(Metric::new("bits_per_byte", p.bits_per_byte, None).lower_better());
+    r.metrics
+        .push(Metric::new("token_perplexity", p.token_perplexity, None).lower_better());
     r.n_shot = Some(0);
     r.n_samples = Some((n_windows, used));
     Ok(TaskOutput {

@@ -55,13 +55,27 @@ pub struct QuantOptions {
 
 impl Default for QuantOptions {
     fn default() -> Self {
-        QuantOptions { method: Method::Gptq, bits: 4, group_size: 128, act_order: false, damp: 0.01, sym: false, keep: KeepFp16::None, block: 128, batch: 4 }
+        QuantOptions {
+            method: Method::Gptq,
+            bits: 4,
+            group_size: 128,
+            act_order: false,
+            damp: 0.01,
+            sym: false,
+            keep: KeepFp16::None,
+            block: 128,
+            batch: 4,
+        }
     }
 }
 
 impl QuantOptions {
     pub fn grid(&self) -> Grid {
-        Grid { bits: self.bits, group_size: self.group_size, sym: self.sym }
+        Grid {
+            bits: self.bits,
+            group_size: self.group_size,
+            sym: self.sym,
+        }
     }
 }
 
@@ -79,12 +93,20 @@ pub struct LayerReport {
 
 /// Decoder-layer index of a module name `model.layers.N.…`.
 pub fn layer_index(name: &str) -> Option<usize> {
-    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The quantization targets: every Linear inside a decoder layer (embedding and head stay).
 fn targets(m: &Model) -> Vec<(String, usize, usize)> {
-    m.linears().into_iter().filter(|(n, _)| layer_index(n).is_some()).map(|(n, l)| (n, l.in_features(), l.out_features())).collect()
+    m.linears()
+        .into_iter()
+        .filter(|(n, _)| layer_index(n).is_some())
+        .map(|(n, l)| (n, l.in_features(), l.out_features()))
+        .collect()
 }
 
 /// Validate options against the model before any work.
@@ -92,12 +114,18 @@ pub fn validate(m: &Model, o: &QuantOptions) -> Result<()> {
     super::pack::check_bits(o.bits)?;
     m.llama()?;
     if !(0.0..1.0).contains(&o.damp) {
-        return Err(Error::Msg(format!("--damp must be in [0, 1), got {}", o.damp)));
+        return Err(Error::Msg(format!(
+            "--damp must be in [0, 1), got {}",
+            o.damp
+        )));
     }
     let b = o.bits as usize;
     for (n, i, out) in targets(m) {
         if o.group_size != 0 && i % o.group_size != 0 {
-            return Err(Error::Msg(format!("--group-size {} does not divide in_features {i} of {n}", o.group_size)));
+            return Err(Error::Msg(format!(
+                "--group-size {} does not divide in_features {i} of {n}",
+                o.group_size
+            )));
         }
         if (i * b) % 32 != 0 || (out * b) % 32 != 0 {
             return Err(Error::Msg(format!("{n} ({out}×{i}) cannot be packed in {} bits: in and out features × bits must be multiples of 32", o.bits)));
@@ -108,15 +136,27 @@ pub fn validate(m: &Model, o: &QuantOptions) -> Result<()> {
 
 /// `nsamples` random windows of `seqlen` tokens from a calibration text (seeded, as GPTQ's
 /// get_wikitext2 draws random windows from the training split).
-pub fn calibration_samples(m: &Model, text: &str, nsamples: usize, seqlen: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
+pub fn calibration_samples(
+    m: &Model,
+    text: &str,
+    nsamples: usize,
+    seqlen: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
     if nsamples == 0 || seqlen < 2 {
         return Err(Error::Msg("--nsamples must be ≥ 1 and --seqlen ≥ 2".into()));
     }
     let ids = m.tokenizer.encode(text, false)?;
     if ids.len() <= seqlen {
-        return Err(Error::Msg(format!("calibration text has {} tokens, fewer than --seqlen {seqlen}", ids.len())));
+        return Err(Error::Msg(format!(
+            "calibration text has {} tokens, fewer than --seqlen {seqlen}",
+            ids.len()
+        )));
     }
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     let mut out = Vec::with_capacity(nsamples);
     for _ in 0..nsamples {
         s ^= s << 13;
@@ -138,15 +178,26 @@ fn f16_dense(l: &dyn LinearLayer) -> Result<Dense> {
 }
 
 fn weight_vec(l: &dyn LinearLayer) -> Result<Vec<f32>> {
-    Ok(l.weight()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    Ok(l.weight()?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
 fn placeholder() -> Box<dyn LinearLayer> {
-    Box::new(Dense { weight: Tensor::zeros((0, 0), DType::F32, &Device::Cpu).expect("empty tensor"), bias: None })
+    Box::new(Dense {
+        weight: Tensor::zeros((0, 0), DType::F32, &Device::Cpu).expect("empty tensor"),
+        bias: None,
+    })
 }
 
 /// Quantize one Linear (already validated), returning the packed layer and its report.
-fn quantize_one(name: &str, l: &dyn LinearLayer, o: &QuantOptions, prep: Option<&gptq::Prepared>) -> Result<(QuantLinear, LayerReport)> {
+fn quantize_one(
+    name: &str,
+    l: &dyn LinearLayer,
+    o: &QuantOptions,
+    prep: Option<&gptq::Prepared>,
+) -> Result<(QuantLinear, LayerReport)> {
     let t0 = std::time::Instant::now();
     let (in_f, out_f) = (l.in_features(), l.out_features());
     let w = weight_vec(l)?;
@@ -159,18 +210,52 @@ fn quantize_one(name: &str, l: &dyn LinearLayer, o: &QuantOptions, prep: Option<
         None => None,
     };
     let ql = QuantLinear::from_quantized(&q, o.bits, bias)?;
-    let kind = format!("{}{}", if o.method == Method::Gptq { "gptq" } else { "rtn" }, o.bits);
-    Ok((ql, LayerReport { name: name.into(), kind, in_features: in_f, out_features: out_f, loss: q.loss, secs: t0.elapsed().as_secs_f64() }))
+    let kind = format!(
+        "{}{}",
+        if o.method == Method::Gptq {
+            "gptq"
+        } else {
+            "rtn"
+        },
+        o.bits
+    );
+    Ok((
+        ql,
+        LayerReport {
+            name: name.into(),
+            kind,
+            in_features: in_f,
+            out_features: out_f,
+            loss: q.loss,
+            secs: t0.elapsed().as_secs_f64(),
+        },
+    ))
 }
 
 /// Quantize every decoder-layer Linear of `m` in place (QuantLinear swapped in; fp16-kept
 /// layers become f16-rounded dense). GPTQ needs `calib` (token windows); RTN ignores it.
-pub fn quantize_model(m: &mut Model, o: &QuantOptions, calib: Option<&[Vec<u32>]>, progress: bool) -> Result<Vec<LayerReport>> {
+pub fn quantize_model(
+    m: &mut Model,
+    o: &QuantOptions,
+    calib: Option<&[Vec<u32>]>,
+    progress: bool,
+) -> Result<Vec<LayerReport>> {
     validate(m, o)?;
     let names: Vec<String> = targets(m).into_iter().map(|t| t.0).collect();
-    let n_layers = names.iter().filter_map(|n| layer_index(n)).max().map_or(0, |x| x + 1);
-    let pb = if progress { indicatif::ProgressBar::new(names.len() as u64) } else { indicatif::ProgressBar::hidden() };
-    pb.set_style(indicatif::ProgressStyle::with_template("quantizing {bar:30} {pos}/{len} {msg} {elapsed}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    let n_layers = names
+        .iter()
+        .filter_map(|n| layer_index(n))
+        .max()
+        .map_or(0, |x| x + 1);
+    let pb = if progress {
+        indicatif::ProgressBar::new(names.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("quantizing {bar:30} {pos}/{len} {msg} {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     let crucial = match o.keep {
         KeepFp16::Crucial(n) => n,
         _ => 0,
@@ -178,7 +263,11 @@ pub fn quantize_model(m: &mut Model, o: &QuantOptions, calib: Option<&[Vec<u32>]
     let mut reports = Vec::new();
     // Originals (f16-rounded) kept for crucial:N, by name.
     let mut originals: HashMap<String, Dense> = HashMap::new();
-    let mut swap_in = |m: &mut Model, layer: usize, prepared: &HashMap<String, gptq::Prepared>, reports: &mut Vec<LayerReport>| -> Result<()> {
+    let mut swap_in = |m: &mut Model,
+                       layer: usize,
+                       prepared: &HashMap<String, gptq::Prepared>,
+                       reports: &mut Vec<LayerReport>|
+     -> Result<()> {
         for (name, lin) in m.linears_mut() {
             if layer_index(&name) != Some(layer) {
                 continue;
@@ -186,13 +275,22 @@ pub fn quantize_model(m: &mut Model, o: &QuantOptions, calib: Option<&[Vec<u32>]
             if o.keep.keeps(&name) {
                 let d = f16_dense(lin.inner())?;
                 lin.replace(Box::new(d));
-                reports.push(LayerReport { name: name.clone(), kind: "fp16".into(), in_features: lin.in_features(), out_features: lin.out_features(), loss: 0.0, secs: 0.0 });
+                reports.push(LayerReport {
+                    name: name.clone(),
+                    kind: "fp16".into(),
+                    in_features: lin.in_features(),
+                    out_features: lin.out_features(),
+                    loss: 0.0,
+                    secs: 0.0,
+                });
                 pb.inc(1);
                 continue;
             }
             let prep = prepared.get(&hessian_key(&name));
             if o.method == Method::Gptq && prep.is_none() {
-                return Err(Error::Msg(format!("no calibration activations reached {name}")));
+                return Err(Error::Msg(format!(
+                    "no calibration activations reached {name}"
+                )));
             }
             let (ql, rep) = quantize_one(&name, lin.inner(), o, prep)?;
             if crucial > 0 {
@@ -212,7 +310,9 @@ pub fn quantize_model(m: &mut Model, o: &QuantOptions, calib: Option<&[Vec<u32>]
             }
         }
         Method::Gptq => {
-            let calib = calib.filter(|c| !c.is_empty()).ok_or_else(|| Error::Msg("GPTQ needs calibration data (--calib PATH)".into()))?;
+            let calib = calib
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| Error::Msg("GPTQ needs calibration data (--calib PATH)".into()))?;
             let hidden = m.llama()?.cfg.hidden_size;
             // X_0: the embeddings of every calibration batch.
             let batches: Vec<Tensor> = calib
@@ -222,8 +322,16 @@ pub fn quantize_model(m: &mut Model, o: &QuantOptions, calib: Option<&[Vec<u32>]
                     Tensor::from_vec(flat, (c.len(), c[0].len()), &Device::Cpu)
                 })
                 .collect::<candle_core::Result<_>>()?;
-            let embed = m.linears().into_iter().find(|(n, _)| n == "model.embed_tokens").map(|(_, l)| l).ok_or_else(|| Error::Msg("model has no model.embed_tokens".into()))?;
-            let mut xs: Vec<Tensor> = batches.iter().map(|b| embed.embed(&b.flatten_all()?)).collect::<candle_core::Result<_>>()?;
+            let embed = m
+                .linears()
+                .into_iter()
+                .find(|(n, _)| n == "model.embed_tokens")
+                .map(|(_, l)| l)
+                .ok_or_else(|| Error::Msg("model has no model.embed_tokens".into()))?;
+            let mut xs: Vec<Tensor> = batches
+                .iter()
+                .map(|b| embed.embed(&b.flatten_all()?))
+                .collect::<candle_core::Result<_>>()?;
             for layer in 0..n_layers {
                 let (hess, outs) = calibration_pass(m, layer, &batches, &xs, o, hidden)?;
                 if layer > 0 {
@@ -235,7 +343,10 @@ pub fn quantize_model(m: &mut Model, o: &QuantOptions, calib: Option<&[Vec<u32>]
                 }
                 let mut prepared = HashMap::new();
                 for (k, h) in hess {
-                    let h = Arc::try_unwrap(h).map_err(|_| Error::Msg("Hessian still shared".into()))?.into_inner().map_err(|_| Error::Msg("Hessian lock poisoned".into()))?;
+                    let h = Arc::try_unwrap(h)
+                        .map_err(|_| Error::Msg("Hessian still shared".into()))?
+                        .into_inner()
+                        .map_err(|_| Error::Msg("Hessian lock poisoned".into()))?;
                     prepared.insert(k, gptq::prepare(&h.finish(), h.n, o.damp, o.act_order)?);
                 }
                 swap_in(m, layer, &prepared, &mut reports)?;
@@ -244,9 +355,20 @@ pub fn quantize_model(m: &mut Model, o: &QuantOptions, calib: Option<&[Vec<u32>]
     }
     pb.finish_and_clear();
     if crucial > 0 {
-        let mut order: Vec<usize> = (0..reports.len()).filter(|&i| reports[i].kind != "fp16").collect();
-        order.sort_by(|&a, &b| reports[b].loss.partial_cmp(&reports[a].loss).unwrap_or(std::cmp::Ordering::Equal));
-        let keep: BTreeMap<String, usize> = order.into_iter().take(crucial).map(|i| (reports[i].name.clone(), i)).collect();
+        let mut order: Vec<usize> = (0..reports.len())
+            .filter(|&i| reports[i].kind != "fp16")
+            .collect();
+        order.sort_by(|&a, &b| {
+            reports[b]
+                .loss
+                .partial_cmp(&reports[a].loss)
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        let keep: BTreeMap<String, usize> = order
+            .into_iter()
+            .take(crucial)
+            .map(|i| (reports[i].name.clone(), i))
+            .collect();
         for (name, lin) in m.linears_mut() {
             if let Some(&i) = keep.get(&name) {
                 if let Some(d) = originals.remove(&name) {
@@ -261,7 +383,11 @@ pub fn quantize_model(m: &mut Model, o: &QuantOptions, calib: Option<&[Vec<u32>]
 
 /// Modules reading the same input share one Hessian.
 fn hessian_key(name: &str) -> String {
-    for (s, k) in [("k_proj", "q_proj"), ("v_proj", "q_proj"), ("up_proj", "gate_proj")] {
+    for (s, k) in [
+        ("k_proj", "q_proj"),
+        ("v_proj", "q_proj"),
+        ("up_proj", "gate_proj"),
+    ] {
         if let Some(p) = name.strip_suffix(s) {
             return format!("{p}{k}");
         }
@@ -302,7 +428,9 @@ impl LinearLayer for Hook {
             }
             Role::Output(slot) => {
                 let y = self.inner.forward(x)?;
-                *slot.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))? = Some(y.clone());
+                *slot
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("poisoned".into()))? = Some(y.clone());
                 Ok(y)
             }
             Role::Record(h) => {
@@ -310,7 +438,9 @@ impl LinearLayer for Hook {
                     let n = x.dim(x.rank() - 1)?;
                     let x2 = x.contiguous()?.reshape(((), n))?.to_dtype(DType::F32)?;
                     let xtx = x2.t()?.matmul(&x2)?.flatten_all()?.to_vec1::<f32>()?;
-                    h.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.add_xtx(&xtx, x2.dim(0)?);
+                    h.lock()
+                        .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
+                        .add_xtx(&xtx, x2.dim(0)?);
                 }
                 self.inner.forward(x)
             }
@@ -320,7 +450,11 @@ impl LinearLayer for Hook {
     }
     fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         match &self.role {
-            Role::Embed(slot) => slot.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.clone().ok_or_else(|| candle_core::Error::Msg("no cached hidden states".into())),
+            Role::Embed(slot) => slot
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
+                .clone()
+                .ok_or_else(|| candle_core::Error::Msg("no cached hidden states".into())),
             _ => self.inner.embed(ids),
         }
     }
@@ -355,7 +489,14 @@ type Outs = Vec<(Tensor, Tensor)>;
 /// One pass over the calibration batches for decoder layer `layer` (see the module docs).
 /// Returns the Hessians of the layer's modules and, for layer > 0, the recorded o_proj and
 /// down_proj outputs of layer − 1 per batch.
-fn calibration_pass(m: &mut Model, layer: usize, batches: &[Tensor], xs: &[Tensor], o: &QuantOptions, hidden: usize) -> Result<(HashMap<String, Hess>, Outs)> {
+fn calibration_pass(
+    m: &mut Model,
+    layer: usize,
+    batches: &[Tensor],
+    xs: &[Tensor],
+    o: &QuantOptions,
+    hidden: usize,
+) -> Result<(HashMap<String, Hess>, Outs)> {
     let embed_slot = Arc::new(Mutex::new(None));
     let o_slot = Arc::new(Mutex::new(None));
     let d_slot = Arc::new(Mutex::new(None));
@@ -368,8 +509,12 @@ fn calibration_pass(m: &mut Model, layer: usize, batches: &[Tensor], xs: &[Tenso
         } else {
             match layer_index(&name) {
                 Some(j) if j < start => Role::Zero,
-                Some(j) if j + 1 == layer && name.ends_with("o_proj") => Role::Output(o_slot.clone()),
-                Some(j) if j + 1 == layer && name.ends_with("down_proj") => Role::Output(d_slot.clone()),
+                Some(j) if j + 1 == layer && name.ends_with("o_proj") => {
+                    Role::Output(o_slot.clone())
+                }
+                Some(j) if j + 1 == layer && name.ends_with("down_proj") => {
+                    Role::Output(d_slot.clone())
+                }
                 Some(j) if j == layer && !o.keep.keeps(&name) => {
                     let key = hessian_key(&name);
                     if hess.contains_key(&key) {
@@ -392,18 +537,33 @@ fn calibration_pass(m: &mut Model, layer: usize, batches: &[Tensor], xs: &[Tenso
         let llama = m.llama()?;
         for (b, x) in batches.iter().zip(xs) {
             let (bs, t) = b.dims2()?;
-            *embed_slot.lock().map_err(|_| Error::Msg("poisoned".into()))? = Some(x.reshape((bs * t, hidden))?);
+            *embed_slot
+                .lock()
+                .map_err(|_| Error::Msg("poisoned".into()))? = Some(x.reshape((bs * t, hidden))?);
             match llama.forward_hidden(b, None, None) {
                 Ok(_) => {}
                 Err(e) if e.to_string().contains(STOP) => {}
                 Err(e) => return Err(e.into()),
             }
             if layer > 0 {
-                let a = o_slot.lock().map_err(|_| Error::Msg("poisoned".into()))?.take();
-                let d = d_slot.lock().map_err(|_| Error::Msg("poisoned".into()))?.take();
+                let a = o_slot
+                    .lock()
+                    .map_err(|_| Error::Msg("poisoned".into()))?
+                    .take();
+                let d = d_slot
+                    .lock()
+                    .map_err(|_| Error::Msg("poisoned".into()))?
+                    .take();
                 match (a, d) {
-                    (Some(a), Some(d)) => outs.push((a.reshape((bs * t, hidden))?, d.reshape((bs * t, hidden))?)),
-                    _ => return Err(Error::Msg(format!("calibration pass did not reach layer {}", layer - 1))),
+                    (Some(a), Some(d)) => {
+                        outs.push((a.reshape((bs * t, hidden))?, d.reshape((bs * t, hidden))?))
+                    }
+                    _ => {
+                        return Err(Error::Msg(format!(
+                            "calibration pass did not reach layer {}",
+                            layer - 1
+                        )))
+                    }
                 }
             }
         }

@@ -78,7 +78,11 @@ fn find_params(vals: impl Iterator<Item = f32>, g: &Grid) -> (f32, f32) {
     if scale == 0.0 {
         scale = f16_round(f32::MIN_POSITIVE.max(6.1e-5));
     }
-    let zero = if g.sym { (maxq + 1.0) / 2.0 } else { (-xmin / scale).round().clamp(1.0, maxq) };
+    let zero = if g.sym {
+        (maxq + 1.0) / 2.0
+    } else {
+        (-xmin / scale).round().clamp(1.0, maxq)
+    };
     (scale, zero)
 }
 
@@ -91,11 +95,20 @@ fn quant1(x: f32, scale: f32, zero: f32, maxq: f32) -> (u32, f32) {
 fn check(w: &[f32], out_f: usize, in_f: usize, g: &Grid) -> Result<usize> {
     super::pack::check_bits(g.bits)?;
     if w.len() != out_f * in_f {
-        return Err(Error::Msg(format!("weight has {} values, expected {out_f}×{in_f}", w.len())));
+        return Err(Error::Msg(format!(
+            "weight has {} values, expected {out_f}×{in_f}",
+            w.len()
+        )));
     }
-    let gs = if g.group_size == 0 { in_f } else { g.group_size };
+    let gs = if g.group_size == 0 {
+        in_f
+    } else {
+        g.group_size
+    };
     if in_f % gs != 0 {
-        return Err(Error::Msg(format!("group size {gs} does not divide in_features {in_f}")));
+        return Err(Error::Msg(format!(
+            "group size {gs} does not divide in_features {in_f}"
+        )));
     }
     Ok(gs)
 }
@@ -122,7 +135,15 @@ pub fn rtn(w: &[f32], out_f: usize, in_f: usize, g: &Grid) -> Result<Quantized> 
             }
         }
     }
-    Ok(Quantized { in_f, out_f, q, scales, zeros, g_idx: (0..in_f).map(|i| (i / gs) as u32).collect(), loss })
+    Ok(Quantized {
+        in_f,
+        out_f,
+        q,
+        scales,
+        zeros,
+        g_idx: (0..in_f).map(|i| (i / gs) as u32).collect(),
+        loss,
+    })
 }
 
 /// What GPTQ needs from a Hessian, computed once and shared by every layer reading the same
@@ -141,7 +162,10 @@ pub struct Prepared {
 /// H [n, n] (= 2/N Σ x xᵀ), damping `damp` × mean diagonal, optional act-order.
 pub fn prepare(h: &[f64], n: usize, damp: f64, act_order: bool) -> Result<Prepared> {
     if h.len() != n * n {
-        return Err(Error::Msg(format!("Hessian has {} entries, expected {n}²", h.len())));
+        return Err(Error::Msg(format!(
+            "Hessian has {} entries, expected {n}²",
+            h.len()
+        )));
     }
     let mut h = h.to_vec();
     let mut dead = vec![false; n];
@@ -153,7 +177,11 @@ pub fn prepare(h: &[f64], n: usize, damp: f64, act_order: bool) -> Result<Prepar
     }
     let mut perm: Vec<usize> = (0..n).collect();
     if act_order {
-        perm.sort_by(|&a, &b| h[b * n + b].partial_cmp(&h[a * n + a]).unwrap_or(std::cmp::Ordering::Equal));
+        perm.sort_by(|&a, &b| {
+            h[b * n + b]
+                .partial_cmp(&h[a * n + a])
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
     }
     let mut hp = vec![0f64; n * n];
     for a in 0..n {
@@ -165,7 +193,9 @@ pub fn prepare(h: &[f64], n: usize, damp: f64, act_order: bool) -> Result<Prepar
     for i in 0..n {
         hp[i * n + i] += damp * mean_diag;
     }
-    let l = cholesky(&hp, n).ok_or_else(|| Error::Msg("Hessian is not positive definite even after damping; raise --damp".into()))?;
+    let l = cholesky(&hp, n).ok_or_else(|| {
+        Error::Msg("Hessian is not positive definite even after damping; raise --damp".into())
+    })?;
     let li = lower_inverse(&l, n);
     // H⁻¹ = L⁻ᵀ L⁻¹: with C = (L⁻¹)ᵀ (rows contiguous), H⁻¹[a][b] = Σ_{k ≥ max(a,b)} C[a][k]·C[b][k].
     let c = super::pack::transpose(&li, n, n);
@@ -178,14 +208,21 @@ pub fn prepare(h: &[f64], n: usize, damp: f64, act_order: bool) -> Result<Prepar
             row[b] = ca[k0..].iter().zip(&cb[k0..]).map(|(x, y)| x * y).sum();
         }
     });
-    let l2 = cholesky(&hinv, n).ok_or_else(|| Error::Msg("inverse Hessian lost positive definiteness; raise --damp".into()))?;
+    let l2 = cholesky(&hinv, n).ok_or_else(|| {
+        Error::Msg("inverse Hessian lost positive definiteness; raise --damp".into())
+    })?;
     let mut u = vec![0f32; n * n];
     for a in 0..n {
         for b in 0..=a {
             u[b * n + a] = l2[a * n + b] as f32;
         }
     }
-    Ok(Prepared { n, perm, dead, hinv: u })
+    Ok(Prepared {
+        n,
+        perm,
+        dead,
+        hinv: u,
+    })
 }
 
 fn cholesky(a: &[f64], n: usize) -> Option<Vec<f64>> {
@@ -242,10 +279,20 @@ fn lower_inverse(l: &[f64], n: usize) -> Vec<f64> {
 }
 
 /// GPTQ with lazy block updates of `block` columns.
-pub fn gptq(w: &[f32], out_f: usize, in_f: usize, g: &Grid, p: &Prepared, block: usize) -> Result<Quantized> {
+pub fn gptq(
+    w: &[f32],
+    out_f: usize,
+    in_f: usize,
+    g: &Grid,
+    p: &Prepared,
+    block: usize,
+) -> Result<Quantized> {
     let gs = check(w, out_f, in_f, g)?;
     if p.n != in_f {
-        return Err(Error::Msg(format!("Hessian is {}×{0} but the layer has {in_f} inputs", p.n)));
+        return Err(Error::Msg(format!(
+            "Hessian is {}×{0} but the layer has {in_f} inputs",
+            p.n
+        )));
     }
     let n = in_f;
     let groups = in_f / gs;
@@ -314,17 +361,19 @@ pub fn gptq(w: &[f32], out_f: usize, in_f: usize, g: &Grid, p: &Prepared, block:
             loss += l;
         }
         if i2 < n {
-            wp.par_chunks_mut(n).zip(err.par_chunks(cnt)).for_each(|(wr, er)| {
-                for (k, &e) in er.iter().enumerate() {
-                    if e == 0.0 {
-                        continue;
+            wp.par_chunks_mut(n)
+                .zip(err.par_chunks(cnt))
+                .for_each(|(wr, er)| {
+                    for (k, &e) in er.iter().enumerate() {
+                        if e == 0.0 {
+                            continue;
+                        }
+                        let hr = &hinv[(i1 + k) * n + i2..(i1 + k + 1) * n];
+                        for (wv, h) in wr[i2..].iter_mut().zip(hr) {
+                            *wv -= e * h;
+                        }
                     }
-                    let hr = &hinv[(i1 + k) * n + i2..(i1 + k + 1) * n];
-                    for (wv, h) in wr[i2..].iter_mut().zip(hr) {
-                        *wv -= e * h;
-                    }
-                }
-            });
+                });
         }
         i1 = i2;
     }
@@ -338,7 +387,15 @@ pub fn gptq(w: &[f32], out_f: usize, in_f: usize, g: &Grid, p: &Prepared, block:
             q[c * out_f + j] = qp[j * n + k];
         }
     }
-    Ok(Quantized { in_f, out_f, q, scales, zeros, g_idx, loss })
+    Ok(Quantized {
+        in_f,
+        out_f,
+        q,
+        scales,
+        zeros,
+        g_idx,
+        loss,
+    })
 }
 
 /// Accumulator of 2/N Σ x xᵀ over calibration tokens.
@@ -351,7 +408,11 @@ pub struct Hessian {
 
 impl Hessian {
     pub fn new(n: usize) -> Self {
-        Hessian { n, sum: vec![0f64; n * n], count: 0 }
+        Hessian {
+            n,
+            sum: vec![0f64; n * n],
+            count: 0,
+        }
     }
     /// Add XᵀX (already computed, [n, n] f32) of `tokens` rows.
     pub fn add_xtx(&mut self, xtx: &[f32], tokens: usize) {

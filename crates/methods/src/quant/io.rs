@@ -54,13 +54,32 @@ pub fn save_quantized(m: &Model, dir: &Path, cfg: &QuantizeConfig) -> Result<()>
     for (name, l) in m.linears() {
         if let Some(q) = l.inner().as_any().downcast_ref::<QuantLinear>() {
             if q.bits != cfg.bits {
-                return Err(Error::Msg(format!("{name} is {}-bit but the config says {}", q.bits, cfg.bits)));
+                return Err(Error::Msg(format!(
+                    "{name} is {}-bit but the config says {}",
+                    q.bits, cfg.bits
+                )));
             }
             let b = q.bits as usize;
-            tensors.insert(format!("{name}.qweight"), i32_tensor(&q.qweight, (q.in_f * b / 32, q.out_f))?);
-            tensors.insert(format!("{name}.qzeros"), i32_tensor(&q.qzeros, (q.groups(), q.out_f * b / 32))?);
-            tensors.insert(format!("{name}.scales"), f16(&Tensor::from_vec(q.scales.clone(), (q.groups(), q.out_f), &Device::Cpu)?)?);
-            tensors.insert(format!("{name}.g_idx"), i32_tensor(&q.g_idx, (q.in_f, 1))?.reshape(q.in_f)?);
+            tensors.insert(
+                format!("{name}.qweight"),
+                i32_tensor(&q.qweight, (q.in_f * b / 32, q.out_f))?,
+            );
+            tensors.insert(
+                format!("{name}.qzeros"),
+                i32_tensor(&q.qzeros, (q.groups(), q.out_f * b / 32))?,
+            );
+            tensors.insert(
+                format!("{name}.scales"),
+                f16(&Tensor::from_vec(
+                    q.scales.clone(),
+                    (q.groups(), q.out_f),
+                    &Device::Cpu,
+                )?)?,
+            );
+            tensors.insert(
+                format!("{name}.g_idx"),
+                i32_tensor(&q.g_idx, (q.in_f, 1))?.reshape(q.in_f)?,
+            );
         } else {
             tensors.insert(format!("{name}.weight"), f16(&l.weight()?)?);
             if super::calib::layer_index(&name).is_some() {
@@ -86,28 +105,63 @@ pub fn save_quantized(m: &Model, dir: &Path, cfg: &QuantizeConfig) -> Result<()>
 pub fn load_quantized(dir: &Path) -> Result<Model> {
     let cpath = dir.join(QUANT_CONFIG);
     let text = std::fs::read_to_string(&cpath).map_err(|e| models::Error::io(&cpath, e))?;
-    let cfg: QuantizeConfig = serde_json::from_str(&text).map_err(|e| models::Error::config(&cpath, format!("invalid quantize_config.json: {e}")))?;
+    let cfg: QuantizeConfig = serde_json::from_str(&text)
+        .map_err(|e| models::Error::config(&cpath, format!("invalid quantize_config.json: {e}")))?;
     super::pack::check_bits(cfg.bits).map_err(|e| models::Error::config(&cpath, e.to_string()))?;
     if cfg.checkpoint_format != "gptq" {
-        return Err(models::Error::config(&cpath, format!("checkpoint_format '{}' is not supported (only 'gptq' v1)", cfg.checkpoint_format)).into());
+        return Err(models::Error::config(
+            &cpath,
+            format!(
+                "checkpoint_format '{}' is not supported (only 'gptq' v1)",
+                cfg.checkpoint_format
+            ),
+        )
+        .into());
     }
     let st = dir.join("model.safetensors");
     let mut tensors = models::weights::load_safetensors(&st)?;
-    let modules: BTreeSet<String> = tensors.keys().filter_map(|k| k.strip_suffix(".qweight").map(String::from)).collect();
-    let bad = |msg: String| -> Error { models::Error::Safetensors { path: st.clone(), msg }.into() };
+    let modules: BTreeSet<String> = tensors
+        .keys()
+        .filter_map(|k| k.strip_suffix(".qweight").map(String::from))
+        .collect();
+    let bad = |msg: String| -> Error {
+        models::Error::Safetensors {
+            path: st.clone(),
+            msg,
+        }
+        .into()
+    };
     let mut packed = HashMap::new();
     for name in &modules {
-        let mut take = |suffix: &str| tensors.remove(&format!("{name}.{suffix}")).ok_or_else(|| bad(format!("tensor '{name}.{suffix}' is missing")));
-        let (qw, qz, sc, gi) = (take("qweight")?, take("qzeros")?, take("scales")?, take("g_idx")?);
+        let mut take = |suffix: &str| {
+            tensors
+                .remove(&format!("{name}.{suffix}"))
+                .ok_or_else(|| bad(format!("tensor '{name}.{suffix}' is missing")))
+        };
+        let (qw, qz, sc, gi) = (
+            take("qweight")?,
+            take("qzeros")?,
+            take("scales")?,
+            take("g_idx")?,
+        );
         let u32s = |t: &Tensor, what: &str| -> Result<Vec<u32>> {
             if t.dtype() != DType::I32 {
-                return Err(bad(format!("'{name}.{what}' must be int32, found {:?}", t.dtype())));
+                return Err(bad(format!(
+                    "'{name}.{what}' must be int32, found {:?}",
+                    t.dtype()
+                )));
             }
-            Ok(t.flatten_all()?.to_vec1::<i32>()?.into_iter().map(|x| x as u32).collect())
+            Ok(t.flatten_all()?
+                .to_vec1::<i32>()?
+                .into_iter()
+                .map(|x| x as u32)
+                .collect())
         };
         let (qw_dims, qz_dims) = (qw.dims().to_vec(), qz.dims().to_vec());
         if qw_dims.len() != 2 || qz_dims.len() != 2 || sc.rank() != 2 {
-            return Err(bad(format!("'{name}': qweight, qzeros and scales must be 2-D")));
+            return Err(bad(format!(
+                "'{name}': qweight, qzeros and scales must be 2-D"
+            )));
         }
         let in_f = gi.elem_count();
         let out_f = qw_dims[1];
@@ -127,7 +181,11 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
         tensors.insert(format!("{name}.weight"), ph);
         packed.insert(name.clone(), q);
     }
-    let src = models::hub::ModelSource { name: dir.display().to_string(), format: models::hub::Format::HfDir, path: dir.to_path_buf() };
+    let src = models::hub::ModelSource {
+        name: dir.display().to_string(),
+        format: models::hub::Format::HfDir,
+        path: dir.to_path_buf(),
+    };
     let mut m = Model::from_weights(src, models::weights::Weights::new(tensors, &st))?;
     let mut found = 0;
     for (name, lin) in m.linears_mut() {
@@ -138,9 +196,13 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
         }
     }
     if !packed.is_empty() {
-        return Err(bad(format!("quantized modules the model does not have: {:?}", packed.keys().collect::<Vec<_>>())));
+        return Err(bad(format!(
+            "quantized modules the model does not have: {:?}",
+            packed.keys().collect::<Vec<_>>()
+        )));
     }
     m.stored_types.clear();
-    m.stored_types.insert(format!("gptq int{} (packed)", cfg.bits), found);
+    m.stored_types
+        .insert(format!("gptq int{} (packed)", cfg.bits), found);
     Ok(m)
 }

@@ -34,9 +34,22 @@ impl QuantLinear {
 
     pub fn from_quantized(q: &Quantized, bits: u32, bias: Option<Tensor>) -> Result<Self> {
         let qweight = pack::pack_rows(&q.q, q.in_f, q.out_f, bits)?;
-        let zm1: Vec<u32> = q.zeros.iter().map(|&z| z.wrapping_sub(1) & ((1u32 << bits) - 1)).collect();
+        let zm1: Vec<u32> = q
+            .zeros
+            .iter()
+            .map(|&z| z.wrapping_sub(1) & ((1u32 << bits) - 1))
+            .collect();
         let qzeros = pack::pack_cols(&zm1, q.groups(), q.out_f, bits)?;
-        Self::from_packed(bits, q.in_f, q.out_f, qweight, qzeros, q.scales.clone(), q.g_idx.clone(), bias)
+        Self::from_packed(
+            bits,
+            q.in_f,
+            q.out_f,
+            qweight,
+            qzeros,
+            q.scales.clone(),
+            q.g_idx.clone(),
+            bias,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -56,17 +69,39 @@ impl QuantLinear {
             return Err(Error::Msg(format!("{in_f}×{out_f} layer cannot be packed in {bits} bits (in and out · bits must be multiples of 32)")));
         }
         if qweight.len() != in_f * b / 32 * out_f {
-            return Err(Error::Msg(format!("qweight has {} words, expected {}×{out_f}", qweight.len(), in_f * b / 32)));
+            return Err(Error::Msg(format!(
+                "qweight has {} words, expected {}×{out_f}",
+                qweight.len(),
+                in_f * b / 32
+            )));
         }
         if scales.is_empty() || scales.len() % out_f != 0 {
-            return Err(Error::Msg(format!("scales has {} values, not a multiple of out_features {out_f}", scales.len())));
+            return Err(Error::Msg(format!(
+                "scales has {} values, not a multiple of out_features {out_f}",
+                scales.len()
+            )));
         }
         let groups = scales.len() / out_f;
         if g_idx.len() != in_f || g_idx.iter().any(|&g| g as usize >= groups) {
-            return Err(Error::Msg(format!("g_idx must have {in_f} entries below {groups}")));
+            return Err(Error::Msg(format!(
+                "g_idx must have {in_f} entries below {groups}"
+            )));
         }
-        let zeros_f: Vec<f32> = pack::unpack_cols(&qzeros, groups, out_f, bits)?.into_iter().map(|z| z as f32 + 1.0).collect();
-        Ok(QuantLinear { bits, in_f, out_f, qweight, qzeros, scales, g_idx, bias, zeros_f })
+        let zeros_f: Vec<f32> = pack::unpack_cols(&qzeros, groups, out_f, bits)?
+            .into_iter()
+            .map(|z| z as f32 + 1.0)
+            .collect();
+        Ok(QuantLinear {
+            bits,
+            in_f,
+            out_f,
+            qweight,
+            qzeros,
+            scales,
+            g_idx,
+            bias,
+            zeros_f,
+        })
     }
 
     /// Integer codes [in, out].

@@ -52,7 +52,9 @@ impl KeepFp16 {
             return Ok(KeepFp16::None);
         }
         if let Some(n) = s.strip_prefix("crucial:") {
-            let n: usize = n.parse().map_err(|_| Error::Msg(format!("--keep-fp16 crucial:N needs a count, got '{s}'")))?;
+            let n: usize = n.parse().map_err(|_| {
+                Error::Msg(format!("--keep-fp16 crucial:N needs a count, got '{s}'"))
+            })?;
             return Ok(KeepFp16::Crucial(n));
         }
         let mut v = Vec::new();
@@ -103,14 +105,26 @@ pub fn total_bits(m: &Model, dense_bits: u64) -> u64 {
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok())))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Total size of the files in a directory (bytes).
 pub fn dir_size(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
-        .map(|d| d.filter_map(|e| e.ok()).filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0)
 }
 
@@ -122,7 +136,10 @@ pub fn perplexity(m: &Model, text: &str, windows: usize, window: usize) -> Resul
     let ids = m.tokenizer.encode(text, false)?;
     let avail = ids.len() / window;
     if avail == 0 || windows == 0 {
-        return Err(Error::Msg(format!("perplexity needs at least one window of {window} tokens (text has {})", ids.len())));
+        return Err(Error::Msg(format!(
+            "perplexity needs at least one window of {window} tokens (text has {})",
+            ids.len()
+        )));
     }
     let k = windows.min(avail);
     let (mut nll, mut n) = (0f64, 0usize);
@@ -142,5 +159,6 @@ pub fn perplexity(m: &Model, text: &str, windows: usize, window: usize) -> Resul
 
 /// Read a text file (calibration or evaluation data) with an error naming it and its role.
 pub fn read_text(path: &Path, what: &str) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error::Msg(format!("{what} file {}: {e}", path.display())))
+    std::fs::read_to_string(path)
+        .map_err(|e| Error::Msg(format!("{what} file {}: {e}", path.display())))
 }

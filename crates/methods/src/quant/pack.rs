@@ -14,7 +14,9 @@ pub fn check_bits(bits: u32) -> Result<()> {
     if matches!(bits, 2 | 3 | 4 | 8) {
         Ok(())
     } else {
-        Err(Error::Msg(format!("unsupported bit width {bits}: choose 2, 3, 4 or 8")))
+        Err(Error::Msg(format!(
+            "unsupported bit width {bits}: choose 2, 3, 4 or 8"
+        )))
     }
 }
 
@@ -27,7 +29,10 @@ pub fn pack_rows(vals: &[u32], n: usize, cols: usize, bits: u32) -> Result<Vec<u
         return Err(Error::Msg(format!("{n} values of {bits} bits do not fill whole 32-bit words (need {n}·{bits} divisible by 32)")));
     }
     if vals.len() != n * cols {
-        return Err(Error::Msg(format!("pack: {} values given for a {n}×{cols} matrix", vals.len())));
+        return Err(Error::Msg(format!(
+            "pack: {} values given for a {n}×{cols} matrix",
+            vals.len()
+        )));
     }
     let rows = n * b / 32;
     let mask = (1u64 << b) - 1;
@@ -38,7 +43,9 @@ pub fn pack_rows(vals: &[u32], n: usize, cols: usize, bits: u32) -> Result<Vec<u
         for j in 0..cols {
             let v = vals[i * cols + j] as u64;
             if v > mask {
-                return Err(Error::Msg(format!("pack: value {v} at ({i}, {j}) does not fit in {bits} bits")));
+                return Err(Error::Msg(format!(
+                    "pack: value {v} at ({i}, {j}) does not fit in {bits} bits"
+                )));
             }
             let sh = v << s;
             out[r * cols + j] |= sh as u32;
@@ -67,7 +74,10 @@ pub fn get_row_packed(words: &[u32], cols: usize, bits: u32, i: usize, j: usize)
 pub fn unpack_rows(words: &[u32], n: usize, cols: usize, bits: u32) -> Result<Vec<u32>> {
     check_bits(bits)?;
     if (n * bits as usize) % 32 != 0 || words.len() != n * bits as usize / 32 * cols {
-        return Err(Error::Msg(format!("unpack: {} words do not hold a {n}×{cols} matrix of {bits}-bit values", words.len())));
+        return Err(Error::Msg(format!(
+            "unpack: {} words do not hold a {n}×{cols} matrix of {bits}-bit values",
+            words.len()
+        )));
     }
     let mut out = Vec::with_capacity(n * cols);
     for i in 0..n {
@@ -90,7 +100,10 @@ pub fn unpack_cols(words: &[u32], rows: usize, n: usize, bits: u32) -> Result<Ve
     check_bits(bits)?;
     let wn = n * bits as usize / 32;
     if words.len() != rows * wn {
-        return Err(Error::Msg(format!("unpack: {} words do not hold a {rows}×{n} matrix of {bits}-bit values", words.len())));
+        return Err(Error::Msg(format!(
+            "unpack: {} words do not hold a {rows}×{n} matrix of {bits}-bit values",
+            words.len()
+        )));
     }
     let t = transpose(words, rows, wn);
     let u = unpack_rows(&t, n, rows, bits)?;
