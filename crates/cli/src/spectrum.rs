@@ -15,30 +15,7 @@ pub struct Options<'a> {
     pub plot: Option<&'a Path>,
 }
 
-/// `pat` matches `name` when its `*`-separated pieces occur in `name` in order (so a plain
-/// pattern is a substring match, and `layers.0.*proj` finds `model.layers.0.self_attn.q_proj`).
-pub fn matches(pat: &str, name: &str) -> bool {
-    let mut rest = name;
-    for p in pat.split('*').filter(|p| !p.is_empty()) {
-        match rest.find(p) {
-            Some(k) => rest = &rest[k + p.len()..],
-            None => return false,
-        }
-    }
-    true
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn patterns() {
-        let n = "model.layers.10.self_attn.q_proj";
-        assert!(super::matches("q_proj", n));
-        assert!(super::matches("layers.10.*proj", n));
-        assert!(!super::matches("layers.1.*", n));
-        assert!(!super::matches("mlp*q_proj", n));
-    }
-}
+use methods::mpop::matches;
 
 pub struct MatrixSpectrum {
     pub name: String,

@@ -143,6 +143,18 @@ pub fn matches(pat: &str, name: &str) -> bool {
     true
 }
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn patterns() {
+        let n = "model.layers.10.self_attn.q_proj";
+        assert!(super::matches("q_proj", n));
+        assert!(super::matches("layers.10.*proj", n));
+        assert!(!super::matches("layers.1.*", n));
+        assert!(!super::matches("mlp*q_proj", n));
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerReport {
     pub name: String,
