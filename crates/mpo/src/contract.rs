@@ -14,7 +14,7 @@
 use crate::error::Result;
 use crate::linalg::gemm;
 use crate::mpo::Mpo;
-use crate::permute::permute;
+use crate::permute::{interleave_map, permute};
 use crate::scalar::Scalar;
 use crate::shapes::MpoShape;
 use candle_core::{Device, Tensor};
@@ -114,22 +114,6 @@ pub fn apply_flops(shape: &MpoShape, bonds: &[usize], batch: usize) -> f64 {
     cost
 }
 
-/// Block index b = (rows…, cols…) → interleaved index (r_1, c_1, r_2, c_2, …) for a group.
-fn blk_to_int(rows: &[usize], cols: &[usize]) -> Vec<usize> {
-    let s = rows.len();
-    let mut dims = rows.to_vec();
-    dims.extend(cols);
-    let size: usize = dims.iter().product();
-    let iota: Vec<usize> = (0..size).collect();
-    let perm: Vec<usize> = (0..s).flat_map(|k| [k, s + k]).collect();
-    let blk_of_int = permute(&iota, &dims, &perm);
-    let mut out = vec![0; size];
-    for (i, &b) in blk_of_int.iter().enumerate() {
-        out[b] = i;
-    }
-    out
-}
-
 impl<T: Scalar> Mpo<T> {
     /// The padded matrix (rows × cols of the factor products), row-major.
     pub fn to_padded_matrix(&self) -> Vec<T> {
@@ -155,12 +139,12 @@ impl<T: Scalar> Mpo<T> {
             r *= m[k];
         }
         // Reorder to block order: rows of lb, columns of rb.
-        let lmap = blk_to_int(&rf[..s], &cf[..s]);
+        let lmap = interleave_map(&rf[..s], &cf[..s]);
         let mut lb_blk = vec![T::of(0.0); lb.len()];
         for (blk, &i) in lmap.iter().enumerate() {
             lb_blk[blk * d[s]..(blk + 1) * d[s]].copy_from_slice(&lb[i * d[s]..(i + 1) * d[s]]);
         }
-        let rmap = blk_to_int(&rf[s + 1..], &cf[s + 1..]);
+        let rmap = interleave_map(&rf[s + 1..], &cf[s + 1..]);
         let ds1 = d[s + 1];
         let mut rb_blk = vec![T::of(0.0); rb.len()];
         for row in 0..ds1 {

@@ -26,7 +26,7 @@
 use crate::error::{Error, Result};
 use crate::linalg::{eigh_desc, gemm, gram, thin_qr, thin_svd};
 use crate::mpo::Mpo;
-use crate::permute::permute;
+use crate::permute::{interleave_map, permute};
 use crate::scalar::{convert, Scalar};
 use crate::shapes::MpoShape;
 use crate::truncate::{select_bonds, Truncation};
@@ -319,23 +319,6 @@ fn svd_sweep<R: Scalar>(w: &[R], shape: &MpoShape, trunc: &Truncation) -> Result
     };
     let t = tmp.truncate_to(&bonds)?;
     Ok((t.bond_dims, t.cores, t.spectra))
-}
-
-/// For a group of sites: `int_of_blk[b]` is the interleaved index (i_1, j_1, i_2, j_2, …) of
-/// the block-ordered index b = (i_1, i_2, …, j_1, j_2, …).
-fn interleave_map(rows: &[usize], cols: &[usize]) -> Vec<usize> {
-    let s = rows.len();
-    let mut dims = rows.to_vec();
-    dims.extend(cols);
-    let size: usize = dims.iter().product();
-    let iota: Vec<usize> = (0..size).collect();
-    let perm: Vec<usize> = (0..s).flat_map(|k| [k, s + k]).collect();
-    let blk_of_int = permute(&iota, &dims, &perm);
-    let mut int_of_blk = vec![0; size];
-    for (i, &b) in blk_of_int.iter().enumerate() {
-        int_of_blk[b] = i;
-    }
-    int_of_blk
 }
 
 /// Eigenpairs of one bond's Gram matrix: Schmidt values (descending) and the basis as the

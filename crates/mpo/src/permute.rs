@@ -107,6 +107,23 @@ pub fn inverse(perm: &[usize]) -> Vec<usize> {
     inv
 }
 
+/// For a group of sites: `int_of_blk[b]` is the interleaved index (i_1, j_1, i_2, j_2, …) of
+/// the block-ordered index b = (i_1, i_2, …, j_1, j_2, …).
+pub(crate) fn interleave_map(rows: &[usize], cols: &[usize]) -> Vec<usize> {
+    let s = rows.len();
+    let mut dims = rows.to_vec();
+    dims.extend(cols);
+    let size: usize = dims.iter().product();
+    let iota: Vec<usize> = (0..size).collect();
+    let perm: Vec<usize> = (0..s).flat_map(|k| [k, s + k]).collect();
+    let blk_of_int = permute(&iota, &dims, &perm);
+    let mut int_of_blk = vec![0; size];
+    for (i, &b) in blk_of_int.iter().enumerate() {
+        int_of_blk[b] = i;
+    }
+    int_of_blk
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -66,3 +66,29 @@ pub fn config(cases: u32) -> proptest::test_runner::Config {
         ..Default::default()
     }
 }
+
+/// Random factor shapes with n ≤ 5, factors ≤ 4, at most `max_entries` matrix entries and
+/// random zero-padding of rows/columns.
+pub fn shape_strategy(
+    max_entries: usize,
+) -> impl proptest::strategy::Strategy<Value = mpo::MpoShape> {
+    use proptest::prelude::*;
+    (1usize..=5)
+        .prop_flat_map(|n| {
+            (
+                proptest::collection::vec(1usize..=4, n),
+                proptest::collection::vec(1usize..=4, n),
+                0.5f64..=1.0,
+                0.5f64..=1.0,
+            )
+        })
+        .prop_filter("small enough", move |(r, c, _, _)| {
+            r.iter().product::<usize>() * c.iter().product::<usize>() <= max_entries
+        })
+        .prop_map(|(r, c, fr, fc)| {
+            let (pr, pc) = (r.iter().product::<usize>(), c.iter().product::<usize>());
+            let or = ((pr as f64 * fr).ceil() as usize).clamp(1, pr);
+            let oc = ((pc as f64 * fc).ceil() as usize).clamp(1, pc);
+            mpo::MpoShape::new(r, c, or, oc).unwrap()
+        })
+}
