@@ -10,18 +10,7 @@ fn logits(m: &Model) -> Tensor {
     m.llama().unwrap().forward(&ids, None).unwrap()
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use models::testing::max_abs_diff as max_abs;
 
 fn opts(budget: Budget) -> CompressOptions {
     CompressOptions {

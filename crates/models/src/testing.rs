@@ -60,6 +60,14 @@ pub fn byte_tokenizer_json(merges: &[(&str, &str)]) -> serde_json::Value {
     })
 }
 
+/// max |a − b| over all elements (f32 tensors of the same shape); panics on shape mismatch,
+/// which is what a test wants.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("tensors of the same shape")
+}
+
 const TINY_MERGES: &[(&str, &str)] = &[("t", "h"), ("th", "e"), ("Ġ", "t"), ("a", "n"), ("i", "n")];
 
 fn randn(shape: &[usize], std: f64, seed: u64) -> Result<Tensor> {

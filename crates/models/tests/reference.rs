@@ -35,18 +35,7 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use models::testing::max_abs_diff as max_abs;
 
 fn model(cell: &'static OnceLock<Model>, alias: &str) -> &'static Model {
     cell.get_or_init(|| Model::load(alias, true).unwrap_or_else(|e| panic!("loading {alias}: {e}")))

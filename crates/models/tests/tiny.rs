@@ -5,18 +5,7 @@ use candle_core::{Device, IndexOp, Tensor};
 use models::generate::{generate, SamplingParams};
 use models::{testing, Model};
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use models::testing::max_abs_diff as max_abs;
 
 fn tiny_llama(qwen2: bool) -> (tempfile::TempDir, Model) {
     let d = tempfile::tempdir().unwrap();
