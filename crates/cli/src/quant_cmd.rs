@@ -5,7 +5,6 @@
 use crate::report::Report;
 use anyhow::{Context, Result};
 use methods::quant::{self, calib::Method, KeepFp16, QuantOptions, QuantizeConfig};
-use models::Model;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
@@ -64,15 +63,6 @@ pub struct QuantizeArgs {
     pub seed: u64,
 }
 
-fn load_any(model: &str) -> Result<Model> {
-    let p = Path::new(model);
-    if quant::is_quantized_dir(p) {
-        return quant::load_quantized(p)
-            .with_context(|| format!("loading quantized checkpoint '{model}'"));
-    }
-    Model::load(model, true).with_context(|| format!("loading model '{model}'"))
-}
-
 pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
     let t0 = std::time::Instant::now();
     let method = match a.method.as_str() {
@@ -113,7 +103,7 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
         None
     };
 
-    let mut m = load_any(&a.model)?;
+    let mut m = crate::load(&a.model)?;
     let base_params = m.total_params();
     let mut out_dir = None;
     if let Some(method) = method {
