@@ -4,6 +4,7 @@
 
 mod bench;
 mod eval_cmd;
+mod finetune_cmd;
 mod quant_cmd;
 mod report;
 mod spectrum;
@@ -120,6 +121,8 @@ enum Cmd {
     Eval(eval_cmd::EvalArgs),
     /// Quantize a causal model with RTN or GPTQ into an AutoGPTQ-layout checkpoint (issue #6).
     Quantize(quant_cmd::QuantizeArgs),
+    /// Fine-tune (full, LoRA, MPO auxiliary/central/all) on sentence classification or text.
+    Finetune(finetune_cmd::FinetuneArgs),
     /// The main job on a model: fetch, inspect and a greedy chat generation.
     Run {
         #[arg(default_value = hub::DEFAULT_CAUSAL)]
@@ -277,6 +280,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Eval(args) => eval_cmd::run(args, &mut rep)?,
         Cmd::Quantize(args) => quant_cmd::run(args, &mut rep)?,
+        Cmd::Finetune(args) => finetune_cmd::run(args, &mut rep)?,
         Cmd::Compress {
             model,
             method: _,
@@ -408,7 +412,30 @@ pub(crate) fn load(model: &str) -> Result<Model> {
         return methods::quant::load_quantized(p)
             .with_context(|| format!("loading quantized checkpoint '{model}'"));
     }
+    if p.join("adapter_config.json").exists() {
+        return load_adapter(p).with_context(|| format!("loading LoRA adapter '{model}'"));
+    }
     let m = Model::load(model, true).with_context(|| format!("loading model '{model}'"))?;
+    Ok(m)
+}
+
+/// A PEFT LoRA adapter directory: its base model (`base_model_name_or_path`, loaded the usual
+/// way, relative paths taken from the adapter's folder if they exist there) plus the adapter.
+fn load_adapter(dir: &std::path::Path) -> Result<Model> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("reading {}", cfg_path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+    let base = v["base_model_name_or_path"].as_str().unwrap_or_default();
+    if base.is_empty() {
+        anyhow::bail!(
+            "{}: no base_model_name_or_path; the adapter does not say which model it belongs to",
+            cfg_path.display()
+        );
+    }
+    let mut m = load(base)?;
+    methods::lora::load_peft(&mut m, dir)?;
     Ok(m)
 }
 
@@ -546,7 +573,7 @@ fn cmd_inspect(m: &Model, rep: &mut Report) -> Result<()> {
     Ok(())
 }
 
-fn fmt_int(n: usize) -> String {
+pub(crate) fn fmt_int(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {

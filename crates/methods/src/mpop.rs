@@ -58,6 +58,11 @@ impl MpoLayer {
     pub fn cores(&self) -> &mpo::MpoCores {
         self.inner.cores()
     }
+
+    /// Drop the cached dense matrix after the cores changed (training).
+    pub fn invalidate(&mut self) {
+        self.dense = std::sync::OnceLock::new();
+    }
 }
 
 impl LinearLayer for MpoLayer {

@@ -41,6 +41,50 @@ struct Layer {
     out_ln: LayerNorm,
 }
 
+/// One list of names for both the shared and the mutable view, so they cannot drift.
+macro_rules! linear_list {
+    ($s:ident, $iter:ident, $opt:ident, $($m:tt)?) => {{
+        let p = $s.prefix.clone();
+        let mut v = vec![(format!("{p}embeddings.word_embeddings"), &$($m)? $s.word_embeddings)];
+        for (i, l) in $s.layers.$iter().enumerate() {
+            let n = format!("{p}encoder.layer.{i}");
+            v.push((format!("{n}.attention.self.query"), &$($m)? l.query));
+            v.push((format!("{n}.attention.self.key"), &$($m)? l.key));
+            v.push((format!("{n}.attention.self.value"), &$($m)? l.value));
+            v.push((format!("{n}.attention.output.dense"), &$($m)? l.attn_out));
+            v.push((format!("{n}.intermediate.dense"), &$($m)? l.intermediate));
+            v.push((format!("{n}.output.dense"), &$($m)? l.output));
+        }
+        if let Some(x) = $s.pooler.$opt() {
+            v.push((format!("{p}pooler.dense"), x));
+        }
+        if let Some(x) = $s.classifier.$opt() {
+            v.push(("classifier".into(), x));
+        }
+        v
+    }};
+}
+
+macro_rules! other_list {
+    ($s:ident, $iter:ident, $($m:tt)?) => {{
+        let p = $s.prefix.clone();
+        let mut v = vec![
+            (format!("{p}embeddings.position_embeddings.weight"), &$($m)? $s.position_embeddings),
+            (format!("{p}embeddings.token_type_embeddings.weight"), &$($m)? $s.token_type_embeddings),
+            (format!("{p}embeddings.LayerNorm.weight"), &$($m)? $s.emb_ln.w),
+            (format!("{p}embeddings.LayerNorm.bias"), &$($m)? $s.emb_ln.b),
+        ];
+        for (i, l) in $s.layers.$iter().enumerate() {
+            let n = format!("{p}encoder.layer.{i}");
+            v.push((format!("{n}.attention.output.LayerNorm.weight"), &$($m)? l.attn_ln.w));
+            v.push((format!("{n}.attention.output.LayerNorm.bias"), &$($m)? l.attn_ln.b));
+            v.push((format!("{n}.output.LayerNorm.weight"), &$($m)? l.out_ln.w));
+            v.push((format!("{n}.output.LayerNorm.bias"), &$($m)? l.out_ln.b));
+        }
+        v
+    }};
+}
+
 #[derive(Debug)]
 pub struct Bert {
     pub cfg: BertConfig,
@@ -130,79 +174,20 @@ impl Bert {
     }
 
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let p = self.prefix.clone();
-        let mut v: Vec<(String, &mut Linear)> = vec![(
-            format!("{p}embeddings.word_embeddings"),
-            &mut self.word_embeddings,
-        )];
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let n = format!("{p}encoder.layer.{i}");
-            v.push((format!("{n}.attention.self.query"), &mut l.query));
-            v.push((format!("{n}.attention.self.key"), &mut l.key));
-            v.push((format!("{n}.attention.self.value"), &mut l.value));
-            v.push((format!("{n}.attention.output.dense"), &mut l.attn_out));
-            v.push((format!("{n}.intermediate.dense"), &mut l.intermediate));
-            v.push((format!("{n}.output.dense"), &mut l.output));
-        }
-        if let Some(x) = self.pooler.as_mut() {
-            v.push((format!("{p}pooler.dense"), x));
-        }
-        if let Some(x) = self.classifier.as_mut() {
-            v.push(("classifier".into(), x));
-        }
-        v
+        linear_list!(self, iter_mut, as_mut, mut)
     }
 
     pub fn linears(&self) -> Vec<(String, &Linear)> {
-        let p = self.prefix.clone();
-        let mut v: Vec<(String, &Linear)> = vec![(
-            format!("{p}embeddings.word_embeddings"),
-            &self.word_embeddings,
-        )];
-        for (i, l) in self.layers.iter().enumerate() {
-            let n = format!("{p}encoder.layer.{i}");
-            v.push((format!("{n}.attention.self.query"), &l.query));
-            v.push((format!("{n}.attention.self.key"), &l.key));
-            v.push((format!("{n}.attention.self.value"), &l.value));
-            v.push((format!("{n}.attention.output.dense"), &l.attn_out));
-            v.push((format!("{n}.intermediate.dense"), &l.intermediate));
-            v.push((format!("{n}.output.dense"), &l.output));
-        }
-        if let Some(x) = self.pooler.as_ref() {
-            v.push((format!("{p}pooler.dense"), x));
-        }
-        if let Some(x) = self.classifier.as_ref() {
-            v.push(("classifier".into(), x));
-        }
-        v
+        linear_list!(self, iter, as_ref,)
     }
 
     /// Non-Linear tensors (position/type embeddings, LayerNorms) with their names.
     pub fn other_tensors(&self) -> Vec<(String, &Tensor)> {
-        let p = &self.prefix;
-        let mut v = vec![
-            (
-                format!("{p}embeddings.position_embeddings.weight"),
-                &self.position_embeddings,
-            ),
-            (
-                format!("{p}embeddings.token_type_embeddings.weight"),
-                &self.token_type_embeddings,
-            ),
-            (format!("{p}embeddings.LayerNorm.weight"), &self.emb_ln.w),
-            (format!("{p}embeddings.LayerNorm.bias"), &self.emb_ln.b),
-        ];
-        for (i, l) in self.layers.iter().enumerate() {
-            let n = format!("{p}encoder.layer.{i}");
-            v.push((
-                format!("{n}.attention.output.LayerNorm.weight"),
-                &l.attn_ln.w,
-            ));
-            v.push((format!("{n}.attention.output.LayerNorm.bias"), &l.attn_ln.b));
-            v.push((format!("{n}.output.LayerNorm.weight"), &l.out_ln.w));
-            v.push((format!("{n}.output.LayerNorm.bias"), &l.out_ln.b));
-        }
-        v
+        other_list!(self, iter,)
+    }
+
+    pub fn other_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        other_list!(self, iter_mut, mut)
     }
 
     /// Last hidden states [b, t, hidden]. `mask` [b, t]: 1 for tokens, 0 for padding.

@@ -9,6 +9,39 @@ use crate::weights::Weights;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 
+/// One list of module names for both the shared and the mutable view, so they cannot drift.
+macro_rules! linear_list {
+    ($s:ident, $iter:ident, $opt:ident, $($m:tt)?) => {{
+        let mut v = vec![("model.embed_tokens".to_string(), &$($m)? $s.embed_tokens)];
+        for (i, l) in $s.layers.$iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            v.push((format!("{p}.self_attn.q_proj"), &$($m)? l.attn.q_proj));
+            v.push((format!("{p}.self_attn.k_proj"), &$($m)? l.attn.k_proj));
+            v.push((format!("{p}.self_attn.v_proj"), &$($m)? l.attn.v_proj));
+            v.push((format!("{p}.self_attn.o_proj"), &$($m)? l.attn.o_proj));
+            v.push((format!("{p}.mlp.gate_proj"), &$($m)? l.mlp.gate_proj));
+            v.push((format!("{p}.mlp.up_proj"), &$($m)? l.mlp.up_proj));
+            v.push((format!("{p}.mlp.down_proj"), &$($m)? l.mlp.down_proj));
+        }
+        if let Some(h) = $s.lm_head.$opt() {
+            v.push(("lm_head".into(), h));
+        }
+        v
+    }};
+}
+
+macro_rules! norm_list {
+    ($s:ident, $iter:ident, $($m:tt)?) => {{
+        let mut v = Vec::new();
+        for (i, l) in $s.layers.$iter().enumerate() {
+            v.push((format!("model.layers.{i}.input_layernorm.weight"), &$($m)? l.input_layernorm));
+            v.push((format!("model.layers.{i}.post_attention_layernorm.weight"), &$($m)? l.post_attention_layernorm));
+        }
+        v.push(("model.norm.weight".into(), &$($m)? $s.norm));
+        v
+    }};
+}
+
 #[derive(Debug)]
 struct Attention {
     q_proj: Linear,
@@ -175,57 +208,20 @@ impl Llama {
     /// Every swappable Linear with its HF module name; the embedding is included as
     /// `model.embed_tokens` (and doubles as the head when tied).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut v: Vec<(String, &mut Linear)> =
-            vec![("model.embed_tokens".into(), &mut self.embed_tokens)];
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            v.push((format!("{p}.self_attn.q_proj"), &mut l.attn.q_proj));
-            v.push((format!("{p}.self_attn.k_proj"), &mut l.attn.k_proj));
-            v.push((format!("{p}.self_attn.v_proj"), &mut l.attn.v_proj));
-            v.push((format!("{p}.self_attn.o_proj"), &mut l.attn.o_proj));
-            v.push((format!("{p}.mlp.gate_proj"), &mut l.mlp.gate_proj));
-            v.push((format!("{p}.mlp.up_proj"), &mut l.mlp.up_proj));
-            v.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down_proj));
-        }
-        if let Some(h) = self.lm_head.as_mut() {
-            v.push(("lm_head".into(), h));
-        }
-        v
+        linear_list!(self, iter_mut, as_mut, mut)
     }
 
     pub fn linears(&self) -> Vec<(String, &Linear)> {
-        let mut v: Vec<(String, &Linear)> = vec![("model.embed_tokens".into(), &self.embed_tokens)];
-        for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            v.push((format!("{p}.self_attn.q_proj"), &l.attn.q_proj));
-            v.push((format!("{p}.self_attn.k_proj"), &l.attn.k_proj));
-            v.push((format!("{p}.self_attn.v_proj"), &l.attn.v_proj));
-            v.push((format!("{p}.self_attn.o_proj"), &l.attn.o_proj));
-            v.push((format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj));
-            v.push((format!("{p}.mlp.up_proj"), &l.mlp.up_proj));
-            v.push((format!("{p}.mlp.down_proj"), &l.mlp.down_proj));
-        }
-        if let Some(h) = self.lm_head.as_ref() {
-            v.push(("lm_head".into(), h));
-        }
-        v
+        linear_list!(self, iter, as_ref,)
     }
 
-    /// Norm weights with their HF names (for parameter counts and exports).
+    /// Norm weights with their HF names (for parameter counts, exports and training).
     pub fn norms(&self) -> Vec<(String, &Tensor)> {
-        let mut v = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            v.push((
-                format!("model.layers.{i}.input_layernorm.weight"),
-                &l.input_layernorm,
-            ));
-            v.push((
-                format!("model.layers.{i}.post_attention_layernorm.weight"),
-                &l.post_attention_layernorm,
-            ));
-        }
-        v.push(("model.norm.weight".into(), &self.norm));
-        v
+        norm_list!(self, iter,)
+    }
+
+    pub fn norms_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        norm_list!(self, iter_mut, mut)
     }
 
     /// Final hidden states [b, t, hidden] (after the last norm). `key_mask` [b, T] (1 = keep,

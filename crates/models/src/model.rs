@@ -118,6 +118,13 @@ impl Model {
         }
     }
 
+    pub fn other_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        match &mut self.arch {
+            Arch::Llama(m) => m.norms_mut(),
+            Arch::Bert(m) => m.other_tensors_mut(),
+        }
+    }
+
     /// Parameters per component (embedding, q, k, v, o, ffn parts, norms, head, …) and total.
     pub fn param_counts(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();

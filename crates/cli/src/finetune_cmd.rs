@@ -1,0 +1,161 @@
+//! `mpolm finetune`: full, LoRA and MPO (auxiliary / central / all) fine-tuning of an encoder on
+//! sentence classification or of a causal model on text, with checkpoints and `--resume`.
+
+use crate::report::Report;
+use anyhow::{Context, Result};
+use methods::finetune::{self, FinetuneOptions, Method, RunControl, Task};
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct FinetuneArgs {
+    /// Model alias, HF directory, MPO checkpoint or quantized checkpoint (LoRA only).
+    pub model: String,
+    /// sst2: sentence classification with an encoder (GLUE TSV or JSONL with sentence/label);
+    /// lm: causal language modelling on a .txt or .jsonl ({"text": ...}) file.
+    #[arg(long, value_parser = ["sst2", "lm"])]
+    pub task: String,
+    /// Training data: a file, or a GLUE task folder with train.tsv (+ dev.tsv for evaluation).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Evaluation file (default: dev.tsv beside the training data, or 5% of the LM blocks).
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// full, lora, mpo-aux (MPOP: central tensors frozen), mpo-central, mpo-all.
+    #[arg(long, default_value = "full", value_parser = ["full", "lora", "mpo-aux", "mpo-central", "mpo-all"])]
+    pub method: String,
+    #[arg(long, default_value_t = 2e-5)]
+    pub lr: f64,
+    /// Learning rate of MPO tensors (default: --lr; 0 freezes them).
+    #[arg(long)]
+    pub mpo_lr: Option<f64>,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (the schedule spans them).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Token cap per example (classification) or block length (lm).
+    #[arg(long, default_value_t = 64)]
+    pub max_len: usize,
+    /// Warmup as a fraction of all steps.
+    #[arg(long, default_value_t = 0.06)]
+    pub warmup_ratio: f64,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Use only the first N training examples (blocks for lm).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long)]
+    pub eval_limit: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    pub eval_batch: usize,
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Comma-separated module names (PEFT semantics: exact or suffix); default q,v projections.
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
+    /// MPO sites when a dense model is decomposed for an mpo-* method.
+    #[arg(long, default_value_t = 5)]
+    pub mpo_n: usize,
+    /// Save a checkpoint every N steps (always at epoch ends).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Continue the run saved in --out (same options required).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after N steps leaving a checkpoint (to split a run; resume continues it).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn options(a: &FinetuneArgs) -> FinetuneOptions {
+    FinetuneOptions {
+        model: a.model.clone(),
+        task: if a.task == "lm" { Task::Lm } else { Task::Sst2 },
+        method: match a.method.as_str() {
+            "lora" => Method::Lora,
+            "mpo-aux" => Method::MpoAux,
+            "mpo-central" => Method::MpoCentral,
+            "mpo-all" => Method::MpoAll,
+            _ => Method::Full,
+        },
+        data: a.data.clone(),
+        eval_data: a.eval_data.clone(),
+        lr: a.lr,
+        mpo_lr: a.mpo_lr,
+        weight_decay: a.weight_decay,
+        epochs: a.epochs,
+        batch: a.batch,
+        max_len: a.max_len,
+        warmup_ratio: a.warmup_ratio,
+        warmup_steps: a.warmup_steps,
+        max_grad_norm: a.max_grad_norm,
+        seed: a.seed,
+        max_steps: a.max_steps,
+        limit: a.limit,
+        eval_limit: a.eval_limit,
+        eval_batch: a.eval_batch,
+        lora_r: a.lora_r,
+        lora_alpha: a.lora_alpha,
+        lora_dropout: a.lora_dropout,
+        lora_targets: a.lora_targets.clone(),
+        mpo_n: a.mpo_n,
+    }
+}
+
+pub fn run(a: FinetuneArgs, rep: &mut Report) -> Result<()> {
+    let o = options(&a);
+    let mut m = crate::load(&a.model)?;
+    let ctl = RunControl {
+        resume: a.resume,
+        save_every: a.save_every,
+        stop_after: a.stop_after,
+        progress: true,
+    };
+    let r = finetune::finetune(&mut m, &o, &a.out, &ctl)
+        .with_context(|| format!("fine-tuning {}", a.model))?;
+    println!(
+        "{} {} on {}: {} of {} parameters tuned ({:.2}%)",
+        a.method,
+        a.task,
+        a.model,
+        crate::fmt_int(r.tuned_params),
+        crate::fmt_int(r.total_params),
+        100.0 * r.tuned_params as f64 / r.total_params.max(1) as f64
+    );
+    println!(
+        "{} / {} steps in {:.1} s ({:.1} examples/s), last loss {}",
+        r.steps,
+        r.total_steps,
+        r.train_secs,
+        r.examples_per_sec,
+        r.final_loss.map_or("-".into(), |l| format!("{l:.4}"))
+    );
+    if let Some(e) = &r.eval {
+        println!("eval: loss {:.4}, {} {:.4} ({} examples)", e.loss, e.metric, e.value, e.examples);
+    }
+    if r.finished {
+        println!("model written to {}", a.out.display());
+    } else {
+        println!("stopped; continue with --resume --out {}", a.out.display());
+    }
+    rep.set("command", json!("finetune"));
+    rep.set("options", serde_json::to_value(&o)?);
+    rep.set("result", serde_json::to_value(&r)?);
+    Ok(())
+}

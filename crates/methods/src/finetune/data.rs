@@ -1,0 +1,327 @@
+//! Training data for the fine-tuning engine: sentence classification (GLUE SST-2 TSV, or JSONL
+//! with `sentence`/`text` and `label`) and causal-LM text (plain text or JSONL with `text`),
+//! tokenized once, with a batch order that is a pure function of (seed, epoch) so that a resumed
+//! run sees exactly the batches the interrupted one would have.
+
+use super::{Error, Result};
+use candle_core::{Device, Tensor};
+use models::tokenizer::Tokenizer;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub enum Example {
+    Cls { ids: Vec<u32>, label: u32 },
+    Lm { ids: Vec<u32> },
+}
+
+#[derive(Debug)]
+pub struct Dataset {
+    pub train: Vec<Example>,
+    pub eval: Vec<Example>,
+    pub train_path: PathBuf,
+    pub eval_path: Option<PathBuf>,
+    pub num_labels: usize,
+}
+
+/// A padded batch ready for the model.
+pub struct Batch {
+    pub ids: Tensor,
+    /// [b, t] 1 = token, 0 = padding (classification only).
+    pub mask: Option<Tensor>,
+    /// Class labels [b] (classification only).
+    pub labels: Option<Tensor>,
+    pub rows: usize,
+    pub tokens: usize,
+}
+
+fn parse_err(path: &Path, line: usize, msg: impl std::fmt::Display) -> Error {
+    Error::Msg(format!("{}:{line}: {msg}", path.display()))
+}
+
+fn from_eval(e: eval::Error) -> Error {
+    Error::Msg(e.to_string())
+}
+
+fn is_jsonl(p: &Path) -> bool {
+    matches!(
+        p.extension().and_then(|e| e.to_str()),
+        Some("jsonl") | Some("json")
+    )
+}
+
+/// (sentence, label, line) rows from a TSV with `sentence` and `label` columns or a JSONL file.
+fn read_labelled(path: &Path) -> Result<Vec<(String, u32, usize)>> {
+    if !path.exists() {
+        return Err(Error::Msg(format!(
+            "{}: not found; pass --data with a TSV (sentence<TAB>label) or JSONL file, or a GLUE task folder holding train.tsv and dev.tsv",
+            path.display()
+        )));
+    }
+    let mut out = Vec::new();
+    if is_jsonl(path) {
+        for (line, v) in eval::data::read_jsonl(path).map_err(from_eval)? {
+            let text = v
+                .get("sentence")
+                .or_else(|| v.get("text"))
+                .and_then(|s| s.as_str())
+                .ok_or_else(|| parse_err(path, line, "missing string field \"sentence\" or \"text\""))?;
+            let label = v
+                .get("label")
+                .and_then(|l| l.as_u64())
+                .ok_or_else(|| parse_err(path, line, "missing non-negative integer field \"label\""))?;
+            out.push((text.to_string(), label as u32, line));
+        }
+    } else {
+        let (header, rows) = eval::data::read_tsv(path).map_err(from_eval)?;
+        let col = |name: &str| {
+            header
+                .iter()
+                .position(|h| h.trim() == name)
+                .ok_or_else(|| parse_err(path, 1, format!("no '{name}' column in the header {header:?}")))
+        };
+        let (si, li) = (col("sentence")?, col("label")?);
+        for (line, r) in rows {
+            let s = r
+                .get(si)
+                .ok_or_else(|| parse_err(path, line, "missing sentence column"))?;
+            let l = r
+                .get(li)
+                .ok_or_else(|| parse_err(path, line, "missing label column"))?;
+            let label: u32 = l.trim().parse().map_err(|_| {
+                parse_err(path, line, format!("label must be a non-negative integer, found {l:?}"))
+            })?;
+            out.push((s.clone(), label, line));
+        }
+    }
+    if out.is_empty() {
+        return Err(parse_err(path, 1, "no examples"));
+    }
+    Ok(out)
+}
+
+/// Token ids of one sentence for an encoder, cut to `max_len` keeping the final [SEP].
+fn encode_cls(tok: &Tokenizer, s: &str, max_len: usize) -> Result<Vec<u32>> {
+    let mut ids = tok.encode(s, true)?;
+    if ids.len() > max_len && max_len >= 2 {
+        let last = *ids.last().unwrap_or(&0);
+        ids.truncate(max_len - 1);
+        ids.push(last);
+    }
+    Ok(ids)
+}
+
+/// Classification data. `data` is a file, or a folder holding `train.tsv` (and `dev.tsv`, used
+/// for evaluation unless `eval` names another file).
+pub fn load_classification(
+    data: &Path,
+    eval: Option<&Path>,
+    tok: &Tokenizer,
+    max_len: usize,
+    limit: Option<usize>,
+    eval_limit: Option<usize>,
+) -> Result<Dataset> {
+    let (train_path, mut eval_path) = if data.is_dir() {
+        let dev = data.join("dev.tsv");
+        (data.join("train.tsv"), dev.exists().then_some(dev))
+    } else {
+        (data.to_path_buf(), None)
+    };
+    if let Some(e) = eval {
+        eval_path = Some(e.to_path_buf());
+    }
+    let mut rows = read_labelled(&train_path)?;
+    if let Some(n) = limit {
+        rows.truncate(n);
+    }
+    let mut num_labels = 2usize;
+    let mut train = Vec::with_capacity(rows.len());
+    for (s, label, _) in &rows {
+        num_labels = num_labels.max(*label as usize + 1);
+        train.push(Example::Cls {
+            ids: encode_cls(tok, s, max_len)?,
+            label: *label,
+        });
+    }
+    let mut ev = Vec::new();
+    if let Some(p) = &eval_path {
+        let mut rows = read_labelled(p)?;
+        if let Some(n) = eval_limit {
+            rows.truncate(n);
+        }
+        for (s, label, line) in rows {
+            if label as usize >= num_labels {
+                return Err(parse_err(
+                    p,
+                    line,
+                    format!("label {label} does not occur in the training data ({num_labels} labels)"),
+                ));
+            }
+            ev.push(Example::Cls {
+                ids: encode_cls(tok, &s, max_len)?,
+                label,
+            });
+        }
+    }
+    Ok(Dataset {
+        train,
+        eval: ev,
+        train_path,
+        eval_path,
+        num_labels,
+    })
+}
+
+/// Documents of a text file (one document; blank-line separated paragraphs are kept together)
+/// or of a JSONL file (field `text`, one document a line).
+fn read_docs(path: &Path) -> Result<Vec<String>> {
+    if !path.exists() {
+        return Err(Error::Msg(format!(
+            "{}: not found; pass --data with a .txt file or a .jsonl file of {{\"text\": ...}} lines",
+            path.display()
+        )));
+    }
+    if is_jsonl(path) {
+        eval::data::read_jsonl(path)
+            .map_err(from_eval)?
+            .into_iter()
+            .map(|(line, v)| {
+                v.get("text")
+                    .and_then(|t| t.as_str())
+                    .map(String::from)
+                    .ok_or_else(|| parse_err(path, line, "missing string field \"text\""))
+            })
+            .collect()
+    } else {
+        let t = std::fs::read_to_string(path)
+            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        if t.trim().is_empty() {
+            return Err(parse_err(path, 1, "empty file"));
+        }
+        Ok(vec![t])
+    }
+}
+
+/// Concatenate documents (EOS between them, as HF's `group_texts`) into blocks of `block` ids.
+fn blocks(tok: &Tokenizer, docs: &[String], block: usize) -> Result<Vec<Example>> {
+    let eos = tok
+        .eos_token
+        .as_deref()
+        .and_then(|e| tok.token_to_id(e));
+    let mut all = Vec::new();
+    for d in docs {
+        all.extend(tok.encode(d, false)?);
+        if let Some(e) = eos {
+            all.push(e);
+        }
+    }
+    Ok(all
+        .chunks_exact(block)
+        .map(|c| Example::Lm { ids: c.to_vec() })
+        .collect())
+}
+
+/// Causal-LM data in blocks of `max_len` tokens. Without an eval file, the last 5% of the
+/// blocks (at least one) are held out for evaluation.
+pub fn load_lm(
+    data: &Path,
+    eval: Option<&Path>,
+    tok: &Tokenizer,
+    max_len: usize,
+    limit: Option<usize>,
+    eval_limit: Option<usize>,
+) -> Result<Dataset> {
+    if max_len < 2 {
+        return Err(Error::Msg("--max-len must be at least 2 for language modelling".into()));
+    }
+    let mut train = blocks(tok, &read_docs(data)?, max_len)?;
+    let mut ev = match eval {
+        Some(e) => blocks(tok, &read_docs(e)?, max_len)?,
+        None => {
+            let k = (train.len() / 20).max(1);
+            if train.len() <= k {
+                return Err(Error::Msg(format!(
+                    "{}: too little text for one training block of {max_len} tokens plus a held-out block; lower --max-len or pass more text",
+                    data.display()
+                )));
+            }
+            train.split_off(train.len() - k)
+        }
+    };
+    if train.is_empty() {
+        return Err(Error::Msg(format!(
+            "{}: shorter than one block of {max_len} tokens; lower --max-len",
+            data.display()
+        )));
+    }
+    if let Some(n) = limit {
+        train.truncate(n);
+    }
+    if let Some(n) = eval_limit {
+        ev.truncate(n);
+    }
+    Ok(Dataset {
+        train,
+        eval: ev,
+        train_path: data.to_path_buf(),
+        eval_path: eval.map(Path::to_path_buf),
+        num_labels: 0,
+    })
+}
+
+/// The training order of epoch `epoch`: a seeded shuffle, the same on every run and resume.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (epoch as u64 + 1),
+    );
+    idx.shuffle(&mut rng);
+    idx
+}
+
+/// Pad a set of examples into one batch (padding id 0, masked out).
+pub fn make_batch(ex: &[&Example]) -> Result<Batch> {
+    let b = ex.len();
+    let t = ex
+        .iter()
+        .map(|e| match e {
+            Example::Cls { ids, .. } | Example::Lm { ids } => ids.len(),
+        })
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut ids = vec![0u32; b * t];
+    let mut mask = vec![0u32; b * t];
+    let mut labels = Vec::new();
+    let mut tokens = 0;
+    for (r, e) in ex.iter().enumerate() {
+        let seq = match e {
+            Example::Cls { ids, label } => {
+                labels.push(*label);
+                ids
+            }
+            Example::Lm { ids } => ids,
+        };
+        ids[r * t..r * t + seq.len()].copy_from_slice(seq);
+        mask[r * t..r * t + seq.len()].iter_mut().for_each(|m| *m = 1);
+        tokens += seq.len();
+    }
+    let dev = Device::Cpu;
+    let cls = !labels.is_empty();
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (b, t), &dev)?,
+        mask: if cls {
+            Some(Tensor::from_vec(mask, (b, t), &dev)?)
+        } else {
+            None
+        },
+        labels: if cls {
+            Some(Tensor::from_vec(labels, b, &dev)?)
+        } else {
+            None
+        },
+        rows: b,
+        tokens,
+    })
+}

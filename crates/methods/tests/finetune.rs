@@ -1,0 +1,240 @@
+//! The fine-tuning engine on tiny synthetic models: every method learns, freezes what it must,
+//! saves a loadable result, resumes with the identical loss curve, and rejects bad input.
+
+use methods::finetune::{self, FinetuneOptions, Method, RunControl, Task};
+use methods::mpop::MpoLayer;
+use models::Model;
+use std::path::{Path, PathBuf};
+
+fn tiny_bert(dir: &Path) -> Model {
+    models::testing::write_tiny_bert(dir).unwrap();
+    Model::load(dir.to_str().unwrap(), false).unwrap()
+}
+
+fn tiny_llama(dir: &Path) -> Model {
+    models::testing::write_tiny_llama(dir, false).unwrap();
+    Model::load(dir.to_str().unwrap(), false).unwrap()
+}
+
+/// A separable toy sentiment set: label 1 sentences mention "good", label 0 "bad".
+fn write_sst(dir: &Path, n: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let words = ["movie", "plot", "actor", "scene", "story", "film", "music", "end"];
+    let mut tr = String::from("sentence\tlabel\n");
+    for i in 0..n {
+        let (adj, l) = if i % 2 == 0 { ("good", 1) } else { ("bad", 0) };
+        tr += &format!("the {} was {adj} and {}\t{l}\n", words[i % 8], words[(i / 3) % 8]);
+    }
+    std::fs::write(dir.join("train.tsv"), &tr).unwrap();
+    std::fs::write(dir.join("dev.tsv"), tr).unwrap();
+    dir.to_path_buf()
+}
+
+fn opts(task: Task, method: Method, data: &Path) -> FinetuneOptions {
+    FinetuneOptions {
+        model: "tiny".into(),
+        task,
+        method,
+        data: data.to_path_buf(),
+        lr: 3e-3,
+        epochs: 6,
+        batch: 4,
+        max_len: 32,
+        warmup_ratio: 0.1,
+        seed: 7,
+        eval_batch: 8,
+        ..Default::default()
+    }
+}
+
+fn quiet() -> RunControl {
+    RunControl::default()
+}
+
+fn mean(v: &[finetune::StepLog]) -> f64 {
+    v.iter().map(|s| s.loss).sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn full_finetune_learns_and_saves_a_loadable_classifier() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = tiny_bert(&t.path().join("m"));
+    let data = write_sst(&t.path().join("sst"), 16);
+    let out = t.path().join("out");
+    let r = finetune::finetune(&mut m, &opts(Task::Sst2, Method::Full, &data), &out, &quiet()).unwrap();
+    assert!(r.finished);
+    assert_eq!(r.tuned_params, r.total_params);
+    let log: finetune::FinetuneLog =
+        serde_json::from_str(&std::fs::read_to_string(out.join(finetune::LOG_FILE)).unwrap()).unwrap();
+    assert_eq!(log.steps.len(), 24);
+    let (first, last) = (mean(&log.steps[..4]), mean(&log.steps[20..]));
+    assert!(last < 0.5 * first, "loss {first} -> {last}");
+    assert_eq!(log.evals.len(), 6, "one evaluation per epoch");
+    let acc = log.evals.last().unwrap().value;
+    assert!(acc >= 0.9, "train-set accuracy {acc}");
+    // The saved directory is a plain HF classifier that reloads with the same accuracy.
+    let mut back = Model::load(out.to_str().unwrap(), false).unwrap();
+    let ds = finetune::data::load_classification(&data, None, &back.tokenizer, 32, None, None).unwrap();
+    let (_, acc2, _) = finetune::evaluate(&mut back, &ds.eval, 8).unwrap();
+    assert!((acc2 - acc).abs() < 1e-9, "{acc} vs reloaded {acc2}");
+}
+
+#[test]
+fn mpo_aux_trains_auxiliaries_only() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = tiny_bert(&t.path().join("m"));
+    let data = write_sst(&t.path().join("sst"), 16);
+    let o = FinetuneOptions {
+        mpo_lr: Some(1e-2),
+        ..opts(Task::Sst2, Method::MpoAux, &data)
+    };
+    let mut tr = finetune::Trainer::new(&mut m, &o, false).unwrap();
+    // Centrals frozen: not in the optimizer; every auxiliary core is.
+    let names: Vec<String> = tr.opt.slots.iter().map(|s| s.name.clone()).collect();
+    assert!(names.iter().any(|n| n.ends_with(".mpo.core_0")));
+    assert!(!names.iter().any(|n| n.ends_with(".mpo.core_2")), "central core_2 must be frozen (n = 5)");
+    assert!(names.iter().any(|n| n == "classifier.weight"));
+    assert!(names.iter().any(|n| n.contains("LayerNorm")));
+    let snapshot = |m: &Model| -> Vec<(String, Vec<Vec<f32>>)> {
+        m.linears()
+            .iter()
+            .filter_map(|(n, l)| {
+                let mp = l.inner().as_any().downcast_ref::<MpoLayer>()?;
+                Some((
+                    n.clone(),
+                    mp.cores()
+                        .tensors()
+                        .iter()
+                        .map(|c| c.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                        .collect(),
+                ))
+            })
+            .collect()
+    };
+    let before = snapshot(tr.model);
+    assert!(!before.is_empty(), "the dense model was decomposed");
+    let mut losses = Vec::new();
+    for s in 0..12 {
+        losses.push(tr.train_step(s).unwrap());
+    }
+    let after = snapshot(tr.model);
+    for ((name, b), (_, a)) in before.iter().zip(&after) {
+        assert_eq!(b[2], a[2], "{name}: central tensor changed");
+        assert_ne!(b[0], a[0], "{name}: auxiliary tensor did not change");
+    }
+    assert!(mean(&losses[8..]) < mean(&losses[..4]), "loss did not drop: {losses:?}");
+}
+
+#[test]
+fn lora_freezes_the_base_and_saves_a_reloadable_adapter() {
+    let t = tempfile::tempdir().unwrap();
+    let mdir = t.path().join("m");
+    let mut m = tiny_llama(&mdir);
+    let text = "the quick brown fox jumps over the lazy dog. ".repeat(60);
+    let data = t.path().join("train.txt");
+    std::fs::write(&data, text).unwrap();
+    let o = FinetuneOptions {
+        model: mdir.to_str().unwrap().into(),
+        lr: 1e-2,
+        epochs: 2,
+        max_len: 16,
+        ..opts(Task::Lm, Method::Lora, &data)
+    };
+    let base_q = m.linears()[1].1.weight().unwrap().to_vec2::<f32>().unwrap();
+    let out = t.path().join("out");
+    let r = finetune::finetune(&mut m, &o, &out, &quiet()).unwrap();
+    assert!(r.tuned_params < r.total_params / 4);
+    let lin = &m.linears()[1].1;
+    assert!(lin.kind().starts_with("lora"), "{}", lin.kind());
+    let lora = lin.inner().as_any().downcast_ref::<methods::lora::LoraLinear>().unwrap();
+    assert_eq!(lora.base().weight().unwrap().to_vec2::<f32>().unwrap(), base_q, "base weight changed");
+    let log: finetune::FinetuneLog =
+        serde_json::from_str(&std::fs::read_to_string(out.join(finetune::LOG_FILE)).unwrap()).unwrap();
+    let n = log.steps.len();
+    assert!(mean(&log.steps[n - 3..]) < mean(&log.steps[..3]));
+    // Reload: base + adapter reproduces the trained model's logits.
+    assert!(out.join("adapter_config.json").exists() && out.join("adapter_model.safetensors").exists());
+    let ids = candle_core::Tensor::new(&[[3u32, 9, 4, 17, 5]], &candle_core::Device::Cpu).unwrap();
+    let want = m.llama().unwrap().forward(&ids, None).unwrap();
+    let mut back = tiny_llama(&mdir);
+    methods::lora::load_peft(&mut back, &out).unwrap();
+    let got = back.llama().unwrap().forward(&ids, None).unwrap();
+    assert!(models::testing::max_abs_diff(&want, &got) < 1e-5);
+}
+
+#[test]
+fn resume_continues_with_the_identical_loss_curve() {
+    let t = tempfile::tempdir().unwrap();
+    let data = write_sst(&t.path().join("sst"), 12);
+    let mdir = t.path().join("m");
+    models::testing::write_tiny_bert(&mdir).unwrap();
+    let load = || Model::load(mdir.to_str().unwrap(), false).unwrap();
+    let o = FinetuneOptions {
+        epochs: 2,
+        ..opts(Task::Sst2, Method::MpoAux, &data)
+    };
+    let whole = t.path().join("whole");
+    finetune::finetune(&mut load(), &o, &whole, &quiet()).unwrap();
+    let split = t.path().join("split");
+    let stop = RunControl {
+        stop_after: Some(4),
+        ..quiet()
+    };
+    let r = finetune::finetune(&mut load(), &o, &split, &stop).unwrap();
+    assert!(!r.finished && split.join(finetune::CHECKPOINT_DIR).exists());
+    // Another run's options cannot resume here, and nothing is touched by the attempt.
+    let other = FinetuneOptions { lr: 1e-3, ..o.clone() };
+    let resume = RunControl {
+        resume: true,
+        ..quiet()
+    };
+    let e = finetune::finetune(&mut load(), &other, &split, &resume).unwrap_err().to_string();
+    assert!(e.contains("different run") && e.contains("lr"), "{e}");
+    // Starting over in a used directory without --resume is refused.
+    let e = finetune::finetune(&mut load(), &o, &split, &quiet()).unwrap_err().to_string();
+    assert!(e.contains("--resume"), "{e}");
+    finetune::finetune(&mut load(), &o, &split, &resume).unwrap();
+    let curve = |d: &Path| -> Vec<f64> {
+        let l: finetune::FinetuneLog =
+            serde_json::from_str(&std::fs::read_to_string(d.join(finetune::LOG_FILE)).unwrap()).unwrap();
+        l.steps.iter().map(|s| s.loss).collect()
+    };
+    let (a, b) = (curve(&whole), curve(&split));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "resumed curve differs");
+}
+
+#[test]
+fn bad_input_is_reported_with_its_line() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = tiny_bert(&t.path().join("m"));
+    let bad = t.path().join("bad.tsv");
+    std::fs::write(&bad, "sentence\tlabel\na fine film\t1\nno label here\tpositive\n").unwrap();
+    let out = t.path().join("out");
+    let e = finetune::finetune(&mut m, &opts(Task::Sst2, Method::Full, &bad), &out, &quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bad.tsv:3") && e.contains("label"), "{e}");
+    assert!(!out.exists(), "nothing may be written for bad data");
+    let bad = t.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"sentence\": \"ok\", \"label\": 1}\n{\"sentence\": 5}\n").unwrap();
+    let e = finetune::finetune(&mut m, &opts(Task::Sst2, Method::Full, &bad), &out, &quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bad.jsonl:2"), "{e}");
+    // Task and architecture must fit.
+    let e = finetune::finetune(&mut m, &opts(Task::Lm, Method::Full, &bad), &out, &quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--task sst2"), "{e}");
+    // Resume without a checkpoint.
+    let resume = RunControl {
+        resume: true,
+        ..quiet()
+    };
+    let data = write_sst(&t.path().join("sst"), 8);
+    let e = finetune::finetune(&mut m, &opts(Task::Sst2, Method::Full, &data), &out, &resume)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no checkpoint"), "{e}");
+}
