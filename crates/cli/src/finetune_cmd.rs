@@ -70,6 +70,27 @@ pub struct FinetuneArgs {
     /// MPO sites when a dense model is decomposed for an mpo-* method.
     #[arg(long, default_value_t = 5)]
     pub mpo_n: usize,
+    /// After tuning, squeeze MPO bonds (MPOP Algorithm 2) with auxiliary-only recovery.
+    #[arg(long)]
+    pub squeeze: bool,
+    /// Squeeze until the model has this fraction of its dense parameter count.
+    #[arg(long, default_value_t = 0.6, requires = "squeeze")]
+    pub target_params: f64,
+    /// Stop (and roll back the last cut) when the eval loss moves more than this.
+    #[arg(long, default_value_t = 0.1, requires = "squeeze")]
+    pub delta: f64,
+    #[arg(long, default_value_t = 50, requires = "squeeze")]
+    pub max_iters: usize,
+    /// Auxiliary-only training steps after each cut.
+    #[arg(long, default_value_t = 20, requires = "squeeze")]
+    pub recover_steps: usize,
+    /// Fraction of MPO parameters cut per iteration (0 = one bond index, as Algorithm 2).
+    #[arg(long, default_value_t = 0.03, requires = "squeeze")]
+    pub cut_fraction: f64,
+    /// delta: fixed recovery then compare eval loss (paper); window: the released code's
+    /// moving-average trigger (window 10, +0.03, 10 steps).
+    #[arg(long, default_value = "delta", value_parser = ["delta", "window"], requires = "squeeze")]
+    pub squeeze_trigger: String,
     /// Save a checkpoint every N steps (always at epoch ends).
     #[arg(long)]
     pub save_every: Option<usize>,
@@ -115,6 +136,19 @@ pub fn options(a: &FinetuneArgs) -> FinetuneOptions {
         lora_dropout: a.lora_dropout,
         lora_targets: a.lora_targets.clone(),
         mpo_n: a.mpo_n,
+        squeeze: a.squeeze.then(|| methods::squeeze::SqueezeOptions {
+            target_params: a.target_params,
+            delta: a.delta,
+            max_iters: a.max_iters,
+            recover_steps: a.recover_steps,
+            cut_fraction: a.cut_fraction,
+            trigger: if a.squeeze_trigger == "window" {
+                methods::squeeze::Trigger::Window
+            } else {
+                methods::squeeze::Trigger::Delta
+            },
+            ..Default::default()
+        }),
     }
 }
 

@@ -5,3 +5,4 @@ pub mod finetune;
 pub mod lora;
 pub mod mpop;
 pub mod quant;
+pub mod squeeze;

@@ -238,3 +238,46 @@ fn bad_input_is_reported_with_its_line() {
         .to_string();
     assert!(e.contains("no checkpoint"), "{e}");
 }
+
+#[test]
+fn squeezing_cuts_bonds_and_keeps_the_loss_within_delta() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = tiny_bert(&t.path().join("m"));
+    let data = write_sst(&t.path().join("sst"), 16);
+    let sq = methods::squeeze::SqueezeOptions {
+        target_params: 0.5,
+        delta: 0.2,
+        max_iters: 6,
+        recover_steps: 4,
+        cut_fraction: 0.05,
+        ..Default::default()
+    };
+    let o = FinetuneOptions {
+        mpo_lr: Some(1e-2),
+        squeeze: Some(sq.clone()),
+        ..opts(Task::Sst2, Method::MpoAux, &data)
+    };
+    let out = t.path().join("out");
+    let r = finetune::finetune(&mut m, &o, &out, &quiet()).unwrap();
+    let log: finetune::FinetuneLog =
+        serde_json::from_str(&std::fs::read_to_string(out.join(finetune::LOG_FILE)).unwrap()).unwrap();
+    let s = log.squeeze.expect("squeeze report");
+    let iters = s["iters"].as_array().unwrap();
+    assert!(!iters.is_empty());
+    let p = s["reference_loss"].as_f64().unwrap();
+    let start = s["start_params"].as_u64().unwrap() as usize;
+    // Every accepted iteration shrank the model and kept the eval loss within Δ of p.
+    let mut last = start;
+    for it in iters.iter().filter(|i| i["accepted"].as_bool().unwrap()) {
+        let params = it["params"].as_u64().unwrap() as usize;
+        assert!(params < last, "{it}");
+        last = params;
+        assert!((it["eval_loss"].as_f64().unwrap() - p).abs() <= sq.delta + 1e-9, "{it}");
+    }
+    assert!(last < start, "no iteration was accepted: {s}");
+    assert_eq!(r.total_params, s["final_params"].as_u64().unwrap() as usize);
+    assert_eq!(r.total_params, last, "the saved model is the last accepted one");
+    // The squeezed checkpoint reloads with its smaller bonds.
+    let back = methods::mpop::load(&out).unwrap();
+    assert_eq!(back.total_params(), r.total_params);
+}

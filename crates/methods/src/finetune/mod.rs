@@ -89,6 +89,8 @@ pub struct FinetuneOptions {
     pub lora_targets: Vec<String>,
     /// Number of MPO sites when a dense model is decomposed for an mpo-* method.
     pub mpo_n: usize,
+    /// After fine-tuning, squeeze the MPO bonds (MPOP Algorithm 2).
+    pub squeeze: Option<crate::squeeze::SqueezeOptions>,
 }
 
 impl Default for FinetuneOptions {
@@ -118,6 +120,7 @@ impl Default for FinetuneOptions {
             lora_dropout: 0.0,
             lora_targets: Vec::new(),
             mpo_n: 5,
+            squeeze: None,
         }
     }
 }
@@ -165,6 +168,8 @@ pub struct FinetuneLog {
     pub eval_examples: usize,
     pub train_secs: f64,
     pub finished: bool,
+    #[serde(default)]
+    pub squeeze: Option<Value>,
 }
 
 /// A trainable tensor with its learning-rate group.
@@ -669,6 +674,8 @@ pub struct Trainer<'a> {
     pub steps_per_epoch: usize,
     pub warmup: usize,
     pub lora: bool,
+    /// Replaces the schedule's lr multiplier (squeezing's recovery phases train at a constant lr).
+    pub lr_factor_override: Option<f64>,
 }
 
 impl<'a> Trainer<'a> {
@@ -713,6 +720,7 @@ impl<'a> Trainer<'a> {
             eval_examples: data.eval.len(),
             train_secs: 0.0,
             finished: false,
+            squeeze: None,
         };
         Ok(Trainer {
             model,
@@ -723,7 +731,40 @@ impl<'a> Trainer<'a> {
             steps_per_epoch,
             warmup,
             lora: o.method == Method::Lora,
+            lr_factor_override: None,
         })
+    }
+
+    /// Re-collect the trainable tensors after layers were replaced (squeezing). Moments are kept
+    /// for tensors that are still the same variable and reset for new ones.
+    pub fn rebuild_optimizer(&mut self) -> Result<()> {
+        let params = prepare(self.model, &self.opts, false)?;
+        let mpo_lr = self.opts.mpo_lr.unwrap_or(self.opts.lr);
+        let mut old: HashMap<String, optim::Slot> =
+            self.opt.slots.drain(..).map(|s| (s.name.clone(), s)).collect();
+        for p in params {
+            if p.mpo && mpo_lr == 0.0 {
+                continue;
+            }
+            let lr = if p.mpo { mpo_lr } else { self.opts.lr };
+            let wd = if p.decay { self.opts.weight_decay } else { 0.0 };
+            let n = p.var.as_tensor().elem_count();
+            let (m, v) = match old.remove(&p.name) {
+                Some(s) if s.var.as_tensor().id() == p.var.as_tensor().id() => (s.m, s.v),
+                _ => (vec![0.0; n], vec![0.0; n]),
+            };
+            self.opt.slots.push(optim::Slot {
+                name: p.name,
+                var: p.var,
+                lr,
+                weight_decay: wd,
+                m,
+                v,
+            });
+        }
+        self.log.tuned_params = self.opt.slots.iter().map(|s| s.var.as_tensor().elem_count()).sum();
+        self.log.total_params = self.model.total_params();
+        Ok(())
     }
 
     /// The examples of global step `step` (epoch order from the seed).
@@ -753,7 +794,9 @@ impl<'a> Trainer<'a> {
         let grads = loss.backward()?;
         let norm = self.opt.grad_norm(&grads)?;
         let scale = optim::clip_scale(norm, self.opts.max_grad_norm);
-        let f = optim::linear_schedule(step, self.warmup, self.log.total_steps);
+        let f = self
+            .lr_factor_override
+            .unwrap_or_else(|| optim::linear_schedule(step, self.warmup, self.log.total_steps));
         self.opt.step(&grads, f, scale)?;
         Ok(StepLog {
             step: step + 1,
@@ -866,6 +909,26 @@ pub fn finetune(m: &mut Model, o: &FinetuneOptions, out: &Path, ctl: &RunControl
     }
     if let Some(pb) = &pb {
         pb.finish_and_clear();
+    }
+    if let (false, Some(so)) = (stopped, tr.opts.squeeze.clone()) {
+        let t1 = Instant::now();
+        let r = crate::squeeze::squeeze(&mut tr, &so, step, ctl.progress)?;
+        if ctl.progress {
+            eprintln!(
+                "squeezed {} -> {} parameters ({:.1}% of dense) in {} iterations: {}",
+                r.start_params,
+                r.final_params,
+                100.0 * r.final_ratio,
+                r.iters.len(),
+                r.stop_reason
+            );
+        }
+        tr.log.train_secs += t1.elapsed().as_secs_f64();
+        tr.log.squeeze = serde_json::to_value(&r).ok();
+        tr.log.total_params = tr.model.total_params();
+        if let Some(e) = tr.evaluate(step)? {
+            tr.log.evals.push(e);
+        }
     }
     models::ops::set_training(false);
     refresh(tr.model);
