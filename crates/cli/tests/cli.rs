@@ -188,3 +188,59 @@ fn spectrum_reports_exact_full_bond_mpos_and_plots() {
         "matches no weight matrix",
     );
 }
+
+/// Fine-tune a tiny causal model with LoRA from the CLI, split by --stop-after and --resume,
+/// then evaluate the saved adapter (loaded through its base model) and check the report.
+#[test]
+fn finetune_lora_resume_and_evaluate_the_adapter() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    models::testing::write_tiny_llama(&m, false).unwrap();
+    let data = d.path().join("train.txt");
+    std::fs::write(&data, "a small text about a cat and a dog. ".repeat(50)).unwrap();
+    let out = d.path().join("ft");
+    let rep = d.path().join("ft.json");
+    let (ms, ds, os, rs) = (
+        m.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        rep.to_str().unwrap(),
+    );
+    let base = [
+        "finetune", ms, "--task", "lm", "--data", ds, "--method", "lora", "--lr", "1e-2", "--epochs",
+        "2", "--batch", "2", "--max-len", "16", "--out", os, "--report", rs,
+    ];
+    let mut first = base.to_vec();
+    first.extend(["--stop-after", "3"]);
+    let o = mpolm(&first);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("--resume"));
+    // Without --resume the used directory is refused.
+    assert_clean_error(&mpolm(&base), "--resume");
+    let mut again = base.to_vec();
+    again.push("--resume");
+    let o = mpolm(&again);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+    assert_eq!(v["command"], "finetune");
+    assert_eq!(v["result"]["finished"], true);
+    let tuned = v["result"]["tuned_params"].as_u64().unwrap();
+    assert!(tuned > 0 && tuned < v["result"]["total_params"].as_u64().unwrap());
+    // The adapter directory loads as a model (base + adapter) for inspect.
+    let total = |model: &str| -> u64 {
+        let r = d.path().join("inspect.json");
+        let o = mpolm(&["inspect", model, "--report", r.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&r).unwrap()).unwrap();
+        v["inspect"]["total_params"].as_u64().unwrap()
+    };
+    assert_eq!(total(os), total(ms) + tuned, "base + adapter parameters");
+    // A malformed JSONL row names its line.
+    let bad = d.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"txt\": 1}\n").unwrap();
+    let o = mpolm(&[
+        "finetune", ms, "--task", "lm", "--data", bad.to_str().unwrap(), "--out",
+        d.path().join("x").to_str().unwrap(),
+    ]);
+    assert_clean_error(&o, "bad.jsonl:2");
+}

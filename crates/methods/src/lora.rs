@@ -300,6 +300,12 @@ impl LinearLayer for LoraLinear {
     fn bias(&self) -> Option<Tensor> {
         self.base.bias()
     }
+    /// Embedding rows: base rows + scale · B[ids] · A, without materialising B·A.
+    fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let e = self.base.embed(ids)?;
+        let rows = self.b.as_tensor().index_select(ids, 0)?;
+        e + (rows.matmul(self.a.as_tensor())? * self.scale)?
+    }
     fn kind(&self) -> String {
         format!("lora+{}", self.base.kind())
     }
@@ -362,9 +368,9 @@ pub fn apply(model: &mut Model, cfg: &LoraConfig) -> Result<Vec<(String, Var)>> 
     let mut out = vec![];
     let mut it = picked.into_iter().peekable();
     for (idx, (name, lin)) in model.linears_mut().into_iter().enumerate() {
-        let Some((_, _, _, _)) = it.peek().filter(|p| p.0 == idx) else {
+        if it.peek().is_none_or(|p| p.0 != idx) {
             continue;
-        };
+        }
         let (_, pname, a, b) = it.next().expect("peeked");
         debug_assert_eq!(pname, name);
         let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
@@ -604,7 +610,10 @@ enum Plan {
 /// Read a PEFT LoRA adapter directory (written by PEFT or by [`save_peft`]), check every
 /// tensor against the model, and apply it: LoRA layers wrap the matching modules and
 /// `modules_to_save` tensors replace theirs (a bert `classifier` is attached if absent).
-/// Nothing is changed when any check fails.
+/// Nothing is changed when any check fails. Which modules get a LoRA is decided by the
+/// tensors present, not by `target_modules`; the returned config carries PEFT's
+/// `target_modules` as stored (a list, or one regex string) and the seed from the safetensors
+/// metadata (0 for adapters not written by mpolm).
 pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
     let cpath = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&cpath).map_err(|e| io_err(&cpath, e))?;
@@ -720,6 +729,10 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
                 "tensor {key} is neither a LoRA nor a modules_to_save tensor"
             )));
         };
+        let module = match module.strip_suffix(".base_layer") {
+            Some(m) if kind >= 2 => m.to_string(),
+            _ => module,
+        };
         let p = mods.entry(module).or_default();
         p.emb |= emb;
         let slot = match kind {
@@ -732,121 +745,115 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
     }
 
     let mut plan = vec![];
+    let is_bert = matches!(model.arch, Arch::Bert(_));
     for (module, p) in mods {
         let target = our_name(&name_set, &module);
-        if p.a.is_some() || p.b.is_some() {
-            let (Some((ka, a)), Some((kb, b))) = (p.a, p.b) else {
-                return Err(werr(format!("{module} has only one of lora_A / lora_B")));
-            };
-            let Some(our) = target else {
-                return Err(werr(format!(
-                    "tensor {ka} targets module {module}, which this model does not have (modules: {})",
-                    some_names(model)
-                )));
-            };
-            let idx = index_of(&our).expect("name from the model");
-            if as_lora(linears[idx].1.inner()).is_some() {
-                return Err(werr(format!(
-                    "{our} already has a LoRA adapter; merge it first"
-                )));
-            }
-            let (a, b) = if p.emb {
-                (b.t()?.contiguous()?, a.t()?.contiguous()?)
-            } else {
-                (a, b)
-            };
-            let (i, o) = dims(idx);
-            let shape_msg = |k: &str, got: &[usize], want: [usize; 2]| {
-                werr(format!(
-                    "{k} has shape {got:?} but this model's {our} needs {want:?} (r={r}, in={i}, out={o}); the adapter was made for another model"
-                ))
-            };
-            let (want_a, want_b) = if p.emb {
-                ([o, r], [i, r])
-            } else {
-                ([r, i], [o, r])
-            };
-            let (got_a, got_b) = if p.emb {
-                (b.dims().to_vec(), a.dims().to_vec())
-            } else {
-                (a.dims().to_vec(), b.dims().to_vec())
-            };
-            if got_a != want_a {
-                return Err(shape_msg(&ka, &got_a, want_a));
-            }
-            if got_b != want_b {
-                return Err(shape_msg(&kb, &got_b, want_b));
-            }
-            plan.push(Plan::Lora { idx, a, b });
-            if p.weight.is_some() || p.bias.is_some() {
-                return Err(werr(format!(
-                    "{module} has both LoRA and full weights; not supported"
-                )));
-            }
-            continue;
-        }
-        // modules_to_save tensors.
-        let is_bert = matches!(model.arch, Arch::Bert(_));
-        if is_bert && module == "classifier" && target.as_deref().is_none_or(|t| t == "classifier")
-        {
-            let (Some((kw, w)), Some((kb, b))) = (p.weight, p.bias) else {
-                return Err(werr(
-                    "classifier needs both classifier.weight and classifier.bias".into(),
-                ));
-            };
-            let h = match &model.arch {
-                Arch::Bert(bt) => bt.cfg.hidden_size,
-                _ => unreachable!(),
-            };
-            let n = w.dims().first().copied().unwrap_or(0);
-            if w.dims() != [n, h] || n == 0 {
-                return Err(werr(format!(
-                    "{kw} has shape {:?}, expected [num_labels, {h}]",
-                    w.dims()
-                )));
-            }
-            if b.dims() != [n] {
-                return Err(werr(format!(
-                    "{kb} has shape {:?}, expected [{n}]",
-                    b.dims()
-                )));
-            }
-            plan.push(Plan::Classifier { weight: w, bias: b });
-            continue;
-        }
-        let Some(our) = target else {
-            let k = p.weight.or(p.bias).map(|x| x.0).unwrap_or_default();
-            return Err(werr(format!(
-                "modules_to_save tensor {k}: this model has no module {module}"
-            )));
-        };
-        let idx = index_of(&our).expect("name from the model");
-        let (i, o) = dims(idx);
-        let weight = match p.weight {
-            Some((k, w)) => {
-                if w.dims() != [o, i] {
+        // Full tensors (modules_to_save, or a targeted embedding's base weight).
+        if p.weight.is_some() || p.bias.is_some() {
+            if is_bert
+                && module == "classifier"
+                && target.as_deref().is_none_or(|t| t == "classifier")
+            {
+                let (Some((kw, w)), Some((kb, b))) = (p.weight, p.bias) else {
+                    return Err(werr(
+                        "classifier needs both classifier.weight and classifier.bias".into(),
+                    ));
+                };
+                let h = match &model.arch {
+                    Arch::Bert(bt) => bt.cfg.hidden_size,
+                    Arch::Llama(l) => l.cfg.hidden_size,
+                };
+                let n = w.dims().first().copied().unwrap_or(0);
+                if w.dims() != [n, h] || n == 0 {
                     return Err(werr(format!(
-                        "{k} has shape {:?}, but {our} needs [{o}, {i}]",
+                        "{kw} has shape {:?}, expected [num_labels, {h}]",
                         w.dims()
                     )));
                 }
-                w
-            }
-            None => linears[idx].1.weight()?,
-        };
-        let bias = match p.bias {
-            Some((k, b)) => {
-                if b.dims() != [o] {
+                if b.dims() != [n] {
                     return Err(werr(format!(
-                        "{k} has shape {:?}, but {our} needs [{o}]",
+                        "{kb} has shape {:?}, expected [{n}]",
                         b.dims()
                     )));
                 }
-                Some(b)
+                plan.push(Plan::Classifier { weight: w, bias: b });
+            } else {
+                let Some(our) = target.clone() else {
+                    let k = p.weight.as_ref().or(p.bias.as_ref()).map(|x| x.0.clone());
+                    return Err(werr(format!(
+                        "modules_to_save tensor {}: this model has no module {module}",
+                        k.unwrap_or_default()
+                    )));
+                };
+                let idx = index_of(&our).expect("name from the model");
+                let (i, o) = dims(idx);
+                let weight = match p.weight {
+                    Some((k, w)) => {
+                        if w.dims() != [o, i] {
+                            return Err(werr(format!(
+                                "{k} has shape {:?}, but {our} needs [{o}, {i}]",
+                                w.dims()
+                            )));
+                        }
+                        w
+                    }
+                    None => linears[idx].1.weight()?,
+                };
+                let bias = match p.bias {
+                    Some((k, b)) => {
+                        if b.dims() != [o] {
+                            return Err(werr(format!(
+                                "{k} has shape {:?}, but {our} needs [{o}]",
+                                b.dims()
+                            )));
+                        }
+                        Some(b)
+                    }
+                    None => linears[idx].1.bias(),
+                };
+                plan.push(Plan::Replace { idx, weight, bias });
             }
-            None => linears[idx].1.bias(),
+        }
+        if p.a.is_none() && p.b.is_none() {
+            continue;
+        }
+        let (Some((ka, a)), Some((kb, b))) = (p.a, p.b) else {
+            return Err(werr(format!("{module} has only one of lora_A / lora_B")));
         };
-        plan.push(Plan::Replace { idx, weight, bias });
+        let Some(our) = target else {
+            return Err(werr(format!(
+                "tensor {ka} targets module {module}, which this model does not have (modules: {})",
+                some_names(model)
+            )));
+        };
+        let idx = index_of(&our).expect("name from the model");
+        if as_lora(linears[idx].1.inner()).is_some() {
+            return Err(werr(format!(
+                "{our} already has a LoRA adapter; merge it first"
+            )));
+        }
+        let (i, o) = dims(idx);
+        // Shapes as stored: Linear A [r, in], B [out, r]; embedding A [r, vocab], B [hidden, r]
+        // (our in = hidden, out = vocab for an embedding).
+        let (want_a, want_b) = if p.emb {
+            ([r, o], [i, r])
+        } else {
+            ([r, i], [o, r])
+        };
+        for (k, t, want) in [(&ka, &a, want_a), (&kb, &b, want_b)] {
+            if t.dims() != want {
+                return Err(werr(format!(
+                    "{k} has shape {:?} but this model's {our} needs {want:?} (r={r}, in={i}, out={o}); the adapter was made for another model",
+                    t.dims()
+                )));
+            }
+        }
+        let (a, b) = if p.emb {
+            (b.t()?.contiguous()?, a.t()?.contiguous()?)
+        } else {
+            (a, b)
+        };
+        plan.push(Plan::Lora { idx, a, b });
     }
     if !plan.iter().any(|p| matches!(p, Plan::Lora { .. })) {
         return Err(werr("no lora_A / lora_B tensors found".into()));

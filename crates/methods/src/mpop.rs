@@ -96,9 +96,20 @@ impl LinearLayer for MpoLayer {
     }
     fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         if models::ops::training() {
-            // Rows straight from the cores: no vocab-sized table per training step.
+            // Rows straight from the cores avoid a vocab-sized table per step, but gather one
+            // slice of every core per token: with wide bonds that is far more memory than the
+            // table itself (9 GB for a full-bond 30k×384 embedding and 2k tokens), so then
+            // rebuild the table (differentiably) and index it.
             let c = self.inner.cores();
-            return mpo::embed_cores(ids, &c.tensors(), c.shape());
+            let b = c.bonds();
+            let s = c.shape();
+            let per_token: usize = (0..c.n())
+                .map(|k| b[k] * s.col_factors[k] * b[k + 1])
+                .sum();
+            if ids.elem_count() * per_token <= s.orig_rows * s.orig_cols {
+                return mpo::embed_cores(ids, &c.tensors(), s);
+            }
+            return c.to_dense()?.index_select(&ids.flatten_all()?, 0);
         }
         self.cached_dense()?.index_select(ids, 0)
     }

@@ -143,6 +143,9 @@ pub struct StepLog {
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
+    /// Wall time of this optimizer step (forward, backward, update).
+    #[serde(default)]
+    pub secs: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -780,6 +783,7 @@ impl<'a> Trainer<'a> {
     /// One optimizer step on the batch of global step `step`; returns the loss.
     pub fn train_step(&mut self, step: usize) -> Result<StepLog> {
         let b = self.batch_at(step)?;
+        let t0 = Instant::now();
         models::ops::set_training(true);
         if self.lora {
             crate::lora::set_step(self.model, step as u64);
@@ -804,6 +808,7 @@ impl<'a> Trainer<'a> {
             loss: lv,
             lr: self.opts.lr * f,
             grad_norm: norm,
+            secs: t0.elapsed().as_secs_f64(),
         })
     }
 
