@@ -281,3 +281,76 @@ fn squeezing_cuts_bonds_and_keeps_the_loss_within_delta() {
     let back = methods::mpop::load(&out).unwrap();
     assert_eq!(back.total_params(), r.total_params);
 }
+
+/// Issue #6's compensation: LoRA trained over frozen packed 4-bit weights, saved as an adapter
+/// whose base is the quantized checkpoint, reloaded on top of it.
+#[test]
+fn lora_over_a_quantized_model() {
+    use methods::quant;
+    let t = tempfile::tempdir().unwrap();
+    let mut m = tiny_llama(&t.path().join("m"));
+    let o = quant::QuantOptions {
+        method: quant::calib::Method::Rtn,
+        bits: 4,
+        group_size: 16,
+        ..Default::default()
+    };
+    quant::quantize_model(&mut m, &o, None, false).unwrap();
+    let qdir = t.path().join("q4");
+    let cfg = quant::QuantizeConfig {
+        bits: 4,
+        group_size: 16,
+        damp_percent: 0.01,
+        desc_act: false,
+        sym: false,
+        true_sequential: true,
+        quant_method: "gptq".into(),
+        checkpoint_format: "gptq".into(),
+        mpolm_method: "rtn".into(),
+        mpolm_fp16_modules: vec![],
+    };
+    quant::save_quantized(&m, &qdir, &cfg).unwrap();
+    let mut q = quant::load_quantized(&qdir).unwrap();
+    let data = t.path().join("train.txt");
+    std::fs::write(&data, "the quick brown fox jumps over the lazy dog. ".repeat(60)).unwrap();
+    let fo = FinetuneOptions {
+        model: qdir.to_str().unwrap().into(),
+        lr: 1e-2,
+        epochs: 2,
+        max_len: 16,
+        lora_targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        ..opts(Task::Lm, Method::Lora, &data)
+    };
+    // Full fine-tuning of packed weights is refused with the way out.
+    let e = finetune::Trainer::new(&mut quant::load_quantized(&qdir).unwrap(), &FinetuneOptions { method: Method::Full, ..fo.clone() }, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--method lora"), "{e}");
+    let codes_before: Vec<Vec<u32>> = q
+        .linears()
+        .iter()
+        .filter_map(|(_, l)| l.inner().as_any().downcast_ref::<quant::layer::QuantLinear>().map(|x| x.codes()))
+        .collect();
+    let out = t.path().join("out");
+    finetune::finetune(&mut q, &fo, &out, &quiet()).unwrap();
+    let log: finetune::FinetuneLog =
+        serde_json::from_str(&std::fs::read_to_string(out.join(finetune::LOG_FILE)).unwrap()).unwrap();
+    let n = log.steps.len();
+    assert!(mean(&log.steps[n - 3..]) < mean(&log.steps[..3]), "loss did not drop");
+    let codes_after: Vec<Vec<u32>> = q
+        .linears()
+        .iter()
+        .filter_map(|(_, l)| {
+            let lin = l.inner().as_any().downcast_ref::<methods::lora::LoraLinear>().map(|x| x.base()).unwrap_or(l.inner());
+            lin.as_any().downcast_ref::<quant::layer::QuantLinear>().map(|x| x.codes())
+        })
+        .collect();
+    assert_eq!(codes_before, codes_after, "packed weights must stay frozen");
+    let ids = candle_core::Tensor::new(&[[3u32, 9, 4, 17, 5]], &candle_core::Device::Cpu).unwrap();
+    let want = q.llama().unwrap().forward(&ids, None).unwrap();
+    let mut back = quant::load_quantized(&qdir).unwrap();
+    methods::lora::load_peft(&mut back, &out).unwrap();
+    let got = back.llama().unwrap().forward(&ids, None).unwrap();
+    assert!(models::testing::max_abs_diff(&want, &got) < 1e-5);
+}
