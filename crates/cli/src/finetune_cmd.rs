@@ -181,7 +181,10 @@ pub fn run(a: FinetuneArgs, rep: &mut Report) -> Result<()> {
         r.final_loss.map_or("-".into(), |l| format!("{l:.4}"))
     );
     if let Some(e) = &r.eval {
-        println!("eval: loss {:.4}, {} {:.4} ({} examples)", e.loss, e.metric, e.value, e.examples);
+        println!(
+            "eval: loss {:.4}, {} {:.4} ({} examples)",
+            e.loss, e.metric, e.value, e.examples
+        );
     }
     if r.finished {
         println!("model written to {}", a.out.display());

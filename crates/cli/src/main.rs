@@ -105,12 +105,21 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Export a (compressed) model as a plain dense HF directory that transformers loads.
+    /// Export a (compressed/quantized) model as a plain dense HF directory that transformers
+    /// loads (--dense), or as a llama.cpp GGUF file (--gguf --type …).
+    #[command(group(clap::ArgGroup::new("format").required(true).args(["dense", "gguf"])))]
     Export {
         model: String,
-        /// Contract every factored layer back to a dense matrix.
-        #[arg(long, required = true)]
+        /// Contract every factored layer back to a dense matrix (HF directory).
+        #[arg(long)]
         dense: bool,
+        /// Write a llama.cpp GGUF v3 file (llama or qwen2 architecture).
+        #[arg(long)]
+        gguf: bool,
+        /// GGUF recipe (llama.cpp names; q4_k_m mixes Q4_K/Q6_K like llama-quantize).
+        #[arg(long = "type", value_name = "TYPE", default_value = "f16", conflicts_with = "dense",
+              value_parser = clap::builder::PossibleValuesParser::new(methods::quant::gguf_export::TYPE_NAMES))]
+        gguf_type: String,
         #[arg(long)]
         out: PathBuf,
     },
@@ -360,7 +369,43 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Export {
             model,
             dense: _,
+            gguf: true,
+            gguf_type,
             out,
+        } => {
+            use methods::quant::gguf_export as ge;
+            let m = load(&model)?;
+            let mut o = ge::ExportOptions::new(ge::GgufType::parse(&gguf_type)?);
+            (o.progress, o.print_tensors) = (true, true);
+            let r = ge::export_gguf(&m, &out, &o)?;
+            println!(
+                "GGUF {} ({} arch) written to {}: {} params, {:.2} MiB, {:.2} bits/weight, types {:?}, {} fallback(s), {:.1} s",
+                r.recipe, r.arch, out.display(), fmt_int(r.n_params), r.file_bytes as f64 / 1048576.0,
+                r.bits_per_weight, r.type_counts, r.fallbacks.len(), r.seconds
+            );
+            rep.set("command", json!("export"));
+            rep.set("format", json!("gguf"));
+            for (k, v) in [
+                ("out", json!(out)),
+                ("type", json!(r.recipe)),
+                ("arch", json!(r.arch)),
+                ("file_bytes", json!(r.file_bytes)),
+                ("n_params", json!(r.n_params)),
+                ("bits_per_weight", json!(r.bits_per_weight)),
+                ("type_counts", json!(r.type_counts)),
+                ("fallbacks", json!(r.fallbacks)),
+                ("tensors", json!(r.tensors)),
+                ("tokenizer_from", json!(r.tokenizer_from)),
+                ("seconds", json!(r.seconds)),
+            ] {
+                rep.set(k, v);
+            }
+        }
+        Cmd::Export {
+            model,
+            dense: _,
+            out,
+            ..
         } => {
             let m = load(&model)?;
             let t = models::export::dense_state_dict(&m)?;

@@ -93,7 +93,10 @@ pub struct SqueezeReport {
 
 /// Parameters of an MPO with bonds `d` over local dims `m`.
 fn mpo_params(m: &[usize], d: &[usize]) -> usize {
-    m.iter().enumerate().map(|(k, mk)| d[k] * mk * d[k + 1]).sum()
+    m.iter()
+        .enumerate()
+        .map(|(k, mk)| d[k] * mk * d[k + 1])
+        .sum()
 }
 
 struct Layer {
@@ -113,10 +116,12 @@ fn canonical_layers(tr: &Trainer) -> Result<Vec<Layer>> {
             continue;
         };
         let canon = mp.cores().to_mpo::<f64>()?.canonicalize()?;
-        let norm2 = canon
-            .frobenius_norm()
-            .map(|x| x * x)
-            .unwrap_or_else(|| canon.spectra.first().map_or(1.0, |s| s.iter().map(|x| x * x).sum()));
+        let norm2 = canon.frobenius_norm().map(|x| x * x).unwrap_or_else(|| {
+            canon
+                .spectra
+                .first()
+                .map_or(1.0, |s| s.iter().map(|x| x * x).sum())
+        });
         let bias = match mp.inner.bias() {
             Some(b) => Some(b.as_tensor().to_vec1::<f32>()?),
             None => None,
@@ -226,7 +231,11 @@ fn snapshot(tr: &Trainer) -> Result<Snapshot> {
 }
 
 fn restore(tr: &mut Trainer, s: &Snapshot) -> Result<()> {
-    let by_name: BTreeMap<&str, _> = s.layers.iter().map(|(n, m, b)| (n.as_str(), (m, b))).collect();
+    let by_name: BTreeMap<&str, _> = s
+        .layers
+        .iter()
+        .map(|(n, m, b)| (n.as_str(), (m, b)))
+        .collect();
     for (name, lin) in tr.model.linears_mut() {
         if let Some((m, b)) = by_name.get(name.as_str()) {
             let layer = MpoLinear::from_mpo(m, b.as_deref(), &Device::Cpu)?;
@@ -248,17 +257,35 @@ fn dense_params(tr: &Trainer) -> usize {
     for (_, l) in tr.model.linears() {
         n += l.in_features() * l.out_features() + l.bias().map_or(0, |b| b.elem_count());
     }
-    n + tr.model.other_tensors().iter().map(|(_, t)| t.elem_count()).sum::<usize>()
+    n + tr
+        .model
+        .other_tensors()
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum::<usize>()
 }
 
 /// Run the squeezing loop on a trainer whose model already has MPO layers (mpo-* methods).
 /// `first_step` is the global step counter to continue from (batches keep their order).
-pub fn squeeze(tr: &mut Trainer, o: &SqueezeOptions, first_step: usize, progress: bool) -> Result<SqueezeReport> {
-    if !matches!(tr.opts.method, Method::MpoAux | Method::MpoCentral | Method::MpoAll) {
-        return Err(Error::Msg("--squeeze needs an MPO method (--method mpo-aux)".into()));
+pub fn squeeze(
+    tr: &mut Trainer,
+    o: &SqueezeOptions,
+    first_step: usize,
+    progress: bool,
+) -> Result<SqueezeReport> {
+    if !matches!(
+        tr.opts.method,
+        Method::MpoAux | Method::MpoCentral | Method::MpoAll
+    ) {
+        return Err(Error::Msg(
+            "--squeeze needs an MPO method (--method mpo-aux)".into(),
+        ));
     }
     if !(o.target_params > 0.0 && o.target_params <= 1.0) {
-        return Err(Error::Msg(format!("--target-params must be in (0, 1], got {}", o.target_params)));
+        return Err(Error::Msg(format!(
+            "--target-params must be in (0, 1], got {}",
+            o.target_params
+        )));
     }
     if tr.data.eval.is_empty() {
         return Err(Error::Msg(
@@ -280,8 +307,10 @@ pub fn squeeze(tr: &mut Trainer, o: &SqueezeOptions, first_step: usize, progress
     let pb = progress.then(|| {
         let pb = indicatif::ProgressBar::new(o.max_iters as u64);
         pb.set_style(
-            indicatif::ProgressStyle::with_template("squeeze [{bar:30}] {pos}/{len} {msg} [{elapsed_precise}]")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "squeeze [{bar:30}] {pos}/{len} {msg} [{elapsed_precise}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         pb
     });
@@ -302,7 +331,12 @@ pub fn squeeze(tr: &mut Trainer, o: &SqueezeOptions, first_step: usize, progress
         }
         let est_err: f64 = {
             let tot: f64 = layers.iter().map(|l| l.norm2).sum();
-            (layers.iter().map(|l| est(l, &l.bonds) * l.norm2).sum::<f64>() / tot).sqrt()
+            (layers
+                .iter()
+                .map(|l| est(l, &l.bonds) * l.norm2)
+                .sum::<f64>()
+                / tot)
+                .sqrt()
         };
         apply(tr, &layers)?;
         // Recover.
@@ -326,7 +360,11 @@ pub fn squeeze(tr: &mut Trainer, o: &SqueezeOptions, first_step: usize, progress
                         continue;
                     }
                     let avg = hist[hist.len() - o.window..].iter().sum::<f64>() / o.window as f64;
-                    good = if avg <= p.loss + o.threshold { good + 1 } else { 0 };
+                    good = if avg <= p.loss + o.threshold {
+                        good + 1
+                    } else {
+                        0
+                    };
                     if good >= o.patience {
                         ok = true;
                         break;

@@ -66,20 +66,24 @@ fn read_labelled(path: &Path) -> Result<Vec<(String, u32, usize)>> {
                 .get("sentence")
                 .or_else(|| v.get("text"))
                 .and_then(|s| s.as_str())
-                .ok_or_else(|| parse_err(path, line, "missing string field \"sentence\" or \"text\""))?;
-            let label = v
-                .get("label")
-                .and_then(|l| l.as_u64())
-                .ok_or_else(|| parse_err(path, line, "missing non-negative integer field \"label\""))?;
+                .ok_or_else(|| {
+                    parse_err(path, line, "missing string field \"sentence\" or \"text\"")
+                })?;
+            let label = v.get("label").and_then(|l| l.as_u64()).ok_or_else(|| {
+                parse_err(path, line, "missing non-negative integer field \"label\"")
+            })?;
             out.push((text.to_string(), label as u32, line));
         }
     } else {
         let (header, rows) = eval::data::read_tsv(path).map_err(from_eval)?;
         let col = |name: &str| {
-            header
-                .iter()
-                .position(|h| h.trim() == name)
-                .ok_or_else(|| parse_err(path, 1, format!("no '{name}' column in the header {header:?}")))
+            header.iter().position(|h| h.trim() == name).ok_or_else(|| {
+                parse_err(
+                    path,
+                    1,
+                    format!("no '{name}' column in the header {header:?}"),
+                )
+            })
         };
         let (si, li) = (col("sentence")?, col("label")?);
         for (line, r) in rows {
@@ -90,7 +94,11 @@ fn read_labelled(path: &Path) -> Result<Vec<(String, u32, usize)>> {
                 .get(li)
                 .ok_or_else(|| parse_err(path, line, "missing label column"))?;
             let label: u32 = l.trim().parse().map_err(|_| {
-                parse_err(path, line, format!("label must be a non-negative integer, found {l:?}"))
+                parse_err(
+                    path,
+                    line,
+                    format!("label must be a non-negative integer, found {l:?}"),
+                )
             })?;
             out.push((s.clone(), label, line));
         }
@@ -155,7 +163,9 @@ pub fn load_classification(
                 return Err(parse_err(
                     p,
                     line,
-                    format!("label {label} does not occur in the training data ({num_labels} labels)"),
+                    format!(
+                        "label {label} does not occur in the training data ({num_labels} labels)"
+                    ),
                 ));
             }
             ev.push(Example::Cls {
@@ -205,10 +215,7 @@ fn read_docs(path: &Path) -> Result<Vec<String>> {
 
 /// Concatenate documents (EOS between them, as HF's `group_texts`) into blocks of `block` ids.
 fn blocks(tok: &Tokenizer, docs: &[String], block: usize) -> Result<Vec<Example>> {
-    let eos = tok
-        .eos_token
-        .as_deref()
-        .and_then(|e| tok.token_to_id(e));
+    let eos = tok.eos_token.as_deref().and_then(|e| tok.token_to_id(e));
     let mut all = Vec::new();
     for d in docs {
         all.extend(tok.encode(d, false)?);
@@ -233,7 +240,9 @@ pub fn load_lm(
     eval_limit: Option<usize>,
 ) -> Result<Dataset> {
     if max_len < 2 {
-        return Err(Error::Msg("--max-len must be at least 2 for language modelling".into()));
+        return Err(Error::Msg(
+            "--max-len must be at least 2 for language modelling".into(),
+        ));
     }
     let mut train = blocks(tok, &read_docs(data)?, max_len)?;
     let mut ev = match eval {
@@ -304,7 +313,9 @@ pub fn make_batch(ex: &[&Example]) -> Result<Batch> {
             Example::Lm { ids } => ids,
         };
         ids[r * t..r * t + seq.len()].copy_from_slice(seq);
-        mask[r * t..r * t + seq.len()].iter_mut().for_each(|m| *m = 1);
+        mask[r * t..r * t + seq.len()]
+            .iter_mut()
+            .for_each(|m| *m = 1);
         tokens += seq.len();
     }
     let dev = Device::Cpu;

@@ -190,11 +190,19 @@ fn to_var(t: &mut Tensor) -> Result<Var> {
 }
 
 fn no_decay(name: &str) -> bool {
-    name.ends_with(".bias") || name.contains("LayerNorm") || name.contains("layernorm") || name.contains("norm.weight")
+    name.ends_with(".bias")
+        || name.contains("LayerNorm")
+        || name.contains("layernorm")
+        || name.contains("norm.weight")
 }
 
 /// Make `name`'s dense weight (and bias) trainable in place.
-fn dense_vars(name: &str, lin: &mut models::Linear, weight: bool, out: &mut Vec<Param>) -> Result<()> {
+fn dense_vars(
+    name: &str,
+    lin: &mut models::Linear,
+    weight: bool,
+    out: &mut Vec<Param>,
+) -> Result<()> {
     let Some(d) = lin.inner_mut().as_any_mut().downcast_mut::<Dense>() else {
         return Ok(());
     };
@@ -281,11 +289,10 @@ fn lora_config(m: &Model, o: &FinetuneOptions) -> crate::lora::LoraConfig {
 /// model is first decomposed at full bond (lossless), as MPOP does before lightweight tuning.
 pub fn prepare(m: &mut Model, o: &FinetuneOptions, progress: bool) -> Result<Vec<Param>> {
     let mut ps = Vec::new();
-    let is_quant = m.linears().iter().any(|(_, l)| {
-        l.inner()
-            .as_any()
-            .is::<crate::quant::layer::QuantLinear>()
-    });
+    let is_quant = m
+        .linears()
+        .iter()
+        .any(|(_, l)| l.inner().as_any().is::<crate::quant::layer::QuantLinear>());
     if is_quant && o.method != Method::Lora {
         return Err(Error::Msg(format!(
             "{}: a quantized model's packed weights cannot be trained with --method {}; use --method lora (adapters over the frozen quantized weights)",
@@ -438,7 +445,11 @@ pub fn evaluate(m: &mut Model, ds: &[Example], batch: usize) -> Result<(f64, f64
         }
     }
     Ok(match &m.arch {
-        Arch::Bert(_) => (loss_sum / n.max(1) as f64, correct as f64 / n.max(1) as f64, "accuracy"),
+        Arch::Bert(_) => (
+            loss_sum / n.max(1) as f64,
+            correct as f64 / n.max(1) as f64,
+            "accuracy",
+        ),
         Arch::Llama(_) => {
             let l = loss_sum / tokens.max(1) as f64;
             (l, l.exp(), "perplexity")
@@ -486,8 +497,14 @@ fn save_checkpoint(out: &Path, opt: &AdamW, log: &FinetuneLog) -> Result<()> {
     for s in &opt.slots {
         let shape = s.var.as_tensor().shape().clone();
         params.insert(s.name.clone(), s.var.as_tensor().contiguous()?);
-        moments.insert(format!("{}.m", s.name), Tensor::from_slice(&s.m, shape.clone(), &Device::Cpu)?);
-        moments.insert(format!("{}.v", s.name), Tensor::from_slice(&s.v, shape, &Device::Cpu)?);
+        moments.insert(
+            format!("{}.m", s.name),
+            Tensor::from_slice(&s.m, shape.clone(), &Device::Cpu)?,
+        );
+        moments.insert(
+            format!("{}.v", s.name),
+            Tensor::from_slice(&s.v, shape, &Device::Cpu)?,
+        );
     }
     candle_core::safetensors::save(&params, tmp.path().join("params.safetensors"))?;
     candle_core::safetensors::save(&moments, tmp.path().join("optimizer.safetensors"))?;
@@ -528,7 +545,13 @@ fn load_checkpoint(out: &Path, opt: &mut AdamW, o: &FinetuneOptions) -> Result<F
             (Some(x), Some(y)) => x
                 .keys()
                 .filter(|k| x.get(*k) != y.get(*k))
-                .map(|k| format!("{k}: {} vs {}", x[k.as_str()], y.get(k.as_str()).unwrap_or(&Value::Null)))
+                .map(|k| {
+                    format!(
+                        "{k}: {} vs {}",
+                        x[k.as_str()],
+                        y.get(k.as_str()).unwrap_or(&Value::Null)
+                    )
+                })
                 .collect(),
             _ => vec![],
         };
@@ -551,7 +574,10 @@ fn load_checkpoint(out: &Path, opt: &mut AdamW, o: &FinetuneOptions) -> Result<F
     for s in &mut opt.slots {
         let get = |m: &HashMap<String, Tensor>, k: &str| -> Result<Tensor> {
             let t = m.get(k).ok_or_else(|| {
-                Error::Msg(format!("{}: tensor '{k}' missing from the checkpoint", dir.display()))
+                Error::Msg(format!(
+                    "{}: tensor '{k}' missing from the checkpoint",
+                    dir.display()
+                ))
             })?;
             if t.dims() != s.var.as_tensor().dims() {
                 return Err(Error::Msg(format!(
@@ -564,8 +590,12 @@ fn load_checkpoint(out: &Path, opt: &mut AdamW, o: &FinetuneOptions) -> Result<F
             Ok(t.clone())
         };
         s.var.set(&get(&params, &s.name)?)?;
-        s.m = get(&moments, &format!("{}.m", s.name))?.flatten_all()?.to_vec1()?;
-        s.v = get(&moments, &format!("{}.v", s.name))?.flatten_all()?.to_vec1()?;
+        s.m = get(&moments, &format!("{}.m", s.name))?
+            .flatten_all()?
+            .to_vec1()?;
+        s.v = get(&moments, &format!("{}.v", s.name))?
+            .flatten_all()?
+            .to_vec1()?;
     }
     opt.step = state["optimizer_step"].as_u64().unwrap_or(0);
     Ok(log)
@@ -590,7 +620,11 @@ fn save_model(m: &Model, o: &FinetuneOptions, out: &Path) -> Result<()> {
             })
             .map(|(n, t)| Ok((n, t?)))
             .collect::<candle_core::Result<_>>()?;
-        let task_type = if o.task == Task::Lm { "CAUSAL_LM" } else { "SEQ_CLS" };
+        let task_type = if o.task == Task::Lm {
+            "CAUSAL_LM"
+        } else {
+            "SEQ_CLS"
+        };
         std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
         crate::lora::save_peft(m, &cfg, &o.model, task_type, &head, &tmp)?;
     } else if has_mpo(m) {
@@ -656,7 +690,10 @@ fn check_options(o: &FinetuneOptions) -> Result<()> {
         }
     }
     if !(0.0..1.0).contains(&o.lora_dropout) {
-        return bad(format!("--lora-dropout must be in [0, 1), got {}", o.lora_dropout));
+        return bad(format!(
+            "--lora-dropout must be in [0, 1), got {}",
+            o.lora_dropout
+        ));
     }
     if o.method == Method::Lora && o.lora_r == 0 {
         return bad("--lora-r must be at least 1".into());
@@ -711,7 +748,11 @@ impl<'a> Trainer<'a> {
         let warmup = o
             .warmup_steps
             .unwrap_or_else(|| (o.warmup_ratio * total as f64).ceil() as usize);
-        let tuned: usize = opt.slots.iter().map(|s| s.var.as_tensor().elem_count()).sum();
+        let tuned: usize = opt
+            .slots
+            .iter()
+            .map(|s| s.var.as_tensor().elem_count())
+            .sum();
         let log = FinetuneLog {
             options: o.clone(),
             steps: Vec::new(),
@@ -743,8 +784,12 @@ impl<'a> Trainer<'a> {
     pub fn rebuild_optimizer(&mut self) -> Result<()> {
         let params = prepare(self.model, &self.opts, false)?;
         let mpo_lr = self.opts.mpo_lr.unwrap_or(self.opts.lr);
-        let mut old: HashMap<String, optim::Slot> =
-            self.opt.slots.drain(..).map(|s| (s.name.clone(), s)).collect();
+        let mut old: HashMap<String, optim::Slot> = self
+            .opt
+            .slots
+            .drain(..)
+            .map(|s| (s.name.clone(), s))
+            .collect();
         for p in params {
             if p.mpo && mpo_lr == 0.0 {
                 continue;
@@ -765,7 +810,12 @@ impl<'a> Trainer<'a> {
                 v,
             });
         }
-        self.log.tuned_params = self.opt.slots.iter().map(|s| s.var.as_tensor().elem_count()).sum();
+        self.log.tuned_params = self
+            .opt
+            .slots
+            .iter()
+            .map(|s| s.var.as_tensor().elem_count())
+            .sum();
         self.log.total_params = self.model.total_params();
         Ok(())
     }
@@ -831,7 +881,9 @@ impl<'a> Trainer<'a> {
 fn prepare_out(out: &Path, resume: bool) -> Result<()> {
     if !resume
         && out.exists()
-        && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true)
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
     {
         return Err(Error::Msg(format!(
             "{}: exists and is not empty; choose a new --out, or pass --resume to continue the run saved there",
@@ -842,7 +894,12 @@ fn prepare_out(out: &Path, resume: bool) -> Result<()> {
 }
 
 /// Fine-tune `m` as `o` says, writing everything under `out`.
-pub fn finetune(m: &mut Model, o: &FinetuneOptions, out: &Path, ctl: &RunControl) -> Result<FinetuneReport> {
+pub fn finetune(
+    m: &mut Model,
+    o: &FinetuneOptions,
+    out: &Path,
+    ctl: &RunControl,
+) -> Result<FinetuneReport> {
     if ctl.resume && !out.join(CHECKPOINT_DIR).join("state.json").exists() {
         return Err(Error::Msg(format!(
             "{}: no checkpoint to resume from; run without --resume to start a new run there",
@@ -882,7 +939,10 @@ pub fn finetune(m: &mut Model, o: &FinetuneOptions, out: &Path, ctl: &RunControl
         step += 1;
         if let Some(pb) = &pb {
             let rate = examples as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-            pb.set_message(format!("loss {:.4} lr {:.2e} {:.1} ex/s", s.loss, s.lr, rate));
+            pb.set_message(format!(
+                "loss {:.4} lr {:.2e} {:.1} ex/s",
+                s.loss, s.lr, rate
+            ));
             pb.set_position(step as u64);
         }
         tr.log.steps.push(s);
@@ -903,7 +963,10 @@ pub fn finetune(m: &mut Model, o: &FinetuneOptions, out: &Path, ctl: &RunControl
         }
         tr.log.train_secs = secs_before + t0.elapsed().as_secs_f64();
         let stop_now = ctl.stop_after.is_some_and(|k| step >= k) && step < total;
-        if ctl.save_every.is_some_and(|k| k > 0 && step % k == 0) || (epoch_end && step < total) || stop_now {
+        if ctl.save_every.is_some_and(|k| k > 0 && step % k == 0)
+            || (epoch_end && step < total)
+            || stop_now
+        {
             save_checkpoint(out, &tr.opt, &tr.log)?;
             write_json(&out.join(LOG_FILE), &tr.log)?;
         }

@@ -70,7 +70,11 @@ impl AdamW {
         let mut s = 0f64;
         for sl in &self.slots {
             if let Some(g) = grads.get(sl.var.as_tensor()) {
-                s += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                s += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
             }
         }
         Ok(s.sqrt())

@@ -9,6 +9,7 @@
 //! * [`io`] — AutoGPTQ-layout checkpoints ([`save_quantized`], [`load_quantized`]).
 
 pub mod calib;
+pub mod gguf_export;
 pub mod gptq;
 pub mod io;
 pub mod layer;
