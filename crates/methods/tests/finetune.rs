@@ -19,11 +19,17 @@ fn tiny_llama(dir: &Path) -> Model {
 /// A separable toy sentiment set: label 1 sentences mention "good", label 0 "bad".
 fn write_sst(dir: &Path, n: usize) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    let words = ["movie", "plot", "actor", "scene", "story", "film", "music", "end"];
+    let words = [
+        "movie", "plot", "actor", "scene", "story", "film", "music", "end",
+    ];
     let mut tr = String::from("sentence\tlabel\n");
     for i in 0..n {
         let (adj, l) = if i % 2 == 0 { ("good", 1) } else { ("bad", 0) };
-        tr += &format!("the {} was {adj} and {}\t{l}\n", words[i % 8], words[(i / 3) % 8]);
+        tr += &format!(
+            "the {} was {adj} and {}\t{l}\n",
+            words[i % 8],
+            words[(i / 3) % 8]
+        );
     }
     std::fs::write(dir.join("train.tsv"), &tr).unwrap();
     std::fs::write(dir.join("dev.tsv"), tr).unwrap();
@@ -61,11 +67,18 @@ fn full_finetune_learns_and_saves_a_loadable_classifier() {
     let mut m = tiny_bert(&t.path().join("m"));
     let data = write_sst(&t.path().join("sst"), 16);
     let out = t.path().join("out");
-    let r = finetune::finetune(&mut m, &opts(Task::Sst2, Method::Full, &data), &out, &quiet()).unwrap();
+    let r = finetune::finetune(
+        &mut m,
+        &opts(Task::Sst2, Method::Full, &data),
+        &out,
+        &quiet(),
+    )
+    .unwrap();
     assert!(r.finished);
     assert_eq!(r.tuned_params, r.total_params);
     let log: finetune::FinetuneLog =
-        serde_json::from_str(&std::fs::read_to_string(out.join(finetune::LOG_FILE)).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join(finetune::LOG_FILE)).unwrap())
+            .unwrap();
     assert_eq!(log.steps.len(), 24);
     let (first, last) = (mean(&log.steps[..4]), mean(&log.steps[20..]));
     assert!(last < 0.5 * first, "loss {first} -> {last}");
@@ -74,7 +87,14 @@ fn full_finetune_learns_and_saves_a_loadable_classifier() {
     assert!(acc >= 0.9, "train-set accuracy {acc}");
     // The saved directory is a plain HF classifier that reloads with the same accuracy.
     let mut back = Model::load(out.to_str().unwrap(), false).unwrap();
-    let ds = finetune::data::load_classification(&data, None, &back.tokenizer, 32, None, None).unwrap();
+    let spec = finetune::data::Spec {
+        data: &data,
+        eval: None,
+        max_len: 32,
+        limit: None,
+        eval_limit: None,
+    };
+    let ds = finetune::data::load_classification(&spec, &back.tokenizer).unwrap();
     let (_, acc2, _) = finetune::evaluate(&mut back, &ds.eval, 8).unwrap();
     assert!((acc2 - acc).abs() < 1e-9, "{acc} vs reloaded {acc2}");
 }
@@ -92,7 +112,10 @@ fn mpo_aux_trains_auxiliaries_only() {
     // Centrals frozen: not in the optimizer; every auxiliary core is.
     let names: Vec<String> = tr.opt.slots.iter().map(|s| s.name.clone()).collect();
     assert!(names.iter().any(|n| n.ends_with(".mpo.core_0")));
-    assert!(!names.iter().any(|n| n.ends_with(".mpo.core_2")), "central core_2 must be frozen (n = 5)");
+    assert!(
+        !names.iter().any(|n| n.ends_with(".mpo.core_2")),
+        "central core_2 must be frozen (n = 5)"
+    );
     assert!(names.iter().any(|n| n == "classifier.weight"));
     assert!(names.iter().any(|n| n.contains("LayerNorm")));
     let snapshot = |m: &Model| -> Vec<(String, Vec<Vec<f32>>)> {
@@ -122,7 +145,10 @@ fn mpo_aux_trains_auxiliaries_only() {
         assert_eq!(b[2], a[2], "{name}: central tensor changed");
         assert_ne!(b[0], a[0], "{name}: auxiliary tensor did not change");
     }
-    assert!(mean(&losses[8..]) < mean(&losses[..4]), "loss did not drop: {losses:?}");
+    assert!(
+        mean(&losses[8..]) < mean(&losses[..4]),
+        "loss did not drop: {losses:?}"
+    );
 }
 
 #[test]
@@ -146,14 +172,25 @@ fn lora_freezes_the_base_and_saves_a_reloadable_adapter() {
     assert!(r.tuned_params < r.total_params / 4);
     let lin = &m.linears()[1].1;
     assert!(lin.kind().starts_with("lora"), "{}", lin.kind());
-    let lora = lin.inner().as_any().downcast_ref::<methods::lora::LoraLinear>().unwrap();
-    assert_eq!(lora.base().weight().unwrap().to_vec2::<f32>().unwrap(), base_q, "base weight changed");
+    let lora = lin
+        .inner()
+        .as_any()
+        .downcast_ref::<methods::lora::LoraLinear>()
+        .unwrap();
+    assert_eq!(
+        lora.base().weight().unwrap().to_vec2::<f32>().unwrap(),
+        base_q,
+        "base weight changed"
+    );
     let log: finetune::FinetuneLog =
-        serde_json::from_str(&std::fs::read_to_string(out.join(finetune::LOG_FILE)).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join(finetune::LOG_FILE)).unwrap())
+            .unwrap();
     let n = log.steps.len();
     assert!(mean(&log.steps[n - 3..]) < mean(&log.steps[..3]));
     // Reload: base + adapter reproduces the trained model's logits.
-    assert!(out.join("adapter_config.json").exists() && out.join("adapter_model.safetensors").exists());
+    assert!(
+        out.join("adapter_config.json").exists() && out.join("adapter_model.safetensors").exists()
+    );
     let ids = candle_core::Tensor::new(&[[3u32, 9, 4, 17, 5]], &candle_core::Device::Cpu).unwrap();
     let want = m.llama().unwrap().forward(&ids, None).unwrap();
     let mut back = tiny_llama(&mdir);
@@ -183,20 +220,28 @@ fn resume_continues_with_the_identical_loss_curve() {
     let r = finetune::finetune(&mut load(), &o, &split, &stop).unwrap();
     assert!(!r.finished && split.join(finetune::CHECKPOINT_DIR).exists());
     // Another run's options cannot resume here, and nothing is touched by the attempt.
-    let other = FinetuneOptions { lr: 1e-3, ..o.clone() };
+    let other = FinetuneOptions {
+        lr: 1e-3,
+        ..o.clone()
+    };
     let resume = RunControl {
         resume: true,
         ..quiet()
     };
-    let e = finetune::finetune(&mut load(), &other, &split, &resume).unwrap_err().to_string();
+    let e = finetune::finetune(&mut load(), &other, &split, &resume)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("different run") && e.contains("lr"), "{e}");
     // Starting over in a used directory without --resume is refused.
-    let e = finetune::finetune(&mut load(), &o, &split, &quiet()).unwrap_err().to_string();
+    let e = finetune::finetune(&mut load(), &o, &split, &quiet())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("--resume"), "{e}");
     finetune::finetune(&mut load(), &o, &split, &resume).unwrap();
     let curve = |d: &Path| -> Vec<f64> {
         let l: finetune::FinetuneLog =
-            serde_json::from_str(&std::fs::read_to_string(d.join(finetune::LOG_FILE)).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(d.join(finetune::LOG_FILE)).unwrap())
+                .unwrap();
         l.steps.iter().map(|s| s.loss).collect()
     };
     let (a, b) = (curve(&whole), curve(&split));
@@ -209,18 +254,36 @@ fn bad_input_is_reported_with_its_line() {
     let t = tempfile::tempdir().unwrap();
     let mut m = tiny_bert(&t.path().join("m"));
     let bad = t.path().join("bad.tsv");
-    std::fs::write(&bad, "sentence\tlabel\na fine film\t1\nno label here\tpositive\n").unwrap();
+    std::fs::write(
+        &bad,
+        "sentence\tlabel\na fine film\t1\nno label here\tpositive\n",
+    )
+    .unwrap();
     let out = t.path().join("out");
-    let e = finetune::finetune(&mut m, &opts(Task::Sst2, Method::Full, &bad), &out, &quiet())
-        .unwrap_err()
-        .to_string();
+    let e = finetune::finetune(
+        &mut m,
+        &opts(Task::Sst2, Method::Full, &bad),
+        &out,
+        &quiet(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("bad.tsv:3") && e.contains("label"), "{e}");
     assert!(!out.exists(), "nothing may be written for bad data");
     let bad = t.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"sentence\": \"ok\", \"label\": 1}\n{\"sentence\": 5}\n").unwrap();
-    let e = finetune::finetune(&mut m, &opts(Task::Sst2, Method::Full, &bad), &out, &quiet())
-        .unwrap_err()
-        .to_string();
+    std::fs::write(
+        &bad,
+        "{\"sentence\": \"ok\", \"label\": 1}\n{\"sentence\": 5}\n",
+    )
+    .unwrap();
+    let e = finetune::finetune(
+        &mut m,
+        &opts(Task::Sst2, Method::Full, &bad),
+        &out,
+        &quiet(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("bad.jsonl:2"), "{e}");
     // Task and architecture must fit.
     let e = finetune::finetune(&mut m, &opts(Task::Lm, Method::Full, &bad), &out, &quiet())
@@ -233,9 +296,14 @@ fn bad_input_is_reported_with_its_line() {
         ..quiet()
     };
     let data = write_sst(&t.path().join("sst"), 8);
-    let e = finetune::finetune(&mut m, &opts(Task::Sst2, Method::Full, &data), &out, &resume)
-        .unwrap_err()
-        .to_string();
+    let e = finetune::finetune(
+        &mut m,
+        &opts(Task::Sst2, Method::Full, &data),
+        &out,
+        &resume,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("no checkpoint"), "{e}");
 }
 
@@ -260,7 +328,8 @@ fn squeezing_cuts_bonds_and_keeps_the_loss_within_delta() {
     let out = t.path().join("out");
     let r = finetune::finetune(&mut m, &o, &out, &quiet()).unwrap();
     let log: finetune::FinetuneLog =
-        serde_json::from_str(&std::fs::read_to_string(out.join(finetune::LOG_FILE)).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join(finetune::LOG_FILE)).unwrap())
+            .unwrap();
     let s = log.squeeze.expect("squeeze report");
     let iters = s["iters"].as_array().unwrap();
     assert!(!iters.is_empty());
@@ -272,11 +341,17 @@ fn squeezing_cuts_bonds_and_keeps_the_loss_within_delta() {
         let params = it["params"].as_u64().unwrap() as usize;
         assert!(params < last, "{it}");
         last = params;
-        assert!((it["eval_loss"].as_f64().unwrap() - p).abs() <= sq.delta + 1e-9, "{it}");
+        assert!(
+            (it["eval_loss"].as_f64().unwrap() - p).abs() <= sq.delta + 1e-9,
+            "{it}"
+        );
     }
     assert!(last < start, "no iteration was accepted: {s}");
     assert_eq!(r.total_params, s["final_params"].as_u64().unwrap() as usize);
-    assert_eq!(r.total_params, last, "the saved model is the last accepted one");
+    assert_eq!(
+        r.total_params, last,
+        "the saved model is the last accepted one"
+    );
     // The squeezed checkpoint reloads with its smaller bonds.
     let back = methods::mpop::load(&out).unwrap();
     assert_eq!(back.total_params(), r.total_params);
@@ -312,7 +387,11 @@ fn lora_over_a_quantized_model() {
     quant::save_quantized(&m, &qdir, &cfg).unwrap();
     let mut q = quant::load_quantized(&qdir).unwrap();
     let data = t.path().join("train.txt");
-    std::fs::write(&data, "the quick brown fox jumps over the lazy dog. ".repeat(60)).unwrap();
+    std::fs::write(
+        &data,
+        "the quick brown fox jumps over the lazy dog. ".repeat(60),
+    )
+    .unwrap();
     let fo = FinetuneOptions {
         model: qdir.to_str().unwrap().into(),
         lr: 1e-2,
@@ -322,28 +401,51 @@ fn lora_over_a_quantized_model() {
         ..opts(Task::Lm, Method::Lora, &data)
     };
     // Full fine-tuning of packed weights is refused with the way out.
-    let e = finetune::Trainer::new(&mut quant::load_quantized(&qdir).unwrap(), &FinetuneOptions { method: Method::Full, ..fo.clone() }, false)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = finetune::Trainer::new(
+        &mut quant::load_quantized(&qdir).unwrap(),
+        &FinetuneOptions {
+            method: Method::Full,
+            ..fo.clone()
+        },
+        false,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("--method lora"), "{e}");
     let codes_before: Vec<Vec<u32>> = q
         .linears()
         .iter()
-        .filter_map(|(_, l)| l.inner().as_any().downcast_ref::<quant::layer::QuantLinear>().map(|x| x.codes()))
+        .filter_map(|(_, l)| {
+            l.inner()
+                .as_any()
+                .downcast_ref::<quant::layer::QuantLinear>()
+                .map(|x| x.codes())
+        })
         .collect();
     let out = t.path().join("out");
     finetune::finetune(&mut q, &fo, &out, &quiet()).unwrap();
     let log: finetune::FinetuneLog =
-        serde_json::from_str(&std::fs::read_to_string(out.join(finetune::LOG_FILE)).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join(finetune::LOG_FILE)).unwrap())
+            .unwrap();
     let n = log.steps.len();
-    assert!(mean(&log.steps[n - 3..]) < mean(&log.steps[..3]), "loss did not drop");
+    assert!(
+        mean(&log.steps[n - 3..]) < mean(&log.steps[..3]),
+        "loss did not drop"
+    );
     let codes_after: Vec<Vec<u32>> = q
         .linears()
         .iter()
         .filter_map(|(_, l)| {
-            let lin = l.inner().as_any().downcast_ref::<methods::lora::LoraLinear>().map(|x| x.base()).unwrap_or(l.inner());
-            lin.as_any().downcast_ref::<quant::layer::QuantLinear>().map(|x| x.codes())
+            let lin = l
+                .inner()
+                .as_any()
+                .downcast_ref::<methods::lora::LoraLinear>()
+                .map(|x| x.base())
+                .unwrap_or(l.inner());
+            lin.as_any()
+                .downcast_ref::<quant::layer::QuantLinear>()
+                .map(|x| x.codes())
         })
         .collect();
     assert_eq!(codes_before, codes_after, "packed weights must stay frozen");

@@ -12,9 +12,9 @@
 //! (j_{k+1}…j_n, N, i_1…i_k, d_k): every step is one large GEMM and no other reshuffle.
 
 use crate::error::Result;
-use crate::linalg::gemm;
+use crate::linalg::{gemm, gemm_into};
 use crate::mpo::Mpo;
-use crate::permute::{interleave_map, permute};
+use crate::permute::{interleave_map, permute_into, zeroed};
 use crate::scalar::Scalar;
 use crate::shapes::MpoShape;
 use candle_core::{Device, Tensor};
@@ -153,16 +153,27 @@ impl<T: Scalar> Mpo<T> {
             }
         }
         let (a, b, ms) = (l, r, m[s]);
+        // The intermediate (never larger than W) lives in the buffer that receives the final
+        // permutation, so only two W-sized buffers are faulted in instead of three.
+        let mut out = zeroed(a * ms * b);
         let x = if p.left_first {
-            let t = gemm(&lb_blk, false, &self.cores[s], false, a, d[s], ms * ds1); // [a, ms·ds1]
-            gemm(&t, false, &rb_blk, false, a * ms, ds1, b)
+            let t = &mut out[..a * ms * ds1];
+            gemm_into(&lb_blk, false, &self.cores[s], false, a, d[s], ms * ds1, t); // [a, ms·ds1]
+            gemm(t, false, &rb_blk, false, a * ms, ds1, b)
         } else {
-            let t = gemm(&self.cores[s], false, &rb_blk, false, d[s] * ms, ds1, b); // [d_s, ms·b]
-            gemm(&lb_blk, false, &t, false, a, d[s], ms * b)
+            let t = &mut out[..d[s] * ms * b];
+            gemm_into(&self.cores[s], false, &rb_blk, false, d[s] * ms, ds1, b, t); // [d_s, ms·b]
+            gemm(&lb_blk, false, t, false, a, d[s], ms * b)
         };
         let (ar, ac): (usize, usize) = (rf[..s].iter().product(), cf[..s].iter().product());
         let (br, bc): (usize, usize) = (rf[s + 1..].iter().product(), cf[s + 1..].iter().product());
-        permute(&x, &[ar, ac, rf[s], cf[s], br, bc], &[0, 2, 4, 1, 3, 5])
+        permute_into(
+            &x,
+            &[ar, ac, rf[s], cf[s], br, bc],
+            &[0, 2, 4, 1, 3, 5],
+            &mut out,
+        );
+        out
     }
 
     /// The reconstructed matrix Ŵ (orig_rows × orig_cols), row-major, padding removed.

@@ -24,7 +24,7 @@
 //! floored there so that (numerically) null bond directions cannot blow up core entries.
 
 use crate::error::{Error, Result};
-use crate::linalg::{eigh_desc, gemm, gram, thin_qr, thin_svd};
+use crate::linalg::{eigh_desc, gemm, gemm_into, gram, thin_qr, thin_svd};
 use crate::mpo::Mpo;
 use crate::permute::{interleave_map, permute};
 use crate::scalar::{convert, Scalar};
@@ -174,7 +174,7 @@ fn pad<'a, T: Scalar>(w: &'a [T], shape: &MpoShape) -> std::borrow::Cow<'a, [T]>
         return std::borrow::Cow::Borrowed(w);
     }
     let (r, c) = (shape.rows(), shape.cols());
-    let mut out = vec![T::of(0.0); r * c];
+    let mut out = crate::permute::zeroed(r * c);
     for i in 0..shape.orig_rows {
         out[i * c..i * c + shape.orig_cols]
             .copy_from_slice(&w[i * shape.orig_cols..(i + 1) * shape.orig_cols]);
@@ -525,13 +525,19 @@ fn gram_decompose<R: Scalar>(w: &[R], shape: &MpoShape, trunc: &Truncation) -> R
         let (dl, dr) = (d[c], d[c + 1]);
         let u_first = (dl * mc * b) as f64 * (a + dr) as f64;
         let v_first = (a * mc * dr) as f64 * (b + dl) as f64;
-        let core = if u_first <= v_first {
-            let y = gemm(&ut, false, &x, false, dl, a, mc * b); // [dl, mc·b]
-            gemm(&y, false, &v, false, dl * mc, b, dr)
+        // X is dead once the first product is formed: the core (never larger) reuses its
+        // buffer instead of faulting in a fresh one.
+        let mut core = x;
+        let len = dl * mc * dr;
+        if u_first <= v_first {
+            let y = gemm(&ut, false, &core, false, dl, a, mc * b); // [dl, mc·b]
+            gemm_into(&y, false, &v, false, dl * mc, b, dr, &mut core[..len]);
         } else {
-            let y = gemm(&x, false, &v, false, a * mc, b, dr); // [a, mc·dr]
-            gemm(&ut, false, &y, false, dl, a, mc * dr)
-        };
+            let y = gemm(&core, false, &v, false, a * mc, b, dr); // [a, mc·dr]
+            gemm_into(&ut, false, &y, false, dl, a, mc * dr, &mut core[..len]);
+        }
+        core.truncate(len);
+        core.shrink_to_fit();
         cores.push(core);
     }
     // Right sites: B_k = V_kᵀ (1 ⊗ V_{k+1}).
@@ -582,6 +588,86 @@ mod tests {
         // rows [1,2], cols [2,1]: block (i1,i2,j1,j2) dims [1,2,2,1] -> interleaved (i1 j1 i2 j2)
         // dims [1,2,2,1]: blk = i2*2 + j1 ; int = j1*2 + i2
         assert_eq!(interleave_map(&[1, 2], &[2, 1]), vec![0, 2, 1, 3]);
+    }
+
+    /// The centre core is written into the permuted input's buffer on both contraction
+    /// orders (U first when the left bond is cut harder, V first when the right one is); both
+    /// must reproduce the seed sweep's truncated matrix and spectra.
+    #[test]
+    fn centre_buffer_reuse_matches_svd_sweep_on_both_orders() {
+        // m = [6, 6, 4]: centre site 1, a = 6, b = 4, full bonds [1, 6, 4, 1].
+        let shape = MpoShape::exact(vec![2, 3, 2], vec![3, 2, 2]).unwrap();
+        let w = lcg(shape.rows() * shape.cols(), 3);
+        for (trunc, u_first) in [
+            (Truncation::Full, true),
+            (Truncation::PerBond(vec![2, 4]), true),
+            (Truncation::PerBond(vec![6, 1]), false),
+            (Truncation::PerBond(vec![5, 2]), false),
+        ] {
+            let (dl, dr, a, b, mc) = match &trunc {
+                Truncation::PerBond(v) => (v[0], v[1], 6, 4, 6),
+                _ => (6, 4, 6, 4, 6),
+            };
+            let cost_u = (dl * mc * b) as f64 * (a + dr) as f64;
+            let cost_v = (a * mc * dr) as f64 * (b + dl) as f64;
+            assert_eq!(
+                cost_u <= cost_v,
+                u_first,
+                "{trunc:?} does not take the intended order"
+            );
+            let opts = |algorithm| DecomposeOptions {
+                algorithm,
+                truncation: trunc.clone(),
+                ..Default::default()
+            };
+            let g = Mpo::decompose_with(&w, &shape, &opts(Algorithm::Gram)).unwrap();
+            let s = Mpo::decompose_with(&w, &shape, &opts(Algorithm::SvdSweep)).unwrap();
+            assert_eq!(g.bonds(), s.bonds());
+            for (x, y) in g.spectra.iter().flatten().zip(s.spectra.iter().flatten()) {
+                assert!((x - y).abs() < 1e-10, "{x} vs {y}");
+            }
+            let (mg, ms) = (g.to_matrix().unwrap(), s.to_matrix().unwrap());
+            let diff: f64 = mg.iter().zip(&ms).map(|(x, y)| (x - y) * (x - y)).sum();
+            let norm: f64 = ms.iter().map(|x| x * x).sum();
+            assert!(
+                (diff / norm).sqrt() < 1e-10,
+                "{trunc:?}: {}",
+                (diff / norm).sqrt()
+            );
+            if trunc == Truncation::Full {
+                assert!(g.relative_error(&w).unwrap() < 1e-12);
+            }
+        }
+    }
+
+    /// Matrices whose buffers pass the huge-page threshold (≥ 4 MiB) go through the same
+    /// code with advised allocations: full bond exact, truncation equal to the seed sweep.
+    #[test]
+    fn huge_page_sized_matrices() {
+        let shape = MpoShape::auto(1024, 576, 4).unwrap();
+        let w = lcg(shape.rows() * shape.cols(), 5);
+        assert!(w.len() * 8 >= 4 << 20);
+        let full = Mpo::decompose(&w, &shape).unwrap();
+        assert!(full.relative_error(&w).unwrap() < 1e-12);
+        let trunc = Truncation::MaxBond(full.bonds().iter().max().unwrap() / 2);
+        let g =
+            Mpo::decompose_with(&w, &shape, &DecomposeOptions::truncated(trunc.clone())).unwrap();
+        let s = Mpo::decompose_with(
+            &w,
+            &shape,
+            &DecomposeOptions {
+                algorithm: Algorithm::SvdSweep,
+                truncation: trunc,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let e_g = g.relative_error(&w).unwrap();
+        let e_s = s.relative_error(&w).unwrap();
+        assert!(
+            e_g > 0.1 && (e_g - e_s).abs() < 1e-9 * e_s,
+            "{e_g} vs {e_s}"
+        );
     }
 
     #[test]

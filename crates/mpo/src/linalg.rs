@@ -32,7 +32,7 @@ pub fn gemm<R: Scalar>(
     k: usize,
     n: usize,
 ) -> Vec<R> {
-    let mut c = vec![R::of(0.0); m * n];
+    let mut c = crate::permute::zeroed(m * n);
     gemm_into(a, ta, b, tb, m, k, n, &mut c);
     c
 }

@@ -25,6 +25,17 @@ pub struct Dataset {
     pub num_labels: usize,
 }
 
+/// Where the data is and how much of it to use.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec<'a> {
+    pub data: &'a Path,
+    pub eval: Option<&'a Path>,
+    /// Token cap per example (classification) or block length (lm).
+    pub max_len: usize,
+    pub limit: Option<usize>,
+    pub eval_limit: Option<usize>,
+}
+
 /// A padded batch ready for the model.
 pub struct Batch {
     pub ids: Tensor,
@@ -122,14 +133,14 @@ fn encode_cls(tok: &Tokenizer, s: &str, max_len: usize) -> Result<Vec<u32>> {
 
 /// Classification data. `data` is a file, or a folder holding `train.tsv` (and `dev.tsv`, used
 /// for evaluation unless `eval` names another file).
-pub fn load_classification(
-    data: &Path,
-    eval: Option<&Path>,
-    tok: &Tokenizer,
-    max_len: usize,
-    limit: Option<usize>,
-    eval_limit: Option<usize>,
-) -> Result<Dataset> {
+pub fn load_classification(spec: &Spec, tok: &Tokenizer) -> Result<Dataset> {
+    let Spec {
+        data,
+        eval,
+        max_len,
+        limit,
+        eval_limit,
+    } = *spec;
     let (train_path, mut eval_path) = if data.is_dir() {
         let dev = data.join("dev.tsv");
         (data.join("train.tsv"), dev.exists().then_some(dev))
@@ -231,14 +242,14 @@ fn blocks(tok: &Tokenizer, docs: &[String], block: usize) -> Result<Vec<Example>
 
 /// Causal-LM data in blocks of `max_len` tokens. Without an eval file, the last 5% of the
 /// blocks (at least one) are held out for evaluation.
-pub fn load_lm(
-    data: &Path,
-    eval: Option<&Path>,
-    tok: &Tokenizer,
-    max_len: usize,
-    limit: Option<usize>,
-    eval_limit: Option<usize>,
-) -> Result<Dataset> {
+pub fn load_lm(spec: &Spec, tok: &Tokenizer) -> Result<Dataset> {
+    let Spec {
+        data,
+        eval,
+        max_len,
+        limit,
+        eval_limit,
+    } = *spec;
     if max_len < 2 {
         return Err(Error::Msg(
             "--max-len must be at least 2 for language modelling".into(),

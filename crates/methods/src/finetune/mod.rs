@@ -643,23 +643,16 @@ fn save_model(m: &Model, o: &FinetuneOptions, out: &Path) -> Result<()> {
 }
 
 fn load_data(m: &Model, o: &FinetuneOptions) -> Result<Dataset> {
+    let spec = data::Spec {
+        data: &o.data,
+        eval: o.eval_data.as_deref(),
+        max_len: o.max_len,
+        limit: o.limit,
+        eval_limit: o.eval_limit,
+    };
     match (o.task, &m.arch) {
-        (Task::Sst2, Arch::Bert(_)) => data::load_classification(
-            &o.data,
-            o.eval_data.as_deref(),
-            &m.tokenizer,
-            o.max_len,
-            o.limit,
-            o.eval_limit,
-        ),
-        (Task::Lm, Arch::Llama(_)) => data::load_lm(
-            &o.data,
-            o.eval_data.as_deref(),
-            &m.tokenizer,
-            o.max_len,
-            o.limit,
-            o.eval_limit,
-        ),
+        (Task::Sst2, Arch::Bert(_)) => data::load_classification(&spec, &m.tokenizer),
+        (Task::Lm, Arch::Llama(_)) => data::load_lm(&spec, &m.tokenizer),
         (Task::Sst2, _) => Err(Error::Msg(format!(
             "--task sst2 fine-tunes an encoder classifier, but {} is a {} model; use --task lm for causal models",
             o.model,
