@@ -344,7 +344,8 @@ pub fn squeeze(
         match o.trigger {
             Trigger::Delta => {
                 for _ in 0..o.recover_steps {
-                    tr.train_step(step)?;
+                    let s = tr.train_step(step)?;
+                    tr.log.steps.push(s);
                     step += 1;
                 }
             }
@@ -354,7 +355,9 @@ pub fn squeeze(
                 let mut good = 0;
                 ok = false;
                 for _ in 0..o.recover_steps.max(o.window + o.patience) {
-                    hist.push(tr.train_step(step)?.loss);
+                    let s = tr.train_step(step)?;
+                    hist.push(s.loss);
+                    tr.log.steps.push(s);
                     step += 1;
                     if hist.len() < o.window {
                         continue;

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# MPOP dimension squeezing vs direct truncation on SST-2 (issue #5, item 4): tune a lossless MPO
+# of the encoder (mpo-aux), squeeze it toward --target-params with auxiliary-only recovery, then
+# build a directly truncated MPO with the same parameter count and give it the same number of
+# auxiliary-only steps. Both are scored on the full dev set with `mpolm eval --task sst2`.
+#   [BATCH=16] scripts/sst2_squeeze.sh OUTDIR [limit] [target] [seed]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=$1; limit=${2:-1024}; target=${3:-0.6}; seed=${4:-1}
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mpolm/target}"
+bin="$CARGO_TARGET_DIR/release/mpolm"
+data=${MPOLM_DATA:-../shared/data}/glue/SST-2
+b=${BATCH:-16}
+mkdir -p "$out"
+[ -d "$out/mpo-full" ] || "$bin" compress minilm-l6 --matrices encoder,pooler --out "$out/mpo-full" >/dev/null
+tune=(--task sst2 --data "$data" --limit "$limit" --batch "$b" --max-len 64 --lr 1e-4 --mpo-lr 5e-4 --seed "$seed" --eval-limit 200)
+if [ ! -f "$out/squeeze.json" ]; then
+  rm -rf "$out/squeeze"
+  "$bin" finetune "$out/mpo-full" --method mpo-aux "${tune[@]}" --squeeze --target-params "$target" \
+    --delta 0.1 --cut-fraction 0.05 --recover-steps 8 --max-iters 12 --out "$out/squeeze" --report "$out/squeeze.json" >"$out/squeeze.log" 2>&1
+fi
+read -r final steps < <(python3 - "$out/squeeze/finetune_log.json" <<'PY'
+import json, sys
+l = json.load(open(sys.argv[1]))
+print(l["squeeze"]["final_params"], len(l["steps"]))
+PY
+)
+# Per-matrix ratio that lands the directly truncated model on the same total.
+ratio=$(python3 - "$out/mpo-full" "$final" <<'PY'
+import json, sys
+man = json.load(open(sys.argv[1] + "/mpo_manifest.json"))["layers"]
+dense = sum(l["orig_rows"] * l["orig_cols"] for l in man.values())
+total = 22713986  # minilm-l6 with a 2-label head
+print(max(0.01, (int(sys.argv[2]) - (total - dense)) / dense))
+PY
+)
+if [ ! -f "$out/direct.json" ]; then
+  rm -rf "$out/direct-ck" "$out/direct"
+  "$bin" compress minilm-l6 --matrices encoder,pooler --params-ratio "$ratio" --out "$out/direct-ck" >/dev/null
+  "$bin" finetune "$out/direct-ck" --method mpo-aux "${tune[@]}" --epochs 100 --max-steps "$steps" \
+    --out "$out/direct" --report "$out/direct.json" >"$out/direct.log" 2>&1
+fi
+for k in squeeze direct; do
+  [ -f "$out/eval-$k.json" ] || "$bin" eval "$out/$k" --task sst2 --report "$out/eval-$k.json" >/dev/null 2>&1
+done
+python3 - "$out" <<'PY'
+import json, sys
+o = sys.argv[1]
+print("| model | total params | ratio to dense | steps | dev acc % (872) |")
+print("|---|---|---|---|---|")
+for k in ("squeeze", "direct"):
+    r = json.load(open(f"{o}/{k}.json"))["result"]; e = json.load(open(f"{o}/eval-{k}.json"))
+    acc = e["results"]["sst2"]["acc,none"] * 100
+    print(f"| {k} | {r['total_params']/1e6:.2f}M | {r['total_params']/22713986:.3f} | {r['steps']} | {acc:.2f} |")
+PY
