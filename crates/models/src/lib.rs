@@ -9,6 +9,7 @@ pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod kernels;
 pub mod linear;
 pub mod llama;
 pub mod model;

@@ -34,28 +34,15 @@ pub struct Dense {
 }
 
 /// x [.., in] · Wᵀ as one 2-D GEMM over all leading dims; the transposed view of W costs no copy.
+/// f32 CPU tensors run [`crate::kernels::linear`] (fast GEMM/gemv, hand-written backward that
+/// skips the weight-gradient GEMM of a frozen W); anything else takes candle's matmul.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims();
-    let in_f = *dims.last().unwrap_or(&0);
-    let lead: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-    let x2 = if x.is_contiguous() {
-        x.reshape((lead, in_f))?
-    } else {
-        x.contiguous()?.reshape((lead, in_f))?
-    };
-    let y = x2.matmul(&w.t()?)?;
-    let mut out_dims = dims[..dims.len() - 1].to_vec();
-    out_dims.push(w.dim(0)?);
-    y.reshape(out_dims)
+    crate::kernels::linear(x, w, None)
 }
 
 impl LinearLayer for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul_t(x, &self.weight)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        crate::kernels::linear(x, &self.weight, self.bias.as_ref())
     }
     fn in_features(&self) -> usize {
         self.weight.dims()[1]
