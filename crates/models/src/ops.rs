@@ -3,17 +3,22 @@
 //! (autograd-visible) forms; inference keeps the fused ones.
 
 use candle_core::{Result, Tensor, D};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
 
-static TRAINING: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    // Per thread, not global: one thread evaluating (inference forms, no backward) must not
+    // switch the ops of another thread that is training a different model mid-forward.
+    static TRAINING: Cell<bool> = const { Cell::new(false) };
+}
 
-/// Turn on gradient-carrying forms of the fused ops (fine-tuning); off for inference.
+/// Turn on gradient-carrying forms of the fused ops (fine-tuning) for this thread; off for
+/// inference.
 pub fn set_training(on: bool) {
-    TRAINING.store(on, Ordering::Relaxed);
+    TRAINING.with(|t| t.set(on));
 }
 
 pub fn training() -> bool {
-    TRAINING.load(Ordering::Relaxed)
+    TRAINING.with(|t| t.get())
 }
 
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
