@@ -207,8 +207,26 @@ fn finetune_lora_resume_and_evaluate_the_adapter() {
         rep.to_str().unwrap(),
     );
     let base = [
-        "finetune", ms, "--task", "lm", "--data", ds, "--method", "lora", "--lr", "1e-2", "--epochs",
-        "2", "--batch", "2", "--max-len", "16", "--out", os, "--report", rs,
+        "finetune",
+        ms,
+        "--task",
+        "lm",
+        "--data",
+        ds,
+        "--method",
+        "lora",
+        "--lr",
+        "1e-2",
+        "--epochs",
+        "2",
+        "--batch",
+        "2",
+        "--max-len",
+        "16",
+        "--out",
+        os,
+        "--report",
+        rs,
     ];
     let mut first = base.to_vec();
     first.extend(["--stop-after", "3"]);
@@ -221,7 +239,8 @@ fn finetune_lora_resume_and_evaluate_the_adapter() {
     again.push("--resume");
     let o = mpolm(&again);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
     assert_eq!(v["command"], "finetune");
     assert_eq!(v["result"]["finished"], true);
     let tuned = v["result"]["tuned_params"].as_u64().unwrap();
@@ -231,7 +250,8 @@ fn finetune_lora_resume_and_evaluate_the_adapter() {
         let r = d.path().join("inspect.json");
         let o = mpolm(&["inspect", model, "--report", r.to_str().unwrap()]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&r).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&r).unwrap()).unwrap();
         v["inspect"]["total_params"].as_u64().unwrap()
     };
     assert_eq!(total(os), total(ms) + tuned, "base + adapter parameters");
@@ -239,7 +259,13 @@ fn finetune_lora_resume_and_evaluate_the_adapter() {
     let bad = d.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"txt\": 1}\n").unwrap();
     let o = mpolm(&[
-        "finetune", ms, "--task", "lm", "--data", bad.to_str().unwrap(), "--out",
+        "finetune",
+        ms,
+        "--task",
+        "lm",
+        "--data",
+        bad.to_str().unwrap(),
+        "--out",
         d.path().join("x").to_str().unwrap(),
     ]);
     assert_clean_error(&o, "bad.jsonl:2");

@@ -103,9 +103,7 @@ impl LinearLayer for MpoLayer {
             let c = self.inner.cores();
             let b = c.bonds();
             let s = c.shape();
-            let per_token: usize = (0..c.n())
-                .map(|k| b[k] * s.col_factors[k] * b[k + 1])
-                .sum();
+            let per_token: usize = (0..c.n()).map(|k| b[k] * s.col_factors[k] * b[k + 1]).sum();
             if ids.elem_count() * per_token <= s.orig_rows * s.orig_cols {
                 return mpo::embed_cores(ids, &c.tensors(), s);
             }
