@@ -234,7 +234,25 @@ impl Bert {
         let nh = self.cfg.num_attention_heads;
         let hd = h / nh;
         let scale = 1.0 / (hd as f64).sqrt();
+        // The fused kernel reads heads in place from [b, t, heads, hd] (no transposes) and has
+        // its own backward; other dtypes/devices keep the composed form.
+        let fused = crate::fused::usable(&[&x]);
+        let key_mask = match (fused, mask) {
+            (true, Some(m)) => {
+                Some((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * f32::MIN as f64)?)
+            }
+            _ => None,
+        };
         for l in &self.layers {
+            if fused {
+                let q = l.query.forward(&x)?.reshape((b, t, nh, hd))?;
+                let k = l.key.forward(&x)?.reshape((b, t, nh, hd))?;
+                let v = l.value.forward(&x)?.reshape((b, t, nh, hd))?;
+                let o = crate::fused::attention(&q, &k, &v, false, scale, key_mask.as_ref())?
+                    .reshape((b, t, h))?;
+                x = self.ffn(l, &o, &x)?;
+                continue;
+            }
             let heads = |lin: &Linear| -> Result<Tensor> {
                 Ok(lin
                     .forward(&x)?
@@ -249,16 +267,21 @@ impl Bert {
             }
             let p = ops::softmax_last_dim(&s)?;
             let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
-            let a = l.attn_ln.forward(&(l.attn_out.forward(&o)? + &x)?)?;
-            let i = l.intermediate.forward(&a)?;
-            let i = match self.cfg.hidden_act.as_str() {
-                "relu" => i.relu()?,
-                "gelu_new" | "gelu_pytorch_tanh" => i.gelu()?,
-                _ => ops::gelu_erf(&i)?,
-            };
-            x = l.out_ln.forward(&(l.output.forward(&i)? + &a)?)?;
+            x = self.ffn(l, &o, &x)?;
         }
         Ok(x)
+    }
+
+    /// Attention output projection + residual + LayerNorm, then the feed-forward block.
+    fn ffn(&self, l: &Layer, o: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let a = l.attn_ln.forward(&(l.attn_out.forward(o)? + x)?)?;
+        let i = l.intermediate.forward(&a)?;
+        let i = match self.cfg.hidden_act.as_str() {
+            "relu" => i.relu()?,
+            "gelu_new" | "gelu_pytorch_tanh" => i.gelu()?,
+            _ => ops::gelu_erf(&i)?,
+        };
+        l.out_ln.forward(&(l.output.forward(&i)? + &a)?)
     }
 
     /// tanh(dense(h[:, 0])) — BERT's pooled [CLS] output [b, hidden].

@@ -251,7 +251,9 @@ impl Llama {
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.kv[i]);
             let h = ops::rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
-            let a = layer.attn.forward(&h, &cos, &sin, mask.as_ref(), kv)?;
+            let a = layer
+                .attn
+                .forward(&h, &cos, &sin, mask.as_ref(), key_mask, kv)?;
             x = (x + a)?;
             let h = ops::rms_norm(&x, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
             let m = layer.mlp.forward(&h)?;
@@ -334,10 +336,28 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
+        key_mask: Option<&Tensor>,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
+        if kv.is_none() && crate::fused::usable(&[x, cos, sin]) {
+            // Without a cache (training, scoring whole sequences): heads stay in [b, t, h, hd],
+            // RoPE and attention are fused kernels with their own backward.
+            let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?;
+            let k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?;
+            let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?;
+            let q = crate::fused::rope_bthd(&q, cos, sin)?;
+            let k = crate::fused::rope_bthd(&k, cos, sin)?;
+            let pad = match key_mask {
+                // 1 → 0, 0 → a large negative (fully masked rows stay finite), as below.
+                Some(km) => Some(((km.to_dtype(DType::F32)? - 1.0)? * 1e30)?),
+                None => None,
+            };
+            let scale = 1.0 / (hd as f64).sqrt();
+            let o = crate::fused::attention(&q, &k, &v, t > 1, scale, pad.as_ref())?;
+            return Ok(self.o_proj.forward(&o.reshape((b, t, nh * hd))?)?);
+        }
         let q = self
             .q_proj
             .forward(x)?
@@ -391,8 +411,11 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = self.gate_proj.forward(x)?.silu()?;
+        let g = self.gate_proj.forward(x)?;
         let u = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(g * u)?)
+        if crate::fused::usable(&[&g, &u]) {
+            return self.down_proj.forward(&crate::fused::silu_mul(&g, &u)?);
+        }
+        self.down_proj.forward(&(g.silu()? * u)?)
     }
 }

@@ -22,6 +22,9 @@ pub fn training() -> bool {
 }
 
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::fused::usable(&[x, w]) {
+        return crate::fused::rms_norm(x, w, eps);
+    }
     if training() {
         candle_nn::ops::rms_norm_slow(x, w, eps as f32)
     } else {
@@ -30,6 +33,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::fused::usable(&[x, w, b]) {
+        return crate::fused::layer_norm(x, w, b, eps);
+    }
     if training() {
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
@@ -61,5 +67,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Exact (erf) GELU, as BERT uses.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if crate::fused::usable(&[x]) {
+        return crate::fused::gelu_erf(x);
+    }
     x.gelu_erf()
 }

@@ -397,7 +397,7 @@ pub fn batch_loss(m: &Model, b: &Batch) -> Result<Tensor> {
                 .labels
                 .as_ref()
                 .ok_or_else(|| Error::Msg("classification batch without labels".into()))?;
-            Ok(candle_nn::loss::cross_entropy(&logits, labels)?)
+            Ok(models::fused::cross_entropy(&logits, labels)?)
         }
         Arch::Llama(l) => {
             let (bs, t) = b.ids.dims2()?;
@@ -406,7 +406,7 @@ pub fn batch_loss(m: &Model, b: &Batch) -> Result<Tensor> {
             let v = logits.dim(2)?;
             let logits = logits.reshape((bs * (t - 1), v))?;
             let target = b.ids.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?;
-            Ok(candle_nn::loss::cross_entropy(&logits, &target)?)
+            Ok(models::fused::cross_entropy(&logits, &target)?)
         }
     }
 }
@@ -427,7 +427,7 @@ pub fn evaluate(m: &mut Model, ds: &[Example], batch: usize) -> Result<(f64, f64
                 let h = bert.forward(&b.ids, None, b.mask.as_ref())?;
                 let logits = bert.classify(&bert.pool(&h)?)?.detach();
                 let labels = b.labels.as_ref().expect("classification batch");
-                let l = candle_nn::loss::cross_entropy(&logits, labels)?.to_scalar::<f32>()? as f64;
+                let l = models::fused::cross_entropy(&logits, labels)?.to_scalar::<f32>()? as f64;
                 loss_sum += l * b.rows as f64;
                 let pred = logits.argmax(1)?.to_vec1::<u32>()?;
                 let gold = labels.to_vec1::<u32>()?;

@@ -1,0 +1,956 @@
+//! Fused f32 CPU ops with hand-written backward passes (issue #8, item 2).
+//!
+//! candle composes LayerNorm, softmax, GELU and attention from generic elementwise ops when
+//! gradients are needed: every step allocates and walks a dozen activation-sized temporaries and
+//! its backward builds as many again. Each op here is one pass forward and one or two passes
+//! backward over its inputs, parallel over rows (or over (batch, KV-head) for attention), and
+//! returns gradients only for inputs that are tracked.
+//!
+//! Forward formulas follow the PyTorch modules they replace (LayerNorm, RMSNorm as in HF llama,
+//! exact-erf GELU, SiLU·up, rotate-half RoPE, softmax(QKᵀ·scale + mask)·V, mean cross-entropy).
+//! Tests compare each op with candle's composed form and with finite differences.
+//!
+//! Callers check [`usable`] first and keep candle's generic path for anything that is not an f32
+//! CPU tensor.
+
+use crate::kernels::View;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape,
+    Storage, Tensor,
+};
+use rayon::prelude::*;
+
+/// Whether every tensor is an f32 CPU tensor (what these kernels handle).
+pub fn usable(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu))
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("fused: {what} must be f32")
+    };
+    if !l.is_contiguous() {
+        bail!("fused: {what} must be contiguous");
+    }
+    let n = l.shape().elem_count();
+    Ok(&v[l.start_offset()..l.start_offset() + n])
+}
+
+/// The contiguous f32 data of a tensor (copied only when it is not contiguous).
+fn data(t: &Tensor) -> Result<Vec<f32>> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => Ok(slice(c, l, "tensor")?.to_vec()),
+        _ => bail!("fused: CPU tensors only"),
+    }
+}
+
+/// Runs `f` over the contiguous f32 data of `t` without copying it when it is contiguous.
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => f(slice(c, l, "tensor")?),
+        _ => bail!("fused: CPU tensors only"),
+    }
+}
+
+fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
+    Tensor::from_vec(v, shape.clone(), &Device::Cpu)
+}
+
+/// Rows per rayon task: enough work per task to amortise scheduling.
+fn row_chunk(rows: usize, width: usize) -> usize {
+    (16384 / width.max(1)).clamp(1, rows.max(1))
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm / RMSNorm
+
+fn row_stats(x: &[f32], eps: f64, center: bool) -> (f32, f32) {
+    let n = x.len() as f64;
+    let mean = if center {
+        x.iter().map(|&v| v as f64).sum::<f64>() / n
+    } else {
+        0.0
+    };
+    let var = x
+        .iter()
+        .map(|&v| {
+            let d = v as f64 - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// y = (x − mean)·rstd·w + b over the last dim (`center`), or x·rstd·w (RMSNorm).
+struct Norm {
+    eps: f64,
+    center: bool,
+}
+
+impl Norm {
+    fn fwd(&self, x: &[f32], w: &[f32], b: Option<&[f32]>, h: usize) -> Result<Vec<f32>> {
+        if w.len() != h || b.is_some_and(|b| b.len() != h) {
+            bail!("norm: weight has {} elements, input rows have {h}", w.len());
+        }
+        let mut y = vec![0f32; x.len()];
+        let ch = row_chunk(x.len() / h.max(1), h) * h;
+        y.par_chunks_mut(ch)
+            .zip(x.par_chunks(ch))
+            .for_each(|(yc, xc)| {
+                for (yr, xr) in yc.chunks_exact_mut(h).zip(xc.chunks_exact(h)) {
+                    let (mean, rstd) = row_stats(xr, self.eps, self.center);
+                    match b {
+                        Some(b) => {
+                            for i in 0..h {
+                                yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+                            }
+                        }
+                        None => {
+                            for i in 0..h {
+                                yr[i] = xr[i] * rstd * w[i];
+                            }
+                        }
+                    }
+                }
+            });
+        Ok(y)
+    }
+
+    /// (dx, dw, db) for upstream gradient g.
+    fn bwd(&self, x: &[f32], w: &[f32], g: &[f32], h: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut dx = vec![0f32; x.len()];
+        let ch = row_chunk(x.len() / h.max(1), h) * h;
+        let partial: Vec<(Vec<f64>, Vec<f64>)> = dx
+            .par_chunks_mut(ch)
+            .zip(x.par_chunks(ch).zip(g.par_chunks(ch)))
+            .map(|(dxc, (xc, gc))| {
+                let mut dw = vec![0f64; h];
+                let mut db = vec![0f64; h];
+                let mut xhat = vec![0f32; h];
+                for ((dxr, xr), gr) in dxc
+                    .chunks_exact_mut(h)
+                    .zip(xc.chunks_exact(h))
+                    .zip(gc.chunks_exact(h))
+                {
+                    let (mean, rstd) = row_stats(xr, self.eps, self.center);
+                    let (mut c1, mut c2) = (0f64, 0f64);
+                    for i in 0..h {
+                        xhat[i] = (xr[i] - mean) * rstd;
+                        let gw = (gr[i] * w[i]) as f64;
+                        c1 += gw;
+                        c2 += gw * xhat[i] as f64;
+                        dw[i] += (gr[i] * xhat[i]) as f64;
+                        db[i] += gr[i] as f64;
+                    }
+                    let c1 = if self.center {
+                        (c1 / h as f64) as f32
+                    } else {
+                        0.0
+                    };
+                    let c2 = (c2 / h as f64) as f32;
+                    for i in 0..h {
+                        dxr[i] = rstd * (gr[i] * w[i] - c1 - xhat[i] * c2);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let mut dw = vec![0f64; h];
+        let mut db = vec![0f64; h];
+        for (pw, pb) in &partial {
+            for i in 0..h {
+                dw[i] += pw[i];
+                db[i] += pb[i];
+            }
+        }
+        (
+            dx,
+            dw.into_iter().map(|v| v as f32).collect(),
+            db.into_iter().map(|v| v as f32).collect(),
+        )
+    }
+
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = x.dim(candle_core::D::Minus1)?;
+        let (xv, wv, gv) = (data(x)?, data(w)?, data(g)?);
+        let (dx, dw, db) = self.bwd(&xv, &wv, &gv, h);
+        let dx = if x.track_op() {
+            Some(tensor(dx, x.shape())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(tensor(dw, w.shape())?)
+        } else {
+            None
+        };
+        let db = match b {
+            Some(b) if b.track_op() => Some(tensor(db, b.shape())?),
+            _ => None,
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+impl CustomOp3 for Norm {
+    fn name(&self) -> &'static str {
+        "mpolm-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = *l1.dims().last().unwrap_or(&1);
+        let y = self.fwd(
+            slice(s1, l1, "x")?,
+            slice(s2, l2, "weight")?,
+            Some(slice(s3, l3, "bias")?),
+            h,
+        )?;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, w, Some(b), g)
+    }
+}
+
+impl CustomOp2 for Norm {
+    fn name(&self) -> &'static str {
+        "mpolm-rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = *l1.dims().last().unwrap_or(&1);
+        let y = self.fwd(slice(s1, l1, "x")?, slice(s2, l2, "weight")?, None, h)?;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.grads(x, w, None, g)?;
+        Ok((dx, dw))
+    }
+}
+
+/// LayerNorm over the last dim (PyTorch's biased variance), f32 CPU.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let op = Norm { eps, center: true };
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+}
+
+/// RMSNorm over the last dim (x·rsqrt(mean(x²) + eps)·w, as HF llama), f32 CPU.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let op = Norm { eps, center: false };
+    x.contiguous()?.apply_op2(&w.contiguous()?, op)
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU (erf) and SiLU·up
+
+/// erf with |error| < 1.2e-7 (Abramowitz & Stegun 7.1.26 is 1.5e-7; this is the W. J. Cody
+/// style rational form used by many libms for |x| < 0.84375, A&S beyond). Branch-light so the
+/// loops vectorise.
+#[inline]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    if a < 0.84375 {
+        // erf(x) = x + x·R(x²) on [0, 0.84375] (Cody's coefficients, as in fdlibm's s_erf).
+        const PP: [f64; 5] = [
+            1.283_791_670_955_125_6e-1,
+            -3.250_421_072_470_015e-1,
+            -2.848_174_957_559_851e-2,
+            -5.770_270_296_489_442e-3,
+            -2.376_301_665_665_016_3e-5,
+        ];
+        const QQ: [f64; 5] = [
+            3.979_172_239_591_554e-1,
+            6.502_224_998_876_73e-2,
+            5.081_306_281_875_766e-3,
+            1.324_947_380_043_216_4e-4,
+            -3.960_228_278_775_368e-6,
+        ];
+        let x = x as f64;
+        let z = x * x;
+        let r = PP[0] + z * (PP[1] + z * (PP[2] + z * (PP[3] + z * PP[4])));
+        let s = 1.0 + z * (QQ[0] + z * (QQ[1] + z * (QQ[2] + z * (QQ[3] + z * QQ[4]))));
+        return (x + x * (r / s)) as f32;
+    }
+    // A&S 7.1.26 in f64 for the tails (absolute error 1.5e-7, relative to erf ≈ 1 here).
+    let t = 1.0 / (1.0 + 0.327_591_1 * a as f64);
+    let p = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let r = (1.0 - p * (-(a as f64) * a as f64).exp()) as f32;
+    r.copysign(x)
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+const INV_SQRT_2PI: f32 = 0.398_942_28;
+
+fn map_par(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(16384)
+        .zip(x.par_chunks(16384))
+        .for_each(|(yc, xc)| {
+            for (o, &v) in yc.iter_mut().zip(xc) {
+                *o = f(v);
+            }
+        });
+    y
+}
+
+struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "mpolm-gelu-erf"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = map_par(slice(s, l, "x")?, |v| {
+            0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2))
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (xv, gv) = (data(x)?, data(g)?);
+        let mut d = vec![0f32; xv.len()];
+        d.par_chunks_mut(16384)
+            .zip(xv.par_chunks(16384).zip(gv.par_chunks(16384)))
+            .for_each(|(dc, (xc, gc))| {
+                for ((o, &v), &gi) in dc.iter_mut().zip(xc).zip(gc) {
+                    let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
+                    let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
+                    *o = gi * (cdf + v * pdf);
+                }
+            });
+        Ok(Some(tensor(d, x.shape())?))
+    }
+}
+
+/// Exact GELU 0.5·x·(1 + erf(x/√2)), f32 CPU.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(GeluErf)
+}
+
+struct SiluMul;
+
+#[inline]
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "mpolm-silu-mul"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (slice(s1, l1, "gate")?, slice(s2, l2, "up")?);
+        if l1.dims() != l2.dims() {
+            bail!("silu_mul: gate {:?} vs up {:?}", l1.dims(), l2.dims());
+        }
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(16384)
+            .zip(g.par_chunks(16384).zip(u.par_chunks(16384)))
+            .for_each(|(yc, (gc, uc))| {
+                for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
+                    *o = a * sigmoid(a) * b;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (g, u, d) = (data(gate)?, data(up)?, data(grad)?);
+        let mut dg = vec![0f32; g.len()];
+        let mut du = vec![0f32; g.len()];
+        dg.par_chunks_mut(16384)
+            .zip(du.par_chunks_mut(16384))
+            .zip(
+                g.par_chunks(16384)
+                    .zip(u.par_chunks(16384))
+                    .zip(d.par_chunks(16384)),
+            )
+            .for_each(|((dgc, duc), ((gc, uc), dc))| {
+                for i in 0..gc.len() {
+                    let s = sigmoid(gc[i]);
+                    let silu = gc[i] * s;
+                    duc[i] = dc[i] * silu;
+                    dgc[i] = dc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
+                }
+            });
+        let dg = gate
+            .track_op()
+            .then(|| tensor(dg, gate.shape()))
+            .transpose()?;
+        let du = up.track_op().then(|| tensor(du, up.shape())).transpose()?;
+        Ok((dg, du))
+    }
+}
+
+/// silu(gate)·up (llama's MLP), f32 CPU.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE on [b, t, heads, head_dim]
+
+/// Rotate-half RoPE; `inverse` rotates by −θ (the backward of the forward rotation).
+fn rope_apply(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    t: usize,
+    nh: usize,
+    hd: usize,
+    inverse: bool,
+) -> Vec<f32> {
+    let half = hd / 2;
+    let mut y = vec![0f32; x.len()];
+    let row = nh * hd; // one position
+    y.par_chunks_mut(row)
+        .zip(x.par_chunks(row))
+        .enumerate()
+        .for_each(|(r, (yr, xr))| {
+            let p = r % t;
+            let (c, s) = (
+                &cos[p * half..(p + 1) * half],
+                &sin[p * half..(p + 1) * half],
+            );
+            for h in 0..nh {
+                let (xh, yh) = (&xr[h * hd..(h + 1) * hd], &mut yr[h * hd..(h + 1) * hd]);
+                for i in 0..half {
+                    let (x0, x1) = (xh[i], xh[i + half]);
+                    let si = if inverse { -s[i] } else { s[i] };
+                    yh[i] = x0 * c[i] - x1 * si;
+                    yh[i + half] = x1 * c[i] + x0 * si;
+                }
+            }
+        });
+    y
+}
+
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn run(&self, x: &[f32], dims: &[usize], inverse: bool) -> Result<Vec<f32>> {
+        let [_, t, nh, hd] = dims else {
+            bail!("rope: want [b, t, heads, head_dim], got {dims:?}")
+        };
+        if hd % 2 != 0 || self.cos.dims() != [*t, hd / 2] || self.sin.dims() != [*t, hd / 2] {
+            bail!(
+                "rope: tables {:?} do not match [t={t}, head_dim/2={}]",
+                self.cos.dims(),
+                hd / 2
+            );
+        }
+        with_data(&self.cos, |c| {
+            with_data(&self.sin, |s| {
+                Ok(rope_apply(x, c, s, *t, *nh, *hd, inverse))
+            })
+        })
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "mpolm-rope"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = self.run(slice(s, l, "x")?, l.dims(), false)?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let d = with_data(g, |gv| self.run(gv, g.dims(), true))?;
+        Ok(Some(tensor(d, x.shape())?))
+    }
+}
+
+/// HF (rotate-half) rotary embedding of x [b, t, heads, head_dim] with tables [t, head_dim/2].
+pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let op = Rope {
+        cos: cos.detach().contiguous()?,
+        sin: sin.detach().contiguous()?,
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention: softmax(Q·Kᵀ·scale + mask)·V on [b, t, heads, head_dim] without head transposes
+
+/// A raw pointer that rayon tasks share; each task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// dst (strided rows `drs`, unit columns) = alpha·a·b [+ dst], single-threaded.
+///
+/// # Safety
+/// dst must be valid for m rows of n elements at stride `drs` and not aliased by a or b.
+unsafe fn gemm_seq(dst: *mut f32, drs: usize, a: View, b: View, acc: bool, alpha: f32) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        drs as isize,
+        acc,
+        a.data.as_ptr(),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr(),
+        b.cs as isize,
+        b.rs as isize,
+        1.0f32,
+        alpha,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+struct Attention {
+    n_heads: usize,
+    n_kv: usize,
+    causal: bool,
+    scale: f32,
+    /// Additive key mask [b, T] (0 keeps, a large negative drops), constant.
+    key_mask: Option<Vec<f32>>,
+}
+
+struct Dims {
+    b: usize,
+    t: usize,
+    tk: usize,
+    hd: usize,
+}
+
+impl Attention {
+    fn dims(&self, q: &[usize], k: &[usize], v: &[usize]) -> Result<Dims> {
+        let ([b, t, nh, hd], [bk, tk, nkv, hdk]) = (q, k) else {
+            bail!("attention: want q [b, t, heads, hd] and k/v [b, T, kv_heads, hd], got {q:?} / {k:?}")
+        };
+        if *nh != self.n_heads || *nkv != self.n_kv || bk != b || hdk != hd || k != v {
+            bail!(
+                "attention: q {q:?}, k {k:?}, v {v:?} do not match {} heads / {} kv heads",
+                self.n_heads,
+                self.n_kv
+            );
+        }
+        if self.n_kv == 0 || self.n_heads % self.n_kv != 0 || (self.causal && tk < t) {
+            bail!(
+                "attention: {} heads over {} kv heads, t {t} vs T {tk}",
+                self.n_heads,
+                self.n_kv
+            );
+        }
+        if let Some(m) = &self.key_mask {
+            if m.len() != b * tk {
+                bail!("attention: key mask has {} entries, want {b}x{tk}", m.len());
+            }
+        }
+        Ok(Dims {
+            b: *b,
+            t: *t,
+            tk: *tk,
+            hd: *hd,
+        })
+    }
+
+    /// Probabilities P [t, T] of query head `h` in batch row `bi`, into `p`.
+    fn probs(&self, d: &Dims, q: &[f32], k: &[f32], bi: usize, h: usize, p: &mut [f32]) {
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv, d.hd);
+        let kvh = h / (nh / nkv);
+        let qv = View {
+            data: &q[(bi * d.t * nh + h) * hd..],
+            rows: d.t,
+            cols: hd,
+            rs: nh * hd,
+            cs: 1,
+        };
+        let kv = View {
+            data: &k[(bi * d.tk * nkv + kvh) * hd..],
+            rows: d.tk,
+            cols: hd,
+            rs: nkv * hd,
+            cs: 1,
+        };
+        // SAFETY: p holds t×T elements, distinct from q and k.
+        unsafe { gemm_seq(p.as_mut_ptr(), d.tk, qv, kv.t(), false, self.scale) };
+        let off = d.tk - d.t;
+        let mask = self
+            .key_mask
+            .as_ref()
+            .map(|m| &m[bi * d.tk..(bi + 1) * d.tk]);
+        for (i, row) in p.chunks_exact_mut(d.tk).enumerate() {
+            let lim = if self.causal { i + off + 1 } else { d.tk };
+            if let Some(m) = mask {
+                for (r, &mv) in row[..lim].iter_mut().zip(m) {
+                    *r += mv;
+                }
+            }
+            let mx = row[..lim].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            if mx == f32::NEG_INFINITY {
+                row.fill(0.0);
+                continue;
+            }
+            let mut sum = 0f32;
+            for r in row[..lim].iter_mut() {
+                *r = (*r - mx).exp();
+                sum += *r;
+            }
+            let inv = 1.0 / sum;
+            for r in row[..lim].iter_mut() {
+                *r *= inv;
+            }
+            row[lim..].fill(0.0);
+        }
+    }
+
+    fn forward(&self, d: &Dims, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv, d.hd);
+        let mut out = vec![0f32; d.b * d.t * nh * hd];
+        let optr = SendPtr(out.as_mut_ptr());
+        (0..d.b * nh).into_par_iter().for_each_init(
+            || vec![0f32; d.t * d.tk],
+            |p, u| {
+                let (bi, h) = (u / nh, u % nh);
+                let kvh = h / (nh / nkv);
+                self.probs(d, q, k, bi, h, p);
+                let pv = View {
+                    data: p,
+                    rows: d.t,
+                    cols: d.tk,
+                    rs: d.tk,
+                    cs: 1,
+                };
+                let vv = View {
+                    data: &v[(bi * d.tk * nkv + kvh) * hd..],
+                    rows: d.tk,
+                    cols: hd,
+                    rs: nkv * hd,
+                    cs: 1,
+                };
+                let o = optr;
+                // SAFETY: head h of row bi owns out[bi, :, h, :]; no other task writes it.
+                unsafe {
+                    gemm_seq(
+                        o.0.add((bi * d.t * nh + h) * hd),
+                        nh * hd,
+                        pv,
+                        vv,
+                        false,
+                        1.0,
+                    )
+                };
+            },
+        );
+        out
+    }
+
+    /// (dq, dk, dv) from the saved inputs, the output o and its gradient g.
+    fn backward(
+        &self,
+        d: &Dims,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        o: &[f32],
+        g: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv, d.hd);
+        let grp = nh / nkv;
+        let mut dq = vec![0f32; q.len()];
+        let mut dk = vec![0f32; k.len()];
+        let mut dv = vec![0f32; v.len()];
+        let (pq, pk, pv) = (
+            SendPtr(dq.as_mut_ptr()),
+            SendPtr(dk.as_mut_ptr()),
+            SendPtr(dv.as_mut_ptr()),
+        );
+        let qrs = nh * hd;
+        let krs = nkv * hd;
+        // One task per (batch row, KV head): it owns dK/dV of that head and dQ of its query group.
+        (0..d.b * nkv).into_par_iter().for_each_init(
+            || (vec![0f32; d.t * d.tk], vec![0f32; d.t * d.tk]),
+            |(p, dp), u| {
+                let (bi, kvh) = (u / nkv, u % nkv);
+                let kbase = (bi * d.tk * nkv + kvh) * hd;
+                let kview = View {
+                    data: &k[kbase..],
+                    rows: d.tk,
+                    cols: hd,
+                    rs: krs,
+                    cs: 1,
+                };
+                let vview = View {
+                    data: &v[kbase..],
+                    rows: d.tk,
+                    cols: hd,
+                    rs: krs,
+                    cs: 1,
+                };
+                for h in kvh * grp..(kvh + 1) * grp {
+                    self.probs(d, q, k, bi, h, p);
+                    let qbase = (bi * d.t * nh + h) * hd;
+                    let gview = View {
+                        data: &g[qbase..],
+                        rows: d.t,
+                        cols: hd,
+                        rs: qrs,
+                        cs: 1,
+                    };
+                    let qview = View {
+                        data: &q[qbase..],
+                        rows: d.t,
+                        cols: hd,
+                        rs: qrs,
+                        cs: 1,
+                    };
+                    let pview = View {
+                        data: p,
+                        rows: d.t,
+                        cols: d.tk,
+                        rs: d.tk,
+                        cs: 1,
+                    };
+                    let (pk, pv, pq) = (pk, pv, pq);
+                    // SAFETY: this task alone writes dK/dV rows of (bi, kvh) and dQ of (bi, h).
+                    unsafe {
+                        // dV += Pᵀ·dO
+                        gemm_seq(pv.0.add(kbase), krs, pview.t(), gview, true, 1.0);
+                        // dP = dO·Vᵀ
+                        gemm_seq(dp.as_mut_ptr(), d.tk, gview, vview.t(), false, 1.0);
+                    }
+                    // dS = P ∘ (dP − rowsum(dO ∘ O)) · scale
+                    for i in 0..d.t {
+                        let r = qbase + i * qrs;
+                        let di: f32 = (0..hd).map(|c| g[r + c] * o[r + c]).sum();
+                        let (pr, dpr) = (
+                            &p[i * d.tk..(i + 1) * d.tk],
+                            &mut dp[i * d.tk..(i + 1) * d.tk],
+                        );
+                        for j in 0..d.tk {
+                            dpr[j] = pr[j] * (dpr[j] - di) * self.scale;
+                        }
+                    }
+                    let dsview = View {
+                        data: dp,
+                        rows: d.t,
+                        cols: d.tk,
+                        rs: d.tk,
+                        cs: 1,
+                    };
+                    unsafe {
+                        // dQ = dS·K, dK += dSᵀ·Q
+                        gemm_seq(pq.0.add(qbase), qrs, dsview, kview, false, 1.0);
+                        gemm_seq(pk.0.add(kbase), krs, dsview.t(), qview, true, 1.0);
+                    }
+                }
+            },
+        );
+        (dq, dk, dv)
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "mpolm-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(l1.dims(), l2.dims(), l3.dims())?;
+        let o = self.forward(
+            &d,
+            slice(s1, l1, "q")?,
+            slice(s2, l2, "k")?,
+            slice(s3, l3, "v")?,
+        );
+        Ok((CpuStorage::F32(o), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = self.dims(q.dims(), k.dims(), v.dims())?;
+        let (qv, kv, vv, ov, gv) = (data(q)?, data(k)?, data(v)?, data(res)?, data(g)?);
+        let (dq, dk, dv) = self.backward(&d, &qv, &kv, &vv, &ov, &gv);
+        let wrap = |t: &Tensor, x: Vec<f32>| -> Result<Option<Tensor>> {
+            t.track_op().then(|| tensor(x, t.shape())).transpose()
+        };
+        Ok((wrap(q, dq)?, wrap(k, dk)?, wrap(v, dv)?))
+    }
+}
+
+/// softmax(Q·Kᵀ·scale + mask)·V for q [b, t, heads, hd], k/v [b, T, kv_heads, hd] (grouped
+/// query heads share a KV head), output [b, t, heads, hd]. `causal` lets query i see keys
+/// ≤ i + (T − t); `key_mask` [b, T] is added to every query's scores (0 keeps a key, a large
+/// negative such as f32::MIN drops it).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: f64,
+    key_mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (nh, nkv) = (q.dim(2)?, k.dim(2)?);
+    let key_mask = match key_mask {
+        Some(m) => Some(data(&m.to_dtype(DType::F32)?)?),
+        None => None,
+    };
+    let op = Attention {
+        n_heads: nh,
+        n_kv: nkv,
+        causal,
+        scale: scale as f32,
+        key_mask,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy
+
+struct CrossEntropy {
+    targets: Vec<u32>,
+}
+
+impl CrossEntropy {
+    fn check(&self, dims: &[usize]) -> Result<(usize, usize)> {
+        let [n, v] = dims else {
+            bail!("cross_entropy: logits must be [n, classes], got {dims:?}")
+        };
+        if self.targets.len() != *n {
+            bail!("cross_entropy: {} targets for {n} rows", self.targets.len());
+        }
+        if let Some(t) = self.targets.iter().find(|&&t| t as usize >= *v) {
+            bail!("cross_entropy: target {t} out of range for {v} classes");
+        }
+        Ok((*n, *v))
+    }
+}
+
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let s: f32 = row.iter().map(|&x| (x - mx).exp()).sum();
+    mx + s.ln()
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "mpolm-cross-entropy"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = self.check(l.dims())?;
+        let x = slice(s, l, "logits")?;
+        let total: f64 = x
+            .par_chunks(v.max(1))
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| (log_sum_exp(row) - row[t as usize]) as f64)
+            .sum();
+        Ok((
+            CpuStorage::F32(vec![(total / n.max(1) as f64) as f32]),
+            Shape::from(()),
+        ))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (n, v) = self.check(x.dims())?;
+        let scale = g.to_dtype(DType::F32)?.to_scalar::<f32>()? / n.max(1) as f32;
+        let d = with_data(x, |xv| {
+            let mut d = vec![0f32; xv.len()];
+            d.par_chunks_mut(v.max(1))
+                .zip(xv.par_chunks(v.max(1)).zip(self.targets.par_iter()))
+                .for_each(|(dr, (row, &t))| {
+                    let lse = log_sum_exp(row);
+                    for (o, &z) in dr.iter_mut().zip(row) {
+                        *o = (z - lse).exp() * scale;
+                    }
+                    dr[t as usize] -= scale;
+                });
+            Ok(d)
+        })?;
+        Ok(Some(tensor(d, x.shape())?))
+    }
+}
+
+/// Mean cross-entropy of logits [n, classes] against integer targets [n] (as
+/// `candle_nn::loss::cross_entropy`), one pass forward and one backward.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if !usable(&[logits]) {
+        return candle_nn::loss::cross_entropy(logits, targets);
+    }
+    let targets = targets
+        .to_dtype(DType::U32)?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
+    logits.contiguous()?.apply_op1(CrossEntropy { targets })
+}
