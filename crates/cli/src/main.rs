@@ -165,20 +165,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// glibc hands activation-sized blocks (≥ 128 KiB at first) back to the kernel when they are
-/// freed, so every forward/backward pass page-faults its temporaries in again: 15% of a
-/// fine-tuning step went to clear_page and page-fault handling. Serving blocks up to 32 MiB (the
-/// largest glibc allows) from the heap and never trimming it keeps those pages mapped; peak RSS
-/// is unchanged (the same blocks were live at the peak anyway).
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before worker threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
 fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -188,7 +174,7 @@ fn run(cli: Cli) -> Result<()> {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "64");
     }
-    keep_freed_memory();
+    models::kernels::keep_freed_memory();
     let mut rep = Report::new();
     match cli.cmd.unwrap_or(Cmd::Run {
         model: hub::DEFAULT_CAUSAL.into(),

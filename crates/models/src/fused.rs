@@ -69,22 +69,50 @@ fn row_chunk(rows: usize, width: usize) -> usize {
 // ---------------------------------------------------------------------------------------------
 // LayerNorm / RMSNorm
 
-fn row_stats(x: &[f32], eps: f64, center: bool) -> (f32, f32) {
-    let n = x.len() as f64;
-    let mean = if center {
-        x.iter().map(|&v| v as f64).sum::<f64>() / n
-    } else {
-        0.0
-    };
-    let var = x
+/// Σ f(x) with eight partial sums, so the reduction vectorises (the compiler may not reorder
+/// f32 additions itself).
+#[inline(always)]
+fn sum8_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for j in 0..8 {
+            acc[j] += f(c[j]);
+        }
+    }
+    let tail: f32 = it.remainder().iter().map(|&v| f(v)).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn sum8(x: &[f32]) -> f32 {
+    sum8_map(x, |v| v)
+}
+
+#[inline(always)]
+fn max8(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for j in 0..8 {
+            acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
+        }
+    }
+    let m = it
+        .remainder()
         .iter()
-        .map(|&v| {
-            let d = v as f64 - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
-    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    acc.iter().fold(m, |a, &b| a.max(b))
+}
+
+/// (mean, 1/sqrt(var + eps)) of a row, two-pass (mean first) as PyTorch's CPU LayerNorm is
+/// accurate to; mean 0 for RMSNorm.
+#[inline(always)]
+fn row_stats(x: &[f32], eps: f64, center: bool) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = if center { sum8(x) / n } else { 0.0 };
+    let var = sum8_map(x, |v| (v - mean) * (v - mean)) / n;
+    (mean, (1.0 / (var as f64 + eps).sqrt()) as f32)
 }
 
 /// y = (x − mean)·rstd·w + b over the last dim (`center`), or x·rstd·w (RMSNorm).
@@ -103,21 +131,23 @@ impl Norm {
         y.par_chunks_mut(ch)
             .zip(x.par_chunks(ch))
             .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_exact_mut(h).zip(xc.chunks_exact(h)) {
-                    let (mean, rstd) = row_stats(xr, self.eps, self.center);
-                    match b {
-                        Some(b) => {
-                            for i in 0..h {
-                                yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+                simd(|| {
+                    for (yr, xr) in yc.chunks_exact_mut(h).zip(xc.chunks_exact(h)) {
+                        let (mean, rstd) = row_stats(xr, self.eps, self.center);
+                        match b {
+                            Some(b) => {
+                                for i in 0..h {
+                                    yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+                                }
                             }
-                        }
-                        None => {
-                            for i in 0..h {
-                                yr[i] = xr[i] * rstd * w[i];
+                            None => {
+                                for i in 0..h {
+                                    yr[i] = xr[i] * rstd * w[i];
+                                }
                             }
                         }
                     }
-                }
+                })
             });
         Ok(y)
     }
@@ -126,54 +156,60 @@ impl Norm {
     fn bwd(&self, x: &[f32], w: &[f32], g: &[f32], h: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let mut dx = vec![0f32; x.len()];
         let ch = row_chunk(x.len() / h.max(1), h) * h;
-        let partial: Vec<(Vec<f64>, Vec<f64>)> = dx
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
             .par_chunks_mut(ch)
             .zip(x.par_chunks(ch).zip(g.par_chunks(ch)))
             .map(|(dxc, (xc, gc))| {
-                let mut dw = vec![0f64; h];
-                let mut db = vec![0f64; h];
-                let mut xhat = vec![0f32; h];
-                for ((dxr, xr), gr) in dxc
-                    .chunks_exact_mut(h)
-                    .zip(xc.chunks_exact(h))
-                    .zip(gc.chunks_exact(h))
-                {
-                    let (mean, rstd) = row_stats(xr, self.eps, self.center);
-                    let (mut c1, mut c2) = (0f64, 0f64);
-                    for i in 0..h {
-                        xhat[i] = (xr[i] - mean) * rstd;
-                        let gw = (gr[i] * w[i]) as f64;
-                        c1 += gw;
-                        c2 += gw * xhat[i] as f64;
-                        dw[i] += (gr[i] * xhat[i]) as f64;
-                        db[i] += gr[i] as f64;
+                simd(|| {
+                    let mut dw = vec![0f32; h];
+                    let mut db = vec![0f32; h];
+                    let mut xhat = vec![0f32; h];
+                    let mut gw = vec![0f32; h];
+                    for ((dxr, xr), gr) in dxc
+                        .chunks_exact_mut(h)
+                        .zip(xc.chunks_exact(h))
+                        .zip(gc.chunks_exact(h))
+                    {
+                        let (mean, rstd) = row_stats(xr, self.eps, self.center);
+                        for i in 0..h {
+                            xhat[i] = (xr[i] - mean) * rstd;
+                            gw[i] = gr[i] * w[i];
+                            dw[i] += gr[i] * xhat[i];
+                            db[i] += gr[i];
+                        }
+                        let c1 = if self.center {
+                            sum8(&gw) / h as f32
+                        } else {
+                            0.0
+                        };
+                        let mut acc = [0f32; 8];
+                        let mut i = 0;
+                        while i + 8 <= h {
+                            for j in 0..8 {
+                                acc[j] += gw[i + j] * xhat[i + j];
+                            }
+                            i += 8;
+                        }
+                        let c2 = (acc.iter().sum::<f32>()
+                            + (i..h).map(|k| gw[k] * xhat[k]).sum::<f32>())
+                            / h as f32;
+                        for i in 0..h {
+                            dxr[i] = rstd * (gw[i] - c1 - xhat[i] * c2);
+                        }
                     }
-                    let c1 = if self.center {
-                        (c1 / h as f64) as f32
-                    } else {
-                        0.0
-                    };
-                    let c2 = (c2 / h as f64) as f32;
-                    for i in 0..h {
-                        dxr[i] = rstd * (gr[i] * w[i] - c1 - xhat[i] * c2);
-                    }
-                }
-                (dw, db)
+                    (dw, db)
+                })
             })
             .collect();
-        let mut dw = vec![0f64; h];
-        let mut db = vec![0f64; h];
+        let mut dw = vec![0f32; h];
+        let mut db = vec![0f32; h];
         for (pw, pb) in &partial {
             for i in 0..h {
                 dw[i] += pw[i];
                 db[i] += pb[i];
             }
         }
-        (
-            dx,
-            dw.into_iter().map(|v| v as f32).collect(),
-            db.into_iter().map(|v| v as f32).collect(),
-        )
+        (dx, dw, db)
     }
 
     fn grads(
@@ -281,42 +317,64 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 // ---------------------------------------------------------------------------------------------
 // GELU (erf) and SiLU·up
 
-/// erf with |error| < 1.2e-7 (Abramowitz & Stegun 7.1.26 is 1.5e-7; this is the W. J. Cody
-/// style rational form used by many libms for |x| < 0.84375, A&S beyond). Branch-light so the
-/// loops vectorise.
-#[inline]
+/// e^x in f32 without a libm call, so elementwise loops vectorise (Cephes' expf: x = n·ln2 + r
+/// with |r| ≤ ln2/2, a degree-6 polynomial for e^r, 2ⁿ from the exponent bits; about 1 ulp).
+/// Inputs below −87 give ≈ 1e-38 instead of 0, which no sum here can tell apart.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest by the 1.5·2²³ trick (SSE2 has no vector round).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = (((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5)
+        * (r * r)
+        + r
+        + 1.0;
+    // SAFETY: n is integral and within [-126, 127] after the clamp.
+    let e = unsafe { n.to_int_unchecked::<i32>() } + 127;
+    p * f32::from_bits((e as u32) << 23)
+}
+
+/// erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), branch-free so loops vectorise.
+#[inline(always)]
 fn erf(x: f32) -> f32 {
     let a = x.abs();
-    if a < 0.84375 {
-        // erf(x) = x + x·R(x²) on [0, 0.84375] (Cody's coefficients, as in fdlibm's s_erf).
-        const PP: [f64; 5] = [
-            1.283_791_670_955_125_6e-1,
-            -3.250_421_072_470_015e-1,
-            -2.848_174_957_559_851e-2,
-            -5.770_270_296_489_442e-3,
-            -2.376_301_665_665_016_3e-5,
-        ];
-        const QQ: [f64; 5] = [
-            3.979_172_239_591_554e-1,
-            6.502_224_998_876_73e-2,
-            5.081_306_281_875_766e-3,
-            1.324_947_380_043_216_4e-4,
-            -3.960_228_278_775_368e-6,
-        ];
-        let x = x as f64;
-        let z = x * x;
-        let r = PP[0] + z * (PP[1] + z * (PP[2] + z * (PP[3] + z * PP[4])));
-        let s = 1.0 + z * (QQ[0] + z * (QQ[1] + z * (QQ[2] + z * (QQ[3] + z * QQ[4]))));
-        return (x + x * (r / s)) as f32;
-    }
-    // A&S 7.1.26 in f64 for the tails (absolute error 1.5e-7, relative to erf ≈ 1 here).
-    let t = 1.0 / (1.0 + 0.327_591_1 * a as f64);
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let p = t
-        * (0.254_829_592
-            + t * (-0.284_496_736
-                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
-    let r = (1.0 - p * (-(a as f64) * a as f64).exp()) as f32;
-    r.copysign(x)
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+    (1.0 - p * exp(-a * a)).copysign(x)
+}
+
+fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static F: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *F.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Runs `f` compiled for AVX2+FMA when the CPU has them (its loops are inlined into a function
+/// with those features, so they vectorise 8-wide), else for the portable baseline.
+#[inline(always)]
+fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn inner<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if avx2_fma() {
+            // SAFETY: the features were detected at run time.
+            return unsafe { inner(f) };
+        }
+    }
+    f()
 }
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -327,9 +385,11 @@ fn map_par(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     y.par_chunks_mut(16384)
         .zip(x.par_chunks(16384))
         .for_each(|(yc, xc)| {
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                *o = f(v);
-            }
+            simd(|| {
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    *o = f(v);
+                }
+            })
         });
     y
 }
@@ -352,11 +412,13 @@ impl CustomOp1 for GeluErf {
         d.par_chunks_mut(16384)
             .zip(xv.par_chunks(16384).zip(gv.par_chunks(16384)))
             .for_each(|(dc, (xc, gc))| {
-                for ((o, &v), &gi) in dc.iter_mut().zip(xc).zip(gc) {
-                    let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
-                    let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
-                    *o = gi * (cdf + v * pdf);
-                }
+                simd(|| {
+                    for ((o, &v), &gi) in dc.iter_mut().zip(xc).zip(gc) {
+                        let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
+                        let pdf = INV_SQRT_2PI * exp(-0.5 * v * v);
+                        *o = gi * (cdf + v * pdf);
+                    }
+                })
             });
         Ok(Some(tensor(d, x.shape())?))
     }
@@ -371,7 +433,7 @@ struct SiluMul;
 
 #[inline]
 fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
+    1.0 / (1.0 + exp(-v))
 }
 
 impl CustomOp2 for SiluMul {
@@ -393,9 +455,11 @@ impl CustomOp2 for SiluMul {
         y.par_chunks_mut(16384)
             .zip(g.par_chunks(16384).zip(u.par_chunks(16384)))
             .for_each(|(yc, (gc, uc))| {
-                for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
-                    *o = a * sigmoid(a) * b;
-                }
+                simd(|| {
+                    for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
+                        *o = a * sigmoid(a) * b;
+                    }
+                })
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -417,12 +481,14 @@ impl CustomOp2 for SiluMul {
                     .zip(d.par_chunks(16384)),
             )
             .for_each(|((dgc, duc), ((gc, uc), dc))| {
-                for i in 0..gc.len() {
-                    let s = sigmoid(gc[i]);
-                    let silu = gc[i] * s;
-                    duc[i] = dc[i] * silu;
-                    dgc[i] = dc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
-                }
+                simd(|| {
+                    for i in 0..gc.len() {
+                        let s = sigmoid(gc[i]);
+                        let silu = gc[i] * s;
+                        duc[i] = dc[i] * silu;
+                        dgc[i] = dc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
+                    }
+                })
             });
         let dg = gate
             .track_op()
@@ -645,16 +711,17 @@ impl Attention {
                     *r += mv;
                 }
             }
-            let mx = row[..lim].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mx = max8(&row[..lim]);
             if mx == f32::NEG_INFINITY {
                 row.fill(0.0);
                 continue;
             }
-            let mut sum = 0f32;
-            for r in row[..lim].iter_mut() {
-                *r = (*r - mx).exp();
-                sum += *r;
-            }
+            let sum = simd(|| {
+                for r in row[..lim].iter_mut() {
+                    *r = exp(*r - mx);
+                }
+                sum8(&row[..lim])
+            });
             let inv = 1.0 / sum;
             for r in row[..lim].iter_mut() {
                 *r *= inv;
@@ -900,9 +967,10 @@ impl CrossEntropy {
 }
 
 fn log_sum_exp(row: &[f32]) -> f32 {
-    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let s: f32 = row.iter().map(|&x| (x - mx).exp()).sum();
-    mx + s.ln()
+    simd(|| {
+        let mx = max8(row);
+        mx + sum8_map(row, |x| exp(x - mx)).ln()
+    })
 }
 
 impl CustomOp1 for CrossEntropy {
@@ -931,9 +999,11 @@ impl CustomOp1 for CrossEntropy {
                 .zip(xv.par_chunks(v.max(1)).zip(self.targets.par_iter()))
                 .for_each(|(dr, (row, &t))| {
                     let lse = log_sum_exp(row);
-                    for (o, &z) in dr.iter_mut().zip(row) {
-                        *o = (z - lse).exp() * scale;
-                    }
+                    simd(|| {
+                        for (o, &z) in dr.iter_mut().zip(row) {
+                            *o = exp(z - lse) * scale;
+                        }
+                    });
                     dr[t as usize] -= scale;
                 });
             Ok(d)
