@@ -386,6 +386,11 @@ EDGE_CAPS = [
     "\"QUOTED\" (PAREN) [BRACKET] {BRACE}", "NASA, ESA, and JAXA.", "A B C d e f G", "OK... FINE!!!",
     "THE END. 'TIS TRUE.", "WANNA GO? GIMME THAT. LEMME SEE.", "X-RAY/CT-SCAN 3D", "I I I I I",
 ]
+EDGE_JSON = [
+    '{"a": NaN}', '{"a": Infinity, "b": -Infinity}', '{"s": "NaN Infinity"}', "[1, 2,]", "{'a': 1}",
+    '```json\n{"a": [1, {"b": null}]}\n```', '"just a string"', "42", '{"a": 1} {"b": 2}', "",
+    '{"a": "\\u00e9\\n"}', '{"big": 123456789012345678901234567890}', '{"a": 1e400}', "nan",
+]
 EDGE_LANG = [
     ("en", "Hi"), ("en", "OK"), ("en", "12345"), ("en", "!!!"), ("en", "The cat sat on the mat."),
     ("de", "Guten Morgen"), ("fr", "Bonjour tout le monde, comment allez-vous aujourd'hui?"),
@@ -443,6 +448,8 @@ def main():
     for t in EDGE_CAPS:
         cases.append((rng.choice(by_id["change_case:capital_word_frequency"]), t, "edge_capital_words"))
         cases.append((rng.choice(by_id["change_case:english_capital"]), t, "edge_capital_words"))
+    for t in EDGE_JSON:
+        cases.append((rng.choice(by_id["detectable_format:json_format"]), t, "edge_json"))
     for lang, t in EDGE_LANG:
         langrows = [r for r in by_id["language:response_language"]]
         row = rng.choice(langrows)
@@ -485,10 +492,8 @@ def main():
             }
             if unstable:
                 rec["unstable"] = unstable
-            if origin == "edge_sentences":
-                rec["num_sentences"] = iu.count_sentences(resp)
-            if origin == "edge_capital_words":
-                rec["capital_words"] = sum(w.isupper() for w in iu.nltk.word_tokenize(resp))
+            rec["num_sentences"] = iu.count_sentences(resp)
+            rec["capital_words"] = sum(w.isupper() for w in iu.nltk.word_tokenize(resp))
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     print(f"wrote {len(cases)} cases ({len(chosen)} prompts) to {args.out}")
 

@@ -624,6 +624,7 @@ pub fn check(id: &str, kw: &Value, response: &str) -> Result<bool, String> {
             }
             t = t.strip_suffix("```").unwrap_or(t).trim();
             serde_json::from_str::<Value>(t).is_ok()
+                || serde_json::from_str::<Value>(&python_json_to_strict(t)).is_ok()
         }
         "detectable_format:title" => rx(r"<<[^\n]+>>").find_iter(v).any(|m| {
             !m.as_str()
@@ -682,6 +683,45 @@ pub fn check(id: &str, kw: &Value, response: &str) -> Result<bool, String> {
         }
         other => return Err(format!("unknown instruction '{other}'")),
     })
+}
+
+/// Python's `json.loads` also accepts `NaN`, `Infinity`, `-Infinity` and numbers beyond f64
+/// (`1e400` is inf); serde_json rejects them. Outside strings, replace those literals (and
+/// every valid JSON number) by `0`, so that serde_json accepts exactly what Python accepts.
+fn python_json_to_strict(t: &str) -> String {
+    static NUM: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
+    let num = NUM.get_or_init(|| {
+        Regex::new(r"^(-?Infinity|NaN|-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?)")
+            .expect("regex")
+    });
+    let mut out = String::with_capacity(t.len());
+    let mut rest = t;
+    while let Some(c) = rest.chars().next() {
+        if c == '"' {
+            // Copy the string literal through its closing quote, honouring escapes.
+            let mut end = rest.len();
+            let mut escaped = false;
+            for (i, ch) in rest.char_indices().skip(1) {
+                if escaped {
+                    escaped = false;
+                } else if ch == '\\' {
+                    escaped = true;
+                } else if ch == '"' {
+                    end = i + 1;
+                    break;
+                }
+            }
+            out.push_str(&rest[..end]);
+            rest = &rest[end..];
+        } else if let Some(m) = num.find(rest) {
+            out.push('0');
+            rest = &rest[m.end()..];
+        } else {
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    out
 }
 
 /// The loose variants of a response: as is, without the first line, without the last, without

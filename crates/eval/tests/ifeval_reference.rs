@@ -151,7 +151,7 @@ fn checkers_agree_with_reference_verdicts() {
     );
 }
 
-/// Exact sentence counts and all-capital word counts of the reference on hand-written texts.
+/// Exact sentence counts and all-capital word counts of the reference on every response.
 #[test]
 fn punkt_counts_match_nltk() {
     let mut checked = 0;
@@ -173,5 +173,5 @@ fn punkt_counts_match_nltk() {
             checked += 1;
         }
     }
-    assert!(checked > 50, "only {checked} count cases");
+    assert!(checked > 1000, "only {checked} count cases");
 }
