@@ -6,8 +6,9 @@
 //! NLTK's sentence splitter and word tokenizer (sentence counts, all-capital word counts) are
 //! ported in [`crate::punkt`] with NLTK's english Punkt parameters. Language detection
 //! (langdetect, a naive Bayes model over character n-gram profiles of 55 languages, randomised
-//! unless seeded) is approximated by a script + stop-word heuristic ([`detect_language`]).
-//! Agreement with lm-evaluation-harness's implementation is tested on a fixture of responses
+//! unless seeded) is reproduced exactly (up to its sampling noise) for text without lowercase
+//! letters ([`detect_language_caps`]) and approximated by a script + stop-word heuristic
+//! otherwise ([`detect_language`]). Agreement with lm-evaluation-harness's implementation is tested on a fixture of responses
 //! (`tests/ifeval_reference.rs`).
 
 use regex::Regex;
