@@ -17,6 +17,7 @@ pub mod error;
 pub mod ifeval;
 pub mod lm;
 pub mod metrics;
+pub mod punkt;
 pub mod tasks;
 
 pub use error::{Error, Result};
