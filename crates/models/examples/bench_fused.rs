@@ -24,11 +24,14 @@ fn var(shape: &[usize]) -> R<Var> {
     Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?)
 }
 
-/// Forward + backward (upstream gradient = ones) time of `f`.
+/// Forward + backward time of `f`, with a dense random upstream gradient (as in training; a
+/// broadcast ones gradient would time candle's strided copy instead).
 fn fwd_bwd(reps: usize, f: impl Fn() -> R<Tensor>) -> R<f64> {
+    let y = f()?;
+    let r = Tensor::randn(0f32, 1.0, y.shape(), &Device::Cpu)?;
     best(reps, || {
         let y = f()?;
-        let _ = y.sum_all()?.backward()?;
+        let _ = (y * &r)?.sum_all()?.backward()?;
         Ok(())
     })
 }

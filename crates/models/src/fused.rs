@@ -20,6 +20,44 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static F: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *F.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Evaluates a block compiled for AVX2+FMA when the CPU has them (the block becomes a closure
+/// whose only call site is a function with those features, so it is inlined there and its loops
+/// vectorise 8-wide), else for the portable baseline. A macro, not a function taking a closure:
+/// one closure called from both branches would have two call sites and stay un-inlined.
+macro_rules! simd {
+    ($body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx2_fma() {
+                // SAFETY: the features were detected at run time.
+                unsafe { with_avx2(|| $body) }
+            } else {
+                $body
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $body
+        }
+    }};
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 /// Whether every tensor is an f32 CPU tensor (what these kernels handle).
 pub fn usable(ts: &[&Tensor]) -> bool {
     ts.iter()
@@ -131,7 +169,7 @@ impl Norm {
         y.par_chunks_mut(ch)
             .zip(x.par_chunks(ch))
             .for_each(|(yc, xc)| {
-                simd(|| {
+                simd!({
                     for (yr, xr) in yc.chunks_exact_mut(h).zip(xc.chunks_exact(h)) {
                         let (mean, rstd) = row_stats(xr, self.eps, self.center);
                         match b {
@@ -160,7 +198,7 @@ impl Norm {
             .par_chunks_mut(ch)
             .zip(x.par_chunks(ch).zip(g.par_chunks(ch)))
             .map(|(dxc, (xc, gc))| {
-                simd(|| {
+                simd!({
                     let mut dw = vec![0f32; h];
                     let mut db = vec![0f32; h];
                     let mut xhat = vec![0f32; h];
@@ -349,34 +387,6 @@ fn erf(x: f32) -> f32 {
     (1.0 - p * exp(-a * a)).copysign(x)
 }
 
-fn avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static F: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *F.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// Runs `f` compiled for AVX2+FMA when the CPU has them (its loops are inlined into a function
-/// with those features, so they vectorise 8-wide), else for the portable baseline.
-#[inline(always)]
-fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn inner<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if avx2_fma() {
-            // SAFETY: the features were detected at run time.
-            return unsafe { inner(f) };
-        }
-    }
-    f()
-}
-
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f32 = 0.398_942_28;
 
@@ -385,7 +395,7 @@ fn map_par(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     y.par_chunks_mut(16384)
         .zip(x.par_chunks(16384))
         .for_each(|(yc, xc)| {
-            simd(|| {
+            simd!({
                 for (o, &v) in yc.iter_mut().zip(xc) {
                     *o = f(v);
                 }
@@ -412,7 +422,7 @@ impl CustomOp1 for GeluErf {
         d.par_chunks_mut(16384)
             .zip(xv.par_chunks(16384).zip(gv.par_chunks(16384)))
             .for_each(|(dc, (xc, gc))| {
-                simd(|| {
+                simd!({
                     for ((o, &v), &gi) in dc.iter_mut().zip(xc).zip(gc) {
                         let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
                         let pdf = INV_SQRT_2PI * exp(-0.5 * v * v);
@@ -455,7 +465,7 @@ impl CustomOp2 for SiluMul {
         y.par_chunks_mut(16384)
             .zip(g.par_chunks(16384).zip(u.par_chunks(16384)))
             .for_each(|(yc, (gc, uc))| {
-                simd(|| {
+                simd!({
                     for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
                         *o = a * sigmoid(a) * b;
                     }
@@ -481,7 +491,7 @@ impl CustomOp2 for SiluMul {
                     .zip(d.par_chunks(16384)),
             )
             .for_each(|((dgc, duc), ((gc, uc), dc))| {
-                simd(|| {
+                simd!({
                     for i in 0..gc.len() {
                         let s = sigmoid(gc[i]);
                         let silu = gc[i] * s;
@@ -716,7 +726,7 @@ impl Attention {
                 row.fill(0.0);
                 continue;
             }
-            let sum = simd(|| {
+            let sum = simd!({
                 for r in row[..lim].iter_mut() {
                     *r = exp(*r - mx);
                 }
@@ -967,7 +977,7 @@ impl CrossEntropy {
 }
 
 fn log_sum_exp(row: &[f32]) -> f32 {
-    simd(|| {
+    simd!({
         let mx = max8(row);
         mx + sum8_map(row, |x| exp(x - mx)).ln()
     })
@@ -999,7 +1009,7 @@ impl CustomOp1 for CrossEntropy {
                 .zip(xv.par_chunks(v.max(1)).zip(self.targets.par_iter()))
                 .for_each(|(dr, (row, &t))| {
                     let lse = log_sum_exp(row);
-                    simd(|| {
+                    simd!({
                         for (o, &z) in dr.iter_mut().zip(row) {
                             *o = exp(z - lse) * scale;
                         }
