@@ -267,12 +267,8 @@ fn dense_params(tr: &Trainer) -> usize {
 
 /// Run the squeezing loop on a trainer whose model already has MPO layers (mpo-* methods).
 /// `first_step` is the global step counter to continue from (batches keep their order).
-pub fn squeeze(
-    tr: &mut Trainer,
-    o: &SqueezeOptions,
-    first_step: usize,
-    progress: bool,
-) -> Result<SqueezeReport> {
+/// What squeezing needs, checked before fine-tuning starts so a bad flag does not cost a run.
+pub fn check(tr: &Trainer, o: &SqueezeOptions) -> Result<()> {
     if !matches!(
         tr.opts.method,
         Method::MpoAux | Method::MpoCentral | Method::MpoAll
@@ -292,6 +288,16 @@ pub fn squeeze(
             "squeezing compares evaluation losses; give --eval-data (or a GLUE folder with dev.tsv)".into(),
         ));
     }
+    Ok(())
+}
+
+pub fn squeeze(
+    tr: &mut Trainer,
+    o: &SqueezeOptions,
+    first_step: usize,
+    progress: bool,
+) -> Result<SqueezeReport> {
+    check(tr, o)?;
     // Recovery trains auxiliary tensors only, whatever the method trained before.
     tr.opts.method = Method::MpoAux;
     tr.lr_factor_override = Some(o.lr_factor);

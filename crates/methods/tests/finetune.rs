@@ -357,6 +357,57 @@ fn squeezing_cuts_bonds_and_keeps_the_loss_within_delta() {
     assert_eq!(back.total_params(), r.total_params);
 }
 
+/// Each squeeze precondition fails before training, with its flag named and nothing written.
+#[test]
+fn squeeze_flags_are_checked_before_training() {
+    let t = tempfile::tempdir().unwrap();
+    let data = write_sst(&t.path().join("sst"), 16);
+    let sq = methods::squeeze::SqueezeOptions {
+        target_params: 0.5,
+        ..Default::default()
+    };
+    let run = |o: FinetuneOptions, name: &str| {
+        // A fresh model each time: preparing a method changes the model's layers.
+        let mut m = tiny_bert(&t.path().join(format!("m-{name}")));
+        let out = t.path().join(name);
+        let e = finetune::finetune(&mut m, &o, &out, &quiet())
+            .unwrap_err()
+            .to_string();
+        assert!(!out.exists(), "{name}: output written before the check");
+        e
+    };
+    let e = run(
+        FinetuneOptions {
+            squeeze: Some(sq.clone()),
+            ..opts(Task::Sst2, Method::Lora, &data)
+        },
+        "lora",
+    );
+    assert!(e.contains("needs an MPO method"), "{e}");
+    for bad in [0.0, 1.5, f64::NAN] {
+        let e = run(
+            FinetuneOptions {
+                squeeze: Some(methods::squeeze::SqueezeOptions {
+                    target_params: bad,
+                    ..sq.clone()
+                }),
+                ..opts(Task::Sst2, Method::MpoAux, &data)
+            },
+            "ratio",
+        );
+        assert!(e.contains("--target-params must be in (0, 1]"), "{e}");
+    }
+    // Training rows only (a TSV file, not a GLUE folder with dev.tsv): no evaluation set.
+    let e = run(
+        FinetuneOptions {
+            squeeze: Some(sq.clone()),
+            ..opts(Task::Sst2, Method::MpoAux, &data.join("train.tsv"))
+        },
+        "noeval",
+    );
+    assert!(e.contains("--eval-data"), "{e}");
+}
+
 /// Issue #6's compensation: LoRA trained over frozen packed 4-bit weights, saved as an adapter
 /// whose base is the quantized checkpoint, reloaded on top of it.
 #[test]

@@ -900,6 +900,9 @@ pub fn finetune(
         )));
     }
     let mut tr = Trainer::new(m, o, ctl.progress)?;
+    if let Some(so) = &o.squeeze {
+        crate::squeeze::check(&tr, so)?;
+    }
     prepare_out(out, ctl.resume)?;
     let mut start = 0usize;
     if ctl.resume {
