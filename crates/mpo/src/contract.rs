@@ -12,7 +12,7 @@
 //! (j_{k+1}…j_n, N, i_1…i_k, d_k): every step is one large GEMM and no other reshuffle.
 
 use crate::error::Result;
-use crate::linalg::{gemm, gemm_into};
+use crate::linalg::{gemm, gemm_into, gemm_strided_rhs, PANEL};
 use crate::mpo::Mpo;
 use crate::permute::{interleave_map, permute_into, zeroed};
 use crate::scalar::Scalar;
@@ -114,9 +114,50 @@ pub fn apply_flops(shape: &MpoShape, bonds: &[usize], batch: usize) -> f64 {
     cost
 }
 
+/// Where the entries of X = [(ar, ac), (i_s, j_s), (br, bc)] go in the row-major matrix
+/// W[(ar, i_s, br), (ac, j_s, bc)].
+struct Scatter {
+    ac: usize,
+    rs: usize,
+    cs: usize,
+    br: usize,
+    bc: usize,
+    ms: usize,
+    b: usize,
+    cols: usize,
+}
+
+impl Scatter {
+    /// Writes the panel X[a0..a0+na, m0..m0+nm, :] (row-major in `panel`) into `out`, one
+    /// contiguous run of `bc` entries at a time.
+    fn put<T: Copy>(&self, panel: &[T], a0: usize, na: usize, m0: usize, nm: usize, out: &mut [T]) {
+        debug_assert_eq!(panel.len(), na * nm * self.b);
+        debug_assert!(a0 + na <= out.len() / (self.ms * self.b) && m0 + nm <= self.ms);
+        for al in 0..na {
+            let (ar, ac) = ((a0 + al) / self.ac, (a0 + al) % self.ac);
+            for ml in 0..nm {
+                let (i, j) = ((m0 + ml) / self.cs, (m0 + ml) % self.cs);
+                let src = &panel[(al * nm + ml) * self.b..(al * nm + ml + 1) * self.b];
+                let col = (ac * self.cs + j) * self.bc;
+                for (r, run) in src.chunks_exact(self.bc).enumerate() {
+                    let row = (ar * self.rs + i) * self.br + r;
+                    out[row * self.cols + col..row * self.cols + col + self.bc]
+                        .copy_from_slice(run);
+                }
+            }
+        }
+    }
+}
+
 impl<T: Scalar> Mpo<T> {
     /// The padded matrix (rows × cols of the factor products), row-major.
     pub fn to_padded_matrix(&self) -> Vec<T> {
+        self.padded_matrix_in_panels(PANEL)
+    }
+
+    /// [`Self::to_padded_matrix`] with the last product formed in panels of about `panel`
+    /// entries (a parameter so that tests can force many ragged panels on small shapes).
+    fn padded_matrix_in_panels(&self, panel: usize) -> Vec<T> {
         let shape = self.shape();
         let (rf, cf) = (&self.row_factors, &self.col_factors);
         let m = shape.local_dims();
@@ -153,26 +194,90 @@ impl<T: Scalar> Mpo<T> {
             }
         }
         let (a, b, ms) = (l, r, m[s]);
-        // The intermediate (never larger than W) lives in the buffer that receives the final
-        // permutation, so only two W-sized buffers are faulted in instead of three.
-        let mut out = zeroed(a * ms * b);
-        let x = if p.left_first {
-            let t = &mut out[..a * ms * ds1];
-            gemm_into(&lb_blk, false, &self.cores[s], false, a, d[s], ms * ds1, t); // [a, ms·ds1]
-            gemm(t, false, &rb_blk, false, a * ms, ds1, b)
-        } else {
-            let t = &mut out[..d[s] * ms * b];
-            gemm_into(&self.cores[s], false, &rb_blk, false, d[s] * ms, ds1, b, t); // [d_s, ms·b]
-            gemm(&lb_blk, false, t, false, a, d[s], ms * b)
-        };
-        let (ar, ac): (usize, usize) = (rf[..s].iter().product(), cf[..s].iter().product());
-        let (br, bc): (usize, usize) = (rf[s + 1..].iter().product(), cf[s + 1..].iter().product());
-        permute_into(
-            &x,
-            &[ar, ac, rf[s], cf[s], br, bc],
-            &[0, 2, 4, 1, 3, 5],
-            &mut out,
+        let (ac, bc) = (
+            cf[..s].iter().product::<usize>(),
+            cf[s + 1..].iter().product::<usize>(),
         );
+        let sc = Scatter {
+            ac,
+            rs: rf[s],
+            cs: cf[s],
+            br: b / bc,
+            bc,
+            ms,
+            b,
+            cols: ac * cf[s] * bc,
+        };
+        // From two panels on, the last product X = [a, ms, b] = [(ar, ac), (i_s, j_s), (br, bc)]
+        // is formed in panels of whole a-rows or (i_s, j_s)-groups that are scattered straight into W's
+        // (ar, i_s, br) × (ac, j_s, bc) layout while still in cache: no X buffer and no separate
+        // permutation pass over W.
+        let mut out = zeroed(a * ms * b);
+        if a * ms * b < 2 * panel {
+            // Small: the intermediate lives in `out`, X gets a fresh (allocator-recycled)
+            // buffer, then one permutation pass.
+            let x = if p.left_first {
+                let t = &mut out[..a * ms * ds1];
+                gemm_into(&lb_blk, false, &self.cores[s], false, a, d[s], ms * ds1, t);
+                gemm(t, false, &rb_blk, false, a * ms, ds1, b)
+            } else {
+                let t = &mut out[..d[s] * ms * b];
+                gemm_into(&self.cores[s], false, &rb_blk, false, d[s] * ms, ds1, b, t);
+                gemm(&lb_blk, false, t, false, a, d[s], ms * b)
+            };
+            let br = b / bc;
+            permute_into(
+                &x,
+                &[a / ac, ac, rf[s], cf[s], br, bc],
+                &[0, 2, 4, 1, 3, 5],
+                &mut out,
+            );
+            return out;
+        }
+        if p.left_first {
+            // T = lb · core = [a·ms, ds1], then X rows (a-row by a-row) = T · rb.
+            let t = gemm(&lb_blk, false, &self.cores[s], false, a, d[s], ms * ds1);
+            let h = (panel / (ms * b).max(1)).clamp(1, a.max(1));
+            let mut tmp = vec![T::of(0.0); h * ms * b];
+            let mut a0 = 0;
+            while a0 < a {
+                let ha = h.min(a - a0);
+                let rows = &t[a0 * ms * ds1..(a0 + ha) * ms * ds1];
+                gemm_into(
+                    rows,
+                    false,
+                    &rb_blk,
+                    false,
+                    ha * ms,
+                    ds1,
+                    b,
+                    &mut tmp[..ha * ms * b],
+                );
+                sc.put(&tmp[..ha * ms * b], a0, ha, 0, ms, &mut out);
+                a0 += ha;
+            }
+        } else {
+            // T = core · rb = [d_s, ms·b], then X columns ((i_s, j_s)-group by group) = lb · T.
+            let t = gemm(&self.cores[s], false, &rb_blk, false, d[s] * ms, ds1, b);
+            let g = (panel / (a * b).max(1)).clamp(1, ms.max(1));
+            let mut tmp = vec![T::of(0.0); a * g * b];
+            let mut m0 = 0;
+            while m0 < ms {
+                let gm = g.min(ms - m0);
+                gemm_strided_rhs(
+                    &lb_blk,
+                    &t,
+                    m0 * b,
+                    a,
+                    d[s],
+                    gm * b,
+                    ms * b,
+                    &mut tmp[..a * gm * b],
+                );
+                sc.put(&tmp[..a * gm * b], 0, a, m0, gm, &mut out);
+                m0 += gm;
+            }
+        }
         out
     }
 
@@ -396,4 +501,91 @@ pub fn embed_cores(
     let mut out_dims = id_dims;
     out_dims.push(shape.orig_cols);
     e.reshape(out_dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decompose::DecomposeOptions;
+    use crate::truncate::Truncation;
+
+    /// The panelled rebuild with its permutation fused in must equal candle's independent
+    /// reshape/permute rebuild for both product orders and any panel size (1 entry: one a-row
+    /// or one (i_s, j_s) group per panel; 300: several per panel where they fit, the last panel
+    /// ragged).
+    #[test]
+    fn panelled_rebuild_matches_candle_on_both_orders() {
+        let mut seen = [false; 2];
+        for (rows, cols, n) in [
+            (72usize, 60usize, 3usize),
+            (96, 40, 4),
+            (40, 96, 4),
+            (30, 30, 2),
+        ] {
+            let shape = MpoShape::auto(rows, cols, n).unwrap();
+            let w = crate::bench::gaussian_matrix(rows, cols, 9);
+            let full = Mpo::decompose(&w, &shape).unwrap();
+            let dmax = *full.bonds().iter().max().unwrap();
+            for per_bond in [None, Some(vec![dmax; n - 1]), Some(vec![2; n - 1])]
+                .into_iter()
+                .chain((0..n - 1).map(|k| {
+                    // one bond cut hard, the others full: moves the split / order around
+                    let mut v = full.bonds()[1..n].to_vec();
+                    v[k] = 1;
+                    Some(v)
+                }))
+            {
+                let m = match per_bond {
+                    None => full.clone(),
+                    Some(v) => Mpo::decompose_with(
+                        &w,
+                        &shape,
+                        &DecomposeOptions::truncated(Truncation::PerBond(v)),
+                    )
+                    .unwrap(),
+                };
+                seen[plan(&shape, m.bonds()).left_first as usize] = true;
+                let dev = Device::Cpu;
+                let cores: Vec<Tensor> = (0..n)
+                    .map(|k| {
+                        let (l, r) = (m.bonds()[k], m.bonds()[k + 1]);
+                        tensor_from(
+                            &m.cores[k],
+                            &[l, shape.row_factors[k], shape.col_factors[k], r],
+                            &dev,
+                        )
+                        .unwrap()
+                    })
+                    .collect();
+                let want: Vec<f64> = dense_from_cores(&cores, &shape)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                // 1 and 300: the fused path; PANEL: these small shapes take the permute path
+                for panel in [1, 300, PANEL] {
+                    let got = m.padded_matrix_in_panels(panel);
+                    let got: Vec<f64> = if shape.is_padded() {
+                        (0..rows)
+                            .flat_map(|i| got[i * shape.cols()..i * shape.cols() + cols].to_vec())
+                            .collect()
+                    } else {
+                        got
+                    };
+                    assert_eq!(got.len(), want.len());
+                    for (g, x) in got.iter().zip(&want) {
+                        assert!(
+                            (g - x).abs() < 1e-12 * (1.0 + x.abs()),
+                            "{rows}x{cols} panel {panel}: {g} vs {x}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(
+            seen[0] && seen[1],
+            "both product orders must be exercised: {seen:?}"
+        );
+    }
 }

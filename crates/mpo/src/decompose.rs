@@ -24,7 +24,10 @@
 //! floored there so that (numerically) null bond directions cannot blow up core entries.
 
 use crate::error::{Error, Result};
-use crate::linalg::{eigh_desc, gemm, gemm_into, gram, thin_qr, thin_svd};
+use crate::linalg::{
+    eigh_desc, gemm, gemm_into, gemm_left_in_place, gemm_right_in_place, gram, thin_qr, thin_svd,
+    PANEL,
+};
 use crate::mpo::Mpo;
 use crate::permute::{interleave_map, permute};
 use crate::scalar::{convert, Scalar};
@@ -188,7 +191,7 @@ fn run<R: Scalar>(w: &[R], shape: &MpoShape, opts: &DecomposeOptions) -> Result<
         return Ok((vec![1, 1], vec![w.to_vec()], Vec::new()));
     }
     match opts.algorithm {
-        Algorithm::Gram => gram_decompose(w, shape, &opts.truncation),
+        Algorithm::Gram => gram_decompose(w, shape, &opts.truncation, IN_PLACE_MIN),
         Algorithm::SvdSweep => svd_sweep(w, shape, &opts.truncation),
     }
 }
@@ -396,7 +399,17 @@ fn trace_leading<R: Scalar>(g: &[R], dim: usize, t: usize) -> Vec<R> {
     out
 }
 
-fn gram_decompose<R: Scalar>(w: &[R], shape: &MpoShape, trunc: &Truncation) -> Result<Parts<R>> {
+/// From this many entries of X on, the centre core is formed in place in X's buffer (panel by
+/// panel): below it a fresh intermediate is cheap (allocator-recycled, cache-resident) and
+/// one big product beats panels plus copies.
+const IN_PLACE_MIN: usize = 2 * PANEL;
+
+fn gram_decompose<R: Scalar>(
+    w: &[R],
+    shape: &MpoShape,
+    trunc: &Truncation,
+    in_place_min: usize,
+) -> Result<Parts<R>> {
     let n = shape.n();
     let (rf, cf) = (&shape.row_factors, &shape.col_factors);
     let m = shape.local_dims();
@@ -525,15 +538,25 @@ fn gram_decompose<R: Scalar>(w: &[R], shape: &MpoShape, trunc: &Truncation) -> R
         let (dl, dr) = (d[c], d[c + 1]);
         let u_first = (dl * mc * b) as f64 * (a + dr) as f64;
         let v_first = (a * mc * dr) as f64 * (b + dl) as f64;
-        // X is dead once the first product is formed: the core (never larger) reuses its
-        // buffer instead of faulting in a fresh one.
         let mut core = x;
         let len = dl * mc * dr;
-        if u_first <= v_first {
+        if core.len() >= in_place_min {
+            // Both products shrink (or keep) their operand, so they run in place in X's
+            // buffer: the core never needs a second W-sized buffer.
+            let mut tmp = Vec::new();
+            if u_first <= v_first {
+                gemm_left_in_place(&ut, dl, a, &mut core, mc * b, &mut tmp); // [dl, mc·b]
+                gemm_right_in_place(&mut core, dl * mc, b, &v, dr, &mut tmp); // [dl·mc, dr]
+            } else {
+                gemm_right_in_place(&mut core, a * mc, b, &v, dr, &mut tmp); // [a·mc, dr]
+                gemm_left_in_place(&ut, dl, a, &mut core, mc * dr, &mut tmp); // [dl, mc·dr]
+            }
+        } else if u_first <= v_first {
+            // X is dead once the first product is formed: the core reuses its buffer.
             let y = gemm(&ut, false, &core, false, dl, a, mc * b); // [dl, mc·b]
             gemm_into(&y, false, &v, false, dl * mc, b, dr, &mut core[..len]);
         } else {
-            let y = gemm(&core, false, &v, false, a * mc, b, dr); // [a, mc·dr]
+            let y = gemm(&core, false, &v, false, a * mc, b, dr); // [a·mc, dr]
             gemm_into(&ut, false, &y, false, dl, a, mc * dr, &mut core[..len]);
         }
         core.truncate(len);
@@ -623,6 +646,13 @@ mod tests {
             let g = Mpo::decompose_with(&w, &shape, &opts(Algorithm::Gram)).unwrap();
             let s = Mpo::decompose_with(&w, &shape, &opts(Algorithm::SvdSweep)).unwrap();
             assert_eq!(g.bonds(), s.bonds());
+            // the in-place (panelled) centre core equals the one from a fresh intermediate
+            let (b0, c0, _) = gram_decompose(&w, &shape, &trunc, 0).unwrap();
+            let (b1, c1, _) = gram_decompose(&w, &shape, &trunc, usize::MAX).unwrap();
+            assert_eq!(b0, b1);
+            for (x, y) in c0.iter().flatten().zip(c1.iter().flatten()) {
+                assert!((x - y).abs() < 1e-13, "{trunc:?}: {x} vs {y}");
+            }
             for (x, y) in g.spectra.iter().flatten().zip(s.spectra.iter().flatten()) {
                 assert!((x - y).abs() < 1e-10, "{x} vs {y}");
             }

@@ -66,6 +66,127 @@ pub fn gemm_into<R: Scalar>(
     faer::linalg::matmul::matmul(cv, Accum::Replace, av, bv, R::of(1.0), par_for(m * n * k));
 }
 
+/// Elements of one product panel (4 MiB of f64): small enough to stay in the L3 cache between
+/// the GEMM that writes it and the copy that moves it, large enough that re-packing the
+/// shared operand once per panel costs < 1% of the multiply-adds.
+pub(crate) const PANEL: usize = 1 << 19;
+
+/// C (m×n) = A (m×k) · B[:, c0..c0+n] where B is row-major with row stride `ldb`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_strided_rhs<R: Scalar>(
+    a: &[R],
+    b: &[R],
+    c0: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    ldb: usize,
+    c: &mut [R],
+) {
+    assert!(a.len() == m * k && c.len() == m * n && c0 + n <= ldb && b.len() >= k * ldb);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let bv = MatRef::from_row_major_slice_with_stride(&b[c0..], k, n, ldb);
+    let cv = MatMut::from_row_major_slice_mut(c, m, n);
+    faer::linalg::matmul::matmul(
+        cv,
+        Accum::Replace,
+        view(a, m, k),
+        bv,
+        R::of(1.0),
+        par_for(m * n * k),
+    );
+}
+
+/// Makes `v` at least `len` long. Callers overwrite what they use, so old contents may stay.
+pub(crate) fn grow<R: Scalar>(v: &mut Vec<R>, len: usize) {
+    if v.len() < len {
+        v.resize(len, R::of(0.0));
+    }
+}
+
+/// In place: `buf[..m·n] = A·X` where X is `buf[..k·n]` (row-major k×n) and A is row-major m×k,
+/// m ≤ k. Column j of the product depends only on column j of X and lands in one of X's first
+/// m rows, so column panels can overwrite their own input: no second W-sized buffer (on a
+/// 226 MB embedding, faulting one in costs ≈ 0.15 s).
+/// `tmp` is scratch space, grown (never shrunk or cleared) as needed.
+pub fn gemm_left_in_place<R: Scalar>(
+    a: &[R],
+    m: usize,
+    k: usize,
+    buf: &mut [R],
+    n: usize,
+    tmp: &mut Vec<R>,
+) {
+    assert!(m <= k && a.len() == m * k && buf.len() >= k * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let w = (PANEL / m).max(256).min(n);
+    grow(tmp, m * w);
+    let av = view(a, m, k);
+    let mut j0 = 0;
+    while j0 < n {
+        let wj = w.min(n - j0);
+        {
+            let xv = MatRef::from_row_major_slice_with_stride(&buf[j0..], k, wj, n);
+            let tv = MatMut::from_row_major_slice_mut(&mut tmp[..m * wj], m, wj);
+            faer::linalg::matmul::matmul(
+                tv,
+                Accum::Replace,
+                av,
+                xv,
+                R::of(1.0),
+                par_for(m * wj * k),
+            );
+        }
+        for i in 0..m {
+            buf[i * n + j0..i * n + j0 + wj].copy_from_slice(&tmp[i * wj..(i + 1) * wj]);
+        }
+        j0 += wj;
+    }
+}
+
+/// In place: `buf[..m·n] = X·B` where X is `buf[..m·k]` (row-major m×k) and B is row-major k×n,
+/// n ≤ k. Row panels go front to back: panel rows [r0, r1) land in `buf[r0·n..r1·n]`, which
+/// only covers input rows < r1, all already consumed.
+/// `tmp` as in [`gemm_left_in_place`].
+pub fn gemm_right_in_place<R: Scalar>(
+    buf: &mut [R],
+    m: usize,
+    k: usize,
+    b: &[R],
+    n: usize,
+    tmp: &mut Vec<R>,
+) {
+    assert!(n <= k && b.len() == k * n && buf.len() >= m * k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let h = (PANEL / n).max(16).min(m);
+    grow(tmp, h * n);
+    let bv = view(b, k, n);
+    let mut r0 = 0;
+    while r0 < m {
+        let hr = h.min(m - r0);
+        {
+            let xv = view(&buf[r0 * k..(r0 + hr) * k], hr, k);
+            let tv = MatMut::from_row_major_slice_mut(&mut tmp[..hr * n], hr, n);
+            faer::linalg::matmul::matmul(
+                tv,
+                Accum::Replace,
+                xv,
+                bv,
+                R::of(1.0),
+                par_for(hr * n * k),
+            );
+        }
+        buf[r0 * n..(r0 + hr) * n].copy_from_slice(&tmp[..hr * n]);
+        r0 += hr;
+    }
+}
+
 /// Symmetric Gram matrix of a row-major `rows×cols` matrix A: A·Aᵀ (`rows_side`) or AᵀA.
 /// Only one triangle is computed (half the flops), then mirrored.
 pub fn gram<R: Scalar>(a: &[R], rows: usize, cols: usize, rows_side: bool) -> Vec<R> {
@@ -186,6 +307,51 @@ mod tests {
         let g = gemm(&a, true, &a, false, 3, 2, 3);
         assert_eq!(g, gram(&a, 2, 3, false));
         assert_eq!(gemm(&a, false, &a, true, 2, 3, 2), gram(&a, 2, 3, true));
+    }
+
+    #[test]
+    fn in_place_products_match_gemm() {
+        // sizes around the panel width/height so that several panels (and a ragged last one)
+        // are exercised, plus the single-panel case
+        let lcg = |n: usize, seed: u64| -> Vec<f64> {
+            let mut x = seed;
+            (0..n)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (x >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+                })
+                .collect()
+        };
+        // panels may block the sum differently from one big product: round-off only
+        let close = |got: &[f64], want: &[f64], what: &str| {
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-12 * (1.0 + w.abs()),
+                    "{what} [{i}]: {g} vs {w}"
+                );
+            }
+        };
+        // left: A m×k times X k×n, m ≤ k (second case: 3 column panels, the last ragged)
+        for (m, k, n) in [(3, 5, 7), (40, 50, PANEL / 40 * 2 + 300), (50, 50, 20)] {
+            let a = lcg(m * k, 1);
+            let x = lcg(k * n, 2);
+            let want = gemm(&a, false, &x, false, m, k, n);
+            let mut buf = x.clone();
+            gemm_left_in_place(&a, m, k, &mut buf, n, &mut Vec::new());
+            close(&buf[..m * n], &want, "left");
+        }
+        // right: X m×k times B k×n, n ≤ k (second case: 3 row panels, the last ragged)
+        for (m, k, n) in [(7, 5, 3), (PANEL / 30 * 2 + 17, 37, 30), (20, 50, 50)] {
+            let x = lcg(m * k, 3);
+            let b = lcg(k * n, 4);
+            let want = gemm(&x, false, &b, false, m, k, n);
+            let mut buf = x.clone();
+            gemm_right_in_place(&mut buf, m, k, &b, n, &mut Vec::new());
+            close(&buf[..m * n], &want, "right");
+        }
     }
 
     #[test]
