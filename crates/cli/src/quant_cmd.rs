@@ -47,9 +47,12 @@ pub struct QuantizeArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// After quantizing (and reloading the checkpoint), perplexity over the first K
-    /// non-overlapping 512-token windows of the evaluation text.
+    /// non-overlapping --ppl-window-token windows of the evaluation text.
     #[arg(long, default_value_t = 0)]
     pub ppl_windows: usize,
+    /// Tokens per perplexity window (the RESULTS.md protocol uses 512).
+    #[arg(long, default_value_t = 512)]
+    pub ppl_window: usize,
     /// Evaluation text for --ppl-windows (default: WikiText-2 test split).
     #[arg(long)]
     pub ppl_data: Option<PathBuf>,
@@ -81,6 +84,15 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
             a.out.is_some(),
             "--out DIR is required to write the quantized checkpoint"
         );
+        if let Some(o) = &a.out {
+            // Checked before the (slow) work so a finished run never meets a used directory.
+            let used = o.exists() && std::fs::read_dir(o).map_or(true, |mut d| d.next().is_some());
+            anyhow::ensure!(
+                !used,
+                "--out {} already exists and is not empty; choose a new directory",
+                o.display()
+            );
+        }
     }
     let keep = KeepFp16::parse(a.keep_fp16.as_deref().unwrap_or(""))?;
     // Check data files before the (slow) work.
@@ -169,7 +181,9 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
         quant::save_quantized(&m, &dir, &cfg)?;
         rep.set("quantize", json!({"method": a.method, "bits": a.bits, "group_size": a.group_size, "act_order": a.act_order,
             "sym": a.sym, "damp": a.damp, "keep_fp16": a.keep_fp16, "nsamples": a.nsamples, "seqlen": a.seqlen,
-            "calib": calib_text.as_ref().map(|_| calib_path.display().to_string()), "secs": qsecs, "layers": reps, "out": dir.display().to_string()}));
+            "calib": calib_text.as_ref().map(|_| calib_path.display().to_string()), "secs": qsecs, "layers": reps,
+            // Lets scripts/gptq_torch.py check that it drew the same calibration windows.
+            "calib_first_ids": calib.as_ref().map(|c| c.iter().take(4).map(|w| w[..w.len().min(8)].to_vec()).collect::<Vec<_>>()), "out": dir.display().to_string()}));
         // Continue with the checkpoint as saved (what users will load).
         drop(m);
         m = quant::load_quantized(&dir).with_context(|| format!("reloading {}", dir.display()))?;
@@ -206,14 +220,16 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
     let mut summary = json!({"params": base_params, "total_bits": bits, "bits_per_param": bits as f64 / base_params.max(1) as f64, "file_bytes": file_bytes});
     if let Some(text) = &ppl_text {
         let tp = std::time::Instant::now();
-        let (ppl, k) = quant::perplexity(&m, text, a.ppl_windows, 512)?;
+        anyhow::ensure!(a.ppl_window >= 2, "--ppl-window must be at least 2 tokens");
+        let (ppl, k) = quant::perplexity(&m, text, a.ppl_windows, a.ppl_window)?;
         println!(
-            "perplexity {:.3} on the first {k} × 512-token windows of {} ({:.1}s)",
+            "perplexity {:.3} on the first {k} × {}-token windows of {} ({:.1}s)",
             ppl,
+            a.ppl_window,
             ppl_path.display(),
             tp.elapsed().as_secs_f64()
         );
-        summary["perplexity"] = json!({"ppl": ppl, "windows": k, "window": 512, "data": ppl_path.display().to_string()});
+        summary["perplexity"] = json!({"ppl": ppl, "windows": k, "window": a.ppl_window, "data": ppl_path.display().to_string()});
     }
     if let Some(prompt) = &a.prompt {
         let ids = m.tokenizer.encode(prompt, false)?;

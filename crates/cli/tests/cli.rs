@@ -270,3 +270,96 @@ fn finetune_lora_resume_and_evaluate_the_adapter() {
     ]);
     assert_clean_error(&o, "bad.jsonl:2");
 }
+
+#[test]
+fn quantize_gptq_end_to_end_and_bad_inputs() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    models::testing::write_tiny_llama(&m, false).unwrap();
+    let text = d.path().join("calib.txt");
+    let t: String = (0..200)
+        .map(|i| format!("the cat {i} sat on the mat and then the dog ran in the hall. "))
+        .collect();
+    std::fs::write(&text, t).unwrap();
+    let (ms, ts) = (m.to_str().unwrap(), text.to_str().unwrap());
+    let out = d.path().join("q");
+    let os = out.to_str().unwrap();
+    let ppl_of = |args: &[&str]| -> (f64, serde_json::Value) {
+        let rep = d.path().join("rep.json");
+        let mut a = args.to_vec();
+        a.extend(["--ppl-windows", "4", "--ppl-window", "64", "--ppl-data", ts]);
+        a.extend(["--report", rep.to_str().unwrap()]);
+        let o = mpolm(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+        (v["model_summary"]["perplexity"]["ppl"].as_f64().unwrap(), v)
+    };
+    let (base, _) = ppl_of(&["quantize", ms, "--method", "none"]);
+    let gptq = [
+        "quantize",
+        ms,
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "16",
+        "--act-order",
+        "--calib",
+        ts,
+        "--nsamples",
+        "6",
+        "--seqlen",
+        "32",
+        "--out",
+        os,
+    ];
+    let (q, v) = ppl_of(&gptq);
+    let layers = v["quantize"]["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 14);
+    assert!(layers.iter().all(|l| l["kind"] == "gptq4"), "{layers:?}");
+    assert_eq!(
+        v["quantize"]["calib_first_ids"].as_array().unwrap().len(),
+        4
+    );
+    assert!(out.join("quantize_config.json").exists());
+    // 4-bit GPTQ of a random model: close to the f32 model but not identical.
+    assert!(
+        q.is_finite() && q != base && (q / base - 1.0).abs() < 0.2,
+        "{q} vs {base}"
+    );
+    // The checkpoint reloads on its own and evaluates to the same perplexity (the quantize
+    // run already scored the reloaded checkpoint).
+    let (again, v) = ppl_of(&["quantize", os, "--method", "none"]);
+    assert!((again / q - 1.0).abs() < 1e-6, "{again} vs {q}");
+    assert!(v["model_summary"]["bits_per_param"].as_f64().unwrap() < 32.0);
+    // A used output directory is refused.
+    assert_clean_error(&mpolm(&gptq), "already exists and is not empty");
+
+    // Bad input: one-line error, exit code 2, no output directory left behind.
+    let bad = d.path().join("bad");
+    let bs = bad.to_str().unwrap();
+    let base_args = [
+        "quantize", ms, "--method", "gptq", "--seqlen", "32", "--out", bs,
+    ];
+    for (extra, needle) in [
+        (
+            &["--bits", "5", "--calib", ts][..],
+            "unsupported bit width 5",
+        ),
+        (
+            &["--group-size", "24", "--calib", ts][..],
+            "--group-size 24 does not divide in_features 32",
+        ),
+        (
+            &["--calib", "/nonexistent/calib.txt"][..],
+            "calibration file /nonexistent/calib.txt",
+        ),
+    ] {
+        let mut a = base_args.to_vec();
+        a.extend(extra);
+        assert_clean_error(&mpolm(&a), needle);
+        assert!(!bad.exists(), "{extra:?} left {bs} behind");
+    }
+}

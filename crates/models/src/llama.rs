@@ -265,6 +265,37 @@ impl Llama {
         Ok(ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
     }
 
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Residual stream after decoder layers `range` applied to `x` [b, t, hidden] at positions
+    /// 0..t, causal, no cache, no final norm. Layer-wise drivers (GPTQ calibration) use it to
+    /// run one layer on cached inputs instead of re-running the whole prefix.
+    pub fn forward_layers(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        if range.end > self.layers.len() || t > self.cfg.max_position_embeddings {
+            crate::bail!(
+                "layers {range:?} of {} or {t} positions (max {}) out of range",
+                self.layers.len(),
+                self.cfg.max_position_embeddings
+            );
+        }
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let mask = attention_mask(b, t, 0, None, x.device())?;
+        let mut x = x.clone();
+        for layer in &self.layers[range] {
+            let h = ops::rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
+            let a = layer.attn.forward(&h, &cos, &sin, mask.as_ref(), None)?;
+            x = (x + a)?;
+            let h = ops::rms_norm(&x, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
+            let m = layer.mlp.forward(&h)?;
+            x = (x + m)?;
+        }
+        Ok(x)
+    }
+
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(match &self.lm_head {
             Some(h) => h.forward(hidden)?,

@@ -1,23 +1,20 @@
 //! Calibration and the layer-by-layer driver.
 //!
 //! GPTQ needs, for every Linear of decoder layer i, the Hessian 2/N Σ x xᵀ of its inputs when
-//! layers 0…i−1 are already quantized. Architecture files are not edited; instead the layers'
-//! own `Linear` slots are swapped for wrappers (all implementing `models::LinearLayer`):
+//! layers 0…i−1 are already quantized (true-sequential across layers). The driver keeps the
+//! residual stream X_i (the input of layer i, computed with the quantized earlier layers) for
+//! every calibration batch and, per layer:
 //!
-//! * the embedding is wrapped so `embed()` returns the cached residual stream X_{i−1} (the input
-//!   of layer i−1, computed with quantized earlier layers) for the current calibration batch;
-//! * every Linear of layers < i−1 returns zeros, so those layers become the identity on the
-//!   residual stream (x + 0 + 0) — only their norms and a zero attention still run;
-//! * layer i−1 (already quantized) runs for real and its o_proj / down_proj outputs are recorded,
-//!   giving X_i = X_{i−1} + o_out + down_out, the quantized model's input to layer i;
-//! * layer i's Linears are wrapped in recorders that add XᵀX into a shared `Mutex<Hessian>`
-//!   (q/k/v share one Hessian, gate/up another);
-//! * layer i+1's q_proj aborts the forward pass (nothing after layer i runs).
+//! * wraps layer i's Linears in recorders that add XᵀX into a shared `Mutex<Hessian>`
+//!   (q/k/v share one Hessian, gate/up another) and runs layer i alone on X_i
+//!   (`Llama::forward_layers`); architecture files are not edited;
+//! * quantizes the layer's projections;
+//! * runs the quantized layer i on X_i to get X_{i+1}.
 //!
-//! So each layer costs one pass through two real decoder layers (plus the cheap identity
-//! layers), and memory is the model, the cached residual stream (nsamples × seqlen × hidden f32)
-//! and the Hessians of one layer. Within a layer the seven projections are quantized from one
-//! pass (AutoGPTQ's in-layer q/k/v → o → gate/up → down sub-sequencing is not done).
+//! So each layer costs two passes through one decoder layer, and memory is the model, the
+//! cached residual stream (nsamples × seqlen × hidden f32) and the Hessians of one layer.
+//! Within a layer the seven projections are quantized from one pass (AutoGPTQ's in-layer
+//! q/k/v → o → gate/up → down sub-sequencing is not done).
 
 use super::gptq::{self, Grid, Hessian};
 use super::layer::QuantLinear;
@@ -28,8 +25,6 @@ use models::{LinearLayer, Model};
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-
-const STOP: &str = "__mpolm_quant_calibration_stop__";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -314,33 +309,23 @@ pub fn quantize_model(
                 .filter(|c| !c.is_empty())
                 .ok_or_else(|| Error::Msg("GPTQ needs calibration data (--calib PATH)".into()))?;
             let hidden = m.llama()?.cfg.hidden_size;
-            // X_0: the embeddings of every calibration batch.
-            let batches: Vec<Tensor> = calib
-                .chunks(o.batch.max(1))
-                .map(|c| {
-                    let flat: Vec<u32> = c.iter().flatten().copied().collect();
-                    Tensor::from_vec(flat, (c.len(), c[0].len()), &Device::Cpu)
-                })
-                .collect::<candle_core::Result<_>>()?;
             let embed = m
                 .linears()
                 .into_iter()
                 .find(|(n, _)| n == "model.embed_tokens")
                 .map(|(_, l)| l)
                 .ok_or_else(|| Error::Msg("model has no model.embed_tokens".into()))?;
-            let mut xs: Vec<Tensor> = batches
-                .iter()
-                .map(|b| embed.embed(&b.flatten_all()?))
+            // X_0: the embeddings of every calibration batch, [b, t, hidden].
+            let mut xs: Vec<Tensor> = calib
+                .chunks(o.batch.max(1))
+                .map(|c| {
+                    let flat: Vec<u32> = c.iter().flatten().copied().collect();
+                    let ids = Tensor::from_vec(flat, c.len() * c[0].len(), &Device::Cpu)?;
+                    embed.embed(&ids)?.reshape((c.len(), c[0].len(), hidden))
+                })
                 .collect::<candle_core::Result<_>>()?;
             for layer in 0..n_layers {
-                let (hess, outs) = calibration_pass(m, layer, &batches, &xs, o, hidden)?;
-                if layer > 0 {
-                    // X_{layer} = X_{layer−1} + o_proj out + down_proj out of the quantized layer−1.
-                    for (bi, x) in xs.iter_mut().enumerate() {
-                        let (a, d) = &outs[bi];
-                        *x = ((&*x + a)? + d)?;
-                    }
-                }
+                let hess = calibration_pass(m, layer, &xs, o)?;
                 let mut prepared = HashMap::new();
                 for (k, h) in hess {
                     let h = Arc::try_unwrap(h)
@@ -350,6 +335,12 @@ pub fn quantize_model(
                     prepared.insert(k, gptq::prepare(&h.finish(), h.n, o.damp, o.act_order)?);
                 }
                 swap_in(m, layer, &prepared, &mut reports)?;
+                if layer + 1 < n_layers {
+                    let llama = m.llama()?;
+                    for x in xs.iter_mut() {
+                        *x = llama.forward_layers(x, layer..layer + 1)?;
+                    }
+                }
             }
         }
     }
@@ -397,66 +388,29 @@ fn hessian_key(name: &str) -> String {
 
 type Hess = Arc<Mutex<Hessian>>;
 
-/// What a wrapped Linear does during a calibration pass.
-#[derive(Debug)]
-enum Role {
-    /// Layers already folded into the cached residual stream: output zeros.
-    Zero,
-    /// Record the output (o_proj / down_proj of the previous layer).
-    Output(Arc<Mutex<Option<Tensor>>>),
-    /// Accumulate XᵀX (None: another module with the same input records it).
-    Record(Option<Hess>),
-    /// Abort the forward pass.
-    Stop,
-    /// Embedding: return the cached residual stream.
-    Embed(Arc<Mutex<Option<Tensor>>>),
-}
-
+/// A Linear that accumulates XᵀX of its inputs (None: another module with the same input
+/// records it) and otherwise behaves as the wrapped layer.
 #[derive(Debug)]
 struct Hook {
     inner: Box<dyn LinearLayer>,
-    role: Role,
+    hess: Option<Hess>,
 }
 
 impl LinearLayer for Hook {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.role {
-            Role::Zero => {
-                let mut d = x.dims().to_vec();
-                *d.last_mut().unwrap_or(&mut 0) = self.inner.out_features();
-                Tensor::zeros(d, x.dtype(), x.device())
-            }
-            Role::Output(slot) => {
-                let y = self.inner.forward(x)?;
-                *slot
-                    .lock()
-                    .map_err(|_| candle_core::Error::Msg("poisoned".into()))? = Some(y.clone());
-                Ok(y)
-            }
-            Role::Record(h) => {
-                if let Some(h) = h {
-                    let n = x.dim(x.rank() - 1)?;
-                    let x2 = x.contiguous()?.reshape(((), n))?.to_dtype(DType::F32)?;
-                    let xtx = x2.t()?.matmul(&x2)?.flatten_all()?.to_vec1::<f32>()?;
-                    h.lock()
-                        .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
-                        .add_xtx(&xtx, x2.dim(0)?);
-                }
-                self.inner.forward(x)
-            }
-            Role::Stop => Err(candle_core::Error::Msg(STOP.into())),
-            Role::Embed(_) => self.inner.forward(x),
+        if let Some(h) = &self.hess {
+            let n = x.dim(x.rank() - 1)?;
+            let x2 = x.contiguous()?.reshape(((), n))?.to_dtype(DType::F32)?;
+            let rows = x2.dim(0)?;
+            let xv = x2.flatten_all()?.to_vec1::<f32>()?;
+            h.lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
+                .add_rows(&xv, rows);
         }
+        self.inner.forward(x)
     }
     fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.role {
-            Role::Embed(slot) => slot
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
-                .clone()
-                .ok_or_else(|| candle_core::Error::Msg("no cached hidden states".into())),
-            _ => self.inner.embed(ids),
-        }
+        self.inner.embed(ids)
     }
     fn in_features(&self) -> usize {
         self.inner.in_features()
@@ -484,88 +438,34 @@ impl LinearLayer for Hook {
     }
 }
 
-type Outs = Vec<(Tensor, Tensor)>;
-
-/// One pass over the calibration batches for decoder layer `layer` (see the module docs).
-/// Returns the Hessians of the layer's modules and, for layer > 0, the recorded o_proj and
-/// down_proj outputs of layer − 1 per batch.
+/// Runs decoder layer `layer` alone on the cached inputs `xs` with its Linears recording,
+/// and returns the Hessians of its modules (by `hessian_key`).
 fn calibration_pass(
     m: &mut Model,
     layer: usize,
-    batches: &[Tensor],
     xs: &[Tensor],
     o: &QuantOptions,
-    hidden: usize,
-) -> Result<(HashMap<String, Hess>, Outs)> {
-    let embed_slot = Arc::new(Mutex::new(None));
-    let o_slot = Arc::new(Mutex::new(None));
-    let d_slot = Arc::new(Mutex::new(None));
+) -> Result<HashMap<String, Hess>> {
     let mut hess: HashMap<String, Hess> = HashMap::new();
-    let start = layer.saturating_sub(1);
-    // Install hooks.
     for (name, lin) in m.linears_mut() {
-        let role = if name == "model.embed_tokens" {
-            Role::Embed(embed_slot.clone())
+        if layer_index(&name) != Some(layer) || o.keep.keeps(&name) {
+            continue;
+        }
+        let key = hessian_key(&name);
+        let h = if hess.contains_key(&key) {
+            None
         } else {
-            match layer_index(&name) {
-                Some(j) if j < start => Role::Zero,
-                Some(j) if j + 1 == layer && name.ends_with("o_proj") => {
-                    Role::Output(o_slot.clone())
-                }
-                Some(j) if j + 1 == layer && name.ends_with("down_proj") => {
-                    Role::Output(d_slot.clone())
-                }
-                Some(j) if j == layer && !o.keep.keeps(&name) => {
-                    let key = hessian_key(&name);
-                    if hess.contains_key(&key) {
-                        Role::Record(None)
-                    } else {
-                        let h = Arc::new(Mutex::new(Hessian::new(lin.in_features())));
-                        hess.insert(key, h.clone());
-                        Role::Record(Some(h))
-                    }
-                }
-                Some(j) if j == layer + 1 && name.ends_with("q_proj") => Role::Stop,
-                _ => continue,
-            }
+            let h = Arc::new(Mutex::new(Hessian::new(lin.in_features())));
+            hess.insert(key, h.clone());
+            Some(h)
         };
         let inner = lin.replace(placeholder());
-        lin.replace(Box::new(Hook { inner, role }));
+        lin.replace(Box::new(Hook { inner, hess: h }));
     }
-    let mut outs = Vec::new();
     let run = (|| -> Result<()> {
         let llama = m.llama()?;
-        for (b, x) in batches.iter().zip(xs) {
-            let (bs, t) = b.dims2()?;
-            *embed_slot
-                .lock()
-                .map_err(|_| Error::Msg("poisoned".into()))? = Some(x.reshape((bs * t, hidden))?);
-            match llama.forward_hidden(b, None, None) {
-                Ok(_) => {}
-                Err(e) if e.to_string().contains(STOP) => {}
-                Err(e) => return Err(e.into()),
-            }
-            if layer > 0 {
-                let a = o_slot
-                    .lock()
-                    .map_err(|_| Error::Msg("poisoned".into()))?
-                    .take();
-                let d = d_slot
-                    .lock()
-                    .map_err(|_| Error::Msg("poisoned".into()))?
-                    .take();
-                match (a, d) {
-                    (Some(a), Some(d)) => {
-                        outs.push((a.reshape((bs * t, hidden))?, d.reshape((bs * t, hidden))?))
-                    }
-                    _ => {
-                        return Err(Error::Msg(format!(
-                            "calibration pass did not reach layer {}",
-                            layer - 1
-                        )))
-                    }
-                }
-            }
+        for x in xs {
+            llama.forward_layers(x, layer..layer + 1)?;
         }
         Ok(())
     })();
@@ -580,5 +480,5 @@ fn calibration_pass(
         }
     }
     run?;
-    Ok((hess, outs))
+    Ok(hess)
 }

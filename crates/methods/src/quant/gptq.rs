@@ -193,89 +193,45 @@ pub fn prepare(h: &[f64], n: usize, damp: f64, act_order: bool) -> Result<Prepar
     for i in 0..n {
         hp[i * n + i] += damp * mean_diag;
     }
-    let l = cholesky(&hp, n).ok_or_else(|| {
-        Error::Msg("Hessian is not positive definite even after damping; raise --damp".into())
-    })?;
-    let li = lower_inverse(&l, n);
-    // H⁻¹ = L⁻ᵀ L⁻¹: with C = (L⁻¹)ᵀ (rows contiguous), H⁻¹[a][b] = Σ_{k ≥ max(a,b)} C[a][k]·C[b][k].
-    let c = super::pack::transpose(&li, n, n);
-    let mut hinv = vec![0f64; n * n];
-    hinv.par_chunks_mut(n).enumerate().for_each(|(a, row)| {
-        let ca = &c[a * n..(a + 1) * n];
-        for b in 0..n {
-            let k0 = a.max(b);
-            let cb = &c[b * n..(b + 1) * n];
-            row[b] = ca[k0..].iter().zip(&cb[k0..]).map(|(x, y)| x * y).sum();
-        }
-    });
-    let l2 = cholesky(&hinv, n).ok_or_else(|| {
-        Error::Msg("inverse Hessian lost positive definiteness; raise --damp".into())
-    })?;
-    let mut u = vec![0f32; n * n];
-    for a in 0..n {
-        for b in 0..=a {
-            u[b * n + a] = l2[a * n + b] as f32;
-        }
-    }
+    let hinv = inverse_upper_factor(&hp, n)?;
     Ok(Prepared {
         n,
         perm,
         dead,
-        hinv: u,
+        hinv,
     })
 }
 
-fn cholesky(a: &[f64], n: usize) -> Option<Vec<f64>> {
-    let mut l = vec![0f64; n * n];
-    for j in 0..n {
-        let mut d = a[j * n + j];
-        for k in 0..j {
-            d -= l[j * n + k] * l[j * n + k];
-        }
-        if d <= 0.0 || !d.is_finite() {
-            return None;
-        }
-        let d = d.sqrt();
-        l[j * n + j] = d;
-        let (head, tail) = l.split_at_mut((j + 1) * n);
-        let lj = &head[j * n..j * n + j];
-        tail.par_chunks_mut(n).enumerate().for_each(|(off, row)| {
-            let i = j + 1 + off;
-            let mut s = a[i * n + j];
-            for k in 0..j {
-                s -= row[k] * lj[k];
+/// Upper U with H⁻¹ = UᵀU from one Cholesky and one triangular inverse (GPTQ computes
+/// chol → cholesky_inverse → chol, three n³ steps). With J the reversal permutation, let
+/// J H J = L Lᵀ; then H = V Vᵀ with V = J L J upper, so H⁻¹ = V⁻ᵀ V⁻¹ and U = V⁻¹ = J L⁻¹ J,
+/// upper with a positive diagonal: the unique upper Cholesky factor of H⁻¹.
+fn inverse_upper_factor(h: &[f64], n: usize) -> Result<Vec<f32>> {
+    use faer::{Mat, MatRef, Side};
+    let hv = MatRef::from_row_major_slice(h, n, n);
+    let llt = hv.reverse_rows_and_cols().llt(Side::Lower).map_err(|_| {
+        Error::Msg("Hessian is not positive definite even after damping; raise --damp".into())
+    })?;
+    let mut li = Mat::<f64>::zeros(n, n);
+    faer::linalg::triangular_inverse::invert_lower_triangular(
+        li.as_mut(),
+        llt.L(),
+        faer::get_global_parallelism(),
+    );
+    let u = li.as_ref().reverse_rows_and_cols();
+    let mut out = vec![0f32; n * n];
+    for a in 0..n {
+        for b in a..n {
+            let v = u[(a, b)];
+            if !v.is_finite() {
+                return Err(Error::Msg(
+                    "inverse Hessian is not finite; raise --damp".into(),
+                ));
             }
-            row[j] = s / d;
-        });
-    }
-    Some(l)
-}
-
-/// Inverse of a lower-triangular matrix (column by column, in parallel).
-fn lower_inverse(l: &[f64], n: usize) -> Vec<f64> {
-    // Column c of L⁻¹ solves L x = e_c; compute as rows of the transpose, then transpose.
-    let cols: Vec<Vec<f64>> = (0..n)
-        .into_par_iter()
-        .map(|c| {
-            let mut x = vec![0f64; n];
-            x[c] = 1.0 / l[c * n + c];
-            for i in c + 1..n {
-                let mut s = 0.0;
-                for k in c..i {
-                    s += l[i * n + k] * x[k];
-                }
-                x[i] = -s / l[i * n + i];
-            }
-            x
-        })
-        .collect();
-    let mut out = vec![0f64; n * n];
-    for (c, x) in cols.iter().enumerate() {
-        for i in c..n {
-            out[i * n + c] = x[i];
+            out[a * n + b] = v as f32;
         }
     }
-    out
+    Ok(out)
 }
 
 /// GPTQ with lazy block updates of `block` columns.
@@ -296,7 +252,7 @@ pub fn gptq(
     }
     let n = in_f;
     let groups = in_f / gs;
-    let maxq = ((1u32 << g.bits) - 1) as f32;
+    let block = block.max(1);
     // Permuted working copy W [out, n].
     let mut wp = vec![0f32; out_f * n];
     for j in 0..out_f {
@@ -306,76 +262,29 @@ pub fn gptq(
         }
     }
     let mut qp = vec![0u32; out_f * n];
+    // Row-major [out, groups] while sweeping; transposed to AutoGPTQ's [groups, out] below.
+    let mut srow = vec![0f32; out_f * groups];
+    let mut zrow = vec![0u32; out_f * groups];
+    // Every output row is quantized independently given H⁻¹, so rows are split into chunks
+    // that each run the whole blocked sweep; the lazy update of a chunk is one sequential
+    // GEMM, and rayon spreads the chunks over the threads.
+    let threads = rayon::current_num_threads().max(1);
+    let rows = out_f.div_ceil(4 * threads).clamp(1, 64);
+    let hinv = faer::MatRef::from_row_major_slice(&p.hinv, n, n);
+    let loss: f64 = wp
+        .par_chunks_mut(rows * n)
+        .zip(qp.par_chunks_mut(rows * n))
+        .zip(srow.par_chunks_mut(rows * groups))
+        .zip(zrow.par_chunks_mut(rows * groups))
+        .map(|(((wc, qc), sc), zc)| sweep_rows(wc, qc, sc, zc, n, gs, g, &p.hinv, hinv, block))
+        .sum();
     let mut scales = vec![0f32; groups * out_f];
     let mut zeros = vec![0u32; groups * out_f];
-    let mut cur_s = vec![0f32; out_f];
-    let mut cur_z = vec![0f32; out_f];
-    if g.group_size == 0 {
-        for j in 0..out_f {
-            let (s, z) = find_params(wp[j * n..(j + 1) * n].iter().copied(), g);
-            cur_s[j] = s;
-            cur_z[j] = z;
-            scales[j] = s;
-            zeros[j] = z as u32;
+    for j in 0..out_f {
+        for gi in 0..groups {
+            scales[gi * out_f + j] = srow[j * groups + gi];
+            zeros[gi * out_f + j] = zrow[j * groups + gi];
         }
-    }
-    let hinv = &p.hinv;
-    let mut loss = 0f64;
-    let mut i1 = 0;
-    while i1 < n {
-        let i2 = (i1 + block).min(n);
-        let cnt = i2 - i1;
-        let mut err = vec![0f32; out_f * cnt];
-        for i in i1..i2 {
-            if g.group_size != 0 && i % gs == 0 {
-                let gi = i / gs;
-                let hi = (i + gs).min(n);
-                for j in 0..out_f {
-                    let (s, z) = find_params(wp[j * n + i..j * n + hi].iter().copied(), g);
-                    cur_s[j] = s;
-                    cur_z[j] = z;
-                    scales[gi * out_f + j] = s;
-                    zeros[gi * out_f + j] = z as u32;
-                }
-            }
-            let d = hinv[i * n + i];
-            let hrow = &hinv[i * n + i..i * n + i2];
-            let (cs, cz) = (&cur_s, &cur_z);
-            let l: f64 = wp
-                .par_chunks_mut(n)
-                .zip(qp.par_chunks_mut(n))
-                .zip(err.par_chunks_mut(cnt))
-                .enumerate()
-                .map(|(j, ((wr, qr), er))| {
-                    let x = wr[i];
-                    let (q, dq) = quant1(x, cs[j], cz[j], maxq);
-                    qr[i] = q;
-                    let e = (x - dq) / d;
-                    er[i - i1] = e;
-                    for (k, h) in hrow.iter().enumerate() {
-                        wr[i + k] -= e * h;
-                    }
-                    ((x - dq) as f64).powi(2) / (d as f64).powi(2) / 2.0
-                })
-                .sum();
-            loss += l;
-        }
-        if i2 < n {
-            wp.par_chunks_mut(n)
-                .zip(err.par_chunks(cnt))
-                .for_each(|(wr, er)| {
-                    for (k, &e) in er.iter().enumerate() {
-                        if e == 0.0 {
-                            continue;
-                        }
-                        let hr = &hinv[(i1 + k) * n + i2..(i1 + k + 1) * n];
-                        for (wv, h) in wr[i2..].iter_mut().zip(hr) {
-                            *wv -= e * h;
-                        }
-                    }
-                });
-        }
-        i1 = i2;
     }
     // Back to the original column order, AutoGPTQ orientation [in, out].
     let mut q = vec![0u32; in_f * out_f];
@@ -396,6 +305,81 @@ pub fn gptq(
         g_idx,
         loss,
     })
+}
+
+/// GPTQ's blocked column sweep over a chunk of rows `w` [r, n] (permuted order): quantize
+/// column i, spread its error over the rest of the block at once, and over the columns after
+/// the block lazily as E·H⁻¹[block, after] (a GEMM). Returns the chunk's loss.
+#[allow(clippy::too_many_arguments)]
+fn sweep_rows(
+    w: &mut [f32],
+    q: &mut [u32],
+    sc: &mut [f32],
+    zc: &mut [u32],
+    n: usize,
+    gs: usize,
+    g: &Grid,
+    hinv: &[f32],
+    hv: faer::MatRef<'_, f32>,
+    block: usize,
+) -> f64 {
+    use faer::{Accum, MatMut, MatRef, Par};
+    let r = w.len() / n;
+    let groups = n / gs;
+    let maxq = ((1u32 << g.bits) - 1) as f32;
+    let mut cur_s = vec![0f32; r];
+    let mut cur_z = vec![0f32; r];
+    if g.group_size == 0 {
+        for j in 0..r {
+            let (s, z) = find_params(w[j * n..(j + 1) * n].iter().copied(), g);
+            (cur_s[j], cur_z[j]) = (s, z);
+            (sc[j], zc[j]) = (s, z as u32);
+        }
+    }
+    let mut err = vec![0f32; r * block];
+    let mut loss = 0f64;
+    let mut i1 = 0;
+    while i1 < n {
+        let i2 = (i1 + block).min(n);
+        let cnt = i2 - i1;
+        for j in 0..r {
+            let wr = &mut w[j * n..(j + 1) * n];
+            let qr = &mut q[j * n..(j + 1) * n];
+            let er = &mut err[j * cnt..(j + 1) * cnt];
+            for i in i1..i2 {
+                if g.group_size != 0 && i % gs == 0 {
+                    let gi = i / gs;
+                    let (s, z) = find_params(wr[i..(i + gs).min(n)].iter().copied(), g);
+                    (cur_s[j], cur_z[j]) = (s, z);
+                    (sc[j * groups + gi], zc[j * groups + gi]) = (s, z as u32);
+                }
+                let d = hinv[i * n + i];
+                let x = wr[i];
+                let (qi, dq) = quant1(x, cur_s[j], cur_z[j], maxq);
+                qr[i] = qi;
+                let e = (x - dq) / d;
+                er[i - i1] = e;
+                for (wv, h) in wr[i..i2].iter_mut().zip(&hinv[i * n + i..i * n + i2]) {
+                    *wv -= e * h;
+                }
+                loss += ((x - dq) as f64).powi(2) / (d as f64).powi(2) / 2.0;
+            }
+        }
+        if i2 < n {
+            let dst = MatMut::from_row_major_slice_mut(w, r, n).submatrix_mut(0, i2, r, n - i2);
+            let e = MatRef::from_row_major_slice(&err[..r * cnt], r, cnt);
+            faer::linalg::matmul::matmul(
+                dst,
+                Accum::Add,
+                e,
+                hv.submatrix(i1, i2, cnt, n - i2),
+                -1.0f32,
+                Par::Seq,
+            );
+        }
+        i1 = i2;
+    }
+    loss
 }
 
 /// Accumulator of 2/N Σ x xᵀ over calibration tokens.
@@ -421,8 +405,48 @@ impl Hessian {
         }
         self.count += tokens;
     }
+    /// Add XᵀX of row-major activations X [tokens, n]: a rank-k update of the lower triangle
+    /// only (half the flops of a full product; `finish` mirrors it).
+    pub fn add_rows(&mut self, x: &[f32], tokens: usize) {
+        use faer::linalg::matmul::triangular::{matmul, BlockStructure};
+        use faer::{Accum, MatMut, MatRef, Par};
+        let n = self.n;
+        assert_eq!(x.len(), tokens * n, "activations are not [tokens, n]");
+        let xv = MatRef::from_row_major_slice(x, tokens, n);
+        let mut g = vec![0f32; n * n];
+        matmul(
+            MatMut::from_row_major_slice_mut(&mut g, n, n),
+            BlockStructure::TriangularLower,
+            Accum::Replace,
+            xv.transpose(),
+            BlockStructure::Rectangular,
+            xv,
+            BlockStructure::Rectangular,
+            1.0f32,
+            Par::rayon(0),
+        );
+        self.sum
+            .par_chunks_mut(n)
+            .zip(g.par_chunks(n))
+            .enumerate()
+            .for_each(|(a, (s, gr))| {
+                for (sv, v) in s[..=a].iter_mut().zip(&gr[..=a]) {
+                    *sv += *v as f64;
+                }
+            });
+        self.count += tokens;
+    }
+    /// 2/N Σ x xᵀ, built from the lower triangle of the running sum.
     pub fn finish(&self) -> Vec<f64> {
-        let c = 2.0 / self.count.max(1) as f64;
-        self.sum.iter().map(|v| v * c).collect()
+        let (n, c) = (self.n, 2.0 / self.count.max(1) as f64);
+        let mut h = vec![0f64; n * n];
+        for a in 0..n {
+            for b in 0..=a {
+                let v = self.sum[a * n + b] * c;
+                h[a * n + b] = v;
+                h[b * n + a] = v;
+            }
+        }
+        h
     }
 }
