@@ -250,14 +250,7 @@ impl Llama {
         let mask = attention_mask(b, t, offset, key_mask, x.device())?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.kv[i]);
-            let h = ops::rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
-            let a = layer
-                .attn
-                .forward(&h, &cos, &sin, mask.as_ref(), key_mask, kv)?;
-            x = (x + a)?;
-            let h = ops::rms_norm(&x, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
-            let m = layer.mlp.forward(&h)?;
-            x = (x + m)?;
+            x = self.block(layer, &x, &cos, &sin, mask.as_ref(), key_mask, kv)?;
         }
         if let Some(c) = cache {
             c.seq_len += t;
@@ -267,6 +260,24 @@ impl Llama {
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// One decoder layer: pre-norm attention and MLP, each with its residual.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        key_mask: Option<&Tensor>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let h = ops::rms_norm(x, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
+        let x = (x + layer.attn.forward(&h, cos, sin, mask, key_mask, kv)?)?;
+        let h = ops::rms_norm(&x, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
+        Ok((&x + layer.mlp.forward(&h)?)?)
     }
 
     /// Residual stream after decoder layers `range` applied to `x` [b, t, hidden] at positions
@@ -286,12 +297,7 @@ impl Llama {
         let mask = attention_mask(b, t, 0, None, x.device())?;
         let mut x = x.clone();
         for layer in &self.layers[range] {
-            let h = ops::rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
-            let a = layer.attn.forward(&h, &cos, &sin, mask.as_ref(), None)?;
-            x = (x + a)?;
-            let h = ops::rms_norm(&x, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
-            let m = layer.mlp.forward(&h)?;
-            x = (x + m)?;
+            x = self.block(layer, &x, &cos, &sin, mask.as_ref(), None, None)?;
         }
         Ok(x)
     }
