@@ -3,6 +3,8 @@
 # Usage: scripts/bench_lmeval.sh ROUND [MPOLM_BIN] [HF_DIR] [WORK]
 #   HF_DIR: `mpolm export smollm2-135m --dense --out HF_DIR`; WORK: `scripts/bench_lmeval.py prepare --work WORK`.
 # Both tools: 2 threads, batch 1, f32. Logs and reports in WORK/round<ROUND>/.
+# Needs lm_eval 0.4.13 (pip install --no-deps lm_eval==0.4.13, then its small deps: datasets evaluate jinja2
+# pytablewriter rouge-score sacrebleu scikit-learn sqlitedict dill word2number more_itertools; torch untouched).
 set -uo pipefail
 STAGES=${STAGES:-mmlu0 mmlu5 wiki}  # subset of: mmlu0 mmlu5 wiki
 on() { [[ " $STAGES " == *" $1 "* ]]; }
