@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""mpolm eval vs lm-evaluation-harness (0.4.x) + transformers on CPU: same model, tasks, subset.
+
+  prepare  --data ../shared/data --work DIR [--wikitext-lines N]
+      DIR/mmlu/<subject>_{test,dev}.jsonl   MMLU CSVs in cais/mmlu's columns, for scripts/lmeval_tasks/*.yaml
+      DIR/wikitext2/test.{txt,jsonl}        the first N lines of wikitext2/test.txt (one document)
+      DIR/mpolm-data/{mmlu,wikitext2}       a --data-dir for mpolm eval seeing the same bytes
+  lmeval   --work DIR --model HF_DIR --tasks local_mmlu_x,... [--shots K] [--limit N] [--batch B]
+           [--threads T] [--max-length L] --out OUT.json
+      Loads lm-eval's `hf` model once (timed apart), then times simple_evaluate alone; writes results,
+      timings and per-document predictions / log-likelihoods.
+  compare  --mpolm REPORT.json (mpolm eval --log-samples) --lmeval OUT.json
+      Per-subject accuracy on both sides, documents whose prediction differs, largest log-likelihood gap;
+      perplexities and their relative difference.
+
+No hub access: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set, the tasks read local files only.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+TASK_DIR = Path(__file__).resolve().parent / "lmeval_tasks"
+LETTERS = "ABCD"
+
+
+def prepare(a):
+    data, work = Path(a.data), Path(a.work)
+    (work / "mmlu").mkdir(parents=True, exist_ok=True)
+    (work / "wikitext2").mkdir(parents=True, exist_ok=True)
+    subjects = sorted(
+        p.stem[len("local_mmlu_") :] for p in TASK_DIR.glob("local_mmlu_*.yaml")
+    )
+    for s in subjects:
+        for split in ("test", "dev"):
+            src = data / "mmlu" / split / f"{s}_{split}.csv"
+            with open(src, newline="", encoding="utf-8") as f, open(
+                work / "mmlu" / f"{s}_{split}.jsonl", "w", encoding="utf-8"
+            ) as out:
+                for row in csv.reader(f):
+                    q, *choices, ans = row
+                    doc = {"question": q, "subject": s, "choices": choices, "answer": LETTERS.index(ans.strip())}
+                    out.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    lines = (data / "wikitext2" / "test.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    page = "".join(lines[: a.wikitext_lines])
+    (work / "wikitext2" / "test.txt").write_text(page, encoding="utf-8")
+    (work / "wikitext2" / "test.jsonl").write_text(json.dumps({"page": page}) + "\n", encoding="utf-8")
+    md = work / "mpolm-data"
+    (md / "wikitext2").mkdir(parents=True, exist_ok=True)
+    (md / "wikitext2" / "test.txt").write_text(page, encoding="utf-8")
+    if not (md / "mmlu").exists():
+        (md / "mmlu").symlink_to((data / "mmlu").resolve())
+    print(f"{len(subjects)} MMLU subjects, wikitext2 page of {a.wikitext_lines} lines / {len(page.encode())} bytes -> {work}")
+
+
+def run_lmeval(a):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(a.threads)
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    os.chdir(a.work)  # the task YAMLs name their data files relative to the work dir
+    t0 = time.perf_counter()
+    kw = {"pretrained": a.model, "dtype": "float32", "device": "cpu", "batch_size": a.batch}
+    if a.max_length:
+        kw["max_length"] = a.max_length
+    lm = HFLM(**kw)
+    load_s = time.perf_counter() - t0
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+    tasks = a.tasks.split(",")
+    t1 = time.perf_counter()
+    res = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=a.shots,
+        limit=a.limit,
+        batch_size=a.batch,
+        task_manager=tm,
+        bootstrap_iters=0,
+        log_samples=True,
+    )
+    eval_s = time.perf_counter() - t1
+    samples = {}
+    for t, ss in res["samples"].items():
+        rows = []
+        for s in ss:
+            lls = [float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0]) for r in s["resps"]]
+            rows.append({"doc_id": s["doc_id"], "target": s["target"], "loglikelihoods": lls})
+        samples[t] = rows
+    out = {
+        "lm_eval_version": lm_eval.__version__,
+        "torch_version": torch.__version__,
+        "threads": a.threads,
+        "batch": a.batch,
+        "shots": a.shots,
+        "limit": a.limit,
+        "results": res["results"],
+        "n-samples": res.get("n-samples"),
+        "timings": {"model_load_seconds": load_s, "evaluate_seconds": eval_s},
+        "samples": samples,
+    }
+    Path(a.out).write_text(json.dumps(out, indent=1, default=str))
+    n = sum(len(v) for v in samples.values())
+    print(f"lm-eval: load {load_s:.1f} s, evaluate {eval_s:.1f} s, {n} documents, {n / eval_s:.2f} items/s")
+    for t, r in res["results"].items():
+        print(t, {k: v for k, v in r.items() if isinstance(v, float)})
+
+
+def compare(a):
+    m = json.loads(Path(a.mpolm).read_text())
+    l = json.loads(Path(a.lmeval).read_text())
+    if "mmlu" in m.get("samples", {}):
+        by_subj = {}
+        for s in m["samples"]["mmlu"]:
+            by_subj.setdefault(s["subject"], []).append(s)
+        tot = [0, 0, 0, 0]
+        worst = 0.0
+        for subj, ms in sorted(by_subj.items()):
+            ls = sorted(l["samples"][f"local_mmlu_{subj}"], key=lambda r: r["doc_id"])
+            if len(ls) != len(ms):
+                sys.exit(f"{subj}: mpolm has {len(ms)} documents, lm-eval {len(ls)}")
+            diff = 0
+            macc = lacc = 0
+            for x, y in zip(ms, ls):
+                mp = max(range(4), key=lambda i: x["loglikelihoods"][i])
+                lp = max(range(4), key=lambda i: y["loglikelihoods"][i])
+                gold = LETTERS.index(x["gold"])
+                if gold != y["target"]:
+                    sys.exit(f"{subj}: gold answers differ (document order?)")
+                macc += mp == gold
+                lacc += lp == gold
+                diff += mp != lp
+                worst = max(worst, max(abs(p - q) for p, q in zip(x["loglikelihoods"], y["loglikelihoods"])))
+            n = len(ms)
+            print(f"{subj:24s} n={n:3d} acc mpolm {macc / n:.4f} lm-eval {lacc / n:.4f}, different predictions {diff}")
+            for i, v in enumerate((n, macc, lacc, diff)):
+                tot[i] += v
+        n = tot[0]
+        print(f"{'overall':24s} n={n:3d} acc mpolm {tot[1] / n:.4f} lm-eval {tot[2] / n:.4f}, "
+              f"different predictions {tot[3]}, max |ll gap| {worst:.2e}")
+    if "wikitext2" in m["results"]:
+        mr, lr = m["results"]["wikitext2"], l["results"]["local_wikitext2"]
+        for k in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+            mv = next(v for kk, v in mr.items() if kk.startswith(k + ","))
+            lv = lr[f"{k},none"]
+            print(f"{k:16s} mpolm {mv:.6f} lm-eval {lv:.6f} rel diff {abs(mv - lv) / lv:.2e}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("prepare")
+    q.add_argument("--data", default="../shared/data")
+    q.add_argument("--work", required=True)
+    q.add_argument("--wikitext-lines", type=int, default=60)
+    q = sub.add_parser("lmeval")
+    q.add_argument("--work", required=True)
+    q.add_argument("--model", required=True)
+    q.add_argument("--tasks", required=True)
+    q.add_argument("--shots", type=int, default=0)
+    q.add_argument("--limit", type=int)
+    q.add_argument("--batch", type=int, default=1)
+    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--max-length", type=int)
+    q.add_argument("--out", required=True)
+    q = sub.add_parser("compare")
+    q.add_argument("--mpolm", required=True)
+    q.add_argument("--lmeval", required=True)
+    a = p.parse_args()
+    {"prepare": prepare, "lmeval": run_lmeval, "compare": compare}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
