@@ -603,6 +603,18 @@ pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 // ---------------------------------------------------------------------------------------------
 // Attention: softmax(Q·Kᵀ·scale + mask)·V on [b, t, heads, head_dim] without head transposes
 
+/// `rows`×`cols` of `data` with row stride `rs` and unit column stride (a head's slice of a
+/// [b, t, heads, hd] buffer, or a dense matrix when `rs == cols`).
+fn rows_view(data: &[f32], rows: usize, cols: usize, rs: usize) -> View<'_> {
+    View {
+        data,
+        rows,
+        cols,
+        rs,
+        cs: 1,
+    }
+}
+
 /// A raw pointer that rayon tasks share; each task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -693,20 +705,8 @@ impl Attention {
     fn probs(&self, d: &Dims, q: &[f32], k: &[f32], bi: usize, h: usize, p: &mut [f32]) {
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, d.hd);
         let kvh = h / (nh / nkv);
-        let qv = View {
-            data: &q[(bi * d.t * nh + h) * hd..],
-            rows: d.t,
-            cols: hd,
-            rs: nh * hd,
-            cs: 1,
-        };
-        let kv = View {
-            data: &k[(bi * d.tk * nkv + kvh) * hd..],
-            rows: d.tk,
-            cols: hd,
-            rs: nkv * hd,
-            cs: 1,
-        };
+        let qv = rows_view(&q[(bi * d.t * nh + h) * hd..], d.t, hd, nh * hd);
+        let kv = rows_view(&k[(bi * d.tk * nkv + kvh) * hd..], d.tk, hd, nkv * hd);
         // SAFETY: p holds t×T elements, distinct from q and k.
         unsafe { gemm_seq(p.as_mut_ptr(), d.tk, qv, kv.t(), false, self.scale) };
         let off = d.tk - d.t;
@@ -750,20 +750,8 @@ impl Attention {
                 let (bi, h) = (u / nh, u % nh);
                 let kvh = h / (nh / nkv);
                 self.probs(d, q, k, bi, h, p);
-                let pv = View {
-                    data: p,
-                    rows: d.t,
-                    cols: d.tk,
-                    rs: d.tk,
-                    cs: 1,
-                };
-                let vv = View {
-                    data: &v[(bi * d.tk * nkv + kvh) * hd..],
-                    rows: d.tk,
-                    cols: hd,
-                    rs: nkv * hd,
-                    cs: 1,
-                };
+                let pv = rows_view(p, d.t, d.tk, d.tk);
+                let vv = rows_view(&v[(bi * d.tk * nkv + kvh) * hd..], d.tk, hd, nkv * hd);
                 let o = optr;
                 // SAFETY: head h of row bi owns out[bi, :, h, :]; no other task writes it.
                 unsafe {
@@ -809,44 +797,14 @@ impl Attention {
             |(p, dp), u| {
                 let (bi, kvh) = (u / nkv, u % nkv);
                 let kbase = (bi * d.tk * nkv + kvh) * hd;
-                let kview = View {
-                    data: &k[kbase..],
-                    rows: d.tk,
-                    cols: hd,
-                    rs: krs,
-                    cs: 1,
-                };
-                let vview = View {
-                    data: &v[kbase..],
-                    rows: d.tk,
-                    cols: hd,
-                    rs: krs,
-                    cs: 1,
-                };
+                let kview = rows_view(&k[kbase..], d.tk, hd, krs);
+                let vview = rows_view(&v[kbase..], d.tk, hd, krs);
                 for h in kvh * grp..(kvh + 1) * grp {
                     self.probs(d, q, k, bi, h, p);
                     let qbase = (bi * d.t * nh + h) * hd;
-                    let gview = View {
-                        data: &g[qbase..],
-                        rows: d.t,
-                        cols: hd,
-                        rs: qrs,
-                        cs: 1,
-                    };
-                    let qview = View {
-                        data: &q[qbase..],
-                        rows: d.t,
-                        cols: hd,
-                        rs: qrs,
-                        cs: 1,
-                    };
-                    let pview = View {
-                        data: p,
-                        rows: d.t,
-                        cols: d.tk,
-                        rs: d.tk,
-                        cs: 1,
-                    };
+                    let gview = rows_view(&g[qbase..], d.t, hd, qrs);
+                    let qview = rows_view(&q[qbase..], d.t, hd, qrs);
+                    let pview = rows_view(p, d.t, d.tk, d.tk);
                     let (pk, pv, pq) = (pk, pv, pq);
                     // SAFETY: this task alone writes dK/dV rows of (bi, kvh) and dQ of (bi, h).
                     unsafe {
@@ -867,13 +825,7 @@ impl Attention {
                             dpr[j] = pr[j] * (dpr[j] - di) * self.scale;
                         }
                     }
-                    let dsview = View {
-                        data: dp,
-                        rows: d.t,
-                        cols: d.tk,
-                        rs: d.tk,
-                        cs: 1,
-                    };
+                    let dsview = rows_view(dp, d.t, d.tk, d.tk);
                     unsafe {
                         // dQ = dS·K, dK += dSᵀ·Q
                         gemm_seq(pq.0.add(qbase), qrs, dsview, kview, false, 1.0);
