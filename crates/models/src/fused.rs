@@ -75,23 +75,42 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     Ok(&v[l.start_offset()..l.start_offset() + n])
 }
 
-/// The contiguous f32 data of a tensor (copied only when it is not contiguous).
-fn data(t: &Tensor) -> Result<Vec<f32>> {
-    let t = t.contiguous()?;
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        Storage::Cpu(c) => Ok(slice(c, l, "tensor")?.to_vec()),
-        _ => bail!("fused: CPU tensors only"),
+/// A tensor made contiguous (a no-op when it already is) whose f32 data backward passes read
+/// in place: they used to copy every saved input and upstream gradient first.
+struct Contig(Tensor);
+
+impl Contig {
+    fn new(t: &Tensor) -> Result<Self> {
+        Ok(Contig(t.contiguous()?))
+    }
+    fn read(&self) -> Result<Read<'_>> {
+        let (guard, l) = self.0.storage_and_layout();
+        let (start, len) = match &*guard {
+            Storage::Cpu(c) => {
+                let v = slice(c, l, "tensor")?;
+                (l.start_offset(), v.len())
+            }
+            _ => bail!("fused: CPU tensors only"),
+        };
+        Ok(Read { guard, start, len })
     }
 }
 
-/// Runs `f` over the contiguous f32 data of `t` without copying it when it is contiguous.
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        Storage::Cpu(c) => f(slice(c, l, "tensor")?),
-        _ => bail!("fused: CPU tensors only"),
+/// Read access to a [`Contig`]'s f32 elements (holds the storage's read lock).
+struct Read<'a> {
+    guard: candle_core::StorageRef<'a>,
+    start: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for Read<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.start + self.len],
+            // `Contig::read` accepted only f32 CPU storage, and the guard keeps it so.
+            _ => unreachable!("checked in Contig::read"),
+        }
     }
 }
 
@@ -258,8 +277,8 @@ impl Norm {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let h = x.dim(candle_core::D::Minus1)?;
-        let (xv, wv, gv) = (data(x)?, data(w)?, data(g)?);
-        let (dx, dw, db) = self.bwd(&xv, &wv, &gv, h);
+        let (xc, wc, gc) = (Contig::new(x)?, Contig::new(w)?, Contig::new(g)?);
+        let (dx, dw, db) = self.bwd(&xc.read()?, &wc.read()?, &gc.read()?, h);
         let dx = if x.track_op() {
             Some(tensor(dx, x.shape())?)
         } else {
@@ -417,7 +436,8 @@ impl CustomOp1 for GeluErf {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let (xv, gv) = (data(x)?, data(g)?);
+        let (xc, gc) = (Contig::new(x)?, Contig::new(g)?);
+        let (xv, gv) = (xc.read()?, gc.read()?);
         let mut d = vec![0f32; xv.len()];
         d.par_chunks_mut(16384)
             .zip(xv.par_chunks(16384).zip(gv.par_chunks(16384)))
@@ -480,7 +500,8 @@ impl CustomOp2 for SiluMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (g, u, d) = (data(gate)?, data(up)?, data(grad)?);
+        let (gc, uc, dc) = (Contig::new(gate)?, Contig::new(up)?, Contig::new(grad)?);
+        let (g, u, d) = (gc.read()?, uc.read()?, dc.read()?);
         let mut dg = vec![0f32; g.len()];
         let mut du = vec![0f32; g.len()];
         dg.par_chunks_mut(16384)
@@ -569,11 +590,9 @@ impl Rope {
                 hd / 2
             );
         }
-        with_data(&self.cos, |c| {
-            with_data(&self.sin, |s| {
-                Ok(rope_apply(x, c, s, *t, *nh, *hd, inverse))
-            })
-        })
+        let (c, s) = (Contig::new(&self.cos)?, Contig::new(&self.sin)?);
+        let y = rope_apply(x, &c.read()?, &s.read()?, *t, *nh, *hd, inverse);
+        Ok(y)
     }
 }
 
@@ -586,7 +605,8 @@ impl CustomOp1 for Rope {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let d = with_data(g, |gv| self.run(gv, g.dims(), true))?;
+        let gc = Contig::new(g)?;
+        let d = self.run(&gc.read()?, g.dims(), true)?;
         Ok(Some(tensor(d, x.shape())?))
     }
 }
@@ -869,8 +889,16 @@ impl CustomOp3 for Attention {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(q.dims(), k.dims(), v.dims())?;
-        let (qv, kv, vv, ov, gv) = (data(q)?, data(k)?, data(v)?, data(res)?, data(g)?);
-        let (dq, dk, dv) = self.backward(&d, &qv, &kv, &vv, &ov, &gv);
+        let (qc, kc, vc) = (Contig::new(q)?, Contig::new(k)?, Contig::new(v)?);
+        let (oc, gc) = (Contig::new(res)?, Contig::new(g)?);
+        let (dq, dk, dv) = self.backward(
+            &d,
+            &qc.read()?,
+            &kc.read()?,
+            &vc.read()?,
+            &oc.read()?,
+            &gc.read()?,
+        );
         let wrap = |t: &Tensor, x: Vec<f32>| -> Result<Option<Tensor>> {
             t.track_op().then(|| tensor(x, t.shape())).transpose()
         };
@@ -892,7 +920,7 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (nh, nkv) = (q.dim(2)?, k.dim(2)?);
     let key_mask = match key_mask {
-        Some(m) => Some(data(&m.to_dtype(DType::F32)?)?),
+        Some(m) => Some(Contig::new(&m.to_dtype(DType::F32)?)?.read()?.to_vec()),
         None => None,
     };
     let op = Attention {
@@ -955,7 +983,9 @@ impl CustomOp1 for CrossEntropy {
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (n, v) = self.check(x.dims())?;
         let scale = g.to_dtype(DType::F32)?.to_scalar::<f32>()? / n.max(1) as f32;
-        let d = with_data(x, |xv| {
+        let xc = Contig::new(x)?;
+        let xv = xc.read()?;
+        let d = {
             let mut d = vec![0f32; xv.len()];
             d.par_chunks_mut(v.max(1))
                 .zip(xv.par_chunks(v.max(1)).zip(self.targets.par_iter()))
@@ -968,8 +998,8 @@ impl CustomOp1 for CrossEntropy {
                     });
                     dr[t as usize] -= scale;
                 });
-            Ok(d)
-        })?;
+            d
+        };
         Ok(Some(tensor(d, x.shape())?))
     }
 }
