@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 out=$1; limit=${2:-8192}; epochs=${3:-1}; shift 3 || true
 seeds=${*:-"1 2 3"}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mpolm/target}"
-bin="$CARGO_TARGET_DIR/release/mpolm"
+bin="${MPOLM_BIN:-$CARGO_TARGET_DIR/release/mpolm}"
 data=${MPOLM_DATA:-../shared/data}/glue/SST-2
 mkdir -p "$out"
 [ -d "$out/mpo-full" ] || "$bin" compress minilm-l6 --matrices encoder,pooler --out "$out/mpo-full" >/dev/null
