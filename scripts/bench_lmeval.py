@@ -4,14 +4,15 @@
   prepare  --data ../shared/data --work DIR [--wikitext-lines N]
       DIR/mmlu/<subject>_{test,dev}.jsonl   MMLU CSVs in cais/mmlu's columns, for scripts/lmeval_tasks/*.yaml
       DIR/wikitext2/test.{txt,jsonl}        the first N lines of wikitext2/test.txt (one document)
-      DIR/mpolm-data/{mmlu,wikitext2}       a --data-dir for mpolm eval seeing the same bytes
+      DIR/gsm8k/test.jsonl                  GSM8K's test split, for local_gsm8k_cot.yaml
+      DIR/mpolm-data/{mmlu,wikitext2,gsm8k} a --data-dir for mpolm eval seeing the same bytes
   lmeval   --work DIR --model HF_DIR --tasks local_mmlu_x,... [--shots K] [--limit N] [--batch B]
            [--threads T] [--max-length L] --out OUT.json
       Loads lm-eval's `hf` model once (timed apart), then times simple_evaluate alone; writes results,
       timings and per-document predictions / log-likelihoods.
   compare  --mpolm REPORT.json (mpolm eval --log-samples) --lmeval OUT.json
       Per-subject accuracy on both sides, documents whose prediction differs, largest log-likelihood gap;
-      perplexities and their relative difference.
+      perplexities and their relative difference; for GSM8K, identical generations and extracted answers.
 
 No hub access: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set, the tasks read local files only.
 """
@@ -50,8 +51,12 @@ def prepare(a):
     page = "".join(lines[: a.wikitext_lines])
     (work / "wikitext2" / "test.txt").write_text(page, encoding="utf-8")
     (work / "wikitext2" / "test.jsonl").write_text(json.dumps({"page": page}) + "\n", encoding="utf-8")
+    (work / "gsm8k").mkdir(parents=True, exist_ok=True)
+    (work / "gsm8k" / "test.jsonl").write_bytes((data / "gsm8k" / "test.jsonl").read_bytes())
     md = work / "mpolm-data"
     (md / "wikitext2").mkdir(parents=True, exist_ok=True)
+    if not (md / "gsm8k").exists():
+        (md / "gsm8k").symlink_to((work / "gsm8k").resolve())
     (md / "wikitext2" / "test.txt").write_text(page, encoding="utf-8")
     if not (md / "mmlu").exists():
         (md / "mmlu").symlink_to((data / "mmlu").resolve())
@@ -94,6 +99,12 @@ def run_lmeval(a):
     for t, ss in res["samples"].items():
         rows = []
         for s in ss:
+            first = s["resps"][0][0] if s["resps"] else None
+            if isinstance(first, str):  # generate_until: one generation, one entry per filter
+                rows.append({"doc_id": s["doc_id"], "target": s["target"], "filter": s.get("filter"),
+                             "response": first, "filtered": s["filtered_resps"][0],
+                             "exact_match": s.get("exact_match")})
+                continue
             lls = [float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0]) for r in s["resps"]]
             rows.append({"doc_id": s["doc_id"], "target": s["target"], "loglikelihoods": lls})
         samples[t] = rows
@@ -148,6 +159,30 @@ def compare(a):
         n = tot[0]
         print(f"{'overall':24s} n={n:3d} acc mpolm {tot[1] / n:.4f} lm-eval {tot[2] / n:.4f}, "
               f"different predictions {tot[3]}, max |ll gap| {worst:.2e}")
+    if "gsm8k" in m.get("samples", {}):
+        ms = sorted(m["samples"]["gsm8k"], key=lambda r: r["doc"])
+        ls = l["samples"]["local_gsm8k_cot"]
+        by = {}
+        for r in ls:
+            by.setdefault(r["filter"], {})[r["doc_id"]] = r
+        strict, flex = by["strict-match"], by["flexible-extract"]
+        same_text = same_strip = same_s = same_f = 0
+        for x in ms:
+            y = strict[x["doc"]]
+            if str(x["target"]) != str(y["target"]):
+                sys.exit(f"gsm8k doc {x['doc']}: targets differ (document order?)")
+            same_text += x["response"] == y["response"]
+            same_strip += x["response"].strip() == y["response"].strip()
+            same_s += x["strict"] == strict[x["doc"]]["filtered"]
+            same_f += x["flexible"] == flex[x["doc"]]["filtered"]
+            if x["response"].strip() != y["response"].strip():
+                print(f"doc {x['doc']} differs:\n  mpolm   {x['response'][:200]!r}\n  lm-eval {y['response'][:200]!r}")
+        n = len(ms)
+        print(f"gsm8k n={n}: identical generations {same_text} (after strip {same_strip}), "
+              f"strict answers equal {same_s}, flexible answers equal {same_f}")
+        mr, lr = m["results"]["gsm8k"], l["results"]["local_gsm8k_cot"]
+        for f in ("strict-match", "flexible-extract"):
+            print(f"exact_match,{f:17s} mpolm {mr[f'exact_match,{f}']:.4f} lm-eval {lr[f'exact_match,{f}']:.4f}")
     if "wikitext2" in m["results"]:
         mr, lr = m["results"]["wikitext2"], l["results"]["local_wikitext2"]
         for k in ("word_perplexity", "byte_perplexity", "bits_per_byte"):

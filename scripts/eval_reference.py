@@ -62,7 +62,7 @@ GSM8K_EXEMPLARS = [
     ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
      "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars left. 23 - 15 is 8. The answer is 8."),
 ]
-GSM8K_UNTIL = ["Q:", "\n\n", "</s>", "<|im_end|>"]
+GSM8K_UNTIL = ["Q:", "</s>", "<|im_end|>"]  # lm-eval gsm8k-cot.yaml v3.0
 
 
 def load_model(path):

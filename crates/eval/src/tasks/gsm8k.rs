@@ -1,6 +1,7 @@
 //! GSM8K chain of thought, as lm-eval's `gsm8k_cot`: the 8 exemplars of Wei et al. (2022) as
 //! "Q: {question}\nA: {reasoning} The answer is N." joined by "\n\n", then "Q: {question}\nA:";
-//! greedy generation until "Q:", "\n\n", "</s>", "<|im_end|>" or EOS; answers extracted with the
+//! greedy generation until "Q:", "</s>", "<|im_end|>" or EOS (gsm8k-cot.yaml v3.0 of lm-eval 0.4.x;
+//! versions before 3.0 also stopped at "\n\n"); answers extracted with the
 //! strict ("The answer is N") and flexible (last number) filters; exact match after removing
 //! ",", "$", everything up to "#### " and a final ".", ignoring case.
 
@@ -48,7 +49,7 @@ pub const EXEMPLARS: [(&str, &str); 8] = [
     ),
 ];
 
-pub const UNTIL: [&str; 4] = ["Q:", "\n\n", "</s>", "<|im_end|>"];
+pub const UNTIL: [&str; 3] = ["Q:", "</s>", "<|im_end|>"];
 pub const DEFAULT_MAX_GEN: usize = 256;
 pub const INVALID: &str = "[invalid]";
 
