@@ -68,7 +68,15 @@ impl MpoLayer {
 impl LinearLayer for MpoLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if models::ops::training() {
-            return candle_core::Module::forward(&self.inner, x);
+            let batch = x.elem_count() / self.in_features().max(1);
+            if self.inner.resolve_mode(batch) == ForwardMode::Contract {
+                return candle_core::Module::forward(&self.inner, x);
+            }
+            // Rebuild W from the cores (differentiably), then one fused Linear: its backward
+            // is one GEMM per tracked input and folds the bias, where candle's broadcast matmul
+            // of xᵀ-views and a separate bias add cost extra copies and gradient nodes.
+            let w = self.inner.to_dense()?;
+            return models::kernels::linear(x, &w, self.inner.bias_tensor().as_ref());
         }
         let y = models::linear::matmul_t(x, self.cached_dense()?)?;
         match self.inner.bias() {

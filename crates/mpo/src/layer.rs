@@ -332,17 +332,21 @@ impl MpoLinear {
                 x.broadcast_matmul(&w.t()?)?
             }
         };
-        match &self.bias {
-            Some(b) => {
-                let b = if self.bias_trainable {
-                    b.as_tensor().clone()
-                } else {
-                    b.as_detached_tensor()
-                };
-                y.broadcast_add(&b)
-            }
+        match self.bias_tensor() {
+            Some(b) => y.broadcast_add(&b),
             None => Ok(y),
         }
+    }
+
+    /// The bias as the forward pass uses it: tracked only while it is trainable.
+    pub fn bias_tensor(&self) -> Option<Tensor> {
+        self.bias.as_ref().map(|b| {
+            if self.bias_trainable {
+                b.as_tensor().clone()
+            } else {
+                b.as_detached_tensor()
+            }
+        })
     }
 }
 
