@@ -43,6 +43,19 @@ pub struct QuantizeArgs {
     /// Keep projections in fp16: attn | ffn | q,k,v,o,gate,up,down | crucial:N.
     #[arg(long)]
     pub keep_fp16: Option<String>,
+    /// Quantize every decoder projection's input to INT8 per token (simulated, LLM.int8-style),
+    /// keeping outlier dimensions in full precision (see --keep-outliers). Outliers are found on
+    /// the calibration text (--calib, --nsamples, --seqlen) with the unquantized model.
+    #[arg(long)]
+    pub int8_activations: bool,
+    /// With --int8-activations: `all` keeps every input dimension whose calibration |x| reaches
+    /// --outlier-threshold (LLM.int8); N keeps the N outlier dimensions found in the most layers
+    /// (per projection role) and quantizes the rest; 0 quantizes every dimension.
+    #[arg(long, default_value = "all")]
+    pub keep_outliers: String,
+    /// |x| from which an input dimension counts as an outlier (LLM.int8 uses 6).
+    #[arg(long, default_value_t = quant::actquant::DEFAULT_THRESHOLD)]
+    pub outlier_threshold: f32,
     /// Output checkpoint directory (must not exist or be empty).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -95,12 +108,24 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
         }
     }
     let keep = KeepFp16::parse(a.keep_fp16.as_deref().unwrap_or(""))?;
+    let keep_outliers = quant::actquant::KeepOutliers::parse(&a.keep_outliers)?;
+    anyhow::ensure!(
+        a.int8_activations
+            || (keep_outliers == quant::actquant::KeepOutliers::All
+                && a.outlier_threshold == quant::actquant::DEFAULT_THRESHOLD),
+        "--keep-outliers and --outlier-threshold only apply with --int8-activations"
+    );
+    anyhow::ensure!(
+        a.outlier_threshold > 0.0,
+        "--outlier-threshold must be positive, got {}",
+        a.outlier_threshold
+    );
     // Check data files before the (slow) work.
     let calib_path = a
         .calib
         .clone()
         .unwrap_or_else(|| Path::new(WIKITEXT2).join("valid.txt"));
-    let calib_text = if method == Some(Method::Gptq) {
+    let calib_text = if method == Some(Method::Gptq) || a.int8_activations {
         Some(quant::read_text(&calib_path, "calibration")?)
     } else {
         None
@@ -118,6 +143,39 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
     let mut m = crate::load(&a.model)?;
     let base_params = m.total_params();
     let mut out_dir = None;
+    // Outliers are a property of the activations, so they are found on the model as loaded
+    // (before its weights are quantized).
+    let int8 = match (&calib_text, a.int8_activations) {
+        (Some(t), true) => {
+            let samples = quant::calib::calibration_samples(&m, t, a.nsamples, a.seqlen, a.seed)?;
+            let ti = std::time::Instant::now();
+            let absmax = quant::actquant::input_absmax(&mut m, &samples)?;
+            let p = quant::actquant::plan(&absmax, a.outlier_threshold, keep_outliers);
+            println!(
+                "int8 activations: {} projections, {} input dimensions kept in full precision (--keep-outliers {}, |x| ≥ {}; {} calibration windows, {:.1}s)",
+                p.projections, p.kept_total, keep_outliers, a.outlier_threshold, samples.len(), ti.elapsed().as_secs_f64()
+            );
+            for (r, o) in &p.outliers {
+                let top: Vec<String> = o
+                    .iter()
+                    .take(3)
+                    .map(|o| {
+                        format!(
+                            "dim {} in {} layers (max |x| {:.1})",
+                            o.dim, o.layers, o.max_abs
+                        )
+                    })
+                    .collect();
+                println!(
+                    "  {r:<10} {:>4} outlier dims; top: {}",
+                    o.len(),
+                    top.join(", ")
+                );
+            }
+            Some(p)
+        }
+        _ => None,
+    };
     if let Some(method) = method {
         let o = QuantOptions {
             method,
@@ -177,6 +235,7 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
             checkpoint_format: "gptq".into(),
             mpolm_method: a.method.clone(),
             mpolm_fp16_modules: vec![],
+            mpolm_int8_activations: int8.as_ref().map(|p| p.config.clone()),
         };
         quant::save_quantized(&m, &dir, &cfg)?;
         rep.set("quantize", json!({"method": a.method, "bits": a.bits, "group_size": a.group_size, "act_order": a.act_order,
@@ -188,6 +247,17 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
         drop(m);
         m = quant::load_quantized(&dir).with_context(|| format!("reloading {}", dir.display()))?;
         out_dir = Some(dir);
+    }
+    if let Some(p) = &int8 {
+        if out_dir.is_none() {
+            // No checkpoint (--method none): apply to the model in memory.
+            quant::actquant::apply(&mut m, &p.config)?;
+        }
+        rep.set(
+            "int8_activations",
+            json!({"threshold": a.outlier_threshold, "keep_outliers": keep_outliers.to_string(),
+            "projections": p.projections, "kept_dims": p.kept_total, "outliers": p.outliers}),
+        );
     }
     let quantized = m.linears().iter().any(|(_, l)| {
         l.inner()

@@ -363,3 +363,98 @@ fn quantize_gptq_end_to_end_and_bad_inputs() {
         assert!(!bad.exists(), "{extra:?} left {bs} behind");
     }
 }
+
+#[test]
+fn quantize_with_int8_activations_saves_and_reapplies_the_outlier_plan() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    models::testing::write_tiny_llama(&m, false).unwrap();
+    let text = d.path().join("calib.txt");
+    let t: String = (0..200)
+        .map(|i| format!("the cat {i} sat on the mat and then the dog ran in the hall. "))
+        .collect();
+    std::fs::write(&text, t).unwrap();
+    let (ms, ts) = (m.to_str().unwrap(), text.to_str().unwrap());
+    let out = d.path().join("q");
+    let os = out.to_str().unwrap();
+    let rep = d.path().join("rep.json");
+    let ppl = |args: &[&str]| -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--ppl-windows", "4", "--ppl-window", "64", "--ppl-data", ts]);
+        a.extend(["--report", rep.to_str().unwrap()]);
+        let o = mpolm(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap()
+    };
+    let calib = ["--calib", ts, "--nsamples", "4", "--seqlen", "32"];
+    let base = ppl(&["quantize", ms, "--method", "none"]);
+    // A threshold of 0 makes every dimension an outlier, so `all` keeps every input: the
+    // activations are untouched and the perplexity is the f32 one.
+    let mut a = vec!["quantize", ms, "--method", "none", "--int8-activations"];
+    a.extend(calib);
+    a.extend(["--outlier-threshold", "1e-30"]);
+    let v = ppl(&a);
+    let p = |v: &serde_json::Value| v["model_summary"]["perplexity"]["ppl"].as_f64().unwrap();
+    assert!(
+        (p(&v) / p(&base) - 1.0).abs() < 1e-9,
+        "{} vs {}",
+        p(&v),
+        p(&base)
+    );
+    // Quantizing every input dimension changes it a little.
+    let mut a = vec!["quantize", ms, "--method", "none", "--int8-activations"];
+    a.extend(calib);
+    a.extend(["--keep-outliers", "0"]);
+    let v = ppl(&a);
+    assert!(p(&v) != p(&base) && (p(&v) / p(&base) - 1.0).abs() < 0.05);
+    assert_eq!(v["int8_activations"]["kept_dims"], 0);
+    // With a checkpoint the plan is saved and re-applied on load.
+    let mut a = vec![
+        "quantize",
+        ms,
+        "--method",
+        "rtn",
+        "--bits",
+        "8",
+        "--group-size",
+        "16",
+    ];
+    a.extend([
+        "--int8-activations",
+        "--keep-outliers",
+        "1",
+        "--outlier-threshold",
+        "0.5",
+    ]);
+    a.extend(calib);
+    a.extend(["--out", os]);
+    let v = ppl(&a);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("quantize_config.json")).unwrap())
+            .unwrap();
+    let kept = cfg["mpolm_int8_activations"]["kept_dims"]
+        .as_object()
+        .unwrap();
+    assert_eq!(kept.len(), 14);
+    assert!(kept.values().all(|d| d.as_array().unwrap().len() <= 1));
+    let again = ppl(&["quantize", os, "--method", "none"]);
+    assert!(
+        (p(&again) / p(&v) - 1.0).abs() < 1e-9,
+        "{} vs {}",
+        p(&again),
+        p(&v)
+    );
+    // Bad input.
+    let o = mpolm(&["quantize", ms, "--method", "none", "--keep-outliers", "2"]);
+    assert_clean_error(&o, "only apply with --int8-activations");
+    let o = mpolm(&[
+        "quantize",
+        ms,
+        "--method",
+        "none",
+        "--int8-activations",
+        "--keep-outliers",
+        "x",
+    ]);
+    assert_clean_error(&o, "--keep-outliers takes 'all' or a number");
+}

@@ -434,6 +434,7 @@ fn lora_over_a_quantized_model() {
         checkpoint_format: "gptq".into(),
         mpolm_method: "rtn".into(),
         mpolm_fp16_modules: vec![],
+        mpolm_int8_activations: None,
     };
     quant::save_quantized(&m, &qdir, &cfg).unwrap();
     let mut q = quant::load_quantized(&qdir).unwrap();

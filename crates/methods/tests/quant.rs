@@ -313,6 +313,7 @@ fn tiny_model_gptq_save_load_generate() {
         checkpoint_format: "gptq".into(),
         mpolm_method: "gptq".into(),
         mpolm_fp16_modules: vec![],
+        mpolm_int8_activations: None,
     };
     quant::save_quantized(&m, &out, &cfg).unwrap();
     assert!(quant::is_quantized_dir(&out));

@@ -70,20 +70,91 @@ impl LinearLayer for Dense {
     }
 }
 
+/// Per-token INT8 quantization of a Linear's input, as LLM.int8() does it (vector-wise absmax:
+/// each row x is replaced by round(x·127/max|x|)·max|x|/127), except for `keep`, the input
+/// dimensions (outlier features) that stay in full precision and are left out of the absmax.
+/// Simulated ("fake") quantization: it measures the accuracy cost of INT8 activations with any
+/// weight format behind the Linear. In training the rounding is a straight-through estimator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int8Input {
+    /// Sorted, unique input dimensions kept in full precision.
+    pub keep: Vec<usize>,
+}
+
+impl Int8Input {
+    pub fn new(mut keep: Vec<usize>) -> Self {
+        keep.sort_unstable();
+        keep.dedup();
+        Int8Input { keep }
+    }
+
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let n = *x.dims().last().unwrap_or(&0);
+        if let Some(&d) = self.keep.last() {
+            if d >= n {
+                candle_core::bail!(
+                    "int8 input: kept dimension {d} is outside an input of width {n}"
+                );
+            }
+        }
+        let dtype = x.dtype();
+        let xf = x.detach().to_dtype(candle_core::DType::F32)?.contiguous()?;
+        let mut v = xf.flatten_all()?.to_vec1::<f32>()?;
+        let mut quantized = vec![true; n];
+        for &d in &self.keep {
+            quantized[d] = false;
+        }
+        for row in v.chunks_mut(n.max(1)) {
+            let amax = row
+                .iter()
+                .zip(&quantized)
+                .filter(|(_, &q)| q)
+                .fold(0f32, |m, (x, _)| m.max(x.abs()));
+            if amax == 0.0 {
+                continue;
+            }
+            let s = amax / 127.0;
+            for (x, &q) in row.iter_mut().zip(&quantized) {
+                if q {
+                    *x = (*x / s).round().clamp(-127.0, 127.0) * s;
+                }
+            }
+        }
+        let q = Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(dtype)?;
+        if x.is_variable() || x.track_op() {
+            // x + (q − x) with the difference constant: values of q, gradient of the identity.
+            return x + (q - x.detach())?;
+        }
+        Ok(q)
+    }
+}
+
 /// The swap point held by architectures.
 #[derive(Debug)]
 pub struct Linear {
     inner: Box<dyn LinearLayer>,
+    /// INT8 activations (LLM.int8 study); None = the input as it comes.
+    pub int8_input: Option<Int8Input>,
 }
 
 impl Linear {
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear {
-            inner: Box::new(Dense { weight, bias }),
-        }
+        Self::new(Box::new(Dense { weight, bias }))
     }
     pub fn new(inner: Box<dyn LinearLayer>) -> Self {
-        Linear { inner }
+        Linear {
+            inner,
+            int8_input: None,
+        }
+    }
+    /// The layer's output, with the input INT8-quantized first when `int8_input` is set. An
+    /// inherent method, so architectures calling `lin.forward(x)` get it rather than the inner
+    /// layer's through `Deref`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.int8_input {
+            Some(q) => self.inner.forward(&q.apply(x)?),
+            None => self.inner.forward(x),
+        }
     }
     /// Replace the implementation, returning the old one.
     pub fn replace(&mut self, new: Box<dyn LinearLayer>) -> Box<dyn LinearLayer> {
@@ -106,6 +177,58 @@ impl std::ops::Deref for Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.forward(x)
+        Linear::forward(self, x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn int8_input_quantizes_rows_except_kept_dims() {
+        let x = Tensor::new(
+            &[[1.0f32, -2.0, 100.0, 0.5], [0.0, 0.0, 0.0, 0.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let q = Int8Input::new(vec![2]).apply(&x).unwrap();
+        let v = q.to_vec2::<f32>().unwrap();
+        // Row 0: absmax over dims 0, 1, 3 is 2 → step 2/127; dim 2 is kept as is.
+        let s = 2.0f32 / 127.0;
+        let want = [64.0 * s, -127.0 * s, 100.0, 32.0 * s];
+        for (a, b) in v[0].iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{:?} vs {want:?}", v[0]);
+        }
+        assert_eq!(v[1], vec![0.0; 4]);
+        // Nothing kept: the 100 sets the step and the small values round to 0 or ±1 step.
+        let v = Int8Input::new(vec![])
+            .apply(&x)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let s = 100.0f32 / 127.0;
+        for (a, b) in v[0].iter().zip([s, -3.0 * s, 127.0 * s, s]) {
+            assert!((a - b).abs() < 1e-5, "{:?}", v[0]);
+        }
+        assert!(Int8Input::new(vec![4]).apply(&x).is_err());
+    }
+
+    #[test]
+    fn int8_input_passes_the_gradient_straight_through() {
+        let x = Var::new(&[[0.3f32, -1.7, 2.2]], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[[1.0f32, 2.0, 3.0]], &Device::Cpu).unwrap();
+        let mut lin = Linear::dense(w, None);
+        lin.int8_input = Some(Int8Input::new(vec![]));
+        let y = lin.forward(x.as_tensor()).unwrap().sum_all().unwrap();
+        let g = y.backward().unwrap();
+        let gx = g.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(gx, vec![vec![1.0, 2.0, 3.0]]);
+        // The forward value is that of the quantized input.
+        let s = 2.2f32 / 127.0;
+        let xq = [(0.3f32 / s).round() * s, (-1.7f32 / s).round() * s, 2.2];
+        let want = xq[0] + 2.0 * xq[1] + 3.0 * xq[2];
+        assert!((y.to_scalar::<f32>().unwrap() - want).abs() < 1e-5);
     }
 }

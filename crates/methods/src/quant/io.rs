@@ -31,6 +31,9 @@ pub struct QuantizeConfig {
     /// Modules left in fp16.
     #[serde(default)]
     pub mpolm_fp16_modules: Vec<String>,
+    /// INT8 activations (simulated) with their kept outlier dimensions, re-applied on load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mpolm_int8_activations: Option<super::actquant::Int8Config>,
 }
 
 pub fn is_quantized_dir(dir: &Path) -> bool {
@@ -204,5 +207,9 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
     m.stored_types.clear();
     m.stored_types
         .insert(format!("gptq int{} (packed)", cfg.bits), found);
+    if let Some(a) = &cfg.mpolm_int8_activations {
+        super::actquant::apply(&mut m, a)
+            .map_err(|e| models::Error::config(&cpath, e.to_string()))?;
+    }
     Ok(m)
 }

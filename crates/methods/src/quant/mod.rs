@@ -7,7 +7,9 @@
 //! * [`calib`] — Hessian capture through recording Linear wrappers and the true-sequential
 //!   layer-by-layer driver ([`quantize_model`]).
 //! * [`io`] — AutoGPTQ-layout checkpoints ([`save_quantized`], [`load_quantized`]).
+//! * [`actquant`] — INT8 activations with outlier dimensions kept (LLM.int8-style).
 
+pub mod actquant;
 pub mod calib;
 pub mod gguf_export;
 pub mod gptq;
