@@ -6,7 +6,8 @@
 # Needs lm_eval 0.4.13 (pip install --no-deps lm_eval==0.4.13, then its small deps: datasets evaluate jinja2
 # pytablewriter rouge-score sacrebleu scikit-learn sqlitedict dill word2number more_itertools; torch untouched).
 set -uo pipefail
-STAGES=${STAGES:-mmlu0 mmlu5 wiki}  # subset of: mmlu0 mmlu5 wiki
+STAGES=${STAGES:-mmlu0 mmlu5 wiki gsm}  # subset of: mmlu0 mmlu5 wiki gsm
+GSM_LIMIT=${GSM_LIMIT:-10}  # GSM8K documents (8-shot chain of thought, greedy, up to 256 new tokens)
 on() { [[ " $STAGES " == *" $1 "* ]]; }
 R=${1:?round}; BIN=${2:-mpolm}; HF=${3:-/tmp/lmeval-smollm2-hf}; WORK=${4:-/tmp/lmeval-work}
 D=$(cd "$(dirname "$0")" && pwd); O=$WORK/round$R; mkdir -p "$O"
@@ -39,6 +40,14 @@ pre mpolm_wiki
 pre lmeval_wiki
 python3 "$D/bench_lmeval.py" lmeval --work "$WORK" --model "$HF" --tasks local_wikitext2 --max-length 2048 \
   --batch 1 --threads 2 --out "$O/lmeval_wiki.json" > "$O/lmeval_wiki.log" 2>&1
+fi
+if on gsm; then
+pre mpolm_gsm
+"$BIN" eval smollm2-135m --task gsm8k --limit "$GSM_LIMIT" --batch 1 --threads 2 \
+  --data-dir "$WORK/mpolm-data" --log-samples --report "$O/mpolm_gsm.json" > "$O/mpolm_gsm.log" 2>&1
+pre lmeval_gsm
+python3 "$D/bench_lmeval.py" lmeval --work "$WORK" --model "$HF" --tasks local_gsm8k_cot --shots 8 \
+  --limit "$GSM_LIMIT" --batch 1 --threads 2 --out "$O/lmeval_gsm.json" > "$O/lmeval_gsm.log" 2>&1
 fi
 pre done
 for t in $STAGES; do
