@@ -250,22 +250,27 @@ impl QKernel {
         let row = &self.codes[j * rb..(j + 1) * rb];
         let sb = 8 / self.cpb;
         let mask: u8 = if sb == 8 { 0xff } else { (1u8 << sb) - 1 };
-        for b in 0..self.nb {
-            let g = self.gblk[b] as usize;
-            let (dd, zz) = (self.d[j * ng + g], self.z[j * ng + g]);
-            let (ch, sub) = (b / self.cpb, b % self.cpb);
-            let src = &row[ch * BLOCK..ch * BLOCK + BLOCK];
-            let dst = &mut out[b * BLOCK..b * BLOCK + BLOCK];
-            if sb == 8 {
-                for t in 0..BLOCK {
-                    dst[t] = dd * ((src[t] as i8) as f32 - zz);
-                }
-            } else {
-                for t in 0..BLOCK {
-                    dst[t] = dd * (((src[t] >> (sub * sb)) & mask) as f32 - zz);
+        // The batch path dequantizes every weight once per forward: vectorised 8-wide.
+        simd!({
+            for b in 0..self.nb {
+                let g = self.gblk[b] as usize;
+                let (dd, zz) = (self.d[j * ng + g], self.z[j * ng + g]);
+                let (ch, sub) = (b / self.cpb, b % self.cpb);
+                let src: &[u8; BLOCK] = row[ch * BLOCK..ch * BLOCK + BLOCK].try_into().unwrap();
+                let dst: &mut [f32; BLOCK] =
+                    (&mut out[b * BLOCK..b * BLOCK + BLOCK]).try_into().unwrap();
+                if sb == 8 {
+                    for t in 0..BLOCK {
+                        dst[t] = dd * ((src[t] as i8) as f32 - zz);
+                    }
+                } else {
+                    let sh = (sub * sb) as u32;
+                    for t in 0..BLOCK {
+                        dst[t] = dd * (((src[t] >> sh) & mask) as f32 - zz);
+                    }
                 }
             }
-        }
+        })
     }
 
     /// The dequantized weight [n, k] in the original input order.

@@ -141,7 +141,8 @@ impl QuantLinear {
             scales,
             g_idx,
             bias,
-            zeros_f,
+            // The kernel holds its own zeros; only the legacy path reads these.
+            zeros_f: if kern.is_some() { Vec::new() } else { zeros_f },
             kern,
         })
     }
@@ -151,6 +152,13 @@ impl QuantLinear {
     pub fn without_kernel(&self) -> QuantLinear {
         let mut q = self.clone();
         q.qweight = self.qweight().into_owned();
+        if self.kern.is_some() {
+            q.zeros_f = pack::unpack_cols(&self.qzeros, self.groups(), self.out_f, self.bits)
+                .expect("qzeros were validated at construction")
+                .into_iter()
+                .map(|z| z as f32 + 1.0)
+                .collect();
+        }
         q.kern = None;
         q
     }
