@@ -65,7 +65,7 @@ pub fn save_quantized(m: &Model, dir: &Path, cfg: &QuantizeConfig) -> Result<()>
             let b = q.bits as usize;
             tensors.insert(
                 format!("{name}.qweight"),
-                i32_tensor(&q.qweight, (q.in_f * b / 32, q.out_f))?,
+                i32_tensor(&q.qweight(), (q.in_f * b / 32, q.out_f))?,
             );
             tensors.insert(
                 format!("{name}.qzeros"),

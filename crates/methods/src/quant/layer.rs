@@ -1,21 +1,55 @@
-//! `QuantLinear`: packed AutoGPTQ-layout weights behind `models::LinearLayer`, with a
-//! dequantise-on-the-fly matmul (one layer's f32 weight exists only during its own forward).
+//! `QuantLinear`: packed AutoGPTQ-layout weights behind `models::LinearLayer`.
+//!
+//! At construction the weights are repacked into [`QKernel`] (int8 dot-product kernels, see
+//! `kernels.rs`) and the AutoGPTQ qweight is dropped (rebuilt from the kernel's codes when
+//! saving). Layers whose groups do not fit blocks of 32 inputs, and every layer when
+//! `MPOLM_QMATMUL=legacy`, keep qweight and the former path: the whole layer dequantised to
+//! f32 during its own forward, then one dense matmul.
 
 use super::gptq::Quantized;
+use super::kernels::QKernel;
 use super::pack;
 use super::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use models::LinearLayer;
 use rayon::prelude::*;
 use std::any::Any;
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// How QuantLinear multiplies (`MPOLM_QMATMUL`, read once): `auto` (default: int8 kernel up to
+/// [`INT8_MAX_ROWS`] activation rows, dequantized tiles + f32 GEMM above), `int8`, `tiles`, or
+/// `legacy` (no repacking; the whole layer dequantised per forward, as before the kernels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QMode {
+    Auto,
+    Int8,
+    Tiles,
+    Legacy,
+}
+
+pub fn qmode() -> QMode {
+    static M: std::sync::OnceLock<QMode> = std::sync::OnceLock::new();
+    *M.get_or_init(|| match std::env::var("MPOLM_QMATMUL").ok().as_deref() {
+        Some("int8") => QMode::Int8,
+        Some("tiles") => QMode::Tiles,
+        Some("legacy") => QMode::Legacy,
+        _ => QMode::Auto,
+    })
+}
+
+/// Above this many activation rows the batch path (dequantized tiles + f32 GEMM) wins
+/// (crates/methods/examples/bench_qmatmul.rs, BENCHMARKS.md "#8 quantized kernels").
+pub const INT8_MAX_ROWS: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct QuantLinear {
     pub bits: u32,
     pub in_f: usize,
     pub out_f: usize,
-    /// [in·bits/32, out] words (stored as int32 in checkpoints).
-    pub qweight: Vec<u32>,
+    /// [in·bits/32, out] words (stored as int32 in checkpoints); empty when `kern` holds the
+    /// codes (see [`QuantLinear::qweight`]).
+    qweight: Vec<u32>,
     /// [groups, out·bits/32] words holding zero − 1.
     pub qzeros: Vec<u32>,
     /// [groups, out] (f16 values).
@@ -25,6 +59,8 @@ pub struct QuantLinear {
     pub bias: Option<Tensor>,
     /// Unpacked zeros [groups, out] as f32, cached for the matmul.
     zeros_f: Vec<f32>,
+    /// The repacked weights for the int8 / tiled kernels (None: legacy path).
+    kern: Option<Arc<QKernel>>,
 }
 
 impl QuantLinear {
@@ -91,26 +127,72 @@ impl QuantLinear {
             .into_iter()
             .map(|z| z as f32 + 1.0)
             .collect();
+        let kern = if qmode() == QMode::Legacy {
+            None
+        } else {
+            QKernel::new(bits, in_f, out_f, &qweight, &scales, &zeros_f, &g_idx).map(Arc::new)
+        };
         Ok(QuantLinear {
             bits,
             in_f,
             out_f,
-            qweight,
+            qweight: if kern.is_some() { Vec::new() } else { qweight },
             qzeros,
             scales,
             g_idx,
             bias,
-            zeros_f,
+            // The kernel holds its own zeros; only the legacy path reads these.
+            zeros_f: if kern.is_some() { Vec::new() } else { zeros_f },
+            kern,
         })
+    }
+
+    /// The same layer on the legacy path (qweight kept, whole-layer dequantisation per forward):
+    /// the reference for A/B comparisons.
+    pub fn without_kernel(&self) -> QuantLinear {
+        let mut q = self.clone();
+        q.qweight = self.qweight().into_owned();
+        if self.kern.is_some() {
+            q.zeros_f = pack::unpack_cols(&self.qzeros, self.groups(), self.out_f, self.bits)
+                .expect("qzeros were validated at construction")
+                .into_iter()
+                .map(|z| z as f32 + 1.0)
+                .collect();
+        }
+        q.kern = None;
+        q
+    }
+
+    /// The repacked kernel weights, when this layer uses them.
+    pub fn kernel(&self) -> Option<&QKernel> {
+        self.kern.as_deref()
+    }
+
+    /// AutoGPTQ qweight [in·bits/32, out] (rebuilt from the kernel layout when it was dropped).
+    pub fn qweight(&self) -> Cow<'_, [u32]> {
+        match &self.kern {
+            Some(k) => Cow::Owned(
+                pack::pack_rows(&k.codes_in_out(), self.in_f, self.out_f, self.bits)
+                    .expect("kernel codes fit their bit width"),
+            ),
+            None => Cow::Borrowed(&self.qweight),
+        }
     }
 
     /// Integer codes [in, out].
     pub fn codes(&self) -> Vec<u32> {
-        pack::unpack_rows(&self.qweight, self.in_f, self.out_f, self.bits).unwrap_or_default()
+        match &self.kern {
+            Some(k) => k.codes_in_out(),
+            None => pack::unpack_rows(&self.qweight, self.in_f, self.out_f, self.bits)
+                .unwrap_or_default(),
+        }
     }
 
     /// Dequantised Wᵀ [in, out] row-major (the orientation the matmul wants).
     pub fn dequant_t(&self) -> Vec<f32> {
+        if let Some(k) = &self.kern {
+            return pack::transpose(&k.dequant_rows(), self.out_f, self.in_f);
+        }
         let (n_out, bits) = (self.out_f, self.bits as usize);
         let mask = (1u64 << bits) - 1;
         let mut wt = vec![0f32; self.in_f * n_out];
@@ -141,16 +223,114 @@ impl QuantLinear {
         Tensor::from_vec(self.dequant_t(), (self.in_f, self.out_f), &Device::Cpu)
     }
 
-    /// Storage in bits: packed codes, f16 scales, packed zeros, int32 g_idx, f16 bias.
+    /// Storage in bits (as saved): packed codes, f16 scales, packed zeros, int32 g_idx, f16 bias.
     pub fn storage_bits(&self) -> u64 {
-        (self.qweight.len() as u64 + self.qzeros.len() as u64 + self.g_idx.len() as u64) * 32
+        let qw = (self.in_f * self.bits as usize / 32 * self.out_f) as u64;
+        (qw + self.qzeros.len() as u64 + self.g_idx.len() as u64) * 32
             + self.scales.len() as u64 * 16
             + self.bias.as_ref().map_or(0, |b| b.elem_count() as u64 * 16)
     }
 }
 
+/// y = x·Wᵀ on the kernel layout (int8 for few rows, dequantized tiles for many); the
+/// backward gives the input gradient (LoRA over frozen quantized weights).
+struct QMatmul(Arc<QKernel>);
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("quantized matmul: input must be f32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("quantized matmul: input must be contiguous"),
+    }
+}
+
+impl CustomOp1 for QMatmul {
+    fn name(&self) -> &'static str {
+        "mpolm-qmatmul"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let k = &self.0;
+        let x = contiguous_f32(s, l)?;
+        let m = x.len() / k.k;
+        let mut y = vec![0f32; m * k.n];
+        let int8 = match qmode() {
+            QMode::Int8 => true,
+            QMode::Tiles => false,
+            _ => m <= INT8_MAX_ROWS,
+        };
+        if int8 {
+            k.matmul_int8(x, m, &mut y);
+        } else {
+            k.matmul_tiles(x, m, &mut y)?;
+        }
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().unwrap() = k.n;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        Ok(Some(
+            g.apply_op1_no_bwd(&QMatmulT(self.0.clone()))?
+                .reshape(arg.shape())?,
+        ))
+    }
+}
+
+/// g·W: the input gradient of [`QMatmul`].
+struct QMatmulT(Arc<QKernel>);
+
+impl CustomOp1 for QMatmulT {
+    fn name(&self) -> &'static str {
+        "mpolm-qmatmul-t"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let k = &self.0;
+        let g = contiguous_f32(s, l)?;
+        let m = g.len() / k.n;
+        let mut gx = vec![0f32; m * k.k];
+        k.matmul_t_tiles(g, m, &mut gx)?;
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().unwrap() = k.k;
+        Ok((CpuStorage::F32(gx), Shape::from(dims)))
+    }
+}
+
+impl QuantLinear {
+    fn forward_kernel(&self, k: &Arc<QKernel>, x: &Tensor) -> candle_core::Result<Tensor> {
+        if *x.dims().last().unwrap_or(&0) != self.in_f {
+            bail!(
+                "quantized linear: input {:?} does not end in {} features",
+                x.dims(),
+                self.in_f
+            );
+        }
+        let x = x.contiguous()?;
+        let y = if x.track_op() {
+            x.apply_op1(QMatmul(k.clone()))?
+        } else {
+            x.apply_op1_no_bwd(&QMatmul(k.clone()))?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
 impl LinearLayer for QuantLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(k) = &self.kern {
+            if x.dtype() == DType::F32 && matches!(x.device(), Device::Cpu) {
+                return self.forward_kernel(k, x);
+            }
+        }
         let dims = x.dims().to_vec();
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.contiguous()?.reshape((lead, self.in_f))?;
@@ -173,6 +353,9 @@ impl LinearLayer for QuantLinear {
         self.in_f * self.out_f + self.bias.as_ref().map_or(0, |b| b.elem_count())
     }
     fn weight(&self) -> candle_core::Result<Tensor> {
+        if let Some(k) = &self.kern {
+            return Tensor::from_vec(k.dequant_rows(), (self.out_f, self.in_f), &Device::Cpu);
+        }
         self.wt_tensor()?.t()?.contiguous()
     }
     fn bias(&self) -> Option<Tensor> {

@@ -3,7 +3,8 @@
 //! * [`gptq`] — the per-matrix algorithms (min-max group grid, GPTQ with act-order, damped
 //!   inverse-Hessian Cholesky and lazy 128-column block updates).
 //! * [`pack`] — AutoGPTQ v1 bit packing (qweight / qzeros).
-//! * [`layer::QuantLinear`] — packed weights behind `models::LinearLayer`, dequantised on the fly.
+//! * [`layer::QuantLinear`] — packed weights behind `models::LinearLayer`, multiplied by the
+//!   int8 / dequantized-tile kernels of [`kernels`] (or dequantised whole, the legacy path).
 //! * [`calib`] — Hessian capture through recording Linear wrappers and the true-sequential
 //!   layer-by-layer driver ([`quantize_model`]).
 //! * [`io`] — AutoGPTQ-layout checkpoints ([`save_quantized`], [`load_quantized`]).
@@ -14,6 +15,7 @@ pub mod calib;
 pub mod gguf_export;
 pub mod gptq;
 pub mod io;
+pub mod kernels;
 pub mod layer;
 pub mod pack;
 
