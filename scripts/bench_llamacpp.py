@@ -60,6 +60,14 @@ def rolling_rows(tokens, prefix, max_length, stride):
     return rows
 
 
+def last_logits(llm):
+    """Logits of the last evaluated token (llama-cpp-python 0.3 copies none without logits_all)."""
+    import llama_cpp
+
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+
 def bench_speed(llm, prompt_tokens, new_tokens, repeats):
     ids = prompt_ids(llm, prompt_tokens)
 
@@ -68,12 +76,12 @@ def bench_speed(llm, prompt_tokens, new_tokens, repeats):
         t = time.perf_counter()
         llm.eval(ids)
         prefill = time.perf_counter() - t
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = int(np.argmax(last_logits(llm)))
         out = [nxt]
         t = time.perf_counter()
         for _ in range(1, new_tokens):
             llm.eval([nxt])
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = int(np.argmax(last_logits(llm)))
             out.append(nxt)
         return prefill, time.perf_counter() - t, out
 

@@ -8,7 +8,7 @@
 # of it (written to $OUT, default /tmp/bench_llamacpp). MPOLM_BIN overrides the binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-threads=${1:-2}; rounds=${2:-2}; windows=${3:-8}; maxlen=${4:-512}
+threads=${1:-2}; rounds=${2:-2}; windows=${3:-4}; maxlen=${4:-512}
 out=${OUT:-/tmp/bench_llamacpp}; mkdir -p "$out"
 bin=${MPOLM_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/mpolm/target}/release/mpolm}
 export MPOLM_DATA=${MPOLM_DATA:-/work/shared/data}
@@ -33,7 +33,9 @@ for r in $(seq 1 "$rounds"); do
   done
 done
 for t in $types; do
-  for w in quantized f32; do
+  # PPL_F32=1 also scores the same file dequantized to f32 (mpolm's batch path is the exact
+  # product with the dequantized weights, so the two agree to f32 rounding).
+  for w in quantized $([ "${PPL_F32:-0}" = 1 ] && echo f32); do
     echo "[$(uptime | sed 's/.*load average: //')] ppl $t: mpolm ($w)"
     "$bin" eval "${file[$t]}" --task wikitext2 --max-length "$maxlen" --limit "$windows" \
       --gguf-weights $w --threads "$threads" --report "$out/ppl-mpolm-$w-$t.json" 2>/dev/null | tail -2
@@ -44,7 +46,7 @@ for t in $types; do
 done
 
 python3 - "$out" "$rounds" $types <<'PY'
-import json, statistics, sys
+import json, os, statistics, sys
 out, rounds, types = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 ld = lambda p: json.load(open(p))
 print(f"{'file':6} {'mpolm prefill':>13} {'llama prefill':>13} {'mpolm decode':>12} {'llama decode':>12} {'decode ratio':>12}"
@@ -54,10 +56,11 @@ for t in types:
     l = [ld(f"{out}/llama-{t}-{r}.json")["speed"] for r in range(1, rounds + 1)]
     med = lambda xs, k: statistics.median(x[k] for x in xs)
     pq = ld(f"{out}/ppl-mpolm-quantized-{t}.json")
-    pf = ld(f"{out}/ppl-mpolm-f32-{t}.json")
+    fpath = f"{out}/ppl-mpolm-f32-{t}.json"
+    pf = ld(fpath) if os.path.exists(fpath) else None
     pl = ld(f"{out}/ppl-llama-{t}.json")["wikitext2"]
     tp = lambda p: p["results"]["wikitext2"]["token_perplexity,none"]
-    qp, fp = tp(pq), tp(pf)
+    qp, fp = tp(pq), (tp(pf) if pf else float("nan"))
     # Same windows on both sides: window count (from the whole text's token count), prefix
     # token and scored tokens must agree.
     c = pq["configs"]["wikitext2"]

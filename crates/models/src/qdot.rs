@@ -97,10 +97,18 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], y: &mut [f3
         let yr = &mut y[r * n..(r + 1) * n];
         // 64 rows per job: whole cache lines of y, and enough jobs to balance two threads.
         yr.par_chunks_mut(64).enumerate().for_each(|(c, ys)| {
-            for (j, out) in ys.iter_mut().enumerate() {
-                let row = &w[(c * 64 + j) * rb..(c * 64 + j + 1) * rb];
-                // SAFETY: supports() checked AVX2/FMA/F16C; row holds k/32 whole blocks.
-                *out = unsafe { avx::dot(t, row, &a) };
+            // Four rows at a time share each activation block load and keep four independent
+            // accumulation chains in flight.
+            for (g, out) in ys.chunks_mut(4).enumerate() {
+                let r0 = c * 64 + g * 4;
+                let rows: [&[u8]; 4] = std::array::from_fn(|j| {
+                    let r = r0 + j.min(out.len() - 1);
+                    &w[r * rb..(r + 1) * rb]
+                });
+                // SAFETY: supports() checked AVX2/FMA/F16C; each row holds k/32 whole blocks
+                // and the activation as many.
+                let v = unsafe { avx::dot4(t, rows, &a) };
+                out.copy_from_slice(&v[..out.len()]);
             }
         });
     }
@@ -165,55 +173,65 @@ mod avx {
         _mm_cvtss_f32(r)
     }
 
+    /// One weight block as signed bytes (q − zero point folded in where the type has one),
+    /// its scale, and (Q4_1) its offset m: value = d·q + m.
+    #[inline(always)]
+    unsafe fn block<const T: u8>(p: *const u8) -> (__m256i, f32, f32) {
+        match T {
+            Q4_0 => (
+                _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
+                f16(p),
+                0.0,
+            ),
+            Q4_1 => (nibbles(p.add(4)), f16(p), f16(p.add(2))),
+            Q5_0 => {
+                // q | 0xF0 where the fifth bit is clear = q − 16 as a signed byte.
+                let hi = _mm256_andnot_si256(bits(p.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+                (_mm256_or_si256(nibbles(p.add(6)), hi), f16(p), 0.0)
+            }
+            _ => (_mm256_loadu_si256(p.add(2) as *const __m256i), f16(p), 0.0),
+        }
+    }
+
+    const Q4_0: u8 = 0;
+    const Q4_1: u8 = 1;
+    const Q5_0: u8 = 2;
+    const Q8_0: u8 = 3;
+
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot(t: GgmlDType, row: &[u8], a: &Q8Act) -> f32 {
+    unsafe fn dot4_t<const T: u8, const BB: usize>(rows: [&[u8]; 4], a: &Q8Act) -> [f32; 4] {
         let nb = a.d.len();
-        let w = row.as_ptr();
         let q = a.q.as_ptr();
-        let mut acc = _mm256_setzero_ps();
-        let mut off = 0f32;
-        match t {
-            GgmlDType::Q4_0 => {
-                for b in 0..nb {
-                    let p = w.add(b * 18);
-                    let d = _mm256_set1_ps(f16(p) * a.d[b]);
-                    let qx = _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8));
-                    let qy = _mm256_loadu_si256(q.add(b * 32) as *const __m256i);
-                    acc = _mm256_fmadd_ps(d, mul_sum_i8(qx, qy), acc);
-                }
-            }
-            GgmlDType::Q4_1 => {
-                for b in 0..nb {
-                    let p = w.add(b * 20);
-                    let d = _mm256_set1_ps(f16(p) * a.d[b]);
-                    off += f16(p.add(2)) * a.s[b];
-                    let qx = nibbles(p.add(4));
-                    let qy = _mm256_loadu_si256(q.add(b * 32) as *const __m256i);
-                    acc = _mm256_fmadd_ps(d, mul_sum_u8(qx, qy), acc);
-                }
-            }
-            GgmlDType::Q5_0 => {
-                for b in 0..nb {
-                    let p = w.add(b * 22);
-                    let d = _mm256_set1_ps(f16(p) * a.d[b]);
-                    // q | 0xF0 where the fifth bit is clear = q − 16 as a signed byte.
-                    let hi = _mm256_andnot_si256(bits(p.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
-                    let qx = _mm256_or_si256(nibbles(p.add(6)), hi);
-                    let qy = _mm256_loadu_si256(q.add(b * 32) as *const __m256i);
-                    acc = _mm256_fmadd_ps(d, mul_sum_i8(qx, qy), acc);
-                }
-            }
-            _ => {
-                for b in 0..nb {
-                    let p = w.add(b * 34);
-                    let d = _mm256_set1_ps(f16(p) * a.d[b]);
-                    let qx = _mm256_loadu_si256(p.add(2) as *const __m256i);
-                    let qy = _mm256_loadu_si256(q.add(b * 32) as *const __m256i);
-                    acc = _mm256_fmadd_ps(d, mul_sum_i8(qx, qy), acc);
-                }
+        let (ad, asum) = (a.d.as_ptr(), a.s.as_ptr());
+        let w = rows.map(|r| r.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut off = [0f32; 4];
+        for b in 0..nb {
+            let qy = _mm256_loadu_si256(q.add(b * 32) as *const __m256i);
+            let dy = *ad.add(b);
+            for r in 0..4 {
+                let (qx, dx, mx) = block::<T>(w[r].add(b * BB));
+                let d = _mm256_set1_ps(dx * dy);
+                let p = if T == Q4_1 {
+                    off[r] += mx * *asum.add(b);
+                    mul_sum_u8(qx, qy)
+                } else {
+                    mul_sum_i8(qx, qy)
+                };
+                acc[r] = _mm256_fmadd_ps(d, p, acc[r]);
             }
         }
-        hsum(acc) + off
+        std::array::from_fn(|r| hsum(acc[r]) + off[r])
+    }
+
+    /// <row_j, a> for four rows of one type (each k/32 whole blocks, as many as `a` has).
+    pub unsafe fn dot4(t: GgmlDType, rows: [&[u8]; 4], a: &Q8Act) -> [f32; 4] {
+        match t {
+            GgmlDType::Q4_0 => dot4_t::<Q4_0, 18>(rows, a),
+            GgmlDType::Q4_1 => dot4_t::<Q4_1, 20>(rows, a),
+            GgmlDType::Q5_0 => dot4_t::<Q5_0, 22>(rows, a),
+            _ => dot4_t::<Q8_0, 34>(rows, a),
+        }
     }
 }
 
@@ -221,7 +239,7 @@ mod avx {
 mod avx {
     use super::Q8Act;
     use candle_core::quantized::GgmlDType;
-    pub unsafe fn dot(_t: GgmlDType, _row: &[u8], _a: &Q8Act) -> f32 {
+    pub unsafe fn dot4(_t: GgmlDType, _rows: [&[u8]; 4], _a: &Q8Act) -> [f32; 4] {
         unreachable!("supports() is false off x86_64")
     }
 }
