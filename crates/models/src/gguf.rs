@@ -1,6 +1,8 @@
-//! GGUF checkpoints (llama.cpp's format) as our full-precision baseline: every tensor is
-//! dequantized to f32 and renamed to HF names; for the llama architecture the q/k rows that
-//! llama.cpp's converter permuted for its interleaved RoPE are put back in HF order.
+//! GGUF checkpoints (llama.cpp's format): by default every tensor is dequantized to f32 (our
+//! full-precision baseline) and renamed to HF names; with `load_llama_quantized` the
+//! block-typed weight matrices stay as stored (for `qlinear::QLinear`). For the llama
+//! architecture the q/k rows that llama.cpp's converter permuted for its interleaved RoPE are
+//! put back in HF order (whole quantized rows are moved; blocks never span rows).
 
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::weights::Weights;
