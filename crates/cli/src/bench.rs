@@ -96,6 +96,8 @@ pub fn bench_generate(
         "prefill_tok_s": prompt_tokens as f64 / median(pre),
         "decode_tok_s": median(dec),
         "peak_rss_mb": peak_rss_mib(),
+        "weight_bytes": m.weight_bytes(),
+        "gguf_weights": crate::gguf_weights().name(),
         "threads": candle_core::utils::get_num_threads(),
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,

@@ -88,8 +88,13 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
     print!("{}", eval::format_table(&outputs));
     let total = t0.elapsed().as_secs_f64();
     println!(
-        "[{} in {:.1} s; model load {:.1} s]",
-        a.model, total, m.load_secs
+        "[{} in {:.1} s; model load {:.1} s; weights {:.1} MiB ({} GGUF weights); peak RSS {:.0} MiB]",
+        a.model,
+        total,
+        m.load_secs,
+        m.weight_bytes() as f64 / (1024.0 * 1024.0),
+        crate::gguf_weights().name(),
+        crate::bench::peak_rss_mib()
     );
 
     let res = eval::results_json(&outputs);
@@ -125,6 +130,9 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
             "architecture": m.arch_name(),
             "parameters": m.total_params(),
             "stored_types": m.stored_types,
+            "gguf_weights": crate::gguf_weights().name(),
+            "weight_bytes": m.weight_bytes(),
+            "peak_rss_mb": crate::bench::peak_rss_mib(),
             "linear_kinds": m.linears().iter().fold(std::collections::BTreeMap::<String, usize>::new(), |mut acc, (_, l)| {
                 *acc.entry(l.kind()).or_insert(0) += 1;
                 acc

@@ -35,6 +35,18 @@ struct Cli {
     /// Threads for matrix work (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// How a GGUF model's block-quantized weight matrices are held: `f32` (dequantized at
+    /// load; the reference) or `quantized` (kept as stored: int8 decode, dequantized tiles
+    /// for batches; 4–8× less weight memory).
+    #[arg(long, global = true, default_value = "f32", value_parser = ["f32", "quantized"])]
+    gguf_weights: String,
+}
+
+static GGUF_WEIGHTS: std::sync::OnceLock<models::GgufWeights> = std::sync::OnceLock::new();
+
+/// The `--gguf-weights` choice (f32 unless set).
+pub(crate) fn gguf_weights() -> models::GgufWeights {
+    GGUF_WEIGHTS.get().copied().unwrap_or_default()
 }
 
 #[derive(Subcommand)]
@@ -175,6 +187,11 @@ fn run(cli: Cli) -> Result<()> {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "64");
     }
     models::kernels::keep_freed_memory();
+    let _ = GGUF_WEIGHTS.set(if cli.gguf_weights == "quantized" {
+        models::GgufWeights::Quantized
+    } else {
+        models::GgufWeights::F32
+    });
     let mut rep = Report::new();
     match cli.cmd.unwrap_or(Cmd::Run {
         model: hub::DEFAULT_CAUSAL.into(),
@@ -223,11 +240,13 @@ fn run(cli: Cli) -> Result<()> {
             let m = load(&model)?;
             let r = bench::bench_generate(&m, prompt_tokens, new_tokens, repeats)?;
             println!(
-                "{}: prefill {:.1} tok/s, decode {:.1} tok/s, peak RSS {:.0} MiB ({} threads)",
+                "{}: prefill {:.1} tok/s, decode {:.1} tok/s, peak RSS {:.0} MiB, weights {:.1} MiB ({} GGUF weights, {} threads)",
                 model,
                 r["prefill_tok_s"].as_f64().unwrap_or(0.0),
                 r["decode_tok_s"].as_f64().unwrap_or(0.0),
                 r["peak_rss_mb"].as_f64().unwrap_or(0.0),
+                r["weight_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0),
+                gguf_weights().name(),
                 r["threads"]
             );
             rep.set("bench_generate", r);
@@ -461,7 +480,8 @@ pub(crate) fn load(model: &str) -> Result<Model> {
     if p.join("adapter_config.json").exists() {
         return load_adapter(p).with_context(|| format!("loading LoRA adapter '{model}'"));
     }
-    let m = Model::load(model, true).with_context(|| format!("loading model '{model}'"))?;
+    let m = Model::load_with(model, true, gguf_weights())
+        .with_context(|| format!("loading model '{model}'"))?;
     Ok(m)
 }
 
@@ -579,7 +599,10 @@ fn cmd_inspect(m: &Model, rep: &mut Report) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("compute:      f32");
+    println!(
+        "compute:      f32 (GGUF weights: {})",
+        gguf_weights().name()
+    );
     println!("{:<20} {:>14} {:>7}", "component", "params", "share");
     for (k, v) in &counts {
         println!(
@@ -593,6 +616,10 @@ fn cmd_inspect(m: &Model, rep: &mut Report) -> Result<()> {
     println!(
         "memory (f32):        {:.1} MiB",
         total as f64 * 4.0 / (1024.0 * 1024.0)
+    );
+    println!(
+        "weights as held:     {:.1} MiB",
+        m.weight_bytes() as f64 / (1024.0 * 1024.0)
     );
     let kinds: std::collections::BTreeMap<String, usize> =
         m.linears()
@@ -613,6 +640,8 @@ fn cmd_inspect(m: &Model, rep: &mut Report) -> Result<()> {
             "params": counts,
             "total_params": total,
             "memory_f32_bytes": total * 4,
+            "weight_bytes": m.weight_bytes(),
+            "gguf_weights": gguf_weights().name(),
             "load_seconds": m.load_secs,
         }),
     );

@@ -458,3 +458,61 @@ fn quantize_with_int8_activations_saves_and_reapplies_the_outlier_plan() {
     ]);
     assert_clean_error(&o, "--keep-outliers takes 'all' or a number");
 }
+
+#[test]
+fn gguf_weights_quantized_keeps_blocks_and_bad_value_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    models::testing::write_tiny_llama(&m, false).unwrap();
+    let g = d.path().join("m.gguf");
+    let o = mpolm(&[
+        "export",
+        m.to_str().unwrap(),
+        "--gguf",
+        "--type",
+        "q8_0",
+        "--out",
+        g.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut bytes = vec![];
+    for w in ["f32", "quantized"] {
+        let rep = d.path().join(format!("inspect-{w}.json"));
+        let o = mpolm(&[
+            "inspect",
+            g.to_str().unwrap(),
+            "--gguf-weights",
+            w,
+            "--report",
+            rep.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+        assert_eq!(v["inspect"]["gguf_weights"], w);
+        let kinds = v["inspect"]["linear_kinds"].as_object().unwrap();
+        let want = if w == "f32" { "dense" } else { "gguf-q8_0" };
+        assert_eq!(kinds.keys().collect::<Vec<_>>(), vec![want], "{kinds:?}");
+        bytes.push(v["inspect"]["weight_bytes"].as_u64().unwrap());
+    }
+    // Q8_0 holds 34 bytes per 32 weights instead of 128 (the norms stay f32).
+    assert!(bytes[1] * 3 < bytes[0], "{bytes:?}");
+    let rep = d.path().join("gen.json");
+    let o = mpolm(&[
+        "generate",
+        g.to_str().unwrap(),
+        "--gguf-weights",
+        "quantized",
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "3",
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_clean_error(
+        &mpolm(&["inspect", g.to_str().unwrap(), "--gguf-weights", "int4"]),
+        "invalid value 'int4'",
+    );
+}

@@ -1,12 +1,15 @@
-//! GGUF checkpoints (llama.cpp's format) as our full-precision baseline: every tensor is
-//! dequantized to f32 and renamed to HF names; for the llama architecture the q/k rows that
-//! llama.cpp's converter permuted for its interleaved RoPE are put back in HF order.
+//! GGUF checkpoints (llama.cpp's format): by default every tensor is dequantized to f32 (our
+//! full-precision baseline) and renamed to HF names; with `load_llama_quantized` the
+//! block-typed weight matrices stay as stored (for `qlinear::QLinear`). For the llama
+//! architecture the q/k rows that llama.cpp's converter permuted for its interleaved RoPE are
+//! put back in HF order (whole quantized rows are moved; blocks never span rows).
 
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::weights::Weights;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -151,6 +154,27 @@ impl GgufFile {
         cfg: &LlamaConfig,
         progress: Option<&indicatif::ProgressBar>,
     ) -> Result<Weights> {
+        Ok(self.load_llama(cfg, progress, false)?.0)
+    }
+
+    /// Like [`Self::load_llama_weights`], but the weight matrices of Linear layers (and the
+    /// embedding) stored in a block type are returned as they are, in HF row order, under
+    /// their HF names; the `Weights` hold a zero-cost broadcast placeholder of the right shape
+    /// in their place, which the caller must swap out (see `Model::load_with`).
+    pub fn load_llama_quantized(
+        &self,
+        cfg: &LlamaConfig,
+        progress: Option<&indicatif::ProgressBar>,
+    ) -> Result<(Weights, HashMap<String, QTensor>)> {
+        self.load_llama(cfg, progress, true)
+    }
+
+    fn load_llama(
+        &self,
+        cfg: &LlamaConfig,
+        progress: Option<&indicatif::ProgressBar>,
+        keep_quantized: bool,
+    ) -> Result<(Weights, HashMap<String, QTensor>)> {
         let mut f = std::fs::File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
         let permute = cfg.model_type == "llama";
         let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
@@ -159,37 +183,58 @@ impl GgufFile {
             pb.set_length(names.len() as u64);
         }
         let mut out = HashMap::new();
+        let mut quantized = HashMap::new();
         for name in names {
             let q = self
                 .content
                 .tensor(&mut f, name, &Device::Cpu)
                 .map_err(|e| self.err(format!("tensor '{name}': {e}")))?;
-            let mut t = q
-                .dequantize(&Device::Cpu)
-                .map_err(|e| self.err(format!("tensor '{name}': {e}")))?;
-            let hf = match hf_name(name) {
-                Some(n) => n,
-                None => {
-                    // Tensors we do not model (e.g. rope_freqs) are kept under their GGUF name.
-                    name.clone()
-                }
+            // Tensors we do not model (e.g. rope_freqs) are kept under their GGUF name.
+            let hf = hf_name(name).unwrap_or_else(|| name.clone());
+            let heads = if !permute {
+                None
+            } else if hf.ends_with("self_attn.q_proj.weight")
+                || hf.ends_with("self_attn.q_proj.bias")
+            {
+                Some(cfg.num_attention_heads)
+            } else if hf.ends_with("self_attn.k_proj.weight")
+                || hf.ends_with("self_attn.k_proj.bias")
+            {
+                Some(cfg.num_kv_heads())
+            } else {
+                None
             };
-            if permute {
-                if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias")
-                {
-                    t = unpermute(&t, cfg.num_attention_heads)?;
-                } else if hf.ends_with("self_attn.k_proj.weight")
-                    || hf.ends_with("self_attn.k_proj.bias")
-                {
-                    t = unpermute(&t, cfg.num_kv_heads())?;
+            let is_matrix = hf.ends_with("_proj.weight")
+                || hf == "lm_head.weight"
+                || hf == "model.embed_tokens.weight";
+            if keep_quantized && is_matrix && crate::qlinear::is_supported(q.dtype()) {
+                let q = match heads {
+                    Some(n) => crate::qlinear::unpermute_rows(&q, n),
+                    None => Ok(q),
                 }
+                .map_err(|e| self.err(format!("tensor '{name}': {e}")))?;
+                let (rows, cols) = q
+                    .shape()
+                    .dims2()
+                    .map_err(|e| self.err(format!("tensor '{name}': {e}")))?;
+                let placeholder =
+                    Tensor::zeros((), DType::F32, &Device::Cpu)?.broadcast_as((rows, cols))?;
+                out.insert(hf.clone(), placeholder);
+                quantized.insert(hf, q);
+            } else {
+                let mut t = q
+                    .dequantize(&Device::Cpu)
+                    .map_err(|e| self.err(format!("tensor '{name}': {e}")))?;
+                if let Some(n) = heads {
+                    t = unpermute(&t, n)?;
+                }
+                out.insert(hf, t);
             }
-            out.insert(hf, t);
             if let Some(pb) = progress {
                 pb.inc(1);
             }
         }
-        Ok(Weights::new(out, &self.path))
+        Ok((Weights::new(out, &self.path), quantized))
     }
 }
 

@@ -15,10 +15,12 @@ pub mod linear;
 pub mod llama;
 pub mod model;
 pub mod ops;
+pub mod qdot;
+pub mod qlinear;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 
 pub use error::{Error, Result};
 pub use linear::{Linear, LinearLayer};
-pub use model::{Arch, Model};
+pub use model::{Arch, GgufWeights, Model};

@@ -12,6 +12,10 @@ pub trait LinearLayer: std::fmt::Debug + Send + Sync {
     fn out_features(&self) -> usize;
     /// Parameters held by this layer as stored (packed/factored), bias included.
     fn num_params(&self) -> usize;
+    /// Bytes the layer's parameters occupy in memory (f32 unless the layer packs them).
+    fn storage_bytes(&self) -> usize {
+        4 * self.num_params()
+    }
     /// The effective dense weight [out, in]: contracted, dequantized or merged as needed.
     fn weight(&self) -> Result<Tensor>;
     fn bias(&self) -> Option<Tensor>;

@@ -7,6 +7,7 @@ use crate::gguf::GgufFile;
 use crate::hub::{self, Format, ModelSource};
 use crate::linear::Linear;
 use crate::llama::Llama;
+use crate::qlinear::QLinear;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -32,17 +33,45 @@ pub struct Model {
 
 const SUPPORTED: &str = "llama, qwen2, mistral, bert";
 
+/// How a GGUF checkpoint's block-quantized weight matrices are held in memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GgufWeights {
+    /// Dequantized to f32 at load (the reference path; all fixtures and results use it).
+    #[default]
+    F32,
+    /// Kept in their block format behind [`crate::qlinear::QLinear`].
+    Quantized,
+}
+
+impl GgufWeights {
+    pub fn name(self) -> &'static str {
+        match self {
+            GgufWeights::F32 => "f32",
+            GgufWeights::Quantized => "quantized",
+        }
+    }
+}
+
 impl Model {
     /// Resolve MODEL (fetching aliases on demand) and load it.
     pub fn load(model: &str, progress: bool) -> Result<Model> {
+        Self::load_with(model, progress, GgufWeights::F32)
+    }
+
+    /// [`Self::load`] with a choice of how GGUF weights are held (ignored for HF directories).
+    pub fn load_with(model: &str, progress: bool, gguf: GgufWeights) -> Result<Model> {
         let src = hub::resolve(model, progress)?;
-        Self::load_source(src, progress)
+        Self::load_source_with(src, progress, gguf)
     }
 
     pub fn load_source(src: ModelSource, progress: bool) -> Result<Model> {
+        Self::load_source_with(src, progress, GgufWeights::F32)
+    }
+
+    pub fn load_source_with(src: ModelSource, progress: bool, gguf: GgufWeights) -> Result<Model> {
         let t0 = std::time::Instant::now();
         let (arch, tokenizer, stored_types) = match src.format {
-            Format::Gguf => load_gguf(&src.path, progress)?,
+            Format::Gguf => load_gguf(&src.path, progress, gguf)?,
             Format::HfDir => load_hf_dir(&src.path)?,
         };
         Ok(Model {
@@ -140,6 +169,17 @@ impl Model {
     pub fn total_params(&self) -> usize {
         self.param_counts().values().sum()
     }
+
+    /// Bytes of all parameters as held in memory (packed layers count their packed size).
+    pub fn weight_bytes(&self) -> usize {
+        let lin: usize = self.linears().iter().map(|(_, l)| l.storage_bytes()).sum();
+        let other: usize = self
+            .other_tensors()
+            .iter()
+            .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
+        lin + other
+    }
 }
 
 /// Component of a parameter by its HF name.
@@ -174,23 +214,31 @@ pub fn component(name: &str) -> &'static str {
     }
 }
 
-fn load_gguf(path: &Path, progress: bool) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)> {
+fn load_gguf(
+    path: &Path,
+    progress: bool,
+    mode: GgufWeights,
+) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)> {
     let g = GgufFile::open(path)?;
     let cfg = g.llama_config()?;
     let tokenizer = Tokenizer::from_gguf(&g)?;
     let pb = if progress {
         let pb = indicatif::ProgressBar::new(0);
         pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "dequantizing {bar:30} {pos}/{len} tensors {elapsed}",
-            )
+            indicatif::ProgressStyle::with_template(match mode {
+                GgufWeights::F32 => "dequantizing {bar:30} {pos}/{len} tensors {elapsed}",
+                GgufWeights::Quantized => "loading {bar:30} {pos}/{len} tensors {elapsed}",
+            })
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         Some(pb)
     } else {
         None
     };
-    let w = g.load_llama_weights(&cfg, pb.as_ref())?;
+    let (w, mut quantized) = match mode {
+        GgufWeights::F32 => (g.load_llama_weights(&cfg, pb.as_ref())?, Default::default()),
+        GgufWeights::Quantized => g.load_llama_quantized(&cfg, pb.as_ref())?,
+    };
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
@@ -198,7 +246,29 @@ fn load_gguf(path: &Path, progress: bool) -> Result<(Arch, Tokenizer, BTreeMap<S
     for t in g.tensor_types().values() {
         *types.entry(t.clone()).or_insert(0) += 1;
     }
-    Ok((Arch::Llama(Llama::new(cfg, &w)?), tokenizer, types))
+    let mut arch = Arch::Llama(Llama::new(cfg, &w)?);
+    drop(w);
+    if let Arch::Llama(m) = &mut arch {
+        for (name, lin) in m.linears_mut() {
+            if let Some(q) = quantized.remove(&format!("{name}.weight")) {
+                let bias = lin.bias();
+                let ql = QLinear::new(q, bias).map_err(|e| Error::Gguf {
+                    path: path.to_path_buf(),
+                    msg: format!("{name}: {e}"),
+                })?;
+                lin.replace(Box::new(ql));
+            }
+        }
+    }
+    // Every kept block tensor must have found its Linear, or a broadcast placeholder would be
+    // left where a weight belongs.
+    if let Some(name) = quantized.keys().next() {
+        return Err(Error::Gguf {
+            path: path.to_path_buf(),
+            msg: format!("quantized tensor '{name}' belongs to no linear layer"),
+        });
+    }
+    Ok((arch, tokenizer, types))
 }
 
 fn load_hf_dir(dir: &Path) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)> {
