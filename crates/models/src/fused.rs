@@ -20,43 +20,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-fn avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static F: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *F.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// Evaluates a block compiled for AVX2+FMA when the CPU has them (the block becomes a closure
-/// whose only call site is a function with those features, so it is inlined there and its loops
-/// vectorise 8-wide), else for the portable baseline. A macro, not a function taking a closure:
-/// one closure called from both branches would have two call sites and stay un-inlined.
-macro_rules! simd {
-    ($body:expr) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            if avx2_fma() {
-                // SAFETY: the features were detected at run time.
-                unsafe { with_avx2(|| $body) }
-            } else {
-                $body
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            $body
-        }
-    }};
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
+use crate::simd;
 
 /// Whether every tensor is an f32 CPU tensor (what these kernels handle).
 pub fn usable(ts: &[&Tensor]) -> bool {

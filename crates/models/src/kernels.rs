@@ -312,18 +312,6 @@ fn gemv_block_scalar(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let lo = _mm256_castps256_ps128(v);
-    let hi = _mm256_extractf128_ps(v, 1);
-    let s = _mm_add_ps(lo, hi);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
 unsafe fn gemv_block_avx2(
     y: &mut [f32],
     x: &[f32],
@@ -372,7 +360,8 @@ unsafe fn gemv_block_avx2(
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(p0.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
             i += 8;
         }
-        let mut s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        let mut s =
+            crate::simd::hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
         while i < k {
             s += *p0.add(i) * *xp.add(i);
             i += 1;

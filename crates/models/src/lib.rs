@@ -17,6 +17,7 @@ pub mod model;
 pub mod ops;
 pub mod qdot;
 pub mod qlinear;
+pub mod simd;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;

@@ -27,31 +27,11 @@
 
 use rayon::prelude::*;
 
-/// Evaluates a block compiled for AVX2+FMA when the CPU has them, else for the portable
-/// baseline (the same macro as `models::fused`: a block, not a closure argument, so that it is
-/// inlined into the feature-enabled function and vectorises there).
+/// `models::simd!` with this module's own condition (which honours MPOLM_QKERNEL=scalar).
 macro_rules! simd {
-    ($body:expr) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            if avx2() {
-                // SAFETY: the features were detected at run time.
-                unsafe { with_avx2(|| $body) }
-            } else {
-                $body
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            $body
-        }
-    }};
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
+    ($body:expr) => {
+        models::simd!(if avx2(); $body)
+    };
 }
 
 /// Activation block: the unit of int8 quantization and of one weight scale lookup.
@@ -711,16 +691,7 @@ impl QAct {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let lo = _mm256_castps256_ps128(v);
-    let hi = _mm256_extractf128_ps(v, 1);
-    let s = _mm_add_ps(lo, hi);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
-}
+use models::simd::hsum256 as hsum;
 
 /// Whether the AVX2 kernel runs here (`MPOLM_QKERNEL=scalar` forces the portable one).
 pub fn avx2() -> bool {
