@@ -10,13 +10,12 @@
 //!   role (q_proj, down_proj, …), as the paper ranks them; the rest of its outliers are quantized
 //!   too. `0` quantizes every dimension.
 
-use super::calib::layer_index;
+use super::calib::{layer_index, tap, untap_all};
 use super::{Error, Result};
-use candle_core::{DType, Device, Tensor};
-use models::linear::{Dense, Int8Input};
-use models::{LinearLayer, Model};
+use candle_core::{Device, Tensor};
+use models::linear::Int8Input;
+use models::Model;
 use serde::{Deserialize, Serialize};
-use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -82,62 +81,6 @@ fn role(name: &str) -> &str {
     name.rsplit('.').next().unwrap_or(name)
 }
 
-/// Records the running max |x| of every input dimension and otherwise is the wrapped layer.
-#[derive(Debug)]
-struct Recorder {
-    inner: Box<dyn LinearLayer>,
-    absmax: Arc<Mutex<Vec<f32>>>,
-}
-
-impl LinearLayer for Recorder {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let n = self.inner.in_features();
-        let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut a = self
-            .absmax
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        for row in v.chunks(n.max(1)) {
-            for (m, x) in a.iter_mut().zip(row) {
-                *m = m.max(x.abs());
-            }
-        }
-        drop(a);
-        self.inner.forward(x)
-    }
-    fn in_features(&self) -> usize {
-        self.inner.in_features()
-    }
-    fn out_features(&self) -> usize {
-        self.inner.out_features()
-    }
-    fn num_params(&self) -> usize {
-        self.inner.num_params()
-    }
-    fn weight(&self) -> candle_core::Result<Tensor> {
-        self.inner.weight()
-    }
-    fn bias(&self) -> Option<Tensor> {
-        self.inner.bias()
-    }
-    fn kind(&self) -> String {
-        self.inner.kind()
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-}
-
-fn placeholder() -> Box<dyn LinearLayer> {
-    Box::new(Dense {
-        weight: Tensor::zeros((0, 0), DType::F32, &Device::Cpu).expect("empty tensor"),
-        bias: None,
-    })
-}
-
 /// Max |x| of every input dimension of every decoder projection over `samples` (token windows).
 pub fn input_absmax(m: &mut Model, samples: &[Vec<u32>]) -> Result<BTreeMap<String, Vec<f32>>> {
     let mut stats: HashMap<String, Arc<Mutex<Vec<f32>>>> = HashMap::new();
@@ -147,8 +90,21 @@ pub fn input_absmax(m: &mut Model, samples: &[Vec<u32>]) -> Result<BTreeMap<Stri
         }
         let a = Arc::new(Mutex::new(vec![0f32; lin.in_features()]));
         stats.insert(name, a.clone());
-        let inner = lin.replace(placeholder());
-        lin.replace(Box::new(Recorder { inner, absmax: a }));
+        tap(
+            lin,
+            Box::new(move |xv, rows| {
+                let mut a = a
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+                let n = a.len();
+                for row in xv.chunks(n.max(1)).take(rows) {
+                    for (m, x) in a.iter_mut().zip(row) {
+                        *m = m.max(x.abs());
+                    }
+                }
+                Ok(())
+            }),
+        );
     }
     let run = (|| -> Result<()> {
         let llama = m.llama()?;
@@ -158,15 +114,8 @@ pub fn input_absmax(m: &mut Model, samples: &[Vec<u32>]) -> Result<BTreeMap<Stri
         }
         Ok(())
     })();
-    // Unwrap the recorders (always, even after an error).
-    for (_, lin) in m.linears_mut() {
-        if lin.inner().as_any().downcast_ref::<Recorder>().is_some() {
-            let mut b = lin.replace(placeholder());
-            if let Some(r) = b.as_any_mut().downcast_mut::<Recorder>() {
-                lin.replace(std::mem::replace(&mut r.inner, placeholder()));
-            }
-        }
-    }
+    // Remove the taps (always, even after an error).
+    untap_all(m);
     run?;
     stats
         .into_iter()

@@ -388,25 +388,28 @@ fn hessian_key(name: &str) -> String {
 
 type Hess = Arc<Mutex<Hessian>>;
 
-/// A Linear that accumulates XᵀX of its inputs (None: another module with the same input
-/// records it) and otherwise behaves as the wrapped layer.
-#[derive(Debug)]
-struct Hook {
+/// Called with every input a tapped Linear sees, as f32 rows (values, row count).
+pub(crate) type Record = Box<dyn Fn(&[f32], usize) -> candle_core::Result<()> + Send + Sync>;
+
+/// A Linear that hands each input to `record` and otherwise behaves as the wrapped layer: how
+/// calibration observes activations (Hessians here, outlier statistics in `actquant`).
+pub(crate) struct Tap {
     inner: Box<dyn LinearLayer>,
-    hess: Option<Hess>,
+    record: Record,
 }
 
-impl LinearLayer for Hook {
+impl std::fmt::Debug for Tap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tap").field("inner", &self.inner).finish()
+    }
+}
+
+impl LinearLayer for Tap {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if let Some(h) = &self.hess {
-            let n = x.dim(x.rank() - 1)?;
-            let x2 = x.contiguous()?.reshape(((), n))?.to_dtype(DType::F32)?;
-            let rows = x2.dim(0)?;
-            let xv = x2.flatten_all()?.to_vec1::<f32>()?;
-            h.lock()
-                .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
-                .add_rows(&xv, rows);
-        }
+        let n = x.dim(x.rank() - 1)?;
+        let x2 = x.contiguous()?.reshape(((), n))?.to_dtype(DType::F32)?;
+        let rows = x2.dim(0)?;
+        (self.record)(&x2.flatten_all()?.to_vec1::<f32>()?, rows)?;
         self.inner.forward(x)
     }
     fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
@@ -438,6 +441,24 @@ impl LinearLayer for Hook {
     }
 }
 
+/// Wraps `lin` in a [`Tap`] calling `record`.
+pub(crate) fn tap(lin: &mut models::Linear, record: Record) {
+    let inner = lin.replace(placeholder());
+    lin.replace(Box::new(Tap { inner, record }));
+}
+
+/// Puts back the layer of every [`Tap`] in the model.
+pub(crate) fn untap_all(m: &mut Model) {
+    for (_, lin) in m.linears_mut() {
+        if lin.inner().as_any().downcast_ref::<Tap>().is_some() {
+            let mut b = lin.replace(placeholder());
+            if let Some(t) = b.as_any_mut().downcast_mut::<Tap>() {
+                lin.replace(std::mem::replace(&mut t.inner, placeholder()));
+            }
+        }
+    }
+}
+
 /// Runs decoder layer `layer` alone on the cached inputs `xs` with its Linears recording,
 /// and returns the Hessians of its modules (by `hessian_key`).
 fn calibration_pass(
@@ -452,15 +473,20 @@ fn calibration_pass(
             continue;
         }
         let key = hessian_key(&name);
-        let h = if hess.contains_key(&key) {
-            None
-        } else {
-            let h = Arc::new(Mutex::new(Hessian::new(lin.in_features())));
-            hess.insert(key, h.clone());
-            Some(h)
-        };
-        let inner = lin.replace(placeholder());
-        lin.replace(Box::new(Hook { inner, hess: h }));
+        if hess.contains_key(&key) {
+            continue; // another module with the same input records it
+        }
+        let h = Arc::new(Mutex::new(Hessian::new(lin.in_features())));
+        hess.insert(key, h.clone());
+        tap(
+            lin,
+            Box::new(move |xv, rows| {
+                h.lock()
+                    .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
+                    .add_rows(xv, rows);
+                Ok(())
+            }),
+        );
     }
     let run = (|| -> Result<()> {
         let llama = m.llama()?;
@@ -469,16 +495,8 @@ fn calibration_pass(
         }
         Ok(())
     })();
-    // Remove hooks (always, even after an error).
-    for (_, lin) in m.linears_mut() {
-        if lin.inner().as_any().downcast_ref::<Hook>().is_some() {
-            let mut b = lin.replace(placeholder());
-            if let Some(h) = b.as_any_mut().downcast_mut::<Hook>() {
-                let inner = std::mem::replace(&mut h.inner, placeholder());
-                lin.replace(inner);
-            }
-        }
-    }
+    // Remove the taps (always, even after an error).
+    untap_all(m);
     run?;
     Ok(hess)
 }
