@@ -125,7 +125,7 @@ impl Int8Input {
             }
         }
         let q = Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(dtype)?;
-        if x.is_variable() || x.track_op() {
+        if x.track_op() {
             // x + (q − x) with the difference constant: values of q, gradient of the identity.
             return x + (q - x.detach())?;
         }
