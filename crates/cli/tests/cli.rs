@@ -457,6 +457,26 @@ fn quantize_with_int8_activations_saves_and_reapplies_the_outlier_plan() {
         "x",
     ]);
     assert_clean_error(&o, "--keep-outliers takes 'all' or a number");
+    let o = mpolm(&[
+        "quantize",
+        ms,
+        "--method",
+        "none",
+        "--int8-activations",
+        "--outlier-threshold",
+        "0",
+    ]);
+    assert_clean_error(&o, "--outlier-threshold must be positive");
+    // A checkpoint whose outlier plan names a projection the model lacks is refused on load,
+    // naming the config file.
+    let cpath = out.join("quantize_config.json");
+    let text = std::fs::read_to_string(&cpath)
+        .unwrap()
+        .replace("model.layers.0.mlp.down_proj", "model.layers.0.mlp.nope");
+    std::fs::write(&cpath, text).unwrap();
+    let o = mpolm(&["quantize", os, "--method", "none"]);
+    assert_clean_error(&o, "quantize_config.json");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no projection 'model.layers.0.mlp.nope'"));
 }
 
 #[test]
