@@ -3,21 +3,28 @@
 # of the encoder (mpo-aux), squeeze it toward --target-params with auxiliary-only recovery, then
 # build a directly truncated MPO with the same parameter count and give it the same number of
 # auxiliary-only steps. Both are scored on the full dev set with `mpolm eval --task sst2`.
-#   [BATCH=16] scripts/sst2_squeeze.sh OUTDIR [limit] [target] [seed]
+# Knobs (env): BATCH (16), MATRICES (encoder,pooler; "all" = every matrix and the embedding),
+# MPO_LR (5e-4), DELTA (0.1), CUT (0.05), RECOVER (8), ITERS (12), EVAL_LIMIT (200), GROUP (0;
+# 1 = --group-by-length), MPOLM_BIN.
+#   scripts/sst2_squeeze.sh OUTDIR [limit] [target] [seed]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$1; limit=${2:-1024}; target=${3:-0.6}; seed=${4:-1}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mpolm/target}"
-bin="$CARGO_TARGET_DIR/release/mpolm"
+bin="${MPOLM_BIN:-$CARGO_TARGET_DIR/release/mpolm}"
 data=${MPOLM_DATA:-../shared/data}/glue/SST-2
 b=${BATCH:-16}
+mats=(--matrices "${MATRICES:-encoder,pooler}")
+[ "${MATRICES:-}" = all ] && mats=()
 mkdir -p "$out"
-[ -d "$out/mpo-full" ] || "$bin" compress minilm-l6 --matrices encoder,pooler --out "$out/mpo-full" >/dev/null
-tune=(--task sst2 --data "$data" --limit "$limit" --batch "$b" --max-len 64 --lr 1e-4 --mpo-lr 5e-4 --seed "$seed" --eval-limit 200)
+[ -d "$out/mpo-full" ] || "$bin" compress minilm-l6 "${mats[@]}" --out "$out/mpo-full" >/dev/null
+tune=(--task sst2 --data "$data" --limit "$limit" --batch "$b" --max-len 64 --lr 1e-4 --mpo-lr "${MPO_LR:-5e-4}"
+  --seed "$seed" --eval-limit "${EVAL_LIMIT:-200}")
+[ "${GROUP:-0}" = 1 ] && tune+=(--group-by-length)
 if [ ! -f "$out/squeeze.json" ]; then
   rm -rf "$out/squeeze"
   "$bin" finetune "$out/mpo-full" --method mpo-aux "${tune[@]}" --squeeze --target-params "$target" \
-    --delta 0.1 --cut-fraction 0.05 --recover-steps 8 --max-iters 12 --out "$out/squeeze" --report "$out/squeeze.json" >"$out/squeeze.log" 2>&1
+    --delta "${DELTA:-0.1}" --cut-fraction "${CUT:-0.05}" --recover-steps "${RECOVER:-8}" --max-iters "${ITERS:-12}" --out "$out/squeeze" --report "$out/squeeze.json" >"$out/squeeze.log" 2>&1
 fi
 read -r final steps < <(python3 - "$out/squeeze/finetune_log.json" <<'PY'
 import json, sys
@@ -36,7 +43,7 @@ PY
 )
 if [ ! -f "$out/direct.json" ]; then
   rm -rf "$out/direct-ck" "$out/direct"
-  "$bin" compress minilm-l6 --matrices encoder,pooler --params-ratio "$ratio" --out "$out/direct-ck" >/dev/null
+  "$bin" compress minilm-l6 "${mats[@]}" --params-ratio "$ratio" --out "$out/direct-ck" >/dev/null
   "$bin" finetune "$out/direct-ck" --method mpo-aux "${tune[@]}" --epochs 100 --max-steps "$steps" \
     --out "$out/direct" --report "$out/direct.json" >"$out/direct.log" 2>&1
 fi

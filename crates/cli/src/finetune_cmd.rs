@@ -70,6 +70,10 @@ pub struct FinetuneArgs {
     /// MPO sites when a dense model is decomposed for an mpo-* method.
     #[arg(long, default_value_t = 5)]
     pub mpo_n: usize,
+    /// Put training examples of similar length in the same batch (shuffled mega-batches of 50
+    /// batches, each sorted by length, as Hugging Face's group_by_length): much less padding.
+    #[arg(long)]
+    pub group_by_length: bool,
     /// After tuning, squeeze MPO bonds (MPOP Algorithm 2) with auxiliary-only recovery.
     #[arg(long)]
     pub squeeze: bool,
@@ -136,6 +140,7 @@ pub fn options(a: &FinetuneArgs) -> FinetuneOptions {
         lora_dropout: a.lora_dropout,
         lora_targets: a.lora_targets.clone(),
         mpo_n: a.mpo_n,
+        group_by_length: a.group_by_length,
         squeeze: a.squeeze.then(|| methods::squeeze::SqueezeOptions {
             target_params: a.target_params,
             delta: a.delta,

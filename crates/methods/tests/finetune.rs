@@ -200,14 +200,46 @@ fn lora_freezes_the_base_and_saves_a_reloadable_adapter() {
 }
 
 #[test]
+fn length_grouping_permutes_within_mega_batches_and_cuts_padding() {
+    use finetune::data::{epoch_order, grouped_epoch_order};
+    // Lengths with no relation to position, as in a shuffled corpus.
+    let lens: Vec<usize> = (0..1000).map(|i| 3 + (i * 7919) % 61).collect();
+    let (batch, seed) = (8, 5);
+    let plain = epoch_order(lens.len(), seed, 1);
+    let grouped = grouped_epoch_order(&lens, batch, seed, 1);
+    assert_eq!(grouped, grouped_epoch_order(&lens, batch, seed, 1));
+    assert_ne!(grouped, grouped_epoch_order(&lens, batch, seed, 2));
+    // Mega-batches of min(n / 4b, 50) = 31 batches hold the same examples, longest first.
+    let mega = 31 * batch;
+    for (p, g) in plain.chunks(mega).zip(grouped.chunks(mega)) {
+        let (mut p, mut gs) = (p.to_vec(), g.to_vec());
+        p.sort_unstable();
+        gs.sort_unstable();
+        assert_eq!(p, gs);
+        assert!(g.windows(2).all(|w| lens[w[0]] >= lens[w[1]]));
+    }
+    let padded = |order: &[usize]| -> usize {
+        order
+            .chunks(batch)
+            .map(|c| c.len() * c.iter().map(|&i| lens[i]).max().unwrap())
+            .sum()
+    };
+    let real: usize = lens.iter().sum();
+    assert!(padded(&plain) as f64 > 1.5 * real as f64);
+    assert!((padded(&grouped) as f64) < 1.1 * real as f64);
+}
+
+#[test]
 fn resume_continues_with_the_identical_loss_curve() {
     let t = tempfile::tempdir().unwrap();
     let data = write_sst(&t.path().join("sst"), 12);
     let mdir = t.path().join("m");
     models::testing::write_tiny_bert(&mdir).unwrap();
     let load = || Model::load(mdir.to_str().unwrap(), false).unwrap();
+    // Length-grouped batches, so that their order is also checked to be a function of the seed.
     let o = FinetuneOptions {
         epochs: 2,
+        group_by_length: true,
         ..opts(Task::Sst2, Method::MpoAux, &data)
     };
     let whole = t.path().join("whole");

@@ -300,17 +300,33 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     idx
 }
 
+/// The epoch order with batches of similar length (Hugging Face's `group_by_length`): the seeded
+/// shuffle of [`epoch_order`] is cut into mega-batches of up to 50 batches, and each is sorted by
+/// length, longest first, so a batch pads to little more than its own examples. Sentence data
+/// wastes about two thirds of every padded batch without it. Only the order changes, so it stays a
+/// pure function of (seed, epoch) and the last, possibly short, batch stays last.
+pub fn grouped_epoch_order(lens: &[usize], batch: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut idx = epoch_order(lens.len(), seed, epoch);
+    let batch = batch.max(1);
+    let mult = (lens.len() / (batch * 4)).clamp(1, 50);
+    for mega in idx.chunks_mut(mult * batch) {
+        mega.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
+    }
+    idx
+}
+
+impl Example {
+    pub fn n_tokens(&self) -> usize {
+        match self {
+            Example::Cls { ids, .. } | Example::Lm { ids } => ids.len(),
+        }
+    }
+}
+
 /// Pad a set of examples into one batch (padding id 0, masked out).
 pub fn make_batch(ex: &[&Example]) -> Result<Batch> {
     let b = ex.len();
-    let t = ex
-        .iter()
-        .map(|e| match e {
-            Example::Cls { ids, .. } | Example::Lm { ids } => ids.len(),
-        })
-        .max()
-        .unwrap_or(1)
-        .max(1);
+    let t = ex.iter().map(|e| e.n_tokens()).max().unwrap_or(1).max(1);
     let mut ids = vec![0u32; b * t];
     let mut mask = vec![0u32; b * t];
     let mut labels = Vec::new();

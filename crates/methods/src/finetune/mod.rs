@@ -91,6 +91,9 @@ pub struct FinetuneOptions {
     pub mpo_n: usize,
     /// After fine-tuning, squeeze the MPO bonds (MPOP Algorithm 2).
     pub squeeze: Option<crate::squeeze::SqueezeOptions>,
+    /// Batch examples of similar length together ([`data::grouped_epoch_order`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub group_by_length: bool,
 }
 
 impl Default for FinetuneOptions {
@@ -121,6 +124,7 @@ impl Default for FinetuneOptions {
             lora_targets: Vec::new(),
             mpo_n: 5,
             squeeze: None,
+            group_by_length: false,
         }
     }
 }
@@ -419,8 +423,11 @@ pub fn evaluate(m: &mut Model, ds: &[Example], batch: usize) -> Result<(f64, f64
     let mut n = 0usize;
     let mut correct = 0usize;
     let mut tokens = 0usize;
-    for chunk in ds.chunks(batch.max(1)) {
-        let refs: Vec<&Example> = chunk.iter().collect();
+    // Loss and accuracy do not depend on the order, so batch by length: less padding.
+    let mut by_len: Vec<&Example> = ds.iter().collect();
+    by_len.sort_by_key(|e| e.n_tokens());
+    for chunk in by_len.chunks(batch.max(1)) {
+        let refs: Vec<&Example> = chunk.to_vec();
         let b = data::make_batch(&refs)?;
         match &m.arch {
             Arch::Bert(bert) => {
@@ -817,7 +824,12 @@ impl<'a> Trainer<'a> {
     fn batch_at(&self, step: usize) -> Result<Batch> {
         let epoch = step / self.steps_per_epoch;
         let k = step % self.steps_per_epoch;
-        let order = data::epoch_order(self.data.train.len(), self.opts.seed, epoch);
+        let order = if self.opts.group_by_length {
+            let lens: Vec<usize> = self.data.train.iter().map(Example::n_tokens).collect();
+            data::grouped_epoch_order(&lens, self.opts.batch, self.opts.seed, epoch)
+        } else {
+            data::epoch_order(self.data.train.len(), self.opts.seed, epoch)
+        };
         let idx = &order[k * self.opts.batch..((k + 1) * self.opts.batch).min(order.len())];
         let ex: Vec<&Example> = idx.iter().map(|&i| &self.data.train[i]).collect();
         data::make_batch(&ex)
