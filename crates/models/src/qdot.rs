@@ -13,6 +13,7 @@
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{bail, Result};
+use half::f16;
 use rayon::prelude::*;
 
 /// Types this module computes.
@@ -51,21 +52,26 @@ pub fn quantize_act(x: &[f32]) -> Q8Act {
         s: Vec::with_capacity(nb),
         q: vec![0; x.len()],
     };
-    for (b, xb) in x.chunks_exact(32).enumerate() {
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (j, v) in xb.iter().enumerate() {
-            let q = (v * id).round() as i32;
-            a.q[b * 32 + j] = q as i8;
-            sum += q;
+    // Rounding half away from zero, as ggml's reference quantize_row_q8_0/q8_1 (ties to even
+    // flipped a near-tie greedy token against llama.cpp); `simd!` compiles the loop with AVX2,
+    // where LLVM lowers round() to a vector add-and-truncate instead of a libm call per value.
+    crate::simd!({
+        for (b, xb) in x.chunks_exact(32).enumerate() {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let qb = &mut a.q[b * 32..(b + 1) * 32];
+            for (q, v) in qb.iter_mut().zip(xb) {
+                *q = (v * id).round() as i8;
+            }
+            let sum: i32 = qb.iter().map(|&q| q as i32).sum();
+            // ggml stores d and d·Σq of a Q8 block in f16; doing the same makes the rounded
+            // activations identical to llama.cpp's, so results differ from it only by summation
+            // order (which matters for greedy near-ties).
+            a.d.push(f16::from_f32(d).to_f32());
+            a.s.push(f16::from_f32(d * sum as f32).to_f32());
         }
-        // ggml stores d in f16; the products below use it as f32, which only makes the
-        // activation rounding closer to the f32 value.
-        a.d.push(d);
-        a.s.push(d * sum as f32);
-    }
+    });
     a
 }
 
@@ -198,39 +204,95 @@ mod avx {
     const Q5_0: u8 = 2;
     const Q8_0: u8 = 3;
 
+    /// The signed (Q4_0, Q5_0, Q8_0) or unsigned (Q4_1) quants of one block.
+    #[inline(always)]
+    unsafe fn quants<const T: u8>(p: *const u8) -> __m256i {
+        match T {
+            Q4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
+            Q4_1 => nibbles(p.add(4)),
+            Q5_0 => {
+                let hi = _mm256_andnot_si256(bits(p.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+                _mm256_or_si256(nibbles(p.add(6)), hi)
+            }
+            _ => _mm256_loadu_si256(p.add(2) as *const __m256i),
+        }
+    }
+
+    /// Eight f16 values at `p`, `p + stride`, … as f32.
+    #[inline(always)]
+    unsafe fn f16x8(p: *const u8, stride: usize) -> __m256 {
+        let mut h = [0u16; 8];
+        for (j, v) in h.iter_mut().enumerate() {
+            *v = (p.add(j * stride) as *const u16).read_unaligned();
+        }
+        _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i))
+    }
+
+    /// Four weight rows against one activation row, eight blocks at a time: their scales are converted with one vector
+    /// `cvtph` per row and multiplied by the activation scales as a vector, then broadcast from
+    /// memory (a load, not a shuffle) into the per-block FMA; Q4_1's offset term m·Σa is one
+    /// vector FMA per eight blocks. Per block and row this leaves the quant unpacking, the
+    /// int8 dot product and one FMA, like ggml's kernels.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot4_t<const T: u8, const BB: usize>(rows: [&[u8]; 4], a: &Q8Act) -> [f32; 4] {
+    unsafe fn dot4_x8<const T: u8, const BB: usize>(rows: [&[u8]; 4], a: &Q8Act) -> [f32; 4] {
         let nb = a.d.len();
         let q = a.q.as_ptr();
         let (ad, asum) = (a.d.as_ptr(), a.s.as_ptr());
         let w = rows.map(|r| r.as_ptr());
         let mut acc = [_mm256_setzero_ps(); 4];
-        let mut off = [0f32; 4];
-        for b in 0..nb {
-            let qy = _mm256_loadu_si256(q.add(b * 32) as *const __m256i);
-            let dy = *ad.add(b);
+        let mut offv = [_mm256_setzero_ps(); 4];
+        let mut ds = [[0f32; 8]; 4];
+        let mut b = 0;
+        while b + 8 <= nb {
+            let dy = _mm256_loadu_ps(ad.add(b));
             for r in 0..4 {
-                let (qx, dx, mx) = block::<T>(w[r].add(b * BB));
-                let d = _mm256_set1_ps(dx * dy);
+                let p = w[r].add(b * BB);
+                _mm256_storeu_ps(ds[r].as_mut_ptr(), _mm256_mul_ps(f16x8(p, BB), dy));
+                if T == Q4_1 {
+                    let m = f16x8(p.add(2), BB);
+                    offv[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(asum.add(b)), offv[r]);
+                }
+            }
+            #[allow(clippy::needless_range_loop)] // j also offsets the block pointers
+            for j in 0..8 {
+                let qy = _mm256_loadu_si256(q.add((b + j) * 32) as *const __m256i);
+                for r in 0..4 {
+                    let qx = quants::<T>(w[r].add((b + j) * BB));
+                    let p = if T == Q4_1 {
+                        mul_sum_u8(qx, qy)
+                    } else {
+                        mul_sum_i8(qx, qy)
+                    };
+                    acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&ds[r][j]), p, acc[r]);
+                }
+            }
+            b += 8;
+        }
+        let mut off = [0f32; 4];
+        for bt in b..nb {
+            let qy = _mm256_loadu_si256(q.add(bt * 32) as *const __m256i);
+            let dy = *ad.add(bt);
+            for r in 0..4 {
+                let (qx, dx, mx) = block::<T>(w[r].add(bt * BB));
                 let p = if T == Q4_1 {
-                    off[r] += mx * *asum.add(b);
+                    off[r] += mx * *asum.add(bt);
                     mul_sum_u8(qx, qy)
                 } else {
                     mul_sum_i8(qx, qy)
                 };
-                acc[r] = _mm256_fmadd_ps(d, p, acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * dy), p, acc[r]);
             }
         }
-        std::array::from_fn(|r| hsum(acc[r]) + off[r])
+        std::array::from_fn(|r| hsum(acc[r]) + hsum(offv[r]) + off[r])
     }
 
     /// <row_j, a> for four rows of one type (each k/32 whole blocks, as many as `a` has).
     pub unsafe fn dot4(t: GgmlDType, rows: [&[u8]; 4], a: &Q8Act) -> [f32; 4] {
         match t {
-            GgmlDType::Q4_0 => dot4_t::<Q4_0, 18>(rows, a),
-            GgmlDType::Q4_1 => dot4_t::<Q4_1, 20>(rows, a),
-            GgmlDType::Q5_0 => dot4_t::<Q5_0, 22>(rows, a),
-            _ => dot4_t::<Q8_0, 34>(rows, a),
+            GgmlDType::Q4_0 => dot4_x8::<Q4_0, 18>(rows, a),
+            GgmlDType::Q4_1 => dot4_x8::<Q4_1, 20>(rows, a),
+            GgmlDType::Q5_0 => dot4_x8::<Q5_0, 22>(rows, a),
+            _ => dot4_x8::<Q8_0, 34>(rows, a),
         }
     }
 }

@@ -22,6 +22,17 @@ const TYPES: [GgmlDType; 10] = [
     GgmlDType::Q6K,
 ];
 
+/// The types with an int8 kernel in `models::qdot` (blocks of 32, any multiple of 32 columns).
+fn qdot_types() -> impl Iterator<Item = GgmlDType> {
+    [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q8_0,
+    ]
+    .into_iter()
+}
+
 fn randn(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
     // Sum of uniforms: cheap, roughly normal, with a few larger entries per block.
     (0..n)
@@ -82,8 +93,13 @@ fn check(y: &[f32], x: &[f32], wd: &[f32], m: usize, n: usize, k: usize, ab: Opt
 #[test]
 fn every_type_both_paths_decode_and_batch() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let (n, k) = (37, 512);
-    for t in TYPES {
+    // 544 = 17 blocks of 32: the eight-block int8 kernel's main loop plus a one-block tail.
+    for (t, k) in TYPES
+        .into_iter()
+        .map(|t| (t, 512))
+        .chain(qdot_types().map(|t| (t, 544)))
+    {
+        let n = 37;
         let w = Tensor::from_vec(randn(&mut rng, n * k), (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, t).unwrap();
         let wd: Vec<f32> = q
