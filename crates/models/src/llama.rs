@@ -84,8 +84,72 @@ pub struct Llama {
 /// Per-layer key/value cache for incremental decoding.
 #[derive(Debug, Clone)]
 pub struct Cache {
-    kv: Vec<Option<(Tensor, Tensor)>>,
+    kv: Vec<Option<KvBuf>>,
     pub seq_len: usize,
+}
+
+/// One layer's keys and values, [b, capacity, kv_heads, head_dim] with the first `len`
+/// positions filled: a decode step writes its position in place instead of concatenating the
+/// whole cache into a new tensor, and for b = 1 the filled part is a contiguous prefix that the
+/// fused attention reads without a copy. Capacity doubles when full.
+#[derive(Debug)]
+struct KvBuf {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl Clone for KvBuf {
+    // Appends write into the buffers, so clones (a shared few-shot prefix extended per choice)
+    // must not share them.
+    fn clone(&self) -> Self {
+        let copy = |t: &Tensor| -> Tensor {
+            let c = t.zeros_like().expect("allocate a KV cache copy");
+            c.slice_set(
+                &t.narrow(1, 0, self.len)
+                    .and_then(|x| x.contiguous())
+                    .expect("KV cache prefix"),
+                1,
+                0,
+            )
+            .expect("copy a KV cache prefix");
+            c
+        };
+        KvBuf {
+            k: copy(&self.k),
+            v: copy(&self.v),
+            len: self.len,
+        }
+    }
+}
+
+impl KvBuf {
+    /// Append k/v [b, t, kv_heads, hd] and return all filled positions [b, len, kv_heads, hd].
+    fn append(slot: &mut Option<KvBuf>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t, nkv, hd) = k.dims4()?;
+        let len = slot.as_ref().map_or(0, |s| s.len);
+        let need = len + t;
+        if slot
+            .as_ref()
+            .is_none_or(|s| s.k.dim(1).is_ok_and(|c| c < need))
+        {
+            let cap = need.next_power_of_two().max(64);
+            let nk = Tensor::zeros((b, cap, nkv, hd), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, cap, nkv, hd), v.dtype(), v.device())?;
+            if let Some(s) = slot.as_ref() {
+                if len > 0 {
+                    nk.slice_set(&s.k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                    nv.slice_set(&s.v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                }
+            }
+            *slot = Some(KvBuf { k: nk, v: nv, len });
+        }
+        let s = slot.as_mut().expect("allocated above");
+        s.k.slice_set(&k.contiguous()?, 1, len)?;
+        s.v.slice_set(&v.contiguous()?, 1, len)?;
+        s.len = need;
+        Ok((s.k.narrow(1, 0, need)?, s.v.narrow(1, 0, need)?))
+    }
 }
 
 impl Cache {
@@ -272,7 +336,7 @@ impl Llama {
         sin: &Tensor,
         mask: Option<&Tensor>,
         key_mask: Option<&Tensor>,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: Option<&mut Option<KvBuf>>,
     ) -> Result<Tensor> {
         let h = ops::rms_norm(x, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
         let x = (x + layer.attn.forward(&h, cos, sin, mask, key_mask, kv)?)?;
@@ -374,62 +438,47 @@ impl Attention {
         sin: &Tensor,
         mask: Option<&Tensor>,
         key_mask: Option<&Tensor>,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: Option<&mut Option<KvBuf>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
-        if kv.is_none() && crate::fused::usable(&[x, cos, sin]) {
-            // Without a cache (training, scoring whole sequences): heads stay in [b, t, h, hd],
-            // RoPE and attention are fused kernels with their own backward.
-            let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?;
-            let k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?;
-            let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?;
+        let k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?;
+        if crate::fused::usable(&[x, cos, sin]) {
+            // Heads stay in [b, t, h, hd]; RoPE and attention are fused kernels (with their own
+            // backward when training). With a cache, the queries are positions T − t … T − 1
+            // of the T cached keys, which is how the fused kernel aligns its causal mask.
             let q = crate::fused::rope_bthd(&q, cos, sin)?;
             let k = crate::fused::rope_bthd(&k, cos, sin)?;
+            let (k, v) = match kv {
+                Some(slot) => KvBuf::append(slot, &k, &v)?,
+                None => (k, v),
+            };
             let pad = match key_mask {
                 // 1 → 0, 0 → a large negative (fully masked rows stay finite), as below.
                 Some(km) => Some(((km.to_dtype(DType::F32)? - 1.0)? * 1e30)?),
                 None => None,
             };
-            let scale = 1.0 / (hd as f64).sqrt();
             let o = crate::fused::attention(&q, &k, &v, t > 1, scale, pad.as_ref())?;
             return Ok(self.o_proj.forward(&o.reshape((b, t, nh * hd))?)?);
         }
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = ops::rope(&q, cos, sin)?;
-        let k = ops::rope(&k, cos, sin)?;
+        let q = ops::rope(&q.transpose(1, 2)?, cos, sin)?;
+        let k = ops::rope(&k.transpose(1, 2)?, cos, sin)?;
         let (k, v) = match kv {
             Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
+                let (k, v) = KvBuf::append(slot, &k.transpose(1, 2)?, &v)?;
+                (k.transpose(1, 2)?, v.transpose(1, 2)?)
             }
-            None => (k, v),
+            None => (k, v.transpose(1, 2)?),
         };
+        let v = v.contiguous()?;
         let total = k.dim(2)?;
         let g = nh / nkv;
         // Group the query heads that share a KV head into one matrix so GQA needs no
         // repeated K/V copies: [b, nkv, g·t, hd] · [b, nkv, hd, T].
         let q = q.contiguous()?.reshape((b, nkv, g * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let mut s = (q.matmul(&k.t()?)? * scale)?;
         if let Some(m) = mask {
             let s5 = s.reshape((b, nkv, g, t, total))?;

@@ -58,6 +58,56 @@ fn kv_cache_decoding_equals_full_forward() {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)] // step j of both continuations, alternately
+fn kv_cache_grows_and_clones_stay_independent() {
+    let (_d, m) = tiny_llama(true);
+    let l = m.llama().unwrap();
+    let row = |ids: &[u32]| {
+        Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+    };
+    let seq = |seed: u32, n: usize| -> Vec<u32> {
+        (0..n as u32).map(|i| (i * 37 + seed) % 200 + 1).collect()
+    };
+    // A 60-token prefix, then two different continuations from clones of its cache, stepped
+    // alternately (writes of one must not show in the other); both cross the first capacity
+    // (64 positions) one token at a time.
+    let prefix = seq(3, 60);
+    let mut shared = l.new_cache();
+    l.forward(&row(&prefix), Some(&mut shared)).unwrap();
+    let tails = [seq(11, 12), seq(29, 12)];
+    let fulls: Vec<Tensor> = tails
+        .iter()
+        .map(|t| {
+            let all: Vec<u32> = prefix.iter().chain(t).copied().collect();
+            l.forward(&row(&all), None).unwrap()
+        })
+        .collect();
+    let mut caches = [shared.clone(), shared.clone()];
+    for j in 0..12 {
+        for (c, cache) in caches.iter_mut().enumerate() {
+            let step = l.forward(&row(&[tails[c][j]]), Some(cache)).unwrap();
+            let d = max_abs(&step.i((0, 0)).unwrap(), &fulls[c].i((0, 60 + j)).unwrap());
+            assert!(d < 1e-4, "continuation {c}, pos {}: {d}", 60 + j);
+        }
+    }
+    // Two rows with a cache (the filled part is then a strided view of the buffer).
+    let (a, b) = (seq(5, 9), seq(8, 9));
+    let both = Tensor::from_vec([a.clone(), b.clone()].concat(), (2, 9), &Device::Cpu).unwrap();
+    let full = l.forward(&both, None).unwrap();
+    let mut cache = l.new_cache();
+    l.forward(&both.narrow(1, 0, 6).unwrap(), Some(&mut cache))
+        .unwrap();
+    let rest = l
+        .forward(&both.narrow(1, 6, 3).unwrap(), Some(&mut cache))
+        .unwrap();
+    let d = max_abs(&rest, &full.narrow(1, 6, 3).unwrap());
+    assert!(d < 1e-4, "batched cached steps: {d}");
+}
+
+#[test]
 fn padded_batch_equals_single_sequences() {
     let (_d, m) = tiny_llama(false);
     let l = m.llama().unwrap();
