@@ -24,7 +24,11 @@ Usage:
         --data /work/shared/data/ifeval/input_data.jsonl \
         --out tests/fixtures/ifeval/reference_verdicts.jsonl \
         --punkt-out crates/eval/data/punkt_english.tsv \
-        --langdetect-out crates/eval/data/langdetect_caps.tsv
+        --langdetect-out crates/eval/data/langdetect_caps.tsv \
+        --model-responses smollm2-135m=/tmp/ifeval-smol.json
+
+The model responses come from `mpolm eval smollm2-135m --task ifeval --limit 40
+--max-gen-tokens 200 --log-samples --gguf-weights quantized --report /tmp/ifeval-smol.json`.
 """
 
 import argparse
@@ -410,6 +414,9 @@ def main():
     ap.add_argument("--nltk-data", default=os.path.expanduser("~/.cache/mpolm/nltk_data"))
     ap.add_argument("--prompts", type=int, default=300)
     ap.add_argument("--seed", type=int, default=SEED, help="another seed gives a held-out fixture")
+    ap.add_argument("--model-responses", action="append", default=[], metavar="NAME=REPORT",
+                    help="also check real model outputs: an `mpolm eval --task ifeval --log-samples` "
+                         "report; its responses are added with origin 'model:NAME'")
     args = ap.parse_args()
 
     E = setup_punkt(args.nltk_data)
@@ -455,6 +462,12 @@ def main():
         row = rng.choice(langrows)
         cases.append((row, t, "edge_language"))
         cases.append((rng.choice(by_id["change_case:english_lowercase"]), t.lower(), "edge_language"))
+
+    by_key = {r["key"]: r for r in rows}
+    for spec in args.model_responses:
+        name, path = spec.split("=", 1)
+        for smp in json.load(open(path))["samples"]["ifeval"]:
+            cases.append((by_key[smp["key"]], smp["response"], f"model:{name}"))
 
     def verdicts(row, resp, seed):
         # Both sources of randomness: langdetect's own seed, and `random` (an argument the
