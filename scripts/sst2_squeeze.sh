@@ -5,7 +5,9 @@
 # auxiliary-only steps. Both are scored on the full dev set with `mpolm eval --task sst2`.
 # Knobs (env): BATCH (16), MATRICES (encoder,pooler; "all" = every matrix and the embedding),
 # MPO_LR (5e-4), DELTA (0.1), CUT (0.05), RECOVER (8), ITERS (12), EVAL_LIMIT (200), GROUP (0;
-# 1 = --group-by-length), MPOLM_BIN.
+# 1 = --group-by-length), HELDOUT (0; N > 0 = the squeeze's Δ check uses the N training sentences
+# after the first `limit` instead of the first EVAL_LIMIT dev sentences, so the dev set only
+# scores), MPOLM_BIN.
 #   scripts/sst2_squeeze.sh OUTDIR [limit] [target] [seed]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,10 @@ mkdir -p "$out"
 tune=(--task sst2 --data "$data" --limit "$limit" --batch "$b" --max-len 64 --lr 1e-4 --mpo-lr "${MPO_LR:-5e-4}"
   --seed "$seed" --eval-limit "${EVAL_LIMIT:-200}")
 [ "${GROUP:-0}" = 1 ] && tune+=(--group-by-length)
+if [ "${HELDOUT:-0}" -gt 0 ]; then
+  sed -n "1p;$((limit + 2)),$((limit + 1 + HELDOUT))p" "$data/train.tsv" >"$out/heldout.tsv"
+  tune+=(--eval-data "$out/heldout.tsv")
+fi
 if [ ! -f "$out/squeeze.json" ]; then
   rm -rf "$out/squeeze"
   "$bin" finetune "$out/mpo-full" --method mpo-aux "${tune[@]}" --squeeze --target-params "$target" \
