@@ -63,6 +63,7 @@ print("| model | total params | ratio to dense | steps | dev acc % (872) |")
 print("|---|---|---|---|---|")
 for k in ("squeeze", "direct"):
     r = json.load(open(f"{o}/{k}.json"))["result"]; e = json.load(open(f"{o}/eval-{k}.json"))
+    r["steps"] = len(json.load(open(f"{o}/{k}/finetune_log.json"))["steps"])  # squeezing's recoveries too
     acc = e["results"]["sst2"]["acc,none"] * 100
     print(f"| {k} | {r['total_params']/1e6:.2f}M | {r['total_params']/22713986:.3f} | {r['steps']} | {acc:.2f} |")
 PY
