@@ -183,20 +183,8 @@ mod avx {
     /// its scale, and (Q4_1) its offset m: value = d·q + m.
     #[inline(always)]
     unsafe fn block<const T: u8>(p: *const u8) -> (__m256i, f32, f32) {
-        match T {
-            Q4_0 => (
-                _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
-                f16(p),
-                0.0,
-            ),
-            Q4_1 => (nibbles(p.add(4)), f16(p), f16(p.add(2))),
-            Q5_0 => {
-                // q | 0xF0 where the fifth bit is clear = q − 16 as a signed byte.
-                let hi = _mm256_andnot_si256(bits(p.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
-                (_mm256_or_si256(nibbles(p.add(6)), hi), f16(p), 0.0)
-            }
-            _ => (_mm256_loadu_si256(p.add(2) as *const __m256i), f16(p), 0.0),
-        }
+        let m = if T == Q4_1 { f16(p.add(2)) } else { 0.0 };
+        (quants::<T>(p), f16(p), m)
     }
 
     const PREFETCH_BYTES: usize = 2048;
@@ -212,6 +200,7 @@ mod avx {
             Q4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
             Q4_1 => nibbles(p.add(4)),
             Q5_0 => {
+                // q | 0xF0 where the fifth bit is clear = q − 16 as a signed byte.
                 let hi = _mm256_andnot_si256(bits(p.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
                 _mm256_or_si256(nibbles(p.add(6)), hi)
             }
