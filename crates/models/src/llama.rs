@@ -103,46 +103,44 @@ impl Clone for KvBuf {
     // Appends write into the buffers, so clones (a shared few-shot prefix extended per choice)
     // must not share them.
     fn clone(&self) -> Self {
-        let copy = |t: &Tensor| -> Tensor {
-            let c = t.zeros_like().expect("allocate a KV cache copy");
-            c.slice_set(
-                &t.narrow(1, 0, self.len)
-                    .and_then(|x| x.contiguous())
-                    .expect("KV cache prefix"),
-                1,
-                0,
-            )
-            .expect("copy a KV cache prefix");
-            c
-        };
-        KvBuf {
-            k: copy(&self.k),
-            v: copy(&self.v),
-            len: self.len,
-        }
+        self.resized(self.k.dims()[1]).expect("copy a KV cache")
     }
 }
 
 impl KvBuf {
+    /// New buffers of `cap` (≥ len) positions holding this one's filled prefix.
+    fn resized(&self, cap: usize) -> Result<KvBuf> {
+        let (b, _, nkv, hd) = self.k.dims4()?;
+        let copy = |t: &Tensor| -> Result<Tensor> {
+            let c = Tensor::zeros((b, cap, nkv, hd), t.dtype(), t.device())?;
+            if self.len > 0 {
+                c.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+            }
+            Ok(c)
+        };
+        Ok(KvBuf {
+            k: copy(&self.k)?,
+            v: copy(&self.v)?,
+            len: self.len,
+        })
+    }
+
     /// Append k/v [b, t, kv_heads, hd] and return all filled positions [b, len, kv_heads, hd].
     fn append(slot: &mut Option<KvBuf>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, t, nkv, hd) = k.dims4()?;
         let len = slot.as_ref().map_or(0, |s| s.len);
         let need = len + t;
-        if slot
-            .as_ref()
-            .is_none_or(|s| s.k.dim(1).is_ok_and(|c| c < need))
-        {
-            let cap = need.next_power_of_two().max(64);
-            let nk = Tensor::zeros((b, cap, nkv, hd), k.dtype(), k.device())?;
-            let nv = Tensor::zeros((b, cap, nkv, hd), v.dtype(), v.device())?;
-            if let Some(s) = slot.as_ref() {
-                if len > 0 {
-                    nk.slice_set(&s.k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-                    nv.slice_set(&s.v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-                }
+        let cap = need.next_power_of_two().max(64);
+        match slot {
+            None => {
+                *slot = Some(KvBuf {
+                    k: Tensor::zeros((b, cap, nkv, hd), k.dtype(), k.device())?,
+                    v: Tensor::zeros((b, cap, nkv, hd), v.dtype(), v.device())?,
+                    len: 0,
+                })
             }
-            *slot = Some(KvBuf { k: nk, v: nv, len });
+            Some(s) if s.k.dim(1)? < need => *s = s.resized(cap)?,
+            Some(_) => {}
         }
         let s = slot.as_mut().expect("allocated above");
         s.k.slice_set(&k.contiguous()?, 1, len)?;
@@ -311,7 +309,7 @@ impl Llama {
                 .reshape((b, t, self.cfg.hidden_size))?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        let mask = attention_mask(b, t, offset, key_mask, x.device())?;
+        let mask = generic_attention_mask(&[&x, &cos, &sin], b, t, offset, key_mask)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.kv[i]);
             x = self.block(layer, &x, &cos, &sin, mask.as_ref(), key_mask, kv)?;
@@ -358,7 +356,7 @@ impl Llama {
         }
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
-        let mask = attention_mask(b, t, 0, None, x.device())?;
+        let mask = generic_attention_mask(&[x, &cos, &sin], b, t, 0, None)?;
         let mut x = x.clone();
         for layer in &self.layers[range] {
             x = self.block(layer, &x, &cos, &sin, mask.as_ref(), None, None)?;
@@ -387,6 +385,21 @@ impl Llama {
         let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
         self.head(&last)
     }
+}
+
+/// The additive mask only the generic attention path reads (the fused kernels take the causal
+/// flag and the key mask themselves), so f32 CPU forwards do not build a t×T mask per call.
+fn generic_attention_mask(
+    inputs: &[&Tensor],
+    b: usize,
+    t: usize,
+    offset: usize,
+    key_mask: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    if crate::fused::usable(inputs) {
+        return Ok(None);
+    }
+    attention_mask(b, t, offset, key_mask, inputs[0].device())
 }
 
 /// Additive mask [b or 1, 1, t, T]: causal over the new positions plus optional key padding.
