@@ -24,26 +24,14 @@ import time
 
 import numpy as np
 
-PARAGRAPH = (
-    "The old lighthouse keeper climbed the spiral stairs every evening, counting each "
-    "of the one hundred and twelve steps as his father had done before him. From the "
-    "lantern room he could see the fishing boats returning to the harbor, their sails "
-    "catching the last orange light of the sun, while gulls circled above the breakwater "
-    "and the tide crept slowly over the dark rocks below. "
-)
-
+import bench_prompt
 
 def tokenize(llm, text):
     return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
 
 def prompt_ids(llm, n):
-    text = PARAGRAPH
-    ids = tokenize(llm, text)
-    while len(ids) < n:
-        text += PARAGRAPH
-        ids = tokenize(llm, text)
-    return ids[:n]
+    return bench_prompt.prompt_ids(lambda text: tokenize(llm, text), n)
 
 
 def rolling_rows(tokens, prefix, max_length, stride):

@@ -39,22 +39,11 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-PARAGRAPH = (
-    "The old lighthouse keeper climbed the spiral stairs every evening, counting each "
-    "of the one hundred and twelve steps as his father had done before him. From the "
-    "lantern room he could see the fishing boats returning to the harbor, their sails "
-    "catching the last orange light of the sun, while gulls circled above the breakwater "
-    "and the tide crept slowly over the dark rocks below. "
-)
+from bench_prompt import prompt_ids
 
 
 def build_prompt_ids(tok, n):
-    text = PARAGRAPH
-    ids = tok(text, add_special_tokens=False).input_ids
-    while len(ids) < n:
-        text += PARAGRAPH
-        ids = tok(text, add_special_tokens=False).input_ids
-    return ids[:n]
+    return prompt_ids(lambda text: tok(text, add_special_tokens=False).input_ids, n)
 
 
 def main():

@@ -9,7 +9,8 @@ use models::Model;
 use serde_json::{json, Value};
 use std::time::Instant;
 
-/// The same paragraph as the PyTorch script (repeated, then truncated at the id level).
+/// The same paragraph as the peer scripts (`scripts/bench_prompt.py`), repeated, then cut at
+/// the id level.
 const PARAGRAPH: &str =
     "The old lighthouse keeper climbed the spiral stairs every evening, counting each \
 of the one hundred and twelve steps as his father had done before him. From the \
