@@ -10,6 +10,11 @@ fn mpolm(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A JSON file the binary wrote (a --report, a config).
+fn read_json(path: impl AsRef<std::path::Path>) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn assert_clean_error(o: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "stderr: {err}");
@@ -33,8 +38,7 @@ fn inspect_and_generate_tiny_model_with_reports() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+    let v = read_json(&rep);
     let total = v["inspect"]["total_params"].as_u64().unwrap();
     let printed = stdout
         .lines()
@@ -56,8 +60,7 @@ fn inspect_and_generate_tiny_model_with_reports() {
         rep.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+    let v = read_json(&rep);
     assert_eq!(v["generate"]["output_ids"].as_array().unwrap().len(), 4);
     assert!(v["generate"]["stats"]["decode_tok_per_s"].as_f64().unwrap() > 0.0);
 
@@ -148,8 +151,7 @@ fn spectrum_reports_exact_full_bond_mpos_and_plots() {
         rep.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+    let v = read_json(&rep);
     let mats = v["matrices"].as_array().unwrap();
     assert_eq!(mats.len(), 7, "q,k,v,o,gate,up,down of layer 0");
     for mtx in mats {
@@ -239,8 +241,7 @@ fn finetune_lora_resume_and_evaluate_the_adapter() {
     again.push("--resume");
     let o = mpolm(&again);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+    let v = read_json(&rep);
     assert_eq!(v["command"], "finetune");
     assert_eq!(v["result"]["finished"], true);
     let tuned = v["result"]["tuned_params"].as_u64().unwrap();
@@ -250,8 +251,7 @@ fn finetune_lora_resume_and_evaluate_the_adapter() {
         let r = d.path().join("inspect.json");
         let o = mpolm(&["inspect", model, "--report", r.to_str().unwrap()]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&r).unwrap()).unwrap();
+        let v = read_json(&r);
         v["inspect"]["total_params"].as_u64().unwrap()
     };
     assert_eq!(total(os), total(ms) + tuned, "base + adapter parameters");
@@ -291,8 +291,7 @@ fn quantize_gptq_end_to_end_and_bad_inputs() {
         a.extend(["--report", rep.to_str().unwrap()]);
         let o = mpolm(&a);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+        let v = read_json(&rep);
         (v["model_summary"]["perplexity"]["ppl"].as_f64().unwrap(), v)
     };
     let (base, _) = ppl_of(&["quantize", ms, "--method", "none"]);
@@ -384,7 +383,7 @@ fn quantize_with_int8_activations_saves_and_reapplies_the_outlier_plan() {
         a.extend(["--report", rep.to_str().unwrap()]);
         let o = mpolm(&a);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap()
+        read_json(&rep)
     };
     let calib = ["--calib", ts, "--nsamples", "4", "--seqlen", "32"];
     let base = ppl(&["quantize", ms, "--method", "none"]);
@@ -429,9 +428,7 @@ fn quantize_with_int8_activations_saves_and_reapplies_the_outlier_plan() {
     a.extend(calib);
     a.extend(["--out", os]);
     let v = ppl(&a);
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("quantize_config.json")).unwrap())
-            .unwrap();
+    let cfg = read_json(out.join("quantize_config.json"));
     let kept = cfg["mpolm_int8_activations"]["kept_dims"]
         .as_object()
         .unwrap();
@@ -507,8 +504,7 @@ fn gguf_weights_quantized_keeps_blocks_and_bad_value_errors() {
             rep.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+        let v = read_json(&rep);
         assert_eq!(v["inspect"]["gguf_weights"], w);
         let kinds = v["inspect"]["linear_kinds"].as_object().unwrap();
         let want = if w == "f32" { "dense" } else { "gguf-q8_0" };
