@@ -32,6 +32,8 @@ fn gemm_bench(reps: usize) -> candle_core::Result<()> {
         (128, 576, 1536),
         (128, 1536, 576),
         (128, 576, 192),
+        (16, 576, 1536),
+        (16, 1536, 576),
         (1, 576, 1536),
         (1, 576, 49152),
         (1, 1536, 576),
@@ -335,6 +337,8 @@ fn thread_cpu_s() -> f64 {
 }
 
 fn main() -> candle_core::Result<()> {
+    // As the CLI does: temporaries are recycled instead of page-faulted in again per call.
+    kernels::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let reps = args
         .iter()

@@ -147,18 +147,18 @@ fn forced_backend() -> Option<Backend> {
     })
 }
 
-/// The per-shape choice, measured with examples/bench_kernels.rs on the 2-core AVX2 EPYC
-/// (BENCHMARKS.md, #8): faer's packed GEMM wins on training-sized products (≥ 512 rows:
-/// 140–152 vs 116–129 GFLOP/s for `gemm`), while prefill-sized and one-row (decode) products stay
-/// on the `gemm` crate (what candle's matmul runs): there the hand-written row gemv and faer
-/// measured no faster (decode is memory-bound: ~13 GB/s of weights whichever kernel reads them).
-/// A transposed left operand (the gᵀ of the weight gradient) measured slower in faer
-/// (35–48 vs 45–68 GFLOP/s), so it stays on `gemm`.
+/// The per-shape choice, measured with scripts/bench_gemm_pair.py (examples/bench_kernels.rs and
+/// PyTorch in alternating rounds) on the 2-core AVX2 EPYC (BENCHMARKS.md, #8): faer's packed GEMM
+/// is the fastest of the two crates from 16 rows up (by 5–40% at 16–128 rows and 576–1536 wide,
+/// by 0–10% on training-sized products), while one-row (decode) products stay on the `gemm` crate
+/// (memory-bound: ~13 GB/s of weights whichever kernel reads them; the hand-written row gemv
+/// measured no faster). A transposed left operand (the gᵀ of the weight gradient) measured slower
+/// in faer (35–48 vs 45–68 GFLOP/s), so it stays on `gemm`.
 fn auto_backend(m: usize, _k: usize, _n: usize, a: &View) -> Backend {
     if let Some(f) = forced_backend() {
         return f;
     }
-    if m >= 512 && a.cs == 1 {
+    if m >= 16 && a.cs == 1 {
         Backend::Faer
     } else {
         Backend::Gemm
@@ -438,6 +438,18 @@ fn view<'a>(data: &'a [f32], l: &Layout) -> Result<View<'a>> {
     Ok(v)
 }
 
+/// An output buffer of `len` f32 that the caller overwrites completely before reading. Not
+/// zero-filled: with freed memory kept on the heap (`keep_freed_memory`) zeroing is a memset of
+/// the whole output, ~6% of a 2048×576×1536 product. Candle's own CPU matmul allocates its
+/// output the same way.
+fn output_buffer(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns, and every caller writes all `len` values before
+    // any is read.
+    unsafe { v.set_len(len) };
+    v
+}
+
 fn linear_fwd(
     x: &CpuStorage,
     lx: &Layout,
@@ -457,7 +469,9 @@ fn linear_fwd(
             lw.dims()
         );
     }
-    let mut dst = vec![0f32; m * n];
+    // Every element is written below: by the bias rows, or by the GEMM (which overwrites when
+    // not accumulating, also for k = 0).
+    let mut dst = output_buffer(m * n);
     let acc = if let Some((bs, lb)) = b {
         let bd = &cpu_f32(bs, "bias")?[lb.start_offset()..];
         if lb.dims() != [n] {
@@ -501,8 +515,8 @@ impl CustomOp2 for Mm {
         }
         let a = view(cpu_f32(s1, "lhs")?, l1)?;
         let b = view(cpu_f32(s2, "rhs")?, l2)?;
-        let mut dst = vec![0f32; a.rows * b.cols];
-        gemm_into(&mut dst, a, b, false, Backend::Auto)?;
+        let mut dst = output_buffer(a.rows * b.cols);
+        gemm_into(&mut dst, a, b, false, Backend::Auto)?; // overwrites every element
         Ok((CpuStorage::F32(dst), Shape::from((a.rows, b.cols))))
     }
 }
