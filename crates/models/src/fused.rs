@@ -687,19 +687,42 @@ impl Attention {
 
     /// Probabilities P [t, T] of query head `h` in batch row `bi`, into `p`.
     fn probs(&self, d: &Dims, q: &[f32], k: &[f32], bi: usize, h: usize, p: &mut [f32]) {
+        self.probs_rows(d, q, k, (bi, h), (0, d.t), d.tk, p);
+    }
+
+    /// Rows r0..r1 of P for query head `h` in batch row `bi`, restricted to the first `w` keys,
+    /// into `p` as (r1 − r0)×w; `w` must cover every key those rows may see.
+    #[allow(clippy::too_many_arguments)]
+    fn probs_rows(
+        &self,
+        d: &Dims,
+        q: &[f32],
+        k: &[f32],
+        (bi, h): (usize, usize),
+        (r0, r1): (usize, usize),
+        w: usize,
+        p: &mut [f32],
+    ) {
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, d.hd);
         let kvh = h / (nh / nkv);
-        let qv = rows_view(&q[(bi * d.t * nh + h) * hd..], d.t, hd, nh * hd);
-        let kv = rows_view(&k[(bi * d.tk * nkv + kvh) * hd..], d.tk, hd, nkv * hd);
-        // SAFETY: p holds t×T elements, distinct from q and k.
-        unsafe { gemm_seq(p.as_mut_ptr(), d.tk, qv, kv.t(), false, self.scale) };
+        let p = &mut p[..(r1 - r0) * w];
+        let qv = rows_view(
+            &q[(bi * d.t * nh + h) * hd + r0 * nh * hd..],
+            r1 - r0,
+            hd,
+            nh * hd,
+        );
+        let kv = rows_view(&k[(bi * d.tk * nkv + kvh) * hd..], w, hd, nkv * hd);
+        // SAFETY: p holds (r1 − r0)×w elements, distinct from q and k.
+        unsafe { gemm_seq(p.as_mut_ptr(), w, qv, kv.t(), false, self.scale) };
         let off = d.tk - d.t;
         let mask = self
             .key_mask
             .as_ref()
             .map(|m| &m[bi * d.tk..(bi + 1) * d.tk]);
-        for (i, row) in p.chunks_exact_mut(d.tk).enumerate() {
-            let lim = if self.causal { i + off + 1 } else { d.tk };
+        for (ii, row) in p.chunks_exact_mut(w).enumerate() {
+            let lim = if self.causal { r0 + ii + off + 1 } else { w };
+            debug_assert!(lim <= w);
             if let Some(m) = mask {
                 for (r, &mv) in row[..lim].iter_mut().zip(m) {
                     *r += mv;
@@ -724,30 +747,43 @@ impl Attention {
         }
     }
 
+    /// Queries in blocks of `Q_BLOCK` rows: a block's scores stay in L2 instead of a t×T matrix
+    /// per head in memory, and with a causal mask a block multiplies only the keys its last row
+    /// sees, which halves the work of a long prefill (the products above the diagonal were zeros).
     fn forward(&self, d: &Dims, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        const Q_BLOCK: usize = 64;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, d.hd);
         let mut out = vec![0f32; d.b * d.t * nh * hd];
         let optr = SendPtr(out.as_mut_ptr());
+        let off = d.tk - d.t;
         (0..d.b * nh).into_par_iter().for_each_init(
-            || vec![0f32; d.t * d.tk],
+            || vec![0f32; Q_BLOCK.min(d.t) * d.tk],
             |p, u| {
                 let (bi, h) = (u / nh, u % nh);
                 let kvh = h / (nh / nkv);
-                self.probs(d, q, k, bi, h, p);
-                let pv = rows_view(p, d.t, d.tk, d.tk);
-                let vv = rows_view(&v[(bi * d.tk * nkv + kvh) * hd..], d.tk, hd, nkv * hd);
-                let o = optr;
-                // SAFETY: head h of row bi owns out[bi, :, h, :]; no other task writes it.
-                unsafe {
-                    gemm_seq(
-                        o.0.add((bi * d.t * nh + h) * hd),
-                        nh * hd,
-                        pv,
-                        vv,
-                        false,
-                        1.0,
-                    )
-                };
+                for r0 in (0..d.t).step_by(Q_BLOCK) {
+                    let r1 = (r0 + Q_BLOCK).min(d.t);
+                    let w = if self.causal {
+                        (r1 + off).min(d.tk)
+                    } else {
+                        d.tk
+                    };
+                    self.probs_rows(d, q, k, (bi, h), (r0, r1), w, p);
+                    let pv = rows_view(p, r1 - r0, w, w);
+                    let vv = rows_view(&v[(bi * d.tk * nkv + kvh) * hd..], w, hd, nkv * hd);
+                    let o = optr;
+                    // SAFETY: head h of row bi owns out[bi, :, h, :]; no other task writes it.
+                    unsafe {
+                        gemm_seq(
+                            o.0.add((bi * d.t * nh + h) * hd + r0 * nh * hd),
+                            nh * hd,
+                            pv,
+                            vv,
+                            false,
+                            1.0,
+                        )
+                    };
+                }
             },
         );
         out

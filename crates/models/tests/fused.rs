@@ -190,6 +190,9 @@ fn attention_matches_composed_softmax_attention() -> R<()> {
         (3, 9, 9, 6, 2, 16, true, false), // llama-like, GQA groups of 3
         (1, 3, 8, 2, 1, 5, true, false),  // queries after a 5-token prefix
         (2, 1, 1, 3, 3, 4, true, true),
+        // Several query blocks of the forward, the last one partial, after a prefix.
+        (1, 150, 163, 2, 1, 8, true, true),
+        (1, 130, 130, 2, 2, 4, false, true),
     ];
     for (ci, &(b, t, tk, nh, nkv, hd, causal, padded)) in cases.iter().enumerate() {
         let q = var(&[b, t, nh, hd], 20 + ci as u64, 1.5)?;
