@@ -22,9 +22,12 @@ step() { # name, then the command; its stdout+stderr go to OUT/name.log
   "$@" >"$out/$name.log" 2>&1
 }
 
+methods=${METHODS:-rtn gptq}; widths=${BITS:-8 4 3 2}
+names=(); for m in $methods; do for b in $widths; do names+=("$m$b"); done; done
+
 [ -f "$out/f32.json" ] || step f32 "$bin" quantize "$model" --method none "${common[@]}" --report "$out/f32.json"
-for method in ${METHODS:-rtn gptq}; do
-  for bits in ${BITS:-8 4 3 2}; do
+for method in $methods; do
+  for bits in $widths; do
     name=$method$bits
     [ -f "$out/$name.json" ] && continue
     rm -rf "$out/$name"
@@ -35,7 +38,7 @@ for method in ${METHODS:-rtn gptq}; do
 done
 
 # Decode speed of each checkpoint (the f32 model for "f32"): 128-token prompt, 64 new tokens.
-for name in f32 $(for m in ${METHODS:-rtn gptq}; do for b in ${BITS:-8 4 3 2}; do echo "$m$b"; done; done); do
+for name in f32 "${names[@]}"; do
   [ -f "$out/bench-$name.json" ] && continue
   src="$out/$name"; [ "$name" = f32 ] && src=$model
   step "bench-$name" "$bin" bench generate "$src" --threads "$threads" --prompt-tokens 128 --new-tokens 64 \

@@ -689,6 +689,17 @@ impl Attention {
         })
     }
 
+    /// The query blocks (r0, r1) of `Q_BLOCK` rows, each with the number of keys w its rows can
+    /// see: all T keys, or with a causal mask only those up to its last row's position.
+    fn query_blocks(&self, d: &Dims) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let (t, tk, causal) = (d.t, d.tk, self.causal);
+        (0..t).step_by(Q_BLOCK).map(move |r0| {
+            let r1 = (r0 + Q_BLOCK).min(t);
+            let w = if causal { (r1 + tk - t).min(tk) } else { tk };
+            (r0, r1, w)
+        })
+    }
+
     /// Rows r0..r1 of P for query head `h` in batch row `bi`, restricted to the first `w` keys,
     /// into `p` as (r1 − r0)×w; `w` must cover every key those rows may see.
     #[allow(clippy::too_many_arguments)]
@@ -753,19 +764,12 @@ impl Attention {
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, d.hd);
         let mut out = vec![0f32; d.b * d.t * nh * hd];
         let optr = SendPtr(out.as_mut_ptr());
-        let off = d.tk - d.t;
         (0..d.b * nh).into_par_iter().for_each_init(
             || vec![0f32; Q_BLOCK.min(d.t) * d.tk],
             |p, u| {
                 let (bi, h) = (u / nh, u % nh);
                 let kvh = h / (nh / nkv);
-                for r0 in (0..d.t).step_by(Q_BLOCK) {
-                    let r1 = (r0 + Q_BLOCK).min(d.t);
-                    let w = if self.causal {
-                        (r1 + off).min(d.tk)
-                    } else {
-                        d.tk
-                    };
+                for (r0, r1, w) in self.query_blocks(d) {
                     self.probs_rows(d, q, k, (bi, h), (r0, r1), w, p);
                     let pv = rows_view(p, r1 - r0, w, w);
                     let vv = rows_view(&v[(bi * d.tk * nkv + kvh) * hd..], w, hd, nkv * hd);
@@ -809,7 +813,6 @@ impl Attention {
         );
         let qrs = nh * hd;
         let krs = nkv * hd;
-        let off = d.tk - d.t;
         let qb = Q_BLOCK.min(d.t);
         // One task per (batch row, KV head): it owns dK/dV of that head and dQ of its query group.
         // Queries go in blocks as in `forward`; a causal block touches only the keys it sees.
@@ -820,16 +823,8 @@ impl Attention {
                 let kbase = (bi * d.tk * nkv + kvh) * hd;
                 for h in kvh * grp..(kvh + 1) * grp {
                     let qbase = (bi * d.t * nh + h) * hd;
-                    for r0 in (0..d.t).step_by(Q_BLOCK) {
-                        let r1 = (r0 + Q_BLOCK).min(d.t);
-                        let (nb, w) = (
-                            r1 - r0,
-                            if self.causal {
-                                (r1 + off).min(d.tk)
-                            } else {
-                                d.tk
-                            },
-                        );
+                    for (r0, r1, w) in self.query_blocks(d) {
+                        let nb = r1 - r0;
                         self.probs_rows(d, q, k, (bi, h), (r0, r1), w, p);
                         let kview = rows_view(&k[kbase..], w, hd, krs);
                         let vview = rows_view(&v[kbase..], w, hd, krs);
