@@ -376,13 +376,12 @@ impl<'a> Lm<'a> {
         Ok(out)
     }
 
-    /// KV cache of `prefix` repeated over `b` rows.
+    /// KV cache of `prefix`, computed once and repeated over `b` rows.
     fn prefix_cache(&self, prefix: &[u32], b: usize) -> Result<Cache> {
         let mut cache = self.model.new_cache();
-        let ids: Vec<u32> = (0..b).flat_map(|_| prefix.iter().copied()).collect();
-        let ids = Tensor::from_vec(ids, (b, prefix.len()), &Device::Cpu)?;
+        let ids = Tensor::new(prefix, &Device::Cpu)?.unsqueeze(0)?;
         self.model.forward_hidden(&ids, Some(&mut cache), None)?;
-        Ok(cache)
+        Ok(if b > 1 { cache.repeat(b)? } else { cache })
     }
 
     fn score_chunk(
@@ -461,9 +460,9 @@ impl<'a> Lm<'a> {
         Ok(())
     }
 
-    /// Greedy generation for each request (one at a time, KV-cached). Requests whose contexts
-    /// share ≥ MIN_SHARED_PREFIX leading tokens (a few-shot prefix) run that prefix once and
-    /// clone its cache.
+    /// Greedy generation for each request, KV-cached, `batch` requests decoding together.
+    /// Requests whose contexts share ≥ MIN_SHARED_PREFIX leading tokens (a few-shot prefix) run
+    /// that prefix once and copy its cache to every row.
     pub fn generate_until(
         &self,
         reqs: &[GenRequest],
@@ -518,14 +517,22 @@ impl<'a> Lm<'a> {
             } else {
                 None
             };
-            for i in g {
-                let cache = prefix.clone().unwrap_or_else(|| self.model.new_cache());
-                let o =
-                    self.greedy(&ctxs[i][p..], cache, &reqs[i].until, reqs[i].max_new_tokens)?;
-                on_done(i, &o);
-                outs[i] = Some(o);
-                if let Some(pb) = &pb {
-                    pb.inc(1);
+            for chunk in g.chunks(self.batch) {
+                let done = if let [i] = chunk {
+                    let cache = prefix.clone().unwrap_or_else(|| self.model.new_cache());
+                    let r = &reqs[*i];
+                    vec![self.greedy(&ctxs[*i][p..], cache, &r.until, r.max_new_tokens)?]
+                } else {
+                    let rows: Vec<(&[u32], &GenRequest)> =
+                        chunk.iter().map(|&i| (&ctxs[i][p..], &reqs[i])).collect();
+                    self.greedy_batch(&rows, prefix.as_ref(), p)?
+                };
+                for (&i, o) in chunk.iter().zip(done) {
+                    on_done(i, &o);
+                    outs[i] = Some(o);
+                    if let Some(pb) = &pb {
+                        pb.inc(1);
+                    }
                 }
             }
         }
@@ -535,6 +542,163 @@ impl<'a> Lm<'a> {
         Ok(outs
             .into_iter()
             .map(|o| o.expect("every request generated"))
+            .collect())
+    }
+
+    /// Greedy decoding of several requests in one batch, each row as [`Lm::greedy`] would decode
+    /// it alone: `rows` are (context after the prefix, request), `prefix` the single-row cache of
+    /// the first `p` context tokens they share. The contexts are right-padded into one prefill;
+    /// each step then appends one token per row at the end of the cache, where the padding
+    /// holes are masked out and every row keeps its own RoPE positions. Finished rows leave the
+    /// batch, so the weights are read once per step for the rows still decoding.
+    fn greedy_batch(
+        &self,
+        rows: &[(&[u32], &GenRequest)],
+        prefix: Option<&Cache>,
+        p: usize,
+    ) -> Result<Vec<GenOutput>> {
+        struct Live {
+            out_ids: Vec<u32>,
+            text: String,
+            stopped: Option<&'static str>,
+            /// Context tokens after the prefix; positions p + len … sit in the holes.
+            len: usize,
+            /// RoPE position (= true sequence length) of the next token fed.
+            pos: usize,
+        }
+        let b = rows.len();
+        let limit = self.max_length.min(self.model.cfg.max_position_embeddings);
+        let mut live: Vec<Live> = rows
+            .iter()
+            .map(|(ids, _)| Live {
+                out_ids: vec![],
+                text: String::new(),
+                stopped: None,
+                len: ids.len(),
+                pos: p + ids.len(),
+            })
+            .collect();
+        for (l, (_, r)) in live.iter_mut().zip(rows) {
+            if r.max_new_tokens == 0 {
+                l.stopped = Some("max_new_tokens");
+            }
+        }
+        let t = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        if t == 0 {
+            return Err(Error::Msg("internal: empty generation context".into()));
+        }
+        // Prefill: contexts right-padded to t; the padded keys are masked.
+        let mut ids = vec![0u32; b * t];
+        let mut mask = vec![0u32; b * (p + t)];
+        for (r, (ctx, _)) in rows.iter().enumerate() {
+            ids[r * t..r * t + ctx.len()].copy_from_slice(ctx);
+            mask[r * (p + t)..r * (p + t) + p + ctx.len()].fill(1);
+        }
+        let ragged = live.iter().any(|l| l.len < t);
+        let mut cache = match prefix {
+            Some(c) => c.repeat(b)?,
+            None => self.model.new_cache(),
+        };
+        let key_mask = match ragged {
+            true => Some(Tensor::from_vec(mask, (b, p + t), &Device::Cpu)?),
+            false => None,
+        };
+        let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
+        let hidden = self
+            .model
+            .forward_hidden(&ids, Some(&mut cache), key_mask.as_ref())?;
+        let h = hidden.dim(2)?;
+        let last: Vec<u32> = live
+            .iter()
+            .enumerate()
+            .map(|(r, l)| (r * t + l.len - 1) as u32)
+            .collect();
+        let sel = hidden
+            .reshape((b * t, h))?
+            .index_select(&Tensor::new(last, &Device::Cpu)?, 0)?;
+        let mut logits = self
+            .model
+            .head(&sel)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        // Batch row → index into `live` of the rows still decoding.
+        let mut active: Vec<usize> = (0..b).collect();
+        loop {
+            let mut next = Vec::with_capacity(active.len());
+            for (row, &i) in logits.iter().zip(&active) {
+                let (l, r) = (&mut live[i], rows[i].1);
+                if l.stopped.is_some() {
+                    continue;
+                }
+                let tok = argmax(row);
+                if self.tok.eos_ids.contains(&tok) {
+                    l.stopped = Some("eos");
+                    continue;
+                }
+                l.out_ids.push(tok);
+                l.text = self.tok.decode(&l.out_ids, false)?;
+                if let Some(k) = first_stop(&l.text, &r.until) {
+                    l.text.truncate(k);
+                    l.stopped = Some("stop_string");
+                } else if l.out_ids.len() >= r.max_new_tokens {
+                    l.stopped = Some("max_new_tokens");
+                } else if l.pos + 1 > limit {
+                    l.stopped = Some("context_length");
+                } else {
+                    next.push(tok);
+                }
+            }
+            let keep: Vec<u32> = (0..active.len())
+                .filter(|&r| live[active[r]].stopped.is_none())
+                .map(|r| r as u32)
+                .collect();
+            if keep.is_empty() {
+                break;
+            }
+            if keep.len() < active.len() {
+                cache = cache.select_rows(&keep)?;
+                active = keep.iter().map(|&r| active[r as usize]).collect();
+            }
+            // Keys: the prefix, each row's own context, then the generated tokens; the rest of
+            // the context block is padding.
+            let total = cache.seq_len + 1;
+            let key_mask = if active.iter().any(|&i| live[i].len < t) {
+                let m: Vec<u32> = active
+                    .iter()
+                    .flat_map(|&i| {
+                        let len = live[i].len;
+                        (0..total).map(move |j| u32::from(j < p + len || j >= p + t))
+                    })
+                    .collect();
+                Some(Tensor::from_vec(m, (active.len(), total), &Device::Cpu)?)
+            } else {
+                None
+            };
+            let start: Vec<usize> = active.iter().map(|&i| live[i].pos).collect();
+            let n = next.len();
+            let ids = Tensor::from_vec(next, (n, 1), &Device::Cpu)?;
+            let hidden = self.model.forward_hidden_at(
+                &ids,
+                Some(&mut cache),
+                key_mask.as_ref(),
+                Some(&start),
+            )?;
+            logits = self
+                .model
+                .head(&hidden.squeeze(1)?)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            for &i in &active {
+                live[i].pos += 1;
+            }
+        }
+        Ok(live
+            .into_iter()
+            .map(|l| GenOutput {
+                text: l.text,
+                new_tokens: l.out_ids.len(),
+                stopped_by: l.stopped.unwrap_or("max_new_tokens").into(),
+            })
             .collect())
     }
 

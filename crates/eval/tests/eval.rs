@@ -185,22 +185,38 @@ fn generation_matches_models_generate_and_stops() {
     let tok = &m.tokenizer;
     let lm = Lm::new(llama, tok, 1, 128, false);
     let prefix = "A long shared few-shot prefix for every request goes here.\n\n";
-    let prompts: Vec<String> = ["Q: one", "Q: two two", "Q: three"]
+    // Contexts of different lengths and budgets, one without the shared prefix, so batched
+    // decoding pads, drops finished rows and mixes prefix groups.
+    let mut prompts: Vec<String> = ["Q: one", "Q: two two two two", "Q: three", "Q: 4"]
         .iter()
         .map(|q| format!("{prefix}{q}\nA:"))
         .collect();
+    prompts.push("Unrelated short prompt".into());
     let reqs: Vec<GenRequest> = prompts
         .iter()
-        .map(|p| GenRequest {
+        .zip([6, 9, 3, 7, 5])
+        .map(|(p, n)| GenRequest {
             context: tok.encode(p, false).unwrap(),
             until: vec![],
-            max_new_tokens: 6,
+            max_new_tokens: n,
         })
         .collect();
     let outs = lm.generate_until(&reqs, "gen", |_, _| {}).unwrap();
+    for batch in [2, 3, 8] {
+        let batched = Lm::new(llama, tok, batch, 128, false)
+            .generate_until(&reqs, "gen", |_, _| {})
+            .unwrap();
+        for (i, (a, b)) in outs.iter().zip(&batched).enumerate() {
+            assert_eq!(
+                (&a.text, a.new_tokens, &a.stopped_by),
+                (&b.text, b.new_tokens, &b.stopped_by),
+                "request {i} at batch {batch}"
+            );
+        }
+    }
     for (r, o) in reqs.iter().zip(&outs) {
         let p = models::generate::SamplingParams {
-            max_new_tokens: 6,
+            max_new_tokens: r.max_new_tokens,
             stop_ids: tok.eos_ids.clone(),
             ..Default::default()
         };

@@ -513,13 +513,15 @@ fn rope_apply(
     inverse: bool,
 ) -> Vec<f32> {
     let half = hd / 2;
+    let per_row = cos.len() != t * half;
     let mut y = vec![0f32; x.len()];
     let row = nh * hd; // one position
     y.par_chunks_mut(row)
         .zip(x.par_chunks(row))
         .enumerate()
         .for_each(|(r, (yr, xr))| {
-            let p = r % t;
+            // Tables of t rows serve every batch row; tables of b·t rows give each row its own.
+            let p = if per_row { r } else { r % t };
             let (c, s) = (
                 &cos[p * half..(p + 1) * half],
                 &sin[p * half..(p + 1) * half],
@@ -544,12 +546,13 @@ struct Rope {
 
 impl Rope {
     fn run(&self, x: &[f32], dims: &[usize], inverse: bool) -> Result<Vec<f32>> {
-        let [_, t, nh, hd] = dims else {
+        let [b, t, nh, hd] = dims else {
             bail!("rope: want [b, t, heads, head_dim], got {dims:?}")
         };
-        if hd % 2 != 0 || self.cos.dims() != [*t, hd / 2] || self.sin.dims() != [*t, hd / 2] {
+        let ok = |d: &[usize]| d == [*t, hd / 2] || d == [*b, *t, hd / 2];
+        if hd % 2 != 0 || !ok(self.cos.dims()) || self.sin.dims() != self.cos.dims() {
             bail!(
-                "rope: tables {:?} do not match [t={t}, head_dim/2={}]",
+                "rope: tables {:?} do not match [t={t}, head_dim/2={}] or [b={b}, t, head_dim/2]",
                 self.cos.dims(),
                 hd / 2
             );
@@ -575,7 +578,8 @@ impl CustomOp1 for Rope {
     }
 }
 
-/// HF (rotate-half) rotary embedding of x [b, t, heads, head_dim] with tables [t, head_dim/2].
+/// HF (rotate-half) rotary embedding of x [b, t, heads, head_dim] with tables [t, head_dim/2]
+/// shared by the batch, or [b, t, head_dim/2] when each row has its own positions.
 pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let op = Rope {
         cos: cos.detach().contiguous()?,
@@ -655,6 +659,10 @@ struct Dims {
     t: usize,
     tk: usize,
     hd: usize,
+    /// Elements between batch rows of k and of v: T·kv_heads·hd when contiguous, more when they
+    /// are views of a KV cache's larger buffers (read in place instead of copied every step).
+    kbs: usize,
+    vbs: usize,
 }
 
 impl Attention {
@@ -686,6 +694,8 @@ impl Attention {
             t: *t,
             tk: *tk,
             hd: *hd,
+            kbs: tk * nkv * hd,
+            vbs: tk * nkv * hd,
         })
     }
 
@@ -722,7 +732,7 @@ impl Attention {
             hd,
             nh * hd,
         );
-        let kv = rows_view(&k[(bi * d.tk * nkv + kvh) * hd..], w, hd, nkv * hd);
+        let kv = rows_view(&k[bi * d.kbs + kvh * hd..], w, hd, nkv * hd);
         // SAFETY: p holds (r1 − r0)×w elements, distinct from q and k.
         unsafe { gemm_seq(p.as_mut_ptr(), w, qv, kv.t(), false, self.scale) };
         let off = d.tk - d.t;
@@ -772,7 +782,7 @@ impl Attention {
                 for (r0, r1, w) in self.query_blocks(d) {
                     self.probs_rows(d, q, k, (bi, h), (r0, r1), w, p);
                     let pv = rows_view(p, r1 - r0, w, w);
-                    let vv = rows_view(&v[(bi * d.tk * nkv + kvh) * hd..], w, hd, nkv * hd);
+                    let vv = rows_view(&v[bi * d.vbs + kvh * hd..], w, hd, nkv * hd);
                     let o = optr;
                     // SAFETY: head h of row bi owns out[bi, :, h, :]; no other task writes it.
                     unsafe {
@@ -875,13 +885,11 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = self.dims(l1.dims(), l2.dims(), l3.dims())?;
-        let o = self.forward(
-            &d,
-            slice(s1, l1, "q")?,
-            slice(s2, l2, "k")?,
-            slice(s3, l3, "v")?,
-        );
+        let mut d = self.dims(l1.dims(), l2.dims(), l3.dims())?;
+        let (k, kbs) = batch_rows(s2, l2, "k")?;
+        let (v, vbs) = batch_rows(s3, l3, "v")?;
+        (d.kbs, d.vbs) = (kbs, vbs);
+        let o = self.forward(&d, slice(s1, l1, "q")?, k, v);
         Ok((CpuStorage::F32(o), l1.shape().clone()))
     }
     fn bwd(
@@ -934,8 +942,51 @@ pub fn attention(
         scale: scale as f32,
         key_mask,
     };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    let rows = |t: &Tensor| -> Result<Tensor> {
+        if batch_row_stride(t.layout()).is_some() {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
+    };
+    q.contiguous()?.apply_op3(&rows(k)?, &rows(v)?, op)
+}
+
+/// The batch stride of a [b, …] layout whose every batch row is contiguous (a narrowed KV
+/// cache buffer), or None.
+fn batch_row_stride(l: &Layout) -> Option<usize> {
+    let (dims, strides) = (l.dims(), l.stride());
+    let mut want = 1;
+    for i in (1..dims.len()).rev() {
+        if dims[i] > 1 && strides[i] != want {
+            return None;
+        }
+        want *= dims[i];
+    }
+    Some(if dims.first().copied().unwrap_or(1) > 1 {
+        strides[0]
+    } else {
+        want
+    })
+}
+
+/// f32 data of a layout accepted by [`batch_row_stride`], from its first element to the end of
+/// its last batch row, with that stride.
+fn batch_rows<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(v) = s else {
+        bail!("fused: {what} must be f32")
+    };
+    let Some(bs) = batch_row_stride(l) else {
+        bail!("fused: {what} must have contiguous batch rows");
+    };
+    let dims = l.dims();
+    let row: usize = dims[1..].iter().product();
+    let n = dims.first().map_or(0, |b| b.saturating_sub(1) * bs + row);
+    let start = l.start_offset();
+    if start + n > v.len() {
+        bail!("fused: {what} layout runs past its storage");
+    }
+    Ok((&v[start..start + n], bs))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ pub enum Backend {
     Gemm,
     /// faer's matmul.
     Faer,
-    /// The hand-written row gemv (only for one-row products against W's rows; otherwise Gemm).
+    /// The hand-written row gemv: one pass over W's rows for up to [`GEMV_MAX_ROWS`] rows of x
+    /// (decoding, batched decoding); other products go to Gemm.
     Gemv,
 }
 
@@ -114,10 +115,22 @@ pub fn gemm_into(
         return Ok(());
     }
     let backend = match backend {
-        Backend::Auto => auto_backend(m, k, n, &a),
+        Backend::Auto => auto_backend(m, k, n, &a, &b),
         x => x,
     };
     match backend {
+        Backend::Gemv if m > 1 && m <= GEMV_MAX_ROWS && b.rs == 1 => {
+            let xbuf;
+            let (x, xrs): (&[f32], usize) = if a.cs == 1 {
+                (a.data, a.rs)
+            } else {
+                xbuf = (0..m * k)
+                    .map(|i| a.data[(i / k) * a.rs + (i % k) * a.cs])
+                    .collect::<Vec<_>>();
+                (&xbuf, k)
+            };
+            gemv_multi(dst, x, xrs, m, b.data, b.cs, n, k, accumulate);
+        }
         Backend::Gemv if m == 1 && b.rs == 1 => {
             // b = Wᵀ with W's rows contiguous: y[j] = <a, W[j, :]>.
             let xbuf;
@@ -150,15 +163,21 @@ fn forced_backend() -> Option<Backend> {
 /// The per-shape choice, measured with scripts/bench_gemm_pair.py (examples/bench_kernels.rs and
 /// PyTorch in alternating rounds) on the 2-core AVX2 EPYC (BENCHMARKS.md, #8): faer's packed GEMM
 /// is the fastest of the two crates from 16 rows up (by 5–40% at 16–128 rows and 576–1536 wide,
-/// by 0–10% on training-sized products), while one-row (decode) products stay on the `gemm` crate
-/// (memory-bound: ~13 GB/s of weights whichever kernel reads them; the hand-written row gemv
-/// measured no faster). A transposed left operand (the gᵀ of the weight gradient) measured slower
-/// in faer (35–48 vs 45–68 GFLOP/s), so it stays on `gemm`.
-fn auto_backend(m: usize, _k: usize, _n: usize, a: &View) -> Backend {
+/// by 0–10% on training-sized products). A transposed left operand (the gᵀ of the weight gradient) measured slower in faer (35–48 vs
+/// 45–68 GFLOP/s), so it stays on `gemm`.
+///
+/// 1 to 15 rows against W's rows (decoding, batched decoding) go to the hand-written gemv: the
+/// `gemm` crate packs all of W on every call with 2–15 rows and faer is no better at so few rows,
+/// while the gemv streams W once for all rows: 1.6–2.0× the `gemm` crate at 4 and 8 rows, and
+/// 1.4–1.7× at one row (session 7, examples/bench_kernels.rs, alternating within each
+/// repetition; an earlier session's "no faster at one row" did not hold up).
+fn auto_backend(m: usize, _k: usize, _n: usize, a: &View, b: &View) -> Backend {
     if let Some(f) = forced_backend() {
         return f;
     }
-    if m >= 16 && a.cs == 1 {
+    if (1..=GEMV_MAX_ROWS).contains(&m) && b.rs == 1 {
+        Backend::Gemv
+    } else if m >= 16 && a.cs == 1 {
         Backend::Faer
     } else {
         Backend::Gemm
@@ -263,6 +282,150 @@ pub fn gemv_rows_with(
     y.par_chunks_mut(chunk).enumerate().for_each(|(c, yc)| {
         gemv_block(yc, x, w, w_rs, c * chunk, k, acc);
     });
+}
+
+/// Most rows of x the multi-row gemv takes (more go to a packed GEMM).
+pub const GEMV_MAX_ROWS: usize = 15;
+
+/// y[r, j] (+)= Σ_i x[r·xrs + i] · w[j·w_rs + i] for r < m, j < n: every W row is read once
+/// from memory and used for all m rows of x while it sits in L1, so m rows of decoding cost
+/// about what one does on a memory-bound machine.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_multi(
+    y: &mut [f32],
+    x: &[f32],
+    xrs: usize,
+    m: usize,
+    w: &[f32],
+    w_rs: usize,
+    n: usize,
+    k: usize,
+    acc: bool,
+) {
+    assert!(y.len() == m * n && (m == 0 || (m - 1) * xrs + k <= x.len()));
+    assert!(n == 0 || (n - 1) * w_rs + k <= w.len());
+    // Results land W-row-major ([n, m]) so threads own contiguous chunks, then transpose.
+    let mut yt = vec![0f32; n * m];
+    let nt = gemv_threads();
+    if nt <= 1 || n * k < 1 << 16 {
+        gemv_multi_block(&mut yt, x, xrs, m, w, w_rs, 0, k);
+    } else {
+        let chunk = n.div_ceil(nt * 4).next_multiple_of(8).max(8);
+        yt.par_chunks_mut(chunk * m)
+            .enumerate()
+            .for_each(|(c, yc)| {
+                gemv_multi_block(yc, x, xrs, m, w, w_rs, c * chunk, k);
+            });
+    }
+    for (j, col) in yt.chunks_exact(m).enumerate() {
+        for (r, &v) in col.iter().enumerate() {
+            let d = &mut y[r * n + j];
+            *d = if acc { *d + v } else { v };
+        }
+    }
+}
+
+/// yt[jj·m + r] = <x row r, W row (row0 + jj)> for the yt.len()/m rows of this block.
+#[allow(clippy::too_many_arguments)]
+fn gemv_multi_block(
+    yt: &mut [f32],
+    x: &[f32],
+    xrs: usize,
+    m: usize,
+    w: &[f32],
+    w_rs: usize,
+    row0: usize,
+    k: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: features checked; gemv_multi checked that every x row and W row read lies
+            // inside its slice.
+            unsafe { gemv_multi_avx2(yt, x, xrs, m, w, w_rs, row0, k) };
+            return;
+        }
+    }
+    for (jj, col) in yt.chunks_exact_mut(m).enumerate() {
+        let wr = &w[(row0 + jj) * w_rs..(row0 + jj) * w_rs + k];
+        for (r, c) in col.iter_mut().enumerate() {
+            let xr = &x[r * xrs..r * xrs + k];
+            *c = wr.iter().zip(xr).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_multi_avx2(
+    yt: &mut [f32],
+    x: &[f32],
+    xrs: usize,
+    m: usize,
+    w: &[f32],
+    w_rs: usize,
+    row0: usize,
+    k: usize,
+) {
+    for (jj, col) in yt.chunks_exact_mut(m).enumerate() {
+        let wp = w.as_ptr().add((row0 + jj) * w_rs);
+        let mut r = 0;
+        // Four x rows per pass: 8 FMA chains per 16 columns; the W row stays in L1 across passes.
+        while r + 4 <= m {
+            dots::<4>(&mut col[r..r + 4], x.as_ptr().add(r * xrs), xrs, wp, k);
+            r += 4;
+        }
+        match m - r {
+            3 => dots::<3>(&mut col[r..], x.as_ptr().add(r * xrs), xrs, wp, k),
+            2 => dots::<2>(&mut col[r..], x.as_ptr().add(r * xrs), xrs, wp, k),
+            1 => dots::<1>(&mut col[r..], x.as_ptr().add(r * xrs), xrs, wp, k),
+            _ => {}
+        }
+    }
+}
+
+/// out[r] = <x + r·xrs, w> over k elements, for R rows of x.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+#[allow(clippy::needless_range_loop)] // r indexes two accumulator arrays and a strided pointer
+unsafe fn dots<const R: usize>(
+    out: &mut [f32],
+    x: *const f32,
+    xrs: usize,
+    w: *const f32,
+    k: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut a0 = [_mm256_setzero_ps(); R];
+    let mut a1 = [_mm256_setzero_ps(); R];
+    let k16 = k & !15;
+    let mut i = 0;
+    while i < k16 {
+        let w0 = _mm256_loadu_ps(w.add(i));
+        let w1 = _mm256_loadu_ps(w.add(i + 8));
+        for r in 0..R {
+            let xp = x.add(r * xrs + i);
+            a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), a0[r]);
+            a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), a1[r]);
+        }
+        i += 16;
+    }
+    if i + 8 <= k {
+        let w0 = _mm256_loadu_ps(w.add(i));
+        for r in 0..R {
+            a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.add(r * xrs + i)), a0[r]);
+        }
+        i += 8;
+    }
+    for r in 0..R {
+        let mut s = crate::simd::hsum256(_mm256_add_ps(a0[r], a1[r]));
+        for c in i..k {
+            s += *x.add(r * xrs + c) * *w.add(c);
+        }
+        out[r] = s;
+    }
 }
 
 fn gemv_block(y: &mut [f32], x: &[f32], w: &[f32], w_rs: usize, row0: usize, k: usize, acc: bool) {

@@ -157,6 +157,54 @@ impl Cache {
             seq_len: 0,
         }
     }
+
+    /// Batch rows of the cache (every layer's buffers).
+    pub fn rows(&self) -> usize {
+        self.kv.iter().flatten().next().map_or(0, |s| s.k.dims()[0])
+    }
+
+    /// A cache of `b` rows, each a copy of this single-row cache: a shared prompt prefix run
+    /// once, then extended by `b` different continuations.
+    pub fn repeat(&self, b: usize) -> Result<Cache> {
+        self.map(|t| {
+            if t.dim(0)? != 1 {
+                crate::bail!("only a single-row cache can be repeated");
+            }
+            Ok(t.broadcast_as(
+                t.dims()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| if i == 0 { b } else { d })
+                    .collect::<Vec<_>>(),
+            )?
+            .contiguous()?)
+        })
+    }
+
+    /// The cache of the batch rows `rows`, in that order (drops finished generations from a
+    /// batch).
+    pub fn select_rows(&self, rows: &[u32]) -> Result<Cache> {
+        let idx = Tensor::new(rows, &Device::Cpu)?;
+        self.map(|t| Ok(t.index_select(&idx, 0)?))
+    }
+
+    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Cache> {
+        let mut kv = Vec::with_capacity(self.kv.len());
+        for s in &self.kv {
+            kv.push(match s {
+                Some(s) => Some(KvBuf {
+                    k: f(&s.k)?,
+                    v: f(&s.v)?,
+                    len: s.len,
+                }),
+                None => None,
+            });
+        }
+        Ok(Cache {
+            kv,
+            seq_len: self.seq_len,
+        })
+    }
 }
 
 fn lin(w: &Weights, name: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Linear> {
@@ -291,15 +339,36 @@ impl Llama {
     pub fn forward_hidden(
         &self,
         ids: &Tensor,
+        cache: Option<&mut Cache>,
+        key_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.forward_hidden_at(ids, cache, key_mask, None)
+    }
+
+    /// [`Llama::forward_hidden`] where row r's tokens sit at RoPE positions `start[r]`,
+    /// `start[r] + 1`, …, whatever its place in the cache: a batch of generations whose prompts
+    /// differ in length shares one cache with padding holes (hidden by `key_mask`) and still
+    /// gives every row the positions it would have alone. None: positions follow the cache.
+    pub fn forward_hidden_at(
+        &self,
+        ids: &Tensor,
         mut cache: Option<&mut Cache>,
         key_mask: Option<&Tensor>,
+        start: Option<&[usize]>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.seq_len);
-        if offset + t > self.cfg.max_position_embeddings {
+        let last = match start {
+            Some(s) if s.len() != b => {
+                crate::bail!("{} start positions for a batch of {b} rows", s.len())
+            }
+            Some(s) => s.iter().max().copied().unwrap_or(0),
+            None => offset,
+        };
+        if last + t > self.cfg.max_position_embeddings {
             crate::bail!(
                 "sequence of {} tokens exceeds the model's max_position_embeddings {}",
-                offset + t,
+                last + t,
                 self.cfg.max_position_embeddings
             );
         }
@@ -307,8 +376,24 @@ impl Llama {
             self.embed_tokens
                 .embed(&ids.flatten_all()?)?
                 .reshape((b, t, self.cfg.hidden_size))?;
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
+        let (cos, sin) = match start {
+            None => (
+                self.cos.narrow(0, offset, t)?,
+                self.sin.narrow(0, offset, t)?,
+            ),
+            Some(s) => {
+                let pos: Vec<u32> = s
+                    .iter()
+                    .flat_map(|&p| (p..p + t).map(|q| q as u32))
+                    .collect();
+                let idx = Tensor::new(pos, &Device::Cpu)?;
+                let half = self.cos.dim(1)?;
+                (
+                    self.cos.index_select(&idx, 0)?.reshape((b, t, half))?,
+                    self.sin.index_select(&idx, 0)?.reshape((b, t, half))?,
+                )
+            }
+        };
         let mask = generic_attention_mask(&[&x, &cos, &sin], b, t, offset, key_mask)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.kv[i]);

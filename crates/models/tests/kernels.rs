@@ -61,10 +61,13 @@ fn close(y: &Tensor, r: &[Vec<f64>], k: usize, what: &str) -> R<()> {
     Ok(())
 }
 
-const SHAPES: [(usize, usize, usize); 10] = [
+const SHAPES: [(usize, usize, usize); 13] = [
     (1, 1, 1),
     (1, 3, 17),
     (3, 17, 129),
+    (7, 300, 301),  // multi-row gemv: a 4-row pass and 3 left, parallel
+    (15, 37, 2100), // multi-row gemv: 3 passes + 3, odd k, parallel
+    (6, 8, 5),      // multi-row gemv: k of one vector exactly
     (17, 129, 3),
     (129, 17, 5),
     (1, 129, 1030),

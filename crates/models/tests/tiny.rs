@@ -286,3 +286,97 @@ fn param_counts_match_config_arithmetic() {
     let expect = v * h + n * (h * h * 2 + 2 * h * kv + 3 * h * i + 2 * h) + h;
     assert_eq!(m.total_params(), expect);
 }
+
+/// Batched decoding of ragged prompts as the eval harness does it: a shared prefix cache
+/// repeated over the rows, right-padded contexts, then one token per row appended after the
+/// padding with each row's own RoPE positions and the holes masked; a finished row is dropped
+/// with `select_rows`. Every step must equal the single sequence's full forward.
+#[test]
+fn ragged_batch_decoding_with_row_positions_equals_single_sequences() {
+    for qwen2 in [false, true] {
+        let (_d, m) = tiny_llama(qwen2);
+        let l = m.llama().unwrap();
+        let dev = &Device::Cpu;
+        let prefix: Vec<u32> = (0..20).map(|i| (i * 13 + 7) % 250 + 1).collect();
+        let ctx: [Vec<u32>; 3] = [vec![4, 9, 16], vec![25, 36, 49, 64, 81, 100], vec![121]];
+        let tails: [Vec<u32>; 3] = [vec![3, 5, 8, 13], vec![21, 34, 55, 89], vec![144, 2, 7, 1]];
+        let fulls: Vec<Tensor> = (0..3)
+            .map(|r| {
+                let all: Vec<u32> = prefix
+                    .iter()
+                    .chain(&ctx[r])
+                    .chain(&tails[r])
+                    .copied()
+                    .collect();
+                l.forward(&Tensor::new(all, dev).unwrap().unsqueeze(0).unwrap(), None)
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap()
+            })
+            .collect();
+        let p = prefix.len();
+        let mut one = l.new_cache();
+        l.forward(
+            &Tensor::new(&prefix[..], dev).unwrap().unsqueeze(0).unwrap(),
+            Some(&mut one),
+        )
+        .unwrap();
+        let mut cache = one.repeat(3).unwrap();
+        assert_eq!(cache.rows(), 3);
+        let t = 6;
+        let mut ids = vec![0u32; 3 * t];
+        let mut mask = vec![0u32; 3 * (p + t)];
+        for r in 0..3 {
+            ids[r * t..r * t + ctx[r].len()].copy_from_slice(&ctx[r]);
+            mask[r * (p + t)..r * (p + t) + p + ctx[r].len()].fill(1);
+        }
+        let km = Tensor::from_vec(mask, (3, p + t), dev).unwrap();
+        let h = l
+            .forward_hidden(
+                &Tensor::from_vec(ids, (3, t), dev).unwrap(),
+                Some(&mut cache),
+                Some(&km),
+            )
+            .unwrap();
+        for r in 0..3 {
+            let got = l
+                .head(&h.i((r, ctx[r].len() - 1)).unwrap().unsqueeze(0).unwrap())
+                .unwrap();
+            let want = fulls[r]
+                .i(p + ctx[r].len() - 1)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            assert!(max_abs(&got, &want) < 1e-4, "qwen2={qwen2} prefill row {r}");
+        }
+        let mut active: Vec<usize> = vec![0, 1, 2];
+        for j in 0..4 {
+            if j == 2 {
+                // Row 1 finishes: the batch shrinks to rows 0 and 2.
+                cache = cache.select_rows(&[0, 2]).unwrap();
+                active = vec![0, 2];
+            }
+            let total = cache.seq_len + 1;
+            let m: Vec<u32> = active
+                .iter()
+                .flat_map(|&r| {
+                    let len = ctx[r].len();
+                    (0..total).map(move |k| u32::from(k < p + len || k >= p + t))
+                })
+                .collect();
+            let km = Tensor::from_vec(m, (active.len(), total), dev).unwrap();
+            let start: Vec<usize> = active.iter().map(|&r| p + ctx[r].len() + j).collect();
+            let next: Vec<u32> = active.iter().map(|&r| tails[r][j]).collect();
+            let x = Tensor::from_vec(next, (active.len(), 1), dev).unwrap();
+            let h = l
+                .forward_hidden_at(&x, Some(&mut cache), Some(&km), Some(&start))
+                .unwrap();
+            let logits = l.head(&h.squeeze(1).unwrap()).unwrap();
+            for (bi, &r) in active.iter().enumerate() {
+                let want = fulls[r].i(p + ctx[r].len() + j).unwrap();
+                let d = max_abs(&logits.i(bi).unwrap(), &want);
+                assert!(d < 1e-4, "qwen2={qwen2} row {r} step {j}: {d}");
+            }
+        }
+    }
+}
