@@ -2,12 +2,13 @@
 # One round of mpolm eval vs lm-evaluation-harness on the same subsets, alternating the tools.
 # Usage: scripts/bench_lmeval.sh ROUND [MPOLM_BIN] [HF_DIR] [WORK]
 #   HF_DIR: `mpolm export smollm2-135m --dense --out HF_DIR`; WORK: `scripts/bench_lmeval.py prepare --work WORK`.
-# Both tools: 2 threads, batch 1, f32. Logs and reports in WORK/round<ROUND>/.
+# Both tools: 2 threads, batch 1 (GSM8K: GSM_BATCH), f32. Logs and reports in WORK/round<ROUND>/.
 # Needs lm_eval 0.4.13 (pip install --no-deps lm_eval==0.4.13, then its small deps: datasets evaluate jinja2
 # pytablewriter rouge-score sacrebleu scikit-learn sqlitedict dill word2number more_itertools; torch untouched).
 set -uo pipefail
 STAGES=${STAGES:-mmlu0 mmlu5 wiki gsm}  # subset of: mmlu0 mmlu5 wiki gsm
 GSM_LIMIT=${GSM_LIMIT:-10}  # GSM8K documents (8-shot chain of thought, greedy, up to 256 new tokens)
+GSM_BATCH=${GSM_BATCH:-1}   # generations decoded together, the same for both tools
 on() { [[ " $STAGES " == *" $1 "* ]]; }
 R=${1:?round}; BIN=${2:-mpolm}; HF=${3:-/tmp/lmeval-smollm2-hf}; WORK=${4:-/tmp/lmeval-work}
 D=$(cd "$(dirname "$0")" && pwd); O=$WORK/round$R; mkdir -p "$O"
@@ -43,11 +44,11 @@ python3 "$D/bench_lmeval.py" lmeval --work "$WORK" --model "$HF" --tasks local_w
 fi
 if on gsm; then
 pre mpolm_gsm
-"$BIN" eval smollm2-135m --task gsm8k --limit "$GSM_LIMIT" --batch 1 --threads 2 \
+"$BIN" eval smollm2-135m --task gsm8k --limit "$GSM_LIMIT" --batch "$GSM_BATCH" --threads 2 \
   --data-dir "$WORK/mpolm-data" --log-samples --report "$O/mpolm_gsm.json" > "$O/mpolm_gsm.log" 2>&1
 pre lmeval_gsm
 python3 "$D/bench_lmeval.py" lmeval --work "$WORK" --model "$HF" --tasks local_gsm8k_cot --shots 8 \
-  --limit "$GSM_LIMIT" --batch 1 --threads 2 --out "$O/lmeval_gsm.json" > "$O/lmeval_gsm.log" 2>&1
+  --limit "$GSM_LIMIT" --batch "$GSM_BATCH" --threads 2 --out "$O/lmeval_gsm.json" > "$O/lmeval_gsm.log" 2>&1
 fi
 pre done
 for t in $STAGES; do

@@ -22,7 +22,8 @@ pub struct EvalArgs {
     /// Evaluate at most N documents per task (per subject for MMLU, windows for wikitext2).
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Sequences per forward pass for log-likelihood tasks.
+    /// Sequences per forward pass: rows of log-likelihood batches, and generations decoded
+    /// together (gsm8k, ifeval, generation .jsonl tasks).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Seed for sampled few-shot examples (sst2, .jsonl tasks).

@@ -517,22 +517,25 @@ impl<'a> Lm<'a> {
             } else {
                 None
             };
-            for chunk in g.chunks(self.batch) {
-                let done = if let [i] = chunk {
+            let mut done = |i: usize, o: GenOutput| {
+                on_done(i, &o);
+                outs[i] = Some(o);
+                if let Some(pb) = &pb {
+                    pb.inc(1);
+                }
+            };
+            if self.batch > 1 && g.len() > 1 {
+                let rows: Vec<(&[u32], &GenRequest)> =
+                    g.iter().map(|&i| (&ctxs[i][p..], &reqs[i])).collect();
+                self.greedy_batch(&rows, prefix.as_ref(), p, &mut |r, o| done(g[r], o))?;
+            } else {
+                for &i in &g {
                     let cache = prefix.clone().unwrap_or_else(|| self.model.new_cache());
-                    let r = &reqs[*i];
-                    vec![self.greedy(&ctxs[*i][p..], cache, &r.until, r.max_new_tokens)?]
-                } else {
-                    let rows: Vec<(&[u32], &GenRequest)> =
-                        chunk.iter().map(|&i| (&ctxs[i][p..], &reqs[i])).collect();
-                    self.greedy_batch(&rows, prefix.as_ref(), p)?
-                };
-                for (&i, o) in chunk.iter().zip(done) {
-                    on_done(i, &o);
-                    outs[i] = Some(o);
-                    if let Some(pb) = &pb {
-                        pb.inc(1);
-                    }
+                    let r = &reqs[i];
+                    done(
+                        i,
+                        self.greedy(&ctxs[i][p..], cache, &r.until, r.max_new_tokens)?,
+                    );
                 }
             }
         }
@@ -545,60 +548,89 @@ impl<'a> Lm<'a> {
             .collect())
     }
 
-    /// Greedy decoding of several requests in one batch, each row as [`Lm::greedy`] would decode
-    /// it alone: `rows` are (context after the prefix, request), `prefix` the single-row cache of
-    /// the first `p` context tokens they share. The contexts are right-padded into one prefill;
-    /// each step then appends one token per row at the end of the cache, where the padding
-    /// holes are masked out and every row keeps its own RoPE positions. Finished rows leave the
-    /// batch, so the weights are read once per step for the rows still decoding.
+    /// Greedy decoding of a group of requests, up to `batch` rows at a time, each row decoded as
+    /// [`Lm::greedy`] would decode it alone. `rows` are (context after the prefix, request),
+    /// `prefix` the single-row cache of the first `p` context tokens they share.
+    ///
+    /// The first rows' contexts are right-padded into one prefill; each step then appends one
+    /// token per row at the end of the cache, with the padding holes masked and every row at its
+    /// own RoPE positions. When a row finishes, the next request takes its slot (continuous
+    /// batching): its context runs alone from the prefix cache and its keys are written into the
+    /// slot's row, so the batch stays full and the weights are read once per step for all rows.
     fn greedy_batch(
         &self,
         rows: &[(&[u32], &GenRequest)],
         prefix: Option<&Cache>,
         p: usize,
-    ) -> Result<Vec<GenOutput>> {
-        struct Live {
+        on_done: &mut dyn FnMut(usize, GenOutput),
+    ) -> Result<()> {
+        let limit = self.max_length.min(self.model.cfg.max_position_embeddings);
+        // Longest contexts first: the first prefill is then as wide as any later context, so a
+        // freed slot's row always has room for the next one's context.
+        let mut queue: Vec<usize> = (0..rows.len()).collect();
+        queue.sort_by_key(|&r| std::cmp::Reverse(rows[r].0.len()));
+        let mut queue: std::collections::VecDeque<usize> = queue.into();
+        while !queue.is_empty() {
+            let first: Vec<usize> = queue.drain(..self.batch.min(queue.len())).collect();
+            self.batch_run(rows, prefix, p, limit, first, &mut queue, on_done)?;
+        }
+        Ok(())
+    }
+
+    /// One batch: prefill `first`, then decode, refilling freed slots from `queue` while the
+    /// cache stays within a horizon (a cache grown without bound would make every step attend
+    /// over ever more holes); then drain.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_run(
+        &self,
+        rows: &[(&[u32], &GenRequest)],
+        prefix: Option<&Cache>,
+        p: usize,
+        limit: usize,
+        first: Vec<usize>,
+        queue: &mut std::collections::VecDeque<usize>,
+        on_done: &mut dyn FnMut(usize, GenOutput),
+    ) -> Result<()> {
+        struct Slot {
+            row: usize,
             out_ids: Vec<u32>,
             text: String,
-            stopped: Option<&'static str>,
-            /// Context tokens after the prefix; positions p + len … sit in the holes.
+            /// Context tokens after the prefix, in cache positions p .. p + len.
             len: usize,
+            /// Cache position of the row's first generated token (the keys between p + len and
+            /// here are another row's or padding).
+            gen_start: usize,
             /// RoPE position (= true sequence length) of the next token fed.
             pos: usize,
+            /// Logits not yet turned into a token; None once consumed.
+            logits: Option<Vec<f32>>,
+            next: u32,
+            live: bool,
         }
-        let b = rows.len();
-        let limit = self.max_length.min(self.model.cfg.max_position_embeddings);
-        let mut live: Vec<Live> = rows
-            .iter()
-            .map(|(ids, _)| Live {
-                out_ids: vec![],
-                text: String::new(),
-                stopped: None,
-                len: ids.len(),
-                pos: p + ids.len(),
-            })
-            .collect();
-        for (l, (_, r)) in live.iter_mut().zip(rows) {
-            if r.max_new_tokens == 0 {
-                l.stopped = Some("max_new_tokens");
-            }
-        }
-        let t = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        let b = first.len();
+        let t = first.iter().map(|&r| rows[r].0.len()).max().unwrap_or(0);
         if t == 0 {
             return Err(Error::Msg("internal: empty generation context".into()));
         }
+        let max_new = first
+            .iter()
+            .map(|&r| rows[r].1.max_new_tokens)
+            .max()
+            .unwrap_or(0);
+        let horizon = p + t + 2 * max_new;
         // Prefill: contexts right-padded to t; the padded keys are masked.
         let mut ids = vec![0u32; b * t];
         let mut mask = vec![0u32; b * (p + t)];
-        for (r, (ctx, _)) in rows.iter().enumerate() {
-            ids[r * t..r * t + ctx.len()].copy_from_slice(ctx);
-            mask[r * (p + t)..r * (p + t) + p + ctx.len()].fill(1);
+        for (i, &r) in first.iter().enumerate() {
+            let ctx = rows[r].0;
+            ids[i * t..i * t + ctx.len()].copy_from_slice(ctx);
+            mask[i * (p + t)..i * (p + t) + p + ctx.len()].fill(1);
         }
-        let ragged = live.iter().any(|l| l.len < t);
         let mut cache = match prefix {
             Some(c) => c.repeat(b)?,
             None => self.model.new_cache(),
         };
+        let ragged = first.iter().any(|&r| rows[r].0.len() < t);
         let key_mask = match ragged {
             true => Some(Tensor::from_vec(mask, (b, p + t), &Device::Cpu)?),
             false => None,
@@ -608,98 +640,147 @@ impl<'a> Lm<'a> {
             .model
             .forward_hidden(&ids, Some(&mut cache), key_mask.as_ref())?;
         let h = hidden.dim(2)?;
-        let last: Vec<u32> = live
+        let last: Vec<u32> = first
             .iter()
             .enumerate()
-            .map(|(r, l)| (r * t + l.len - 1) as u32)
+            .map(|(i, &r)| (i * t + rows[r].0.len() - 1) as u32)
             .collect();
         let sel = hidden
             .reshape((b * t, h))?
             .index_select(&Tensor::new(last, &Device::Cpu)?, 0)?;
-        let mut logits = self
+        let logits = self
             .model
             .head(&sel)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
-        // Batch row → index into `live` of the rows still decoding.
-        let mut active: Vec<usize> = (0..b).collect();
+        let mut slots: Vec<Slot> = first
+            .iter()
+            .zip(logits)
+            .map(|(&r, lg)| Slot {
+                row: r,
+                out_ids: vec![],
+                text: String::new(),
+                len: rows[r].0.len(),
+                gen_start: p + t,
+                pos: p + rows[r].0.len(),
+                logits: Some(lg),
+                next: 0,
+                live: true,
+            })
+            .collect();
         loop {
-            let mut next = Vec::with_capacity(active.len());
-            for (row, &i) in logits.iter().zip(&active) {
-                let (l, r) = (&mut live[i], rows[i].1);
-                if l.stopped.is_some() {
-                    continue;
-                }
-                let tok = argmax(row);
-                if self.tok.eos_ids.contains(&tok) {
-                    l.stopped = Some("eos");
-                    continue;
-                }
-                l.out_ids.push(tok);
-                l.text = self.tok.decode(&l.out_ids, false)?;
-                if let Some(k) = first_stop(&l.text, &r.until) {
-                    l.text.truncate(k);
-                    l.stopped = Some("stop_string");
-                } else if l.out_ids.len() >= r.max_new_tokens {
-                    l.stopped = Some("max_new_tokens");
-                } else if l.pos + 1 > limit {
-                    l.stopped = Some("context_length");
+            // Turn fresh logits into tokens; finished rows report and free their slot.
+            for s in slots.iter_mut() {
+                let Some(lg) = s.logits.take() else { continue };
+                let r = rows[s.row].1;
+                let stop = if r.max_new_tokens == 0 {
+                    Some("max_new_tokens")
                 } else {
-                    next.push(tok);
+                    let tok = argmax(&lg);
+                    if self.tok.eos_ids.contains(&tok) {
+                        Some("eos")
+                    } else {
+                        s.out_ids.push(tok);
+                        s.text = self.tok.decode(&s.out_ids, false)?;
+                        s.next = tok;
+                        if let Some(k) = first_stop(&s.text, &r.until) {
+                            s.text.truncate(k);
+                            Some("stop_string")
+                        } else if s.out_ids.len() >= r.max_new_tokens {
+                            Some("max_new_tokens")
+                        } else if s.pos + 1 > limit {
+                            Some("context_length")
+                        } else {
+                            None
+                        }
+                    }
+                };
+                if let Some(why) = stop {
+                    s.live = false;
+                    let out = GenOutput {
+                        text: std::mem::take(&mut s.text),
+                        new_tokens: s.out_ids.len(),
+                        stopped_by: why.into(),
+                    };
+                    on_done(s.row, out);
                 }
             }
-            let keep: Vec<u32> = (0..active.len())
-                .filter(|&r| live[active[r]].stopped.is_none())
-                .map(|r| r as u32)
-                .collect();
-            if keep.is_empty() {
-                break;
+            // Refill freed slots while the cache has room before the horizon.
+            let mut refilled = false;
+            for si in 0..slots.len() {
+                if slots[si].live {
+                    continue;
+                }
+                let Some(&r) = queue.front() else { break };
+                let (ctx, req) = rows[r];
+                let at = cache.seq_len;
+                if p + ctx.len() > at || at + req.max_new_tokens > horizon {
+                    break;
+                }
+                queue.pop_front();
+                let mut c = prefix.cloned().unwrap_or_else(|| self.model.new_cache());
+                let x = Tensor::new(ctx, &Device::Cpu)?.unsqueeze(0)?;
+                let lg = self.model.forward_last(&x, Some(&mut c))?.squeeze(0)?;
+                cache.write_row(si, &c, p, ctx.len())?;
+                slots[si] = Slot {
+                    row: r,
+                    out_ids: vec![],
+                    text: String::new(),
+                    len: ctx.len(),
+                    gen_start: at,
+                    pos: p + ctx.len(),
+                    logits: Some(lg.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                    next: 0,
+                    live: true,
+                };
+                refilled = true;
             }
-            if keep.len() < active.len() {
-                cache = cache.select_rows(&keep)?;
-                active = keep.iter().map(|&r| active[r as usize]).collect();
+            if refilled {
+                continue; // the new rows' first tokens come from their own prefill
             }
-            // Keys: the prefix, each row's own context, then the generated tokens; the rest of
-            // the context block is padding.
-            let total = cache.seq_len + 1;
-            let key_mask = if active.iter().any(|&i| live[i].len < t) {
-                let m: Vec<u32> = active
-                    .iter()
-                    .flat_map(|&i| {
-                        let len = live[i].len;
-                        (0..total).map(move |j| u32::from(j < p + len || j >= p + t))
-                    })
+            // No refill now: finished rows leave the batch (a waiting request would come back
+            // in a new batch).
+            if slots.iter().any(|s| !s.live) {
+                let keep: Vec<u32> = (0..slots.len())
+                    .filter(|&i| slots[i].live)
+                    .map(|i| i as u32)
                     .collect();
-                Some(Tensor::from_vec(m, (active.len(), total), &Device::Cpu)?)
-            } else {
-                None
-            };
-            let start: Vec<usize> = active.iter().map(|&i| live[i].pos).collect();
-            let n = next.len();
-            let ids = Tensor::from_vec(next, (n, 1), &Device::Cpu)?;
+                if keep.is_empty() {
+                    return Ok(());
+                }
+                cache = cache.select_rows(&keep)?;
+                slots.retain(|s| s.live);
+            }
+            // Keys: the prefix, the row's own context, then its generated tokens.
+            let total = cache.seq_len + 1;
+            let m: Vec<u32> = slots
+                .iter()
+                .flat_map(|s| {
+                    let (ctx_end, g) = (p + s.len, s.gen_start);
+                    (0..total).map(move |j| u32::from(j < ctx_end || j >= g))
+                })
+                .collect();
+            let n = slots.len();
+            let key_mask = Tensor::from_vec(m, (n, total), &Device::Cpu)?;
+            let start: Vec<usize> = slots.iter().map(|s| s.pos).collect();
+            let ids: Vec<u32> = slots.iter().map(|s| s.next).collect();
+            let ids = Tensor::from_vec(ids, (n, 1), &Device::Cpu)?;
             let hidden = self.model.forward_hidden_at(
                 &ids,
                 Some(&mut cache),
-                key_mask.as_ref(),
+                Some(&key_mask),
                 Some(&start),
             )?;
-            logits = self
+            let logits = self
                 .model
                 .head(&hidden.squeeze(1)?)?
                 .to_dtype(DType::F32)?
                 .to_vec2::<f32>()?;
-            for &i in &active {
-                live[i].pos += 1;
+            for (s, lg) in slots.iter_mut().zip(logits) {
+                s.pos += 1;
+                s.logits = Some(lg);
             }
         }
-        Ok(live
-            .into_iter()
-            .map(|l| GenOutput {
-                text: l.text,
-                new_tokens: l.out_ids.len(),
-                stopped_by: l.stopped.unwrap_or("max_new_tokens").into(),
-            })
-            .collect())
     }
 
     /// Greedy decoding after `ids` (the part of the context not already in `cache`).

@@ -188,6 +188,33 @@ impl Cache {
         self.map(|t| Ok(t.index_select(&idx, 0)?))
     }
 
+    /// Overwrite positions `from .. from + len` of batch row `row` with those of the
+    /// single-row cache `src`, in place (a new request joining a decoding batch in a freed row).
+    pub fn write_row(&mut self, row: usize, src: &Cache, from: usize, len: usize) -> Result<()> {
+        if src.kv.len() != self.kv.len() || src.seq_len < from + len || self.seq_len < from + len {
+            crate::bail!(
+                "write_row: positions {from}..{} do not fit both caches",
+                from + len
+            );
+        }
+        for (d, s) in self.kv.iter().zip(&src.kv) {
+            let (Some(d), Some(s)) = (d, s) else {
+                crate::bail!("write_row: a layer has no cache yet");
+            };
+            for (dt, st) in [(&d.k, &s.k), (&d.v, &s.v)] {
+                let (b, cap, nkv, hd) = dt.dims4()?;
+                if row >= b || st.dim(0)? != 1 || !dt.is_contiguous() {
+                    crate::bail!("write_row: row {row} of a {b}-row cache from a 1-row one");
+                }
+                let block = st.narrow(1, from, len)?.contiguous()?.flatten_all()?;
+                // A contiguous tensor's flat view shares its storage, so this writes in place.
+                dt.flatten_all()?
+                    .slice_set(&block, 0, (row * cap + from) * nkv * hd)?;
+            }
+        }
+        Ok(())
+    }
+
     fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Cache> {
         let mut kv = Vec::with_capacity(self.kv.len());
         for s in &self.kv {
