@@ -287,16 +287,51 @@ pub fn gemv_rows_with(
 /// Most rows of x the multi-row gemv takes (more go to a packed GEMM).
 pub const GEMV_MAX_ROWS: usize = 15;
 
+/// A weight element the row gemv reads: f32, or f16 (weights kept in half precision read half
+/// the bytes, and decoding is memory-bound).
+pub trait WeightElem: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+    /// Eight consecutive elements at `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// p must be valid for 8 reads; the CPU must have AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl WeightElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl WeightElem for half::f16 {
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
 /// y[r, j] (+)= Σ_i x[r·xrs + i] · w[j·w_rs + i] for r < m, j < n: every W row is read once
 /// from memory and used for all m rows of x while it sits in L1, so m rows of decoding cost
 /// about what one does on a memory-bound machine.
 #[allow(clippy::too_many_arguments)]
-pub fn gemv_multi(
+pub fn gemv_multi<W: WeightElem>(
     y: &mut [f32],
     x: &[f32],
     xrs: usize,
     m: usize,
-    w: &[f32],
+    w: &[W],
     w_rs: usize,
     n: usize,
     k: usize,
@@ -327,19 +362,22 @@ pub fn gemv_multi(
 
 /// yt[jj·m + r] = <x row r, W row (row0 + jj)> for the yt.len()/m rows of this block.
 #[allow(clippy::too_many_arguments)]
-fn gemv_multi_block(
+fn gemv_multi_block<W: WeightElem>(
     yt: &mut [f32],
     x: &[f32],
     xrs: usize,
     m: usize,
-    w: &[f32],
+    w: &[W],
     w_rs: usize,
     row0: usize,
     k: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             // SAFETY: features checked; gemv_multi checked that every x row and W row read lies
             // inside its slice.
             unsafe { gemv_multi_avx2(yt, x, xrs, m, w, w_rs, row0, k) };
@@ -350,20 +388,20 @@ fn gemv_multi_block(
         let wr = &w[(row0 + jj) * w_rs..(row0 + jj) * w_rs + k];
         for (r, c) in col.iter_mut().enumerate() {
             let xr = &x[r * xrs..r * xrs + k];
-            *c = wr.iter().zip(xr).map(|(a, b)| a * b).sum();
+            *c = wr.iter().zip(xr).map(|(a, b)| a.to_f32() * b).sum();
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemv_multi_avx2(
+unsafe fn gemv_multi_avx2<W: WeightElem>(
     yt: &mut [f32],
     x: &[f32],
     xrs: usize,
     m: usize,
-    w: &[f32],
+    w: &[W],
     w_rs: usize,
     row0: usize,
     k: usize,
@@ -373,13 +411,13 @@ unsafe fn gemv_multi_avx2(
         let mut r = 0;
         // Four x rows per pass: 8 FMA chains per 16 columns; the W row stays in L1 across passes.
         while r + 4 <= m {
-            dots::<4>(&mut col[r..r + 4], x.as_ptr().add(r * xrs), xrs, wp, k);
+            dots::<4, W>(&mut col[r..r + 4], x.as_ptr().add(r * xrs), xrs, wp, k);
             r += 4;
         }
         match m - r {
-            3 => dots::<3>(&mut col[r..], x.as_ptr().add(r * xrs), xrs, wp, k),
-            2 => dots::<2>(&mut col[r..], x.as_ptr().add(r * xrs), xrs, wp, k),
-            1 => dots::<1>(&mut col[r..], x.as_ptr().add(r * xrs), xrs, wp, k),
+            3 => dots::<3, W>(&mut col[r..], x.as_ptr().add(r * xrs), xrs, wp, k),
+            2 => dots::<2, W>(&mut col[r..], x.as_ptr().add(r * xrs), xrs, wp, k),
+            1 => dots::<1, W>(&mut col[r..], x.as_ptr().add(r * xrs), xrs, wp, k),
             _ => {}
         }
     }
@@ -387,14 +425,14 @@ unsafe fn gemv_multi_avx2(
 
 /// out[r] = <x + r·xrs, w> over k elements, for R rows of x.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 #[allow(clippy::needless_range_loop)] // r indexes two accumulator arrays and a strided pointer
-unsafe fn dots<const R: usize>(
+unsafe fn dots<const R: usize, W: WeightElem>(
     out: &mut [f32],
     x: *const f32,
     xrs: usize,
-    w: *const f32,
+    w: *const W,
     k: usize,
 ) {
     use std::arch::x86_64::*;
@@ -403,8 +441,8 @@ unsafe fn dots<const R: usize>(
     let k16 = k & !15;
     let mut i = 0;
     while i < k16 {
-        let w0 = _mm256_loadu_ps(w.add(i));
-        let w1 = _mm256_loadu_ps(w.add(i + 8));
+        let w0 = W::load8(w.add(i));
+        let w1 = W::load8(w.add(i + 8));
         for r in 0..R {
             let xp = x.add(r * xrs + i);
             a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), a0[r]);
@@ -413,7 +451,7 @@ unsafe fn dots<const R: usize>(
         i += 16;
     }
     if i + 8 <= k {
-        let w0 = _mm256_loadu_ps(w.add(i));
+        let w0 = W::load8(w.add(i));
         for r in 0..R {
             a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.add(r * xrs + i)), a0[r]);
         }
@@ -422,7 +460,7 @@ unsafe fn dots<const R: usize>(
     for r in 0..R {
         let mut s = crate::simd::hsum256(_mm256_add_ps(a0[r], a1[r]));
         for c in i..k {
-            s += *x.add(r * xrs + c) * *w.add(c);
+            s += *x.add(r * xrs + c) * (*w.add(c)).to_f32();
         }
         out[r] = s;
     }

@@ -9,6 +9,7 @@ pub mod export;
 pub mod fused;
 pub mod generate;
 pub mod gguf;
+pub mod half;
 pub mod hub;
 pub mod kernels;
 pub mod linear;

@@ -427,3 +427,46 @@ fn non_f32_takes_the_generic_path() -> R<()> {
     )?;
     Ok(())
 }
+
+/// The f16 Linear equals the f32 Linear of the same (f16-rounded) weights: forward at decode
+/// (gemv) and prefill (converted tiles, several tiles) sizes, the input gradient, and embedding
+/// rows.
+#[test]
+fn half_linear_matches_the_f32_layer_of_its_weights() -> R<()> {
+    use models::half::HalfDense;
+    use models::LinearLayer;
+    // 700 rows × 400 columns: 280 000 elements, more than one 256 Ki-element tile.
+    let (n, k) = (700, 400);
+    let w = t(&[n, k], 91)?.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+    let b = t(&[n], 92)?;
+    let h = HalfDense::new(&w, Some(b.clone()))?;
+    assert_eq!(h.storage_bytes(), 2 * n * k + 4 * n);
+    assert_eq!(h.weight()?.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+    for m in [1, 5, 15, 40] {
+        let x = t(&[m, k], 93 + m as u64)?;
+        let r = reference(&x, &w, Some(&b))?;
+        close(&h.forward(&x)?, &r, k, &format!("f16 linear m={m}"))?;
+        // Input gradient of sum(y ⊙ c) against the f32 layer under candle's autograd.
+        let c = t(&[m, n], 97)?;
+        let xv = Var::from_tensor(&x)?;
+        let gh = h.forward(xv.as_tensor())?.mul(&c)?.sum_all()?.backward()?;
+        let xv2 = Var::from_tensor(&x)?;
+        let gd = kernels::generic_linear(xv2.as_tensor(), &w, Some(&b))?
+            .mul(&c)?
+            .sum_all()?
+            .backward()?;
+        assert_tensors_close(
+            gh.get(&xv).unwrap(),
+            gd.get(&xv2).unwrap(),
+            1e-4,
+            &format!("f16 linear grad m={m}"),
+        )?;
+    }
+    let ids = Tensor::new(&[0u32, 699, 3, 3], &Device::Cpu)?;
+    assert_eq!(
+        h.embed(&ids)?.to_vec2::<f32>()?,
+        w.index_select(&ids, 0)?.to_vec2::<f32>()?
+    );
+    assert!(h.embed(&Tensor::new(&[700u32], &Device::Cpu)?).is_err());
+    Ok(())
+}

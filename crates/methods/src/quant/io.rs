@@ -184,6 +184,22 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
         tensors.insert(format!("{name}.weight"), ph);
         packed.insert(name.clone(), q);
     }
+    // Matrices stored in f16 (embedding, head, projections kept in fp16) stay f16 in memory:
+    // an f32 copy would double them, and the embedding and head of a small-vocabulary-heavy
+    // model are a large part of a low-bit checkpoint.
+    let mut halves = HashMap::new();
+    let names: Vec<String> = tensors
+        .iter()
+        .filter(|(k, t)| k.ends_with(".weight") && t.rank() == 2 && t.dtype() == DType::F16)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in names {
+        let t = tensors.remove(&k).expect("listed above");
+        let (o, i) = t.dims2()?;
+        let ph = Tensor::zeros((1, 1), DType::F32, &Device::Cpu)?.broadcast_as((o, i))?;
+        tensors.insert(k.clone(), ph);
+        halves.insert(k.trim_end_matches(".weight").to_string(), t);
+    }
     let src = models::hub::ModelSource {
         name: dir.display().to_string(),
         format: models::hub::Format::HfDir,
@@ -191,11 +207,15 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
     };
     let mut m = Model::from_weights(src, models::weights::Weights::new(tensors, &st))?;
     let mut found = 0;
+    let mut half = 0;
     for (name, lin) in m.linears_mut() {
         if let Some(mut q) = packed.remove(&name) {
             q.bias = lin.bias();
             lin.replace(Box::new(q));
             found += 1;
+        } else if let Some(t) = halves.remove(&name) {
+            lin.replace(Box::new(models::half::HalfDense::new(&t, lin.bias())?));
+            half += 1;
         }
     }
     if !packed.is_empty() {
@@ -207,6 +227,9 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
     m.stored_types.clear();
     m.stored_types
         .insert(format!("gptq int{} (packed)", cfg.bits), found);
+    if half > 0 {
+        m.stored_types.insert("f16".into(), half);
+    }
     if let Some(a) = &cfg.mpolm_int8_activations {
         super::actquant::apply(&mut m, a)
             .map_err(|e| models::Error::config(&cpath, e.to_string()))?;

@@ -67,6 +67,14 @@ pub struct QKernel {
 }
 
 impl QKernel {
+    /// Bytes this layout holds in memory.
+    pub fn heap_bytes(&self) -> usize {
+        self.codes.len()
+            + 4 * (self.d.len() + self.z.len() + self.gblk.len())
+            + std::mem::size_of::<(usize, usize)>() * self.grange.len()
+            + self.perm.as_ref().map_or(0, |p| 4 * p.len())
+    }
+
     /// Repack; `code(i, j)` is the integer code of input i, output j; `scales`/`zeros` are
     /// [groups, n] (zeros as the true zero point, AutoGPTQ's stored value + 1). None when the
     /// layout does not fit blocks of 32 (a group whose size is not a multiple of 32): such

@@ -352,6 +352,16 @@ impl LinearLayer for QuantLinear {
     fn num_params(&self) -> usize {
         self.in_f * self.out_f + self.bias.as_ref().map_or(0, |b| b.elem_count())
     }
+    /// What the layer holds in memory: packed words, scales and zeros, and the kernel layout.
+    fn storage_bytes(&self) -> usize {
+        4 * (self.qweight.len()
+            + self.qzeros.len()
+            + self.scales.len()
+            + self.g_idx.len()
+            + self.zeros_f.len())
+            + self.kern.as_ref().map_or(0, |k| k.heap_bytes())
+            + 4 * self.bias.as_ref().map_or(0, |b| b.elem_count())
+    }
     fn weight(&self) -> candle_core::Result<Tensor> {
         if let Some(k) = &self.kern {
             return Tensor::from_vec(k.dequant_rows(), (self.out_f, self.in_f), &Device::Cpu);

@@ -1,0 +1,301 @@
+//! A dense Linear (or embedding) whose weight stays in f16, as checkpoints store it: half the
+//! memory of an f32 copy, and decoding, which is memory-bound, reads half the bytes.
+//!
+//! * Few activation rows (decoding): the row gemv reads the f16 rows directly
+//!   ([`kernels::gemv_multi`], F16C conversion in registers).
+//! * Many rows (prefill, scoring): tiles of weight rows are converted to f32 into one reused
+//!   buffer and multiplied with the f32 GEMM, as the quantized layers do.
+//!
+//! Values are exactly those of the f32 copy (f16 → f32 is exact), so only the summation order
+//! of the gemv can differ from a dense layer. The input gradient is provided (LoRA over a model
+//! whose head or embedding is held in f16); the weight itself is frozen.
+
+use crate::kernels::{self, Backend, View, GEMV_MAX_ROWS};
+use crate::linear::LinearLayer;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor,
+};
+use half::f16;
+use rayon::prelude::*;
+use std::any::Any;
+
+/// f32 elements of one converted weight tile (1 MiB: stays in L2 while the GEMM runs).
+const TILE_ELEMS: usize = 1 << 18;
+
+#[derive(Debug, Clone)]
+pub struct HalfDense {
+    /// [out, in], f16, contiguous, on the CPU: the loaded tensor itself, not a copy.
+    w: Tensor,
+    out_f: usize,
+    in_f: usize,
+    pub bias: Option<Tensor>,
+}
+
+impl HalfDense {
+    /// From an [out, in] tensor of any float dtype (rounded to f16 unless it is f16 already).
+    pub fn new(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_f, in_f) = weight.dims2()?;
+        let w = weight
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F16)?
+            .contiguous()?;
+        Ok(HalfDense {
+            w,
+            out_f,
+            in_f,
+            bias,
+        })
+    }
+
+    /// Runs `f` on the f16 elements.
+    fn with_data<T>(w: &Tensor, f: impl FnOnce(&[f16]) -> Result<T>) -> Result<T> {
+        let (st, l) = w.storage_and_layout();
+        match (&*st, l.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => f(&v[a..b]),
+            _ => bail!("f16 linear: weight must be a contiguous f16 CPU tensor"),
+        }
+    }
+}
+
+/// dst[i] = src[i] as f32 (F16C eight at a time), over rayon's threads for large slices.
+pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    const CHUNK: usize = 1 << 14;
+    if src.len() >= 4 * CHUNK {
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| convert(s, d));
+    } else {
+        convert(src, dst);
+    }
+}
+
+fn convert(src: &[f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+            // SAFETY: features checked; both slices have the same length.
+            unsafe { convert_f16c(src, dst) };
+            return;
+        }
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn convert_f16c(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n8 = src.len() & !7;
+    let mut i = 0;
+    while i < n8 {
+        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    for j in n8..src.len() {
+        dst[j] = src[j].to_f32();
+    }
+}
+
+/// y [m, n] = x [m, k] · Wᵀ with W [n, k] in f16.
+fn matmul(w: &[f16], n: usize, k: usize, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    let mut y = vec![0f32; m * n];
+    if m <= GEMV_MAX_ROWS {
+        kernels::gemv_multi(&mut y, x, k, m, w, k, n, k, false);
+        return Ok(y);
+    }
+    let tile = (TILE_ELEMS / k.max(1)).clamp(1, n.max(1));
+    let mut wt = vec![0f32; tile * k];
+    let mut tmp = vec![0f32; m * tile];
+    let a = View {
+        data: x,
+        rows: m,
+        cols: k,
+        rs: k,
+        cs: 1,
+    };
+    let mut r0 = 0;
+    while r0 < n {
+        let rt = tile.min(n - r0);
+        let wt = &mut wt[..rt * k];
+        f16_to_f32(&w[r0 * k..(r0 + rt) * k], wt);
+        // Wᵀ of the tile without a copy: element (i, j) = wt[j·k + i].
+        let b = View {
+            data: wt,
+            rows: k,
+            cols: rt,
+            rs: 1,
+            cs: k,
+        };
+        let tmp = &mut tmp[..m * rt];
+        kernels::gemm_into(tmp, a, b, false, Backend::Auto)?;
+        for (orow, trow) in y.chunks_exact_mut(n).zip(tmp.chunks_exact(rt)) {
+            orow[r0..r0 + rt].copy_from_slice(trow);
+        }
+        r0 += rt;
+    }
+    Ok(y)
+}
+
+/// gx [m, k] = g [m, n] · W, by converted tiles of W's rows.
+fn matmul_t(w: &[f16], n: usize, k: usize, g: &[f32], m: usize) -> Result<Vec<f32>> {
+    let mut gx = vec![0f32; m * k];
+    let tile = (TILE_ELEMS / k.max(1)).clamp(1, n.max(1));
+    let mut wt = vec![0f32; tile * k];
+    let mut r0 = 0;
+    while r0 < n {
+        let rt = tile.min(n - r0);
+        let wt = &mut wt[..rt * k];
+        f16_to_f32(&w[r0 * k..(r0 + rt) * k], wt);
+        let a = View {
+            data: &g[r0..],
+            rows: m,
+            cols: rt,
+            rs: n,
+            cs: 1,
+        };
+        let b = View {
+            data: wt,
+            rows: rt,
+            cols: k,
+            rs: k,
+            cs: 1,
+        };
+        kernels::gemm_into(&mut gx, a, b, r0 > 0, Backend::Auto)?;
+        r0 += rt;
+    }
+    Ok(gx)
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("f16 linear: input must be f32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("f16 linear: input must be contiguous"),
+    }
+}
+
+/// x·Wᵀ, with the input gradient g·W. Fields: W [n, k] in f16, n, k.
+struct HalfMatmul(Tensor, usize, usize);
+/// g·W (the backward of [`HalfMatmul`]).
+struct HalfMatmulT(Tensor, usize, usize);
+
+impl CustomOp1 for HalfMatmul {
+    fn name(&self) -> &'static str {
+        "mpolm-f16-matmul"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = (self.1, self.2);
+        let x = contiguous_f32(s, l)?;
+        let y = HalfDense::with_data(&self.0, |w| matmul(w, n, k, x, x.len() / k))?;
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().expect("checked rank") = n;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = HalfMatmulT(self.0.clone(), self.1, self.2);
+        Ok(Some(
+            grad.contiguous()?
+                .apply_op1_no_bwd(&op)?
+                .reshape(arg.shape())?,
+        ))
+    }
+}
+
+impl CustomOp1 for HalfMatmulT {
+    fn name(&self) -> &'static str {
+        "mpolm-f16-matmul-t"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = (self.1, self.2);
+        let g = contiguous_f32(s, l)?;
+        let gx = HalfDense::with_data(&self.0, |w| matmul_t(w, n, k, g, g.len() / n))?;
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().expect("checked rank") = k;
+        Ok((CpuStorage::F32(gx), Shape::from(dims)))
+    }
+}
+
+impl LinearLayer for HalfDense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dims().last() != Some(&self.in_f) {
+            bail!(
+                "f16 linear: input {:?} does not end in {} features",
+                x.dims(),
+                self.in_f
+            );
+        }
+        let y = if x.dtype() == DType::F32 && matches!(x.device(), Device::Cpu) {
+            let x = x.contiguous()?;
+            let op = HalfMatmul(self.w.clone(), self.out_f, self.in_f);
+            if x.track_op() {
+                x.apply_op1(op)?
+            } else {
+                x.apply_op1_no_bwd(&op)?
+            }
+        } else {
+            crate::kernels::generic_linear(x, &self.weight()?.to_dtype(x.dtype())?, None)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+    fn in_features(&self) -> usize {
+        self.in_f
+    }
+    fn out_features(&self) -> usize {
+        self.out_f
+    }
+    fn num_params(&self) -> usize {
+        self.w.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count())
+    }
+    fn storage_bytes(&self) -> usize {
+        2 * self.w.elem_count() + 4 * self.bias.as_ref().map_or(0, |b| b.elem_count())
+    }
+    fn weight(&self) -> Result<Tensor> {
+        let mut out = vec![0f32; self.w.elem_count()];
+        Self::with_data(&self.w, |w| {
+            f16_to_f32(w, &mut out);
+            Ok(())
+        })?;
+        Tensor::from_vec(out, (self.out_f, self.in_f), &Device::Cpu)
+    }
+    fn bias(&self) -> Option<Tensor> {
+        self.bias.clone()
+    }
+    fn kind(&self) -> String {
+        "f16".into()
+    }
+    /// Rows converted one by one: the whole table is never materialised in f32.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let ids = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        let k = self.in_f;
+        let mut out = vec![0f32; ids.len() * k];
+        Self::with_data(&self.w, |w| {
+            for (dst, &id) in out.chunks_exact_mut(k).zip(&ids) {
+                let id = id as usize;
+                if id >= self.out_f {
+                    bail!(
+                        "token id {id} is out of range for a table of {} rows",
+                        self.out_f
+                    );
+                }
+                convert(&w[id * k..(id + 1) * k], dst);
+            }
+            Ok(())
+        })?;
+        Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
