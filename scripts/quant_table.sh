@@ -3,7 +3,7 @@
 # perplexity (RESULTS.md protocol: first 8 disjoint 512-token windows of the test split), model size,
 # peak RSS, decode tok/s, and MMLU / GSM8K subsets on the checkpoints named in EVAL.
 #   [GROUP=128] [BITS="8 4 3 2"] [METHODS="rtn gptq"] [NSAMPLES=16] [SEQLEN=512] [PPL_WINDOWS=8]
-#   [EVAL="f32 gptq8 gptq4 rtn4 gptq3 gptq2"] [MMLU_LIMIT=3] [MMLU_SHOTS=0] [GSM_LIMIT=20]
+#   [EVAL="f32 gptq8 gptq4 rtn4 gptq3 gptq2"] [MMLU_LIMIT=3] [MMLU_SHOTS=0] [GSM_LIMIT=20] [GSM_BATCH=8]
 #   [THREADS=2] [MPOLM_BIN=…] scripts/quant_table.sh MODEL OUTDIR
 # Every step is skipped when its report exists, so an interrupted run resumes. The table is printed by
 # scripts/quant_table.py OUTDIR.
@@ -50,6 +50,6 @@ for name in ${EVAL:-f32 gptq8 gptq4 rtn4 gptq3 gptq2}; do
   [ -f "$out/mmlu-$name.json" ] || step "mmlu-$name" "$bin" eval "$src" --threads "$threads" --task mmlu \
     --shots "${MMLU_SHOTS:-0}" --limit "${MMLU_LIMIT:-3}" --report "$out/mmlu-$name.json"
   [ -f "$out/gsm8k-$name.json" ] || step "gsm8k-$name" "$bin" eval "$src" --threads "$threads" --task gsm8k \
-    --limit "${GSM_LIMIT:-20}" --report "$out/gsm8k-$name.json"
+    --limit "${GSM_LIMIT:-20}" --batch "${GSM_BATCH:-8}" --report "$out/gsm8k-$name.json"
 done
 python3 scripts/quant_table.py "$out"

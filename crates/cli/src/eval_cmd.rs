@@ -89,12 +89,12 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
     print!("{}", eval::format_table(&outputs));
     let total = t0.elapsed().as_secs_f64();
     println!(
-        "[{} in {:.1} s; model load {:.1} s; weights {:.1} MiB ({} GGUF weights); peak RSS {:.0} MiB]",
+        "[{} in {:.1} s; model load {:.1} s; weights {:.1} MiB ({}); peak RSS {:.0} MiB]",
         a.model,
         total,
         m.load_secs,
         m.weight_bytes() as f64 / (1024.0 * 1024.0),
-        crate::gguf_weights().name(),
+        crate::held_as(&m),
         crate::bench::peak_rss_mib()
     );
 

@@ -49,6 +49,20 @@ pub(crate) fn gguf_weights() -> models::GgufWeights {
     GGUF_WEIGHTS.get().copied().unwrap_or_default()
 }
 
+/// How the model's weights are held, for report lines: the `--gguf-weights` mode for GGUF
+/// files, else the stored types (a quantized checkpoint keeps its packed and f16 tensors).
+pub(crate) fn held_as(m: &models::Model) -> String {
+    match m.source.format {
+        models::hub::Format::Gguf => format!("{} GGUF weights", gguf_weights().name()),
+        models::hub::Format::HfDir => m
+            .stored_types
+            .iter()
+            .map(|(k, v)| format!("{k}×{v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Download a model by alias into the cache (no-op when cached); list aliases without MODEL.
@@ -250,13 +264,13 @@ fn run(cli: Cli) -> Result<()> {
             let m = load(&model)?;
             let r = bench::bench_generate(&m, prompt_tokens, new_tokens, repeats)?;
             println!(
-                "{}: prefill {:.1} tok/s, decode {:.1} tok/s, peak RSS {:.0} MiB, weights {:.1} MiB ({} GGUF weights, {} threads)",
+                "{}: prefill {:.1} tok/s, decode {:.1} tok/s, peak RSS {:.0} MiB, weights {:.1} MiB ({}, {} threads)",
                 model,
                 r["prefill_tok_s"].as_f64().unwrap_or(0.0),
                 r["decode_tok_s"].as_f64().unwrap_or(0.0),
                 r["peak_rss_mb"].as_f64().unwrap_or(0.0),
                 r["weight_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0),
-                gguf_weights().name(),
+                held_as(&m),
                 r["threads"]
             );
             rep.set("bench_generate", r);

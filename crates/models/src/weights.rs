@@ -109,6 +109,15 @@ impl Weights {
 /// Read one safetensors file to f32 tensors, with the header checked up front so a truncated
 /// or corrupt file gives a precise message instead of a panic deep in a parser.
 pub fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    load_safetensors_keeping(path, |_, _, _| false)
+}
+
+/// [`load_safetensors`], except that float tensors for which `keep(name, shape, dtype)` is true
+/// stay in their stored dtype (f16 matrices held as f16 by the layer that takes them).
+pub fn load_safetensors_keeping(
+    path: &Path,
+    keep: impl Fn(&str, &[usize], DType) -> bool,
+) -> Result<HashMap<String, Tensor>> {
     let bad = |msg: String| Error::Safetensors {
         path: path.to_path_buf(),
         msg,
@@ -151,7 +160,7 @@ pub fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
             .map_err(|e| bad(format!("tensor '{name}': {e}")))?;
-        let t = if dtype.is_float() && dtype != DType::F32 {
+        let t = if dtype.is_float() && dtype != DType::F32 && !keep(&name, view.shape(), dtype) {
             t.to_dtype(DType::F32)?
         } else {
             t

@@ -122,7 +122,9 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
         .into());
     }
     let st = dir.join("model.safetensors");
-    let mut tensors = models::weights::load_safetensors(&st)?;
+    let mut tensors = models::weights::load_safetensors_keeping(&st, |name, shape, dtype| {
+        dtype == DType::F16 && name.ends_with(".weight") && shape.len() == 2
+    })?;
     let modules: BTreeSet<String> = tensors
         .keys()
         .filter_map(|k| k.strip_suffix(".qweight").map(String::from))
