@@ -342,6 +342,37 @@ fn tiny_model_gptq_save_load_generate() {
             .count(),
         14
     );
+    // The embedding (tied head) stays in f16 as stored: exactly the f16 rounding of the in-memory
+    // model's table, at half its bytes.
+    let (_, emb) = m2
+        .linears()
+        .into_iter()
+        .find(|(n, _)| n == "model.embed_tokens")
+        .unwrap();
+    assert_eq!(emb.kind(), "f16");
+    assert_eq!(m2.stored_types.get("f16"), Some(&1));
+    let (_, emb1) = m
+        .linears()
+        .into_iter()
+        .find(|(n, _)| n == "model.embed_tokens")
+        .unwrap();
+    let rounded = emb1
+        .weight()
+        .unwrap()
+        .to_dtype(candle_core::DType::F16)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
+    assert_eq!(
+        emb.weight()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        rounded.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    assert_eq!(emb.storage_bytes(), 2 * emb.num_params());
     // Packed layers are bit-identical; only the f16 storage of the embedding/norms differs.
     let l2 = logits(&m2, &ids);
     let diff2 = ql
