@@ -10,7 +10,7 @@
 //! of the gemv can differ from a dense layer. The input gradient is provided (LoRA over a model
 //! whose head or embedding is held in f16); the weight itself is frozen.
 
-use crate::kernels::{self, Backend, View, GEMV_MAX_ROWS};
+use crate::kernels::{self, GEMV_MAX_ROWS};
 use crate::linear::LinearLayer;
 use candle_core::{
     bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor,
@@ -100,74 +100,27 @@ unsafe fn convert_f16c(src: &[f16], dst: &mut [f32]) {
     }
 }
 
+/// W's rows r0 .. r0 + buf.len()/k as f32 (the tiles of the batched products).
+fn fill(w: &[f16], k: usize) -> impl Fn(usize, &mut [f32]) -> Result<()> + '_ {
+    move |r0, buf| {
+        f16_to_f32(&w[r0 * k..r0 * k + buf.len()], buf);
+        Ok(())
+    }
+}
+
 /// y [m, n] = x [m, k] · Wᵀ with W [n, k] in f16.
 fn matmul(w: &[f16], n: usize, k: usize, x: &[f32], m: usize) -> Result<Vec<f32>> {
-    let mut y = vec![0f32; m * n];
     if m <= GEMV_MAX_ROWS {
+        let mut y = vec![0f32; m * n];
         kernels::gemv_multi(&mut y, x, k, m, w, k, n, k, false);
         return Ok(y);
     }
-    let tile = (TILE_ELEMS / k.max(1)).clamp(1, n.max(1));
-    let mut wt = vec![0f32; tile * k];
-    let mut tmp = vec![0f32; m * tile];
-    let a = View {
-        data: x,
-        rows: m,
-        cols: k,
-        rs: k,
-        cs: 1,
-    };
-    let mut r0 = 0;
-    while r0 < n {
-        let rt = tile.min(n - r0);
-        let wt = &mut wt[..rt * k];
-        f16_to_f32(&w[r0 * k..(r0 + rt) * k], wt);
-        // Wᵀ of the tile without a copy: element (i, j) = wt[j·k + i].
-        let b = View {
-            data: wt,
-            rows: k,
-            cols: rt,
-            rs: 1,
-            cs: k,
-        };
-        let tmp = &mut tmp[..m * rt];
-        kernels::gemm_into(tmp, a, b, false, Backend::Auto)?;
-        for (orow, trow) in y.chunks_exact_mut(n).zip(tmp.chunks_exact(rt)) {
-            orow[r0..r0 + rt].copy_from_slice(trow);
-        }
-        r0 += rt;
-    }
-    Ok(y)
+    kernels::tiled_x_wt(x, (m, k, n), TILE_ELEMS / k.max(1), fill(w, k))
 }
 
-/// gx [m, k] = g [m, n] · W, by converted tiles of W's rows.
+/// gx [m, k] = g [m, n] · W.
 fn matmul_t(w: &[f16], n: usize, k: usize, g: &[f32], m: usize) -> Result<Vec<f32>> {
-    let mut gx = vec![0f32; m * k];
-    let tile = (TILE_ELEMS / k.max(1)).clamp(1, n.max(1));
-    let mut wt = vec![0f32; tile * k];
-    let mut r0 = 0;
-    while r0 < n {
-        let rt = tile.min(n - r0);
-        let wt = &mut wt[..rt * k];
-        f16_to_f32(&w[r0 * k..(r0 + rt) * k], wt);
-        let a = View {
-            data: &g[r0..],
-            rows: m,
-            cols: rt,
-            rs: n,
-            cs: 1,
-        };
-        let b = View {
-            data: wt,
-            rows: rt,
-            cols: k,
-            rs: k,
-            cs: 1,
-        };
-        kernels::gemm_into(&mut gx, a, b, r0 > 0, Backend::Auto)?;
-        r0 += rt;
-    }
-    Ok(gx)
+    kernels::tiled_g_w(g, (m, k, n), TILE_ELEMS / k.max(1), fill(w, k))
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {

@@ -148,6 +148,86 @@ pub fn gemm_into(
     Ok(())
 }
 
+/// y [m, n] = x [m, k] · Wᵀ for a W [n, k] that is not held in f32 (quantized, f16): `fill(r0,
+/// buf)` writes W's rows r0 .. r0 + buf.len()/k as f32 into `buf`, `tile` rows at a time, and
+/// each tile is one f32 GEMM. The conversion costs O(n·k) per call against the GEMM's O(m·n·k),
+/// and the tile stays in L2 while the GEMM streams x past it.
+pub fn tiled_x_wt(
+    x: &[f32],
+    (m, k, n): (usize, usize, usize),
+    tile: usize,
+    fill: impl Fn(usize, &mut [f32]) -> Result<()>,
+) -> Result<Vec<f32>> {
+    let tile = tile.clamp(1, n.max(1));
+    let mut y = vec![0f32; m * n];
+    let mut w = vec![0f32; tile * k];
+    let mut tmp = vec![0f32; m * tile];
+    let a = View {
+        data: x,
+        rows: m,
+        cols: k,
+        rs: k,
+        cs: 1,
+    };
+    let mut r0 = 0;
+    while r0 < n {
+        let rt = tile.min(n - r0);
+        let w = &mut w[..rt * k];
+        fill(r0, w)?;
+        // Wᵀ of the tile without a copy: element (i, j) = w[j·k + i].
+        let b = View {
+            data: w,
+            rows: k,
+            cols: rt,
+            rs: 1,
+            cs: k,
+        };
+        let tmp = &mut tmp[..m * rt];
+        gemm_into(tmp, a, b, false, Backend::Auto)?;
+        for (orow, trow) in y.chunks_exact_mut(n).zip(tmp.chunks_exact(rt)) {
+            orow[r0..r0 + rt].copy_from_slice(trow);
+        }
+        r0 += rt;
+    }
+    Ok(y)
+}
+
+/// gx [m, k] = g [m, n] · W, the input gradient of [`tiled_x_wt`], with W's rows from `fill`
+/// in tiles as there.
+pub fn tiled_g_w(
+    g: &[f32],
+    (m, k, n): (usize, usize, usize),
+    tile: usize,
+    fill: impl Fn(usize, &mut [f32]) -> Result<()>,
+) -> Result<Vec<f32>> {
+    let tile = tile.clamp(1, n.max(1));
+    let mut gx = vec![0f32; m * k];
+    let mut w = vec![0f32; tile * k];
+    let mut r0 = 0;
+    while r0 < n {
+        let rt = tile.min(n - r0);
+        let w = &mut w[..rt * k];
+        fill(r0, w)?;
+        let a = View {
+            data: &g[r0..],
+            rows: m,
+            cols: rt,
+            rs: n,
+            cs: 1,
+        };
+        let b = View {
+            data: w,
+            rows: rt,
+            cols: k,
+            rs: k,
+            cs: 1,
+        };
+        gemm_into(&mut gx, a, b, r0 > 0, Backend::Auto)?;
+        r0 += rt;
+    }
+    Ok(gx)
+}
+
 /// `MPOLM_GEMM=gemm|faer|gemv` forces one backend for every product (benchmarks, bisecting);
 /// unset or `auto` keeps the per-shape choice.
 fn forced_backend() -> Option<Backend> {

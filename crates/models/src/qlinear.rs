@@ -15,7 +15,7 @@
 //! two paths differ by that rounding, not by the weights: the tiled path is the exact product
 //! with the dequantized weights.
 
-use crate::kernels::{self, Backend, View};
+use crate::kernels;
 use crate::linear::LinearLayer;
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
@@ -174,43 +174,16 @@ impl QLinear {
         let data = self.q.data()?;
         let t = self.q.dtype();
         let row_bytes = k / t.block_size() * t.type_size();
-        let tile = (TILE_ELEMS / k).clamp(1, n);
-        let mut w = vec![0f32; tile * k];
-        let mut tmp = vec![0f32; m * tile];
-        let mut out = vec![0f32; m * n];
         let threads = candle_core::utils::get_num_threads().max(1);
-        let mut r0 = 0;
-        while r0 < n {
-            let rt = tile.min(n - r0);
+        let out = kernels::tiled_x_wt(xs, (m, k, n), TILE_ELEMS / k, |r0, w| {
+            let rt = w.len() / k;
             let bytes = &data[r0 * row_bytes..(r0 + rt) * row_bytes];
-            let w = &mut w[..rt * k];
             // Rows per dequantization job: enough jobs for every thread, whole rows each.
             let per = rt.div_ceil(threads).max(1);
             w.par_chunks_mut(per * k)
                 .zip(bytes.par_chunks(per * row_bytes))
-                .try_for_each(|(dst, src)| dequantize_rows(t, src, dst))?;
-            let tmp = &mut tmp[..m * rt];
-            let a = View {
-                data: xs,
-                rows: m,
-                cols: k,
-                rs: k,
-                cs: 1,
-            };
-            // Wᵀ of the tile: element (i, j) = w[j·k + i], no copy.
-            let b = View {
-                data: w,
-                rows: k,
-                cols: rt,
-                rs: 1,
-                cs: k,
-            };
-            kernels::gemm_into(tmp, a, b, false, Backend::Auto)?;
-            for (orow, trow) in out.chunks_exact_mut(n).zip(tmp.chunks_exact(rt)) {
-                orow[r0..r0 + rt].copy_from_slice(trow);
-            }
-            r0 += rt;
-        }
+                .try_for_each(|(dst, src)| dequantize_rows(t, src, dst))
+        })?;
         drop(st);
         Tensor::from_vec(out, (m, n), &Device::Cpu)
     }

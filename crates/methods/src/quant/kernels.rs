@@ -608,37 +608,15 @@ impl QKernel {
 
     /// gx [m, k] = g [m, n] · W (the input gradient), tile by tile over weight rows.
     pub fn matmul_t_tiles(&self, g: &[f32], m: usize, gx: &mut [f32]) -> candle_core::Result<()> {
-        use models::kernels::{gemm_into, Backend, View};
         let (k, n) = (self.k, self.n);
         assert_eq!(g.len(), m * n);
         assert_eq!(gx.len(), m * k);
-        let mut gp = vec![0f32; m * k];
-        let tn = TILE_ROWS.min(n);
-        let mut wbuf = vec![0f32; tn * k];
-        let mut j0 = 0;
-        while j0 < n {
-            let rows = tn.min(n - j0);
-            wbuf.par_chunks_mut(k)
-                .take(rows)
+        let gp = models::kernels::tiled_g_w(g, (m, k, n), TILE_ROWS, |j0, w| {
+            w.par_chunks_mut(k)
                 .enumerate()
                 .for_each(|(jj, w)| self.dequant_row_perm(j0 + jj, w));
-            let gv = View {
-                data: &g[j0..],
-                rows: m,
-                cols: rows,
-                rs: n,
-                cs: 1,
-            };
-            let wv = View {
-                data: &wbuf[..rows * k],
-                rows,
-                cols: k,
-                rs: k,
-                cs: 1,
-            };
-            gemm_into(&mut gp, gv, wv, j0 > 0, Backend::Auto)?;
-            j0 += rows;
-        }
+            Ok(())
+        })?;
         match &self.perm {
             None => gx.copy_from_slice(&gp),
             Some(perm) => {
