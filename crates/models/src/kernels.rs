@@ -148,20 +148,39 @@ pub fn gemm_into(
     Ok(())
 }
 
-/// y [m, n] = x [m, k] · Wᵀ for a W [n, k] that is not held in f32 (quantized, f16): `fill(r0,
-/// buf)` writes W's rows r0 .. r0 + buf.len()/k as f32 into `buf`, `tile` rows at a time, and
-/// each tile is one f32 GEMM. The conversion costs O(n·k) per call against the GEMM's O(m·n·k),
-/// and the tile stays in L2 while the GEMM streams x past it.
+/// Runs `body(r0, rows)` over W [n, k] in tiles of `tile` rows, each converted to f32 by
+/// `fill(r0, buf)` (W's rows r0 .. r0 + buf.len()/k) into one reused buffer.
+fn for_each_tile(
+    (k, n): (usize, usize),
+    tile: usize,
+    fill: impl Fn(usize, &mut [f32]) -> Result<()>,
+    mut body: impl FnMut(usize, &[f32]) -> Result<()>,
+) -> Result<()> {
+    let tile = tile.clamp(1, n.max(1));
+    let mut w = vec![0f32; tile * k];
+    let mut r0 = 0;
+    while r0 < n {
+        let rt = tile.min(n - r0);
+        let w = &mut w[..rt * k];
+        fill(r0, w)?;
+        body(r0, w)?;
+        r0 += rt;
+    }
+    Ok(())
+}
+
+/// y [m, n] = x [m, k] · Wᵀ for a W [n, k] that is not held in f32 (quantized, f16), converted
+/// `tile` rows at a time by `fill` (see [`for_each_tile`]), each tile one f32 GEMM. The
+/// conversion costs O(n·k) per call against the GEMM's O(m·n·k), and the tile stays in L2
+/// while the GEMM streams x past it.
 pub fn tiled_x_wt(
     x: &[f32],
     (m, k, n): (usize, usize, usize),
     tile: usize,
     fill: impl Fn(usize, &mut [f32]) -> Result<()>,
 ) -> Result<Vec<f32>> {
-    let tile = tile.clamp(1, n.max(1));
     let mut y = vec![0f32; m * n];
-    let mut w = vec![0f32; tile * k];
-    let mut tmp = vec![0f32; m * tile];
+    let mut tmp = vec![0f32; m * tile.clamp(1, n.max(1))];
     let a = View {
         data: x,
         rows: m,
@@ -169,11 +188,8 @@ pub fn tiled_x_wt(
         rs: k,
         cs: 1,
     };
-    let mut r0 = 0;
-    while r0 < n {
-        let rt = tile.min(n - r0);
-        let w = &mut w[..rt * k];
-        fill(r0, w)?;
+    for_each_tile((k, n), tile, fill, |r0, w| {
+        let rt = w.len() / k;
         // Wᵀ of the tile without a copy: element (i, j) = w[j·k + i].
         let b = View {
             data: w,
@@ -187,8 +203,8 @@ pub fn tiled_x_wt(
         for (orow, trow) in y.chunks_exact_mut(n).zip(tmp.chunks_exact(rt)) {
             orow[r0..r0 + rt].copy_from_slice(trow);
         }
-        r0 += rt;
-    }
+        Ok(())
+    })?;
     Ok(y)
 }
 
@@ -200,31 +216,24 @@ pub fn tiled_g_w(
     tile: usize,
     fill: impl Fn(usize, &mut [f32]) -> Result<()>,
 ) -> Result<Vec<f32>> {
-    let tile = tile.clamp(1, n.max(1));
     let mut gx = vec![0f32; m * k];
-    let mut w = vec![0f32; tile * k];
-    let mut r0 = 0;
-    while r0 < n {
-        let rt = tile.min(n - r0);
-        let w = &mut w[..rt * k];
-        fill(r0, w)?;
+    for_each_tile((k, n), tile, fill, |r0, w| {
         let a = View {
             data: &g[r0..],
             rows: m,
-            cols: rt,
+            cols: w.len() / k,
             rs: n,
             cs: 1,
         };
         let b = View {
             data: w,
-            rows: rt,
+            rows: w.len() / k,
             cols: k,
             rs: k,
             cs: 1,
         };
-        gemm_into(&mut gx, a, b, r0 > 0, Backend::Auto)?;
-        r0 += rt;
-    }
+        gemm_into(&mut gx, a, b, r0 > 0, Backend::Auto)
+    })?;
     Ok(gx)
 }
 
