@@ -22,10 +22,11 @@ pub struct EvalArgs {
     /// Evaluate at most N documents per task (per subject for MMLU, windows for wikitext2).
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Sequences per forward pass: rows of log-likelihood batches, and generations decoded
-    /// together (gsm8k, ifeval, generation .jsonl tasks).
-    #[arg(long, default_value_t = 1)]
-    pub batch: usize,
+    /// Sequences per forward pass: rows of log-likelihood batches (default 1), and generations
+    /// decoded together for gsm8k, ifeval and generation .jsonl tasks (default 8; every output is
+    /// the one it would be alone).
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// Seed for sampled few-shot examples (sst2, .jsonl tasks).
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
@@ -49,7 +50,7 @@ pub struct EvalArgs {
 
 pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
     let t0 = Instant::now();
-    anyhow::ensure!(a.batch >= 1, "--batch must be at least 1");
+    anyhow::ensure!(a.batch != Some(0), "--batch must be at least 1");
     anyhow::ensure!(a.limit != Some(0), "--limit must be at least 1");
     anyhow::ensure!(
         a.max_gen_tokens != Some(0),
@@ -68,7 +69,8 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
         data_dir: data_dir.clone(),
         shots: a.shots,
         limit: a.limit,
-        batch_size: a.batch,
+        batch_size: a.batch.unwrap_or(1),
+        gen_batch_size: a.batch.unwrap_or(8),
         seed: a.seed,
         max_length: a.max_length,
         stride: a.stride,
@@ -112,7 +114,8 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
             "tasks": specs.iter().map(|s| s.name()).collect::<Vec<_>>(),
             "num_fewshot": a.shots,
             "limit": a.limit,
-            "batch_size": a.batch,
+            "batch_size": opts.batch_size,
+            "generation_batch_size": opts.gen_batch_size,
             "seed": a.seed,
             "max_length": a.max_length,
             "stride": a.stride,
@@ -158,7 +161,7 @@ mod tests {
             task: task.into(),
             shots: Some(1),
             limit: Some(2),
-            batch: 2,
+            batch: Some(2),
             seed: 1,
             data_dir: Some(data),
             max_length: None,

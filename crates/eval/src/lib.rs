@@ -36,6 +36,9 @@ pub struct EvalOptions {
     pub limit: Option<usize>,
     /// Rows per forward pass for log-likelihood.
     pub batch_size: usize,
+    /// Generations decoded together (gsm8k, ifeval, generation JSONL tasks). Decoding is
+    /// memory-bound and each row's output is the one it gets alone, so this defaults to 8.
+    pub gen_batch_size: usize,
     /// Seed for sampled few-shot examples (SST-2, JSONL).
     pub seed: u64,
     /// Longest model input; None = the model's context (2048 at most for wikitext2 windows).
@@ -56,6 +59,7 @@ impl Default for EvalOptions {
             shots: None,
             limit: None,
             batch_size: 1,
+            gen_batch_size: 8,
             seed: 1234,
             max_length: None,
             stride: None,

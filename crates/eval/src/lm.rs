@@ -20,8 +20,10 @@ const HEAD_CHUNK: usize = 256;
 pub struct Lm<'a> {
     pub model: &'a Llama,
     pub tok: &'a Tokenizer,
-    /// Rows per forward pass (≥ 1).
+    /// Rows per forward pass of log-likelihood scoring (≥ 1).
     pub batch: usize,
+    /// Generations decoded together (≥ 1); [`Lm::new`] sets it to `batch`.
+    pub gen_batch: usize,
     /// Longest sequence fed to the model; longer inputs are left-truncated (as lm-eval).
     pub max_length: usize,
     pub progress: bool,
@@ -151,6 +153,7 @@ impl<'a> Lm<'a> {
             model,
             tok,
             batch: batch.max(1),
+            gen_batch: batch.max(1),
             max_length: max_length.clamp(2, model.cfg.max_position_embeddings),
             progress,
         }
@@ -524,7 +527,7 @@ impl<'a> Lm<'a> {
                     pb.inc(1);
                 }
             };
-            if self.batch > 1 && g.len() > 1 {
+            if self.gen_batch > 1 && g.len() > 1 {
                 let rows: Vec<(&[u32], &GenRequest)> =
                     g.iter().map(|&i| (&ctxs[i][p..], &reqs[i])).collect();
                 self.greedy_batch(&rows, prefix.as_ref(), p, &mut |r, o| done(g[r], o))?;
@@ -571,7 +574,7 @@ impl<'a> Lm<'a> {
         queue.sort_by_key(|&r| std::cmp::Reverse(rows[r].0.len()));
         let mut queue: std::collections::VecDeque<usize> = queue.into();
         while !queue.is_empty() {
-            let first: Vec<usize> = queue.drain(..self.batch.min(queue.len())).collect();
+            let first: Vec<usize> = queue.drain(..self.gen_batch.min(queue.len())).collect();
             self.batch_run(rows, prefix, p, limit, first, &mut queue, on_done)?;
         }
         Ok(())

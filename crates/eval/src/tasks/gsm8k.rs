@@ -196,7 +196,8 @@ pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
         results: vec![r],
         seconds: 0.0,
         config: json!({"file": path, "num_fewshot": k, "until": until, "max_gen_tokens": max_new,
-                       "max_length": lm.max_length, "generated_tokens": gen_tokens, "decoding": "greedy"}),
+                       "max_length": lm.max_length, "generated_tokens": gen_tokens, "decoding": "greedy",
+                       "generation_batch_size": lm.gen_batch}),
         samples,
     })
 }

@@ -152,7 +152,7 @@ pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
         results: vec![r],
         seconds: 0.0,
         config: json!({"file": path, "chat_template": true, "until": until, "max_gen_tokens": max_new,
-                       "decoding": "greedy", "per_instruction": per_inst}),
+                       "decoding": "greedy", "per_instruction": per_inst, "generation_batch_size": lm.gen_batch}),
         samples,
     })
 }

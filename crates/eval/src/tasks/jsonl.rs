@@ -357,7 +357,7 @@ pub fn run(lm: &Lm, path: &Path, opts: &EvalOptions) -> Result<TaskOutput> {
         task: name.clone(),
         results: vec![r],
         seconds: 0.0,
-        config: json!({"file": path, "kind": kind, "num_fewshot": k, "seed": opts.seed, "max_length": lm.max_length, "batch_size": lm.batch}),
+        config: json!({"file": path, "kind": kind, "num_fewshot": k, "seed": opts.seed, "max_length": lm.max_length, "batch_size": lm.batch, "generation_batch_size": lm.gen_batch}),
         samples,
     })
 }

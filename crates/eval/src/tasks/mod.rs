@@ -131,13 +131,15 @@ pub(crate) fn causal<'a>(
             format!("--max-length {max_length} exceeds the model's context of {ctx}"),
         ));
     }
-    Ok(Lm::new(
+    let mut lm = Lm::new(
         llama,
         &model.tokenizer,
         opts.batch_size,
         max_length,
         opts.progress,
-    ))
+    );
+    lm.gen_batch = opts.gen_batch_size.max(1);
+    Ok(lm)
 }
 
 pub(crate) fn limit<T>(mut v: Vec<T>, limit: Option<usize>) -> Vec<T> {
