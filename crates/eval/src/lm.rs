@@ -567,7 +567,6 @@ impl<'a> Lm<'a> {
         p: usize,
         on_done: &mut dyn FnMut(usize, GenOutput),
     ) -> Result<()> {
-        let limit = self.max_length.min(self.model.cfg.max_position_embeddings);
         // Longest contexts first: the first prefill is then as wide as any later context, so a
         // freed slot's row always has room for the next one's context.
         let mut queue: Vec<usize> = (0..rows.len()).collect();
@@ -575,7 +574,7 @@ impl<'a> Lm<'a> {
         let mut queue: std::collections::VecDeque<usize> = queue.into();
         while !queue.is_empty() {
             let first: Vec<usize> = queue.drain(..self.gen_batch.min(queue.len())).collect();
-            self.batch_run(rows, prefix, p, limit, first, &mut queue, on_done)?;
+            self.batch_run(rows, prefix, p, first, &mut queue, on_done)?;
         }
         Ok(())
     }
@@ -589,15 +588,13 @@ impl<'a> Lm<'a> {
         rows: &[(&[u32], &GenRequest)],
         prefix: Option<&Cache>,
         p: usize,
-        limit: usize,
         first: Vec<usize>,
         queue: &mut std::collections::VecDeque<usize>,
         on_done: &mut dyn FnMut(usize, GenOutput),
     ) -> Result<()> {
         struct Slot {
             row: usize,
-            out_ids: Vec<u32>,
-            text: String,
+            dec: Decoded,
             /// Context tokens after the prefix, in cache positions p .. p + len.
             len: usize,
             /// Cache position of the row's first generated token (the keys between p + len and
@@ -607,7 +604,6 @@ impl<'a> Lm<'a> {
             pos: usize,
             /// Logits not yet turned into a token; None once consumed.
             logits: Option<Vec<f32>>,
-            next: u32,
             live: bool,
         }
         let b = first.len();
@@ -661,13 +657,11 @@ impl<'a> Lm<'a> {
             .zip(logits)
             .map(|(&r, lg)| Slot {
                 row: r,
-                out_ids: vec![],
-                text: String::new(),
+                dec: Decoded::default(),
                 len: rows[r].0.len(),
                 gen_start: p + t,
                 pos: p + rows[r].0.len(),
                 logits: Some(lg),
-                next: 0,
                 live: true,
             })
             .collect();
@@ -676,36 +670,13 @@ impl<'a> Lm<'a> {
             for s in slots.iter_mut() {
                 let Some(lg) = s.logits.take() else { continue };
                 let r = rows[s.row].1;
-                let stop = if r.max_new_tokens == 0 {
-                    Some("max_new_tokens")
-                } else {
-                    let tok = argmax(&lg);
-                    if self.tok.eos_ids.contains(&tok) {
-                        Some("eos")
-                    } else {
-                        s.out_ids.push(tok);
-                        s.text = self.tok.decode(&s.out_ids, false)?;
-                        s.next = tok;
-                        if let Some(k) = first_stop(&s.text, &r.until) {
-                            s.text.truncate(k);
-                            Some("stop_string")
-                        } else if s.out_ids.len() >= r.max_new_tokens {
-                            Some("max_new_tokens")
-                        } else if s.pos + 1 > limit {
-                            Some("context_length")
-                        } else {
-                            None
-                        }
-                    }
+                let stop = match r.max_new_tokens {
+                    0 => Some("max_new_tokens"),
+                    n => s.dec.step(self, &lg, &r.until, n, s.pos)?,
                 };
                 if let Some(why) = stop {
                     s.live = false;
-                    let out = GenOutput {
-                        text: std::mem::take(&mut s.text),
-                        new_tokens: s.out_ids.len(),
-                        stopped_by: why.into(),
-                    };
-                    on_done(s.row, out);
+                    on_done(s.row, std::mem::take(&mut s.dec).finish(why));
                 }
             }
             // Refill freed slots while the cache has room before the horizon.
@@ -727,13 +698,11 @@ impl<'a> Lm<'a> {
                 cache.write_row(si, &c, p, ctx.len())?;
                 slots[si] = Slot {
                     row: r,
-                    out_ids: vec![],
-                    text: String::new(),
+                    dec: Decoded::default(),
                     len: ctx.len(),
                     gen_start: at,
                     pos: p + ctx.len(),
                     logits: Some(lg.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                    next: 0,
                     live: true,
                 };
                 refilled = true;
@@ -766,7 +735,8 @@ impl<'a> Lm<'a> {
             let n = slots.len();
             let key_mask = Tensor::from_vec(m, (n, total), &Device::Cpu)?;
             let start: Vec<usize> = slots.iter().map(|s| s.pos).collect();
-            let ids: Vec<u32> = slots.iter().map(|s| s.next).collect();
+            // A live row's last generated token is the one to feed.
+            let ids: Vec<u32> = slots.iter().map(|s| s.dec.last()).collect();
             let ids = Tensor::from_vec(ids, (n, 1), &Device::Cpu)?;
             let hidden = self.model.forward_hidden_at(
                 &ids,
@@ -794,49 +764,81 @@ impl<'a> Lm<'a> {
         until: &[String],
         max_new: usize,
     ) -> Result<GenOutput> {
-        let mut out_ids: Vec<u32> = Vec::new();
+        let mut dec = Decoded::default();
         let mut stopped = "max_new_tokens";
-        let mut text = String::new();
         if max_new > 0 {
-            let x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
-            let mut logits = self
-                .model
-                .forward_last(&x, Some(&mut cache))?
-                .squeeze(0)?
-                .to_vec1::<f32>()?;
+            let mut x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
             loop {
-                let next = argmax(&logits);
-                if self.tok.eos_ids.contains(&next) {
-                    stopped = "eos";
-                    break;
-                }
-                out_ids.push(next);
-                text = self.tok.decode(&out_ids, false)?;
-                if let Some(k) = first_stop(&text, until) {
-                    text.truncate(k);
-                    stopped = "stop_string";
-                    break;
-                }
-                if out_ids.len() >= max_new {
-                    break;
-                }
-                if cache.seq_len + 1 > self.max_length.min(self.model.cfg.max_position_embeddings) {
-                    stopped = "context_length";
-                    break;
-                }
-                let x = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
-                logits = self
+                let logits = self
                     .model
                     .forward_last(&x, Some(&mut cache))?
                     .squeeze(0)?
                     .to_vec1::<f32>()?;
+                if let Some(why) = dec.step(self, &logits, until, max_new, cache.seq_len)? {
+                    stopped = why;
+                    break;
+                }
+                x = Tensor::new(&[dec.last()], &Device::Cpu)?.unsqueeze(0)?;
             }
         }
-        Ok(GenOutput {
-            text,
-            new_tokens: out_ids.len(),
-            stopped_by: stopped.into(),
+        Ok(dec.finish(stopped))
+    }
+
+    /// Longest sequence generation may reach.
+    fn gen_limit(&self) -> usize {
+        self.max_length.min(self.model.cfg.max_position_embeddings)
+    }
+}
+
+/// A generation's tokens and text so far, with the greedy step that both decoders (one row,
+/// batched rows) take, so they stop for the same reasons in the same order.
+#[derive(Default)]
+struct Decoded {
+    ids: Vec<u32>,
+    text: String,
+}
+
+impl Decoded {
+    /// Take the argmax of `logits` as the next token and say why generation ends here, if it
+    /// does: EOS (not kept), a stop string (cut from the text), the token budget, or the context
+    /// (`len`, the sequence length so far, has no room for feeding the token).
+    fn step(
+        &mut self,
+        lm: &Lm,
+        logits: &[f32],
+        until: &[String],
+        max_new: usize,
+        len: usize,
+    ) -> Result<Option<&'static str>> {
+        let tok = argmax(logits);
+        if lm.tok.eos_ids.contains(&tok) {
+            return Ok(Some("eos"));
+        }
+        self.ids.push(tok);
+        self.text = lm.tok.decode(&self.ids, false)?;
+        Ok(if let Some(k) = first_stop(&self.text, until) {
+            self.text.truncate(k);
+            Some("stop_string")
+        } else if self.ids.len() >= max_new {
+            Some("max_new_tokens")
+        } else if len + 1 > lm.gen_limit() {
+            Some("context_length")
+        } else {
+            None
         })
+    }
+
+    /// The last token taken (the next one to feed); 0 before any.
+    fn last(&self) -> u32 {
+        self.ids.last().copied().unwrap_or(0)
+    }
+
+    fn finish(self, stopped_by: &str) -> GenOutput {
+        GenOutput {
+            new_tokens: self.ids.len(),
+            text: self.text,
+            stopped_by: stopped_by.into(),
+        }
     }
 }
 

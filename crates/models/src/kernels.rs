@@ -119,7 +119,9 @@ pub fn gemm_into(
         x => x,
     };
     match backend {
-        Backend::Gemv if m > 1 && m <= GEMV_MAX_ROWS && b.rs == 1 => {
+        Backend::Gemv if (1..=GEMV_MAX_ROWS).contains(&m) && b.rs == 1 => {
+            // b = Wᵀ with W's rows contiguous: y[r, j] = <a row r, W[j, :]>. Rows of a must be
+            // contiguous for the kernels; a transposed a is gathered first.
             let xbuf;
             let (x, xrs): (&[f32], usize) = if a.cs == 1 {
                 (a.data, a.rs)
@@ -129,18 +131,11 @@ pub fn gemm_into(
                     .collect::<Vec<_>>();
                 (&xbuf, k)
             };
-            gemv_multi(dst, x, xrs, m, b.data, b.cs, n, k, accumulate);
-        }
-        Backend::Gemv if m == 1 && b.rs == 1 => {
-            // b = Wᵀ with W's rows contiguous: y[j] = <a, W[j, :]>.
-            let xbuf;
-            let x: &[f32] = if a.cs == 1 {
-                &a.data[..k]
+            if m == 1 {
+                gemv_rows(dst, &x[..k], b.data, b.cs, n, k, accumulate);
             } else {
-                xbuf = (0..k).map(|i| a.data[i * a.cs]).collect::<Vec<_>>();
-                &xbuf
-            };
-            gemv_rows(dst, x, b.data, b.cs, n, k, accumulate);
+                gemv_multi(dst, x, xrs, m, b.data, b.cs, n, k, accumulate);
+            }
         }
         Backend::Faer => faer_gemm(dst, a, b, accumulate),
         _ => gemm_crate(dst, a, b, accumulate),
@@ -360,17 +355,18 @@ pub fn gemv_rows_with(
     nt: usize,
 ) {
     assert!(y.len() == n && x.len() >= k && (n == 0 || (n - 1) * w_rs + k <= w.len()));
-    let work = n * k;
-    if nt <= 1 || work < 1 << 16 {
-        gemv_block(y, x, w, w_rs, 0, k, acc);
-        return;
+    match gemv_chunk(n, k, nt) {
+        None => gemv_block(y, x, w, w_rs, 0, k, acc),
+        Some(chunk) => y.par_chunks_mut(chunk).enumerate().for_each(|(c, yc)| {
+            gemv_block(yc, x, w, w_rs, c * chunk, k, acc);
+        }),
     }
-    // Several chunks per thread so an unlucky slow core does not hold the rest.
-    let chunks = nt * 4;
-    let chunk = n.div_ceil(chunks).next_multiple_of(8).max(8);
-    y.par_chunks_mut(chunk).enumerate().for_each(|(c, yc)| {
-        gemv_block(yc, x, w, w_rs, c * chunk, k, acc);
-    });
+}
+
+/// W rows per parallel gemv task, or None when n·k is too small to split over `nt` threads.
+/// Several chunks per thread so an unlucky slow core does not hold the rest.
+fn gemv_chunk(n: usize, k: usize, nt: usize) -> Option<usize> {
+    (nt > 1 && n * k >= 1 << 16).then(|| n.div_ceil(nt * 4).next_multiple_of(8).max(8))
 }
 
 /// Most rows of x the multi-row gemv takes (more go to a packed GEMM).
@@ -430,16 +426,12 @@ pub fn gemv_multi<W: WeightElem>(
     assert!(n == 0 || (n - 1) * w_rs + k <= w.len());
     // Results land W-row-major ([n, m]) so threads own contiguous chunks, then transpose.
     let mut yt = vec![0f32; n * m];
-    let nt = gemv_threads();
-    if nt <= 1 || n * k < 1 << 16 {
-        gemv_multi_block(&mut yt, x, xrs, m, w, w_rs, 0, k);
-    } else {
-        let chunk = n.div_ceil(nt * 4).next_multiple_of(8).max(8);
-        yt.par_chunks_mut(chunk * m)
+    match gemv_chunk(n, k, gemv_threads()) {
+        None => gemv_multi_block(&mut yt, x, xrs, m, w, w_rs, 0, k),
+        Some(chunk) => yt
+            .par_chunks_mut(chunk * m)
             .enumerate()
-            .for_each(|(c, yc)| {
-                gemv_multi_block(yc, x, xrs, m, w, w_rs, c * chunk, k);
-            });
+            .for_each(|(c, yc)| gemv_multi_block(yc, x, xrs, m, w, w_rs, c * chunk, k)),
     }
     for (j, col) in yt.chunks_exact(m).enumerate() {
         for (r, &v) in col.iter().enumerate() {

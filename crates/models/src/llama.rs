@@ -167,17 +167,11 @@ impl Cache {
     /// once, then extended by `b` different continuations.
     pub fn repeat(&self, b: usize) -> Result<Cache> {
         self.map(|t| {
-            if t.dim(0)? != 1 {
+            let (rows, cap, nkv, hd) = t.dims4()?;
+            if rows != 1 {
                 crate::bail!("only a single-row cache can be repeated");
             }
-            Ok(t.broadcast_as(
-                t.dims()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &d)| if i == 0 { b } else { d })
-                    .collect::<Vec<_>>(),
-            )?
-            .contiguous()?)
+            Ok(t.broadcast_as((b, cap, nkv, hd))?.contiguous()?)
         })
     }
 

@@ -122,9 +122,19 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
         .into());
     }
     let st = dir.join("model.safetensors");
+    // Weight matrices stored in f16 (embedding, head, projections kept in fp16) stay f16 in
+    // memory (`HalfDense`): an f32 copy would double them, and the embedding and head are a large
+    // part of a low-bit checkpoint.
+    let keep_f16 = |name: &str, rank: usize, dtype: DType| {
+        dtype == DType::F16 && name.ends_with(".weight") && rank == 2
+    };
     let mut tensors = models::weights::load_safetensors_keeping(&st, |name, shape, dtype| {
-        dtype == DType::F16 && name.ends_with(".weight") && shape.len() == 2
+        keep_f16(name, shape.len(), dtype)
     })?;
+    // Zero-stride stand-ins: the right shape for the architecture, no memory.
+    let placeholder = |o: usize, i: usize| {
+        Tensor::zeros((1, 1), DType::F32, &Device::Cpu).and_then(|t| t.broadcast_as((o, i)))
+    };
     let modules: BTreeSet<String> = tensors
         .keys()
         .filter_map(|k| k.strip_suffix(".qweight").map(String::from))
@@ -181,25 +191,19 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
             None,
         )
         .map_err(|e| bad(format!("'{name}': {e}")))?;
-        // Zero-stride placeholder: the right shape for the architecture, no memory.
-        let ph = Tensor::zeros((1, 1), DType::F32, &Device::Cpu)?.broadcast_as((out_f, in_f))?;
-        tensors.insert(format!("{name}.weight"), ph);
+        tensors.insert(format!("{name}.weight"), placeholder(out_f, in_f)?);
         packed.insert(name.clone(), q);
     }
-    // Matrices stored in f16 (embedding, head, projections kept in fp16) stay f16 in memory:
-    // an f32 copy would double them, and the embedding and head of a small-vocabulary-heavy
-    // model are a large part of a low-bit checkpoint.
     let mut halves = HashMap::new();
     let names: Vec<String> = tensors
         .iter()
-        .filter(|(k, t)| k.ends_with(".weight") && t.rank() == 2 && t.dtype() == DType::F16)
+        .filter(|(k, t)| keep_f16(k, t.rank(), t.dtype()))
         .map(|(k, _)| k.clone())
         .collect();
     for k in names {
         let t = tensors.remove(&k).expect("listed above");
         let (o, i) = t.dims2()?;
-        let ph = Tensor::zeros((1, 1), DType::F32, &Device::Cpu)?.broadcast_as((o, i))?;
-        tensors.insert(k.clone(), ph);
+        tensors.insert(k.clone(), placeholder(o, i)?);
         halves.insert(k.trim_end_matches(".weight").to_string(), t);
     }
     let src = models::hub::ModelSource {
