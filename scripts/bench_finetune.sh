@@ -7,8 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 limit=${1:-320}; batch=${2:-32}; threads=${3:-2}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mpolm/target}"
-cargo build --release -q
-bin="$CARGO_TARGET_DIR/release/mpolm"
+bin=${MPOLM_BIN:-}
+if [ -z "$bin" ]; then cargo build --release -q; bin="$CARGO_TARGET_DIR/release/mpolm"; fi
 data=${MPOLM_DATA:-../shared/data}/glue/SST-2
 out=$(mktemp -d)
 "$bin" fetch minilm-l6 --report "$out/fetch.json" >/dev/null
@@ -23,13 +23,15 @@ m = sum(s["secs"] for s in steps) / len(steps)
 print(json.dumps({"peer": "mpolm", "method": name, "step_secs_mean": m, "step_secs_min": min(s["secs"] for s in steps), "peak_rss_mib": rss}))
 PY
 }
-for method in lora mpo-aux full; do
-  RAYON_NUM_THREADS=$threads /usr/bin/time -f "%M" -o "$out/$method.time" "$bin" finetune minilm-l6 --task sst2 \
+# mpo-aux: both tools load the same full-bond MPO checkpoint (the peer's layers: scripts/torch_mpo.py).
+"$bin" compress minilm-l6 --out "$out/mpo" >/dev/null
+for method in ${METHODS:-lora mpo-aux full}; do
+  src=minilm-l6
+  [ "$method" = mpo-aux ] && src="$out/mpo"
+  RAYON_NUM_THREADS=$threads /usr/bin/time -f "%M" -o "$out/$method.time" "$bin" finetune "$src" --task sst2 \
     --data "$data/train.tsv" --method "$method" --limit "$limit" --batch "$batch" --max-len 64 \
     --warmup-ratio 0 --out "$out/$method" >/dev/null 2>&1
   row "$method" "$out/$method/finetune_log.json" "$out/$method.time"
-done
-for method in lora full; do
   python3 scripts/bench_torch_finetune.py --model "$model" --data "$data/train.tsv" --method "$method" \
-    --limit "$limit" --batch "$batch" --threads "$threads"
+    --limit "$limit" --batch "$batch" --threads "$threads" --mpo "$out/mpo"
 done

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One causal-LM fine-tuning step (SmolLM2-135M, batch 4 x 256 tokens) of mpolm vs PyTorch (+ PEFT)
 # in one run: step time and peak RSS (issue #8, item 4). Needs torch, transformers and peft in
-# python3 for the peer only. mpo-aux (MPOP's auxiliary-only tuning of a lossless MPO of every
-# attention/FFN matrix) has no PyTorch peer and runs on mpolm only.
+# python3 for the peer only. mpo-aux is MPOP's auxiliary-only tuning of a lossless MPO of every
+# attention/FFN matrix; both tools load the same `mpolm compress` checkpoint (the peer's MPO
+# layers are scripts/torch_mpo.py).
 #   [METHODS="lora full mpo-aux"] scripts/bench_lm_step.sh [steps] [threads]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,8 +32,9 @@ print(json.dumps({"peer": "mpolm", "task": "lm", "method": name,
                   "step_secs_mean": sum(s["secs"] for s in steps) / len(steps),
                   "step_secs_min": min(s["secs"] for s in steps), "peak_rss_mib": rss}))
 PY
-  [ "$method" = mpo-aux ] && continue
+  peer_mpo=()
+  [ "$method" = mpo-aux ] && peer_mpo=(--mpo "$out/mpo")
   python3 scripts/bench_torch_lm_step.py --model "$out/hf" --data "$data" --method "$method" \
-    --steps "$steps" --batch 4 --max-len 256 --threads "$threads"
+    --steps "$steps" --batch 4 --max-len 256 --threads "$threads" "${peer_mpo[@]}"
 done
 rm -rf "$out"

@@ -8,6 +8,9 @@ on both sides (mpolm's encoder has none), so both do the same arithmetic.
     python3 scripts/bench_torch_finetune.py --model ~/.cache/mpolm/models/minilm-l6 \
         --data ../shared/data/glue/SST-2/train.tsv --method lora --limit 320 --batch 32 --threads 2
 
+mpo-aux: every matrix of an `mpolm compress` checkpoint (--mpo DIR) rebuilt from its cores each
+step (scripts/torch_mpo.py), central cores frozen.
+
 Prints one JSON line: mean step time (s) over all steps after the first, peak RSS (MiB).
 Versions used for BENCHMARKS.md: torch 2.15.0, transformers 5.24.0, peft 0.21.2.
 """
@@ -24,7 +27,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--method", choices=["full", "lora"], default="lora")
+    ap.add_argument("--method", choices=["full", "lora", "mpo-aux"], default="lora")
+    ap.add_argument("--mpo", help="mpo-aux: the MPO checkpoint of `mpolm compress` (see torch_mpo.py)")
     ap.add_argument("--limit", type=int, default=320)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=64)
@@ -50,6 +54,15 @@ def main():
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=a.lora_r, lora_alpha=16, lora_dropout=0.0,
                                                  target_modules=["query", "value"], task_type="SEQ_CLS"))
+    elif a.method == "mpo-aux":
+        # MPOP's lightweight tuning: auxiliary cores, biases, LayerNorms, the other embeddings
+        # and the new head train; central cores do not.
+        from torch_mpo import freeze_central, load_mpo
+
+        if not a.mpo:
+            raise SystemExit("--method mpo-aux needs --mpo DIR (an `mpolm compress` checkpoint)")
+        load_mpo(model, a.mpo)
+        freeze_central(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
@@ -68,7 +81,7 @@ def main():
         times.append(time.perf_counter() - t0)
     steady = times[1:] if len(times) > 1 else times
     print(json.dumps({
-        "peer": "pytorch" + ("+peft" if a.method == "lora" else ""),
+        "peer": {"lora": "pytorch+peft", "mpo-aux": "pytorch+mpo"}.get(a.method, "pytorch"),
         "method": a.method,
         "steps": len(times),
         "step_secs_mean": sum(steady) / len(steady),

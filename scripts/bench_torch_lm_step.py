@@ -2,6 +2,9 @@
 """PyTorch (+ PEFT) peer for one causal-LM fine-tuning step of `mpolm finetune --task lm` (issue #8,
 item 4: SmolLM2-135M, batch 4 x 256 tokens).
 
+mpo-aux: the same model with every matrix of an `mpolm compress` checkpoint (--mpo DIR) rebuilt
+from its cores each step (scripts/torch_mpo.py), auxiliary cores and norms trained.
+
 Same model (an HF dir written by `mpolm export smollm2-135m --dense --out DIR`), same text cut into
 blocks of --max-len tokens with the same tokenizer, batch, AdamW and LoRA settings (PEFT defaults:
 q_proj, v_proj, r=8, alpha=16, no dropout), loss = mean next-token cross-entropy. Dropout is 0
@@ -26,7 +29,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--method", choices=["full", "lora"], default="lora")
+    ap.add_argument("--method", choices=["full", "lora", "mpo-aux"], default="lora")
+    ap.add_argument("--mpo", help="mpo-aux: the MPO checkpoint of `mpolm compress` (see torch_mpo.py)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=256)
@@ -50,6 +54,20 @@ def main():
         cfg = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0,
                          target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
         model = get_peft_model(model, cfg)
+    elif a.method == "mpo-aux":
+        # MPOP's lightweight tuning: auxiliary cores and the non-decomposed small tensors (norms)
+        # train; central cores and the dense matrices left as they were (embedding/head) do not.
+        from torch_mpo import freeze_central, load_mpo
+
+        if not a.mpo:
+            raise SystemExit("--method mpo-aux needs --mpo DIR (an `mpolm compress` checkpoint)")
+        load_mpo(model, a.mpo)
+        for mod in model.modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+                for p in mod.parameters(recurse=False):
+                    if p.dim() == 2:
+                        p.requires_grad_(False)
+        freeze_central(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
@@ -66,7 +84,7 @@ def main():
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     steady = times[1:]
     print(json.dumps({
-        "peer": "pytorch+peft" if a.method == "lora" else "pytorch",
+        "peer": {"lora": "pytorch+peft", "mpo-aux": "pytorch+mpo"}.get(a.method, "pytorch"),
         "task": "lm", "method": a.method, "steps": a.steps, "tokens_per_step": n,
         "step_secs_mean": sum(steady) / len(steady), "step_secs_min": min(steady),
         "tuned_params": sum(p.numel() for p in params), "peak_rss_mib": rss,

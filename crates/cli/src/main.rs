@@ -181,6 +181,8 @@ enum BenchCmd {
 }
 
 fn main() -> ExitCode {
+    // Before any other thread exists: a thread attaches to an arena at its first allocation.
+    models::kernels::keep_freed_memory();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -210,7 +212,6 @@ fn run(cli: Cli) -> Result<()> {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "64");
     }
-    models::kernels::keep_freed_memory();
     let _ = GGUF_WEIGHTS.set(if cli.gguf_weights == "quantized" {
         models::GgufWeights::Quantized
     } else {

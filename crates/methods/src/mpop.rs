@@ -59,6 +59,12 @@ impl MpoLayer {
         self.inner.cores()
     }
 
+    /// W rebuilt from the cores for a training step: frozen cores get no gradient GEMM.
+    fn trained_dense(&self) -> candle_core::Result<Tensor> {
+        let c = self.inner.cores();
+        mpo::dense_from_cores_with(&c.tensors(), c.shape(), &models::kernels::matmul)
+    }
+
     /// Drop the cached dense matrix after the cores changed (training).
     pub fn invalidate(&mut self) {
         self.dense = std::sync::OnceLock::new();
@@ -75,7 +81,7 @@ impl LinearLayer for MpoLayer {
             // Rebuild W from the cores (differentiably), then one fused Linear: its backward
             // is one GEMM per tracked input and folds the bias, where candle's broadcast matmul
             // of xᵀ-views and a separate bias add cost extra copies and gradient nodes.
-            let w = self.inner.to_dense()?;
+            let w = self.trained_dense()?;
             return models::kernels::linear(x, &w, self.inner.bias_tensor().as_ref());
         }
         let y = models::linear::matmul_t(x, self.cached_dense()?)?;
@@ -115,7 +121,7 @@ impl LinearLayer for MpoLayer {
             if ids.elem_count() * per_token <= s.orig_rows * s.orig_cols {
                 return mpo::embed_cores(ids, &c.tensors(), s);
             }
-            return c.to_dense()?.index_select(&ids.flatten_all()?, 0);
+            return self.trained_dense()?.index_select(&ids.flatten_all()?, 0);
         }
         self.cached_dense()?.index_select(ids, 0)
     }

@@ -1,14 +1,12 @@
 //! Issue #8 benchmark: the Linear kernel vs candle's generic matmul, side by side in one run.
 //!
-//!   RAYON_NUM_THREADS=2 cargo run --release -p mpolm-models --example bench_kernels [-- gemm|mlp] [--reps N]
+//!   RAYON_NUM_THREADS=2 cargo run --release -p mpolm-models --example bench_kernels [-- gemm|decode] [--reps N]
 //!
 //! Compare with `python3 scripts/bench_torch_kernels.py` (same shapes, torch, 2 threads).
 //! GEMM: y[m, n] = x[m, k] · W[n, k]ᵀ, best of N, GFLOP/s = 2mkn / t.
-//! MLP: 768 → 3072 (GELU, erf) → 768 with biases, x = 32×128 rows, loss = mean(y²):
-//! forward, backward (grads of x? no: of W1, b1, W2, b2) and one AdamW step (candle-nn's, candle ops).
+//! The MLP training step is `cargo run --release -p mpolm-methods --example bench_mlp_step`.
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::Optimizer;
+use candle_core::{Device, Tensor};
 use models::kernels::{self, Backend, View};
 use std::time::Instant;
 
@@ -170,69 +168,6 @@ fn gemm_bench(reps: usize) -> candle_core::Result<()> {
     Ok(())
 }
 
-fn mlp_bench(reps: usize) -> candle_core::Result<()> {
-    let dev = Device::Cpu;
-    let (rows, d, h) = (32 * 128, 768, 3072);
-    println!("MLP {d}→{h}→{d} (GELU erf), {rows} rows, ms (best of {reps})");
-    println!(
-        "{:>10} {:>10} {:>10} {:>10} {:>10} {:>14}",
-        "path", "forward", "backward", "AdamW", "step", "frozen W1 f+b"
-    );
-    for (name, fast) in [("candle", false), ("new", true)] {
-        let x = Tensor::randn(0f32, 1., (rows, d), &dev)?;
-        let w1 = Var::from_tensor(&(Tensor::randn(0f32, 1., (h, d), &dev)? * 0.03)?)?;
-        let b1 = Var::from_tensor(&Tensor::zeros(h, DType::F32, &dev)?)?;
-        let w2 = Var::from_tensor(&(Tensor::randn(0f32, 1., (d, h), &dev)? * 0.03)?)?;
-        let b2 = Var::from_tensor(&Tensor::zeros(d, DType::F32, &dev)?)?;
-        let lin = |x: &Tensor, w: &Tensor, b: &Tensor| {
-            if fast {
-                kernels::linear(x, w, Some(b))
-            } else {
-                kernels::generic_linear(x, w, Some(b))
-            }
-        };
-        let fwd = |w1: &Tensor| -> candle_core::Result<Tensor> {
-            let y = lin(&x, w1, &b1)?.gelu_erf()?;
-            let y = lin(&y, &w2, &b2)?;
-            y.sqr()?.mean_all()
-        };
-        let mut opt = candle_nn::AdamW::new(
-            vec![w1.clone(), b1.clone(), w2.clone(), b2.clone()],
-            candle_nn::ParamsAdamW::default(),
-        )?;
-        let t_f = best(reps, || {
-            fwd(&w1).unwrap();
-        });
-        let loss = fwd(&w1)?;
-        let t_b = best(reps, || {
-            loss.backward().unwrap();
-        });
-        let grads = loss.backward()?;
-        let t_o = best(reps, || opt.step(&grads).unwrap());
-        let t_s = best(reps, || {
-            let l = fwd(&w1).unwrap();
-            let g = l.backward().unwrap();
-            opt.step(&g).unwrap();
-        });
-        // W1 frozen (a plain tensor): its weight-gradient GEMM should disappear.
-        let w1c = w1.as_tensor().detach();
-        let t_fr = best(reps, || {
-            let l = fwd(&w1c).unwrap();
-            l.backward().unwrap();
-        });
-        println!(
-            "{:>10} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>14.0}",
-            name,
-            t_f * 1e3,
-            t_b * 1e3,
-            t_o * 1e3,
-            t_s * 1e3,
-            t_fr * 1e3
-        );
-    }
-    Ok(())
-}
-
 /// One decode token's dense products of smollm2-135m (30 layers: q, k, v, o, gate, up, down, then
 /// the 49152-row head; 540 MB of f32 weights, so they stream from memory), each backend in turn
 /// per token so machine noise hits them alike; best and median ms per token.
@@ -358,9 +293,6 @@ fn main() -> candle_core::Result<()> {
     }
     if what == "decode" {
         decode_bench(reps)?;
-    }
-    if what == "mlp" || what == "all" || what.starts_with("--") {
-        mlp_bench(reps.min(3))?;
     }
     Ok(())
 }

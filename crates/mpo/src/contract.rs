@@ -323,6 +323,17 @@ fn check_cores(cores: &[Tensor], shape: &MpoShape) -> candle_core::Result<Vec<us
 
 /// Differentiable rebuild of W[orig_rows, orig_cols] from cores [d_{k−1}, i_k, j_k, d_k].
 pub fn dense_from_cores(cores: &[Tensor], shape: &MpoShape) -> candle_core::Result<Tensor> {
+    dense_from_cores_with(cores, shape, &|a, b| a.matmul(b))
+}
+
+/// [`dense_from_cores`] with every product a·b of 2-D tensors done by `mm`. Training passes a
+/// product whose backward differentiates only tracked inputs: a frozen core (MPOP's central
+/// tensor) then costs no gradient GEMM, where candle's matmul computes both sides' gradients.
+pub fn dense_from_cores_with(
+    cores: &[Tensor],
+    shape: &MpoShape,
+    mm: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
     let d = check_cores(cores, shape)?;
     let (rf, cf) = (&shape.row_factors, &shape.col_factors);
     let m = shape.local_dims();
@@ -335,7 +346,7 @@ pub fn dense_from_cores(cores: &[Tensor], shape: &MpoShape) -> candle_core::Resu
     let mut lb = Tensor::ones((1, 1), dt, dev)?;
     let mut l = 1;
     for k in 0..s {
-        lb = lb.matmul(&cores[k].reshape((d[k], m[k] * d[k + 1]))?)?;
+        lb = mm(&lb, &cores[k].reshape((d[k], m[k] * d[k + 1]))?)?;
         l *= m[k];
         lb = lb.reshape((l, d[k + 1]))?;
     }
@@ -354,7 +365,7 @@ pub fn dense_from_cores(cores: &[Tensor], shape: &MpoShape) -> candle_core::Resu
     let mut rb = Tensor::ones((1, 1), dt, dev)?;
     let mut r = 1;
     for k in (s + 1..n).rev() {
-        rb = cores[k].reshape((d[k] * m[k], d[k + 1]))?.matmul(&rb)?;
+        rb = mm(&cores[k].reshape((d[k] * m[k], d[k + 1]))?, &rb)?;
         r *= m[k];
         rb = rb.reshape((d[k], r))?;
     }
@@ -373,11 +384,11 @@ pub fn dense_from_cores(cores: &[Tensor], shape: &MpoShape) -> candle_core::Resu
     }
     let (a, b, ms, ds1) = (l, r, m[s], d[s + 1]);
     let x = if p.left_first {
-        let t = lb.matmul(&cores[s].reshape((d[s], ms * ds1))?)?;
-        t.reshape((a * ms, ds1))?.matmul(&rb)?
+        let t = mm(&lb, &cores[s].reshape((d[s], ms * ds1))?)?;
+        mm(&t.reshape((a * ms, ds1))?, &rb)?
     } else {
-        let t = cores[s].reshape((d[s] * ms, ds1))?.matmul(&rb)?;
-        lb.matmul(&t.reshape((d[s], ms * b))?)?
+        let t = mm(&cores[s].reshape((d[s] * ms, ds1))?, &rb)?;
+        mm(&lb, &t.reshape((d[s], ms * b))?)?
     };
     let (ar, ac): (usize, usize) = (rf[..s].iter().product(), cf[..s].iter().product());
     let (br, bc): (usize, usize) = (rf[s + 1..].iter().product(), cf[s + 1..].iter().product());

@@ -26,7 +26,7 @@ pub mod scalar;
 pub mod shapes;
 pub mod truncate;
 
-pub use contract::{apply_cores, dense_from_cores, embed_cores};
+pub use contract::{apply_cores, dense_from_cores, dense_from_cores_with, embed_cores};
 pub use decompose::{Algorithm, DecomposeOptions, Precision};
 pub use error::{Error, Result};
 pub use layer::{ForwardMode, MpoCores, MpoEmbedding, MpoLinear};
