@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Issue #8 peer baseline: the shapes of crates/models/examples/bench_kernels.rs in PyTorch (CPU, f32).
+"""Issue #8 peer baseline in PyTorch (CPU, f32): the GEMM shapes of crates/models/examples/bench_kernels.rs
+and the MLP step of crates/methods/examples/bench_mlp_step.rs.
 
     python3 scripts/bench_torch_kernels.py [gemm|mlp|all] [--reps N] [--threads 2]
 
