@@ -55,6 +55,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--int8-dynamic", action="store_true",
+                    help="PyTorch's own 8-bit CPU path: torch.ao.quantization.quantize_dynamic on every "
+                         "nn.Linear (int8 weights, activations quantized per call; the peer for quantized decode)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -64,6 +67,8 @@ def main():
     tok = AutoTokenizer.from_pretrained(args.gguf_dir, gguf_file=args.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(args.gguf_dir, gguf_file=args.gguf_file, dtype=torch.float32)
     model.eval()
+    if args.int8_dynamic:
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     load_s = time.perf_counter() - t0
 
     ids = build_prompt_ids(tok, args.prompt_tokens)
@@ -112,7 +117,7 @@ def main():
             assert produced == toks, "non-deterministic greedy decode"
 
     res = {
-        "model": args.gguf_file,
+        "model": args.gguf_file + (" int8-dynamic" if args.int8_dynamic else ""),
         "prefill_tok_s": args.prompt_tokens / statistics.median(prefill_times),
         "decode_tok_s": statistics.median(decode_rates),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
