@@ -174,9 +174,13 @@ fn bert_compression_keeps_outputs() {
 #[test]
 fn training_rebuild_matches_candle_and_skips_the_frozen_core() {
     use candle_core::Var;
-    // Padded rows (70 → 72) and an odd split, so the narrow and both block orders are exercised.
-    let shape = mpo::MpoShape::auto(70, 45, 5).unwrap();
+    // Sizes that need padding, so the rebuild's final slice is exercised too.
+    let shape = mpo::MpoShape::new(vec![2, 3, 2, 3, 2], vec![3, 2, 2, 2, 2], 70, 45).unwrap();
     let (rows, cols) = (shape.orig_rows, shape.orig_cols);
+    assert!(
+        shape.rows() * shape.cols() > rows * cols,
+        "{shape:?} is not padded"
+    );
     let w: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 7919 % 997) as f32 / 997.0) - 0.5)
         .collect();

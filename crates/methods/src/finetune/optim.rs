@@ -209,6 +209,7 @@ impl InplaceOp2 for Update<'_> {
     }
 }
 
+/// HF's linear schedule: 0 → 1 over `warmup` steps, then 1 → 0 at `total`. `step` is the
 /// 0-based index of the optimizer step about to run.
 pub fn linear_schedule(step: usize, warmup: usize, total: usize) -> f64 {
     if step < warmup {
