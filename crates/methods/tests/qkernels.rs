@@ -223,6 +223,9 @@ fn kernels_match_the_dequantized_reference() {
                     let mut yt = vec![0f32; m * n];
                     kern.matmul_tiles(&x, m, &mut yt).unwrap();
                     check_close(&format!("{what} tiles"), &yt, &ye, &se, 1e-5);
+                    let mut yd = vec![0f32; m * n];
+                    kern.matmul_dequantized(&x, m, &mut yd).unwrap();
+                    check_close(&format!("{what} whole layer"), &yd, &ye, &se, 1e-5);
                 }
             }
         }

@@ -263,7 +263,7 @@ impl CustomOp1 for QMatmul {
         if int8 {
             k.matmul_int8(x, m, &mut y);
         } else {
-            k.matmul_tiles(x, m, &mut y)?;
+            k.matmul_batch(x, m, &mut y)?;
         }
         let mut dims = l.dims().to_vec();
         *dims.last_mut().unwrap() = k.n;
