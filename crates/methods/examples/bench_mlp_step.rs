@@ -1,7 +1,7 @@
 //! Issue #8 benchmark: one MLP training step, 768 → 3072 (GELU, erf) → 768 with biases,
 //! x = 32×128 rows, loss = mean(y²), as mpolm's fine-tuning runs it and as candle alone would.
 //!
-//!   RAYON_NUM_THREADS=2 cargo run --release -p mpolm-methods --example bench_mlp_step [-- --reps N]
+//!   RAYON_NUM_THREADS=2 cargo run --release -p mpolm-methods --example bench_mlp_step [-- --reps N] [--path candle|mpolm]
 //!
 //! Compare with `python3 scripts/bench_torch_kernels.py mlp` (same shapes, torch, 2 threads), or
 //! run both in alternating rounds: `python3 scripts/bench_gemm_pair.py --what mlp`.
@@ -50,6 +50,12 @@ fn main() -> candle_core::Result<()> {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    // One path alone, for profiling it.
+    let only = args
+        .iter()
+        .position(|a| a == "--path")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let dev = Device::Cpu;
     let (rows, d, h) = (32 * 128, 768, 3072);
     println!("MLP {d}→{h}→{d} (GELU erf), {rows} rows, ms (best of {reps})");
@@ -58,6 +64,9 @@ fn main() -> candle_core::Result<()> {
         "path", "forward", "backward", "AdamW", "step", "frozen W1 f+b"
     );
     for (name, fast) in [("candle", false), ("mpolm", true)] {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
         let x = Tensor::randn(0f32, 1., (rows, d), &dev)?;
         let w1 = Var::from_tensor(&(Tensor::randn(0f32, 1., (h, d), &dev)? * 0.03)?)?;
         let b1 = Var::from_tensor(&Tensor::zeros(h, DType::F32, &dev)?)?;
