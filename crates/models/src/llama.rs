@@ -477,6 +477,23 @@ impl Llama {
         })
     }
 
+    /// Mean cross-entropy of the head's logits for hidden states [n, d] against targets [n].
+    /// A plain dense head (tied or not, no bias) goes through `fused::linear_cross_entropy`,
+    /// which never holds the [n, vocab] logits: a frozen head (LoRA, MPO tuning) then costs
+    /// chunk-sized buffers instead of the logits, their gradient and candle's accumulation
+    /// of it. Other heads (trained, quantized, MPO, adapters) take head + cross-entropy.
+    pub fn head_loss(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        if let Some(d) = head.inner().as_any().downcast_ref::<crate::linear::Dense>() {
+            if d.bias.is_none() {
+                return Ok(crate::fused::linear_cross_entropy(
+                    hidden, &d.weight, targets,
+                )?);
+            }
+        }
+        Ok(crate::fused::cross_entropy(&self.head(hidden)?, targets)?)
+    }
+
     /// Logits for every position [b, t, vocab].
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
         let h = self.forward_hidden(ids, cache, None)?;

@@ -318,3 +318,46 @@ fn attention_and_layer_norm_gradients_match_finite_differences() -> R<()> {
     }
     Ok(())
 }
+
+/// The chunked head + cross-entropy equals head then cross-entropy: loss and h's gradient,
+/// with more rows than one chunk (and a partial last chunk), a scaled upstream gradient, and a
+/// trained W falling back to the unfused path (so W gets its gradient too).
+#[test]
+fn linear_cross_entropy_matches_head_then_cross_entropy() -> R<()> {
+    let (n, d, v) = (300, 24, 517);
+    let h = var(&[n, d], 61, 1.0)?;
+    let w = Tensor::from_vec(rnd(&[v, d], 62, 0.5), (v, d), &Device::Cpu)?;
+    let y = Tensor::from_vec(
+        (0..n as u32)
+            .map(|i| (i * 37 + 5) % v as u32)
+            .collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )?;
+    let fast = fused::linear_cross_entropy(h.as_tensor(), &w, &y)?;
+    let slow = fused::cross_entropy(&h.as_tensor().matmul(&w.t()?)?, &y)?;
+    let (lf, ls) = (fast.to_scalar::<f32>()?, slow.to_scalar::<f32>()?);
+    assert!((lf - ls).abs() <= 1e-5 * ls.abs(), "loss {lf} vs {ls}");
+    let gf = (fast * 3.0)?.backward()?;
+    let gs = (slow * 3.0)?.backward()?;
+    let e = max_rel(
+        gf.get(h.as_tensor()).expect("fast grad"),
+        gs.get(h.as_tensor()).expect("slow grad"),
+    )?;
+    assert!(e < 1e-5, "gradient of h differs by {e:.2e}");
+    // A trained head: same loss, and both inputs get gradients.
+    let wv = Var::from_tensor(&w)?;
+    let lt = fused::linear_cross_entropy(h.as_tensor(), wv.as_tensor(), &y)?;
+    assert!((lt.to_scalar::<f32>()? - ls).abs() <= 1e-5 * ls.abs());
+    let g = lt.backward()?;
+    assert!(g.get(wv.as_tensor()).is_some() && g.get(h.as_tensor()).is_some());
+    // Without a tracked input there is nothing to keep, and the loss is the same.
+    let ld = fused::linear_cross_entropy(&h.as_tensor().detach(), &w, &y)?;
+    assert!((ld.to_scalar::<f32>()? - ls).abs() <= 1e-5 * ls.abs());
+    let bad = Tensor::from_vec(vec![v as u32; n], n, &Device::Cpu)?;
+    let err = fused::linear_cross_entropy(h.as_tensor(), &w, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("out of range"), "{err}");
+    Ok(())
+}

@@ -406,11 +406,10 @@ pub fn batch_loss(m: &Model, b: &Batch) -> Result<Tensor> {
         Arch::Llama(l) => {
             let (bs, t) = b.ids.dims2()?;
             let h = l.forward_hidden(&b.ids.narrow(1, 0, t - 1)?, None, None)?;
-            let logits = l.head(&h)?;
-            let v = logits.dim(2)?;
-            let logits = logits.reshape((bs * (t - 1), v))?;
+            let d = h.dim(2)?;
+            let h = h.contiguous()?.reshape((bs * (t - 1), d))?;
             let target = b.ids.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?;
-            Ok(models::fused::cross_entropy(&logits, &target)?)
+            Ok(l.head_loss(&h, &target)?)
         }
     }
 }
