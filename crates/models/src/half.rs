@@ -10,14 +10,14 @@
 //! of the gemv can differ from a dense layer. The input gradient is provided (LoRA over a model
 //! whose head or embedding is held in f16); the weight itself is frozen.
 
+use crate::frozen::{self, FrozenWeight};
 use crate::kernels::{self, GEMV_MAX_ROWS};
 use crate::linear::LinearLayer;
-use candle_core::{
-    bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{bail, CpuStorage, DType, Device, Result, Storage, Tensor};
 use half::f16;
 use rayon::prelude::*;
 use std::any::Any;
+use std::sync::Arc;
 
 /// f32 elements of one converted weight tile (1 MiB: stays in L2 while the GEMM runs).
 const TILE_ELEMS: usize = 1 << 18;
@@ -108,90 +108,57 @@ fn fill(w: &[f16], k: usize) -> impl Fn(usize, &mut [f32]) -> Result<()> + '_ {
     }
 }
 
-/// y [m, n] = x [m, k] · Wᵀ with W [n, k] in f16.
-fn matmul(w: &[f16], n: usize, k: usize, x: &[f32], m: usize) -> Result<Vec<f32>> {
-    if m <= GEMV_MAX_ROWS {
-        let mut y = vec![0f32; m * n];
-        kernels::gemv_multi(&mut y, x, k, m, w, k, n, k, false);
-        return Ok(y);
-    }
-    kernels::tiled_x_wt(x, (m, k, n), TILE_ELEMS / k.max(1), fill(w, k))
+/// W [n, k] in f16 as a frozen weight: the gemv for few rows, converted tiles for many.
+struct F16Weight {
+    w: Tensor,
+    n: usize,
+    k: usize,
 }
 
-/// gx [m, k] = g [m, n] · W.
-fn matmul_t(w: &[f16], n: usize, k: usize, g: &[f32], m: usize) -> Result<Vec<f32>> {
-    kernels::tiled_g_w(g, (m, k, n), TILE_ELEMS / k.max(1), fill(w, k))
-}
-
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        bail!("f16 linear: input must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("f16 linear: input must be contiguous"),
+impl FrozenWeight for F16Weight {
+    const WHAT: &'static str = "f16 linear";
+    const OP: &'static str = "mpolm-f16-matmul";
+    const OP_T: &'static str = "mpolm-f16-matmul-t";
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
     }
-}
-
-/// x·Wᵀ, with the input gradient g·W. Fields: W [n, k] in f16, n, k.
-struct HalfMatmul(Tensor, usize, usize);
-/// g·W (the backward of [`HalfMatmul`]).
-struct HalfMatmulT(Tensor, usize, usize);
-
-impl CustomOp1 for HalfMatmul {
-    fn name(&self) -> &'static str {
-        "mpolm-f16-matmul"
+    fn x_wt(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let (n, k) = (self.n, self.k);
+        HalfDense::with_data(&self.w, |w| {
+            if m <= GEMV_MAX_ROWS {
+                let mut y = vec![0f32; m * n];
+                kernels::gemv_multi(&mut y, x, k, m, w, k, n, k, false);
+                return Ok(y);
+            }
+            kernels::tiled_x_wt(x, (m, k, n), TILE_ELEMS / k.max(1), fill(w, k))
+        })
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = (self.1, self.2);
-        let x = contiguous_f32(s, l)?;
-        let y = HalfDense::with_data(&self.0, |w| matmul(w, n, k, x, x.len() / k))?;
-        let mut dims = l.dims().to_vec();
-        *dims.last_mut().expect("checked rank") = n;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
-    }
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let op = HalfMatmulT(self.0.clone(), self.1, self.2);
-        Ok(Some(
-            grad.contiguous()?
-                .apply_op1_no_bwd(&op)?
-                .reshape(arg.shape())?,
-        ))
-    }
-}
-
-impl CustomOp1 for HalfMatmulT {
-    fn name(&self) -> &'static str {
-        "mpolm-f16-matmul-t"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = (self.1, self.2);
-        let g = contiguous_f32(s, l)?;
-        let gx = HalfDense::with_data(&self.0, |w| matmul_t(w, n, k, g, g.len() / n))?;
-        let mut dims = l.dims().to_vec();
-        *dims.last_mut().expect("checked rank") = k;
-        Ok((CpuStorage::F32(gx), Shape::from(dims)))
+    fn g_w(&self, g: &[f32], m: usize) -> Result<Vec<f32>> {
+        let (n, k) = (self.n, self.k);
+        HalfDense::with_data(&self.w, |w| {
+            kernels::tiled_g_w(g, (m, k, n), TILE_ELEMS / k.max(1), fill(w, k))
+        })
     }
 }
 
 impl LinearLayer for HalfDense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.dims().last() != Some(&self.in_f) {
-            bail!(
-                "f16 linear: input {:?} does not end in {} features",
-                x.dims(),
-                self.in_f
-            );
-        }
         let y = if x.dtype() == DType::F32 && matches!(x.device(), Device::Cpu) {
-            let x = x.contiguous()?;
-            let op = HalfMatmul(self.w.clone(), self.out_f, self.in_f);
-            if x.track_op() {
-                x.apply_op1(op)?
-            } else {
-                x.apply_op1_no_bwd(&op)?
-            }
+            let w = Arc::new(F16Weight {
+                w: self.w.clone(),
+                n: self.out_f,
+                k: self.in_f,
+            });
+            frozen::matmul(x, &w)?
         } else {
+            if x.dims().last() != Some(&self.in_f) {
+                bail!(
+                    "{}: input {:?} does not end in {} features",
+                    F16Weight::WHAT,
+                    x.dims(),
+                    self.in_f
+                );
+            }
             crate::kernels::generic_linear(x, &self.weight()?.to_dtype(x.dtype())?, None)?
         };
         match &self.bias {

@@ -6,6 +6,7 @@ pub mod bert;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod frozen;
 pub mod fused;
 pub mod generate;
 pub mod gguf;

@@ -10,7 +10,8 @@ use super::gptq::Quantized;
 use super::kernels::QKernel;
 use super::pack;
 use super::{Error, Result};
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{DType, Device, Tensor};
+use models::frozen::{self, FrozenWeight};
 use models::LinearLayer;
 use rayon::prelude::*;
 use std::any::Any;
@@ -232,91 +233,39 @@ impl QuantLinear {
     }
 }
 
-/// y = x·Wᵀ on the kernel layout (int8 for few rows, dequantized tiles for many); the
+/// y = x·Wᵀ on the kernel layout (int8 for few rows, dequantized layer or tiles for many); the
 /// backward gives the input gradient (LoRA over frozen quantized weights).
-struct QMatmul(Arc<QKernel>);
-
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        bail!("quantized matmul: input must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("quantized matmul: input must be contiguous"),
+impl FrozenWeight for QKernel {
+    const WHAT: &'static str = "quantized linear";
+    const OP: &'static str = "mpolm-qmatmul";
+    const OP_T: &'static str = "mpolm-qmatmul-t";
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
     }
-}
-
-impl CustomOp1 for QMatmul {
-    fn name(&self) -> &'static str {
-        "mpolm-qmatmul"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let k = &self.0;
-        let x = contiguous_f32(s, l)?;
-        let m = x.len() / k.k;
-        let mut y = vec![0f32; m * k.n];
+    fn x_wt(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        let mut y = vec![0f32; m * self.n];
         let int8 = match qmode() {
             QMode::Int8 => true,
             QMode::Tiles => false,
             _ => m <= INT8_MAX_ROWS,
         };
         if int8 {
-            k.matmul_int8(x, m, &mut y);
+            self.matmul_int8(x, m, &mut y);
         } else {
-            k.matmul_batch(x, m, &mut y)?;
+            self.matmul_batch(x, m, &mut y)?;
         }
-        let mut dims = l.dims().to_vec();
-        *dims.last_mut().unwrap() = k.n;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Ok(y)
     }
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.contiguous()?;
-        Ok(Some(
-            g.apply_op1_no_bwd(&QMatmulT(self.0.clone()))?
-                .reshape(arg.shape())?,
-        ))
-    }
-}
-
-/// g·W: the input gradient of [`QMatmul`].
-struct QMatmulT(Arc<QKernel>);
-
-impl CustomOp1 for QMatmulT {
-    fn name(&self) -> &'static str {
-        "mpolm-qmatmul-t"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let k = &self.0;
-        let g = contiguous_f32(s, l)?;
-        let m = g.len() / k.n;
-        let mut gx = vec![0f32; m * k.k];
-        k.matmul_t_tiles(g, m, &mut gx)?;
-        let mut dims = l.dims().to_vec();
-        *dims.last_mut().unwrap() = k.k;
-        Ok((CpuStorage::F32(gx), Shape::from(dims)))
+    fn g_w(&self, g: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        let mut gx = vec![0f32; m * self.k];
+        self.matmul_t_tiles(g, m, &mut gx)?;
+        Ok(gx)
     }
 }
 
 impl QuantLinear {
     fn forward_kernel(&self, k: &Arc<QKernel>, x: &Tensor) -> candle_core::Result<Tensor> {
-        if *x.dims().last().unwrap_or(&0) != self.in_f {
-            bail!(
-                "quantized linear: input {:?} does not end in {} features",
-                x.dims(),
-                self.in_f
-            );
-        }
-        let x = x.contiguous()?;
-        let y = if x.track_op() {
-            x.apply_op1(QMatmul(k.clone()))?
-        } else {
-            x.apply_op1_no_bwd(&QMatmul(k.clone()))?
-        };
+        let y = frozen::matmul(x, k)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
