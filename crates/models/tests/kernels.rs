@@ -442,6 +442,17 @@ fn half_linear_matches_the_f32_layer_of_its_weights() -> R<()> {
     let h = HalfDense::new(&w, Some(b.clone()))?;
     assert_eq!(h.storage_bytes(), 2 * n * k + 4 * n);
     assert_eq!(h.weight()?.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+    // A wrong input width is refused in one line naming the layer kind and both sizes.
+    let e = h.forward(&t(&[3, k + 1], 90)?).unwrap_err().to_string();
+    // (candle appends a backtrace when RUST_BACKTRACE is set)
+    let e = e.lines().next().unwrap_or_default();
+    assert_eq!(
+        e,
+        format!(
+            "f16 linear: input [3, {}] does not end in {k} features",
+            k + 1
+        )
+    );
     for m in [1, 5, 15, 40] {
         let x = t(&[m, k], 93 + m as u64)?;
         let r = reference(&x, &w, Some(&b))?;
