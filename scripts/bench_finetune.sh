@@ -9,7 +9,7 @@ limit=${1:-320}; batch=${2:-32}; threads=${3:-2}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mpolm/target}"
 bin=${MPOLM_BIN:-}
 if [ -z "$bin" ]; then cargo build --release -q; bin="$CARGO_TARGET_DIR/release/mpolm"; fi
-data=${MPOLM_DATA:-../shared/data}/glue/SST-2
+data=${MPOLM_DATA:-$(dirname "$0")/../data}/glue/SST-2
 out=$(mktemp -d)
 "$bin" fetch minilm-l6 --report "$out/fetch.json" >/dev/null
 model=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['path'])" "$out/fetch.json")

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 threads=${1:-2}; rounds=${2:-2}; windows=${3:-4}; maxlen=${4:-512}
 out=${OUT:-/tmp/bench_llamacpp}; mkdir -p "$out"
 bin=${MPOLM_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/mpolm/target}/release/mpolm}
-export MPOLM_DATA=${MPOLM_DATA:-/work/shared/data}
+export MPOLM_DATA=${MPOLM_DATA:-$(cd "$(dirname "$0")/../data" && pwd)}
 data=$MPOLM_DATA/wikitext2/test.txt
 export RAYON_NUM_THREADS=$threads
 

@@ -11,7 +11,7 @@ steps=${1:-6}; threads=${2:-2}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mpolm/target}"
 bin=${MPOLM_BIN:-}
 if [ -z "$bin" ]; then cargo build --release -q; bin="$CARGO_TARGET_DIR/release/mpolm"; fi
-data=${MPOLM_DATA:-../shared/data}/wikitext2/valid.txt
+data=${MPOLM_DATA:-$(dirname "$0")/../data}/wikitext2/valid.txt
 out=$(mktemp -d)
 "$bin" export smollm2-135m --dense --out "$out/hf" >/dev/null
 for method in ${METHODS:-lora full mpo-aux}; do

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """mpolm eval vs lm-evaluation-harness (0.4.x) + transformers on CPU: same model, tasks, subset.
 
-  prepare  --data ../shared/data --work DIR [--wikitext-lines N]
+  prepare  --data data --work DIR [--wikitext-lines N]
       DIR/mmlu/<subject>_{test,dev}.jsonl   MMLU CSVs in cais/mmlu's columns, for scripts/lmeval_tasks/*.yaml
       DIR/wikitext2/test.{txt,jsonl}        the first N lines of wikitext2/test.txt (one document)
       DIR/gsm8k/test.jsonl                  GSM8K's test split, for local_gsm8k_cot.yaml
@@ -195,7 +195,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("prepare")
-    q.add_argument("--data", default="../shared/data")
+    q.add_argument("--data", default=os.environ.get("MPOLM_DATA", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data")))
     q.add_argument("--work", required=True)
     q.add_argument("--wikitext-lines", type=int, default=60)
     q = sub.add_parser("lmeval")

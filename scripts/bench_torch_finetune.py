@@ -6,7 +6,7 @@ longest sentence of the batch) as mpolm; AdamW with the same hyper-parameters; d
 on both sides (mpolm's encoder has none), so both do the same arithmetic.
 
     python3 scripts/bench_torch_finetune.py --model ~/.cache/mpolm/models/minilm-l6 \
-        --data ../shared/data/glue/SST-2/train.tsv --method lora --limit 320 --batch 32 --threads 2
+        --data data/glue/SST-2/train.tsv --method lora --limit 320 --batch 32 --threads 2
 
 mpo-aux: every matrix of an `mpolm compress` checkpoint (--mpo DIR) rebuilt from its cores each
 step (scripts/torch_mpo.py), central cores frozen.

@@ -16,7 +16,7 @@ gguf 0.19.0, numpy 2.4.6, safetensors 0.8.0.
 
 Run:
     python3 scripts/bench_torch_generate.py \
-        --gguf-dir /root/.cache/mpolm/pkgs/smollm2-135m \
+        --gguf-dir $MPOLM_CACHE/pkgs/smollm2-135m \
         --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
         --threads 2 --prompt-tokens 128 --new-tokens 64 --json bench_torch.json
 """

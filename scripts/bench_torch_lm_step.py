@@ -10,7 +10,7 @@ blocks of --max-len tokens with the same tokenizer, batch, AdamW and LoRA settin
 q_proj, v_proj, r=8, alpha=16, no dropout), loss = mean next-token cross-entropy. Dropout is 0
 in SmolLM2's config, so both sides do the same arithmetic.
 
-    python3 scripts/bench_torch_lm_step.py --model DIR --data ../shared/data/wikitext2/valid.txt \
+    python3 scripts/bench_torch_lm_step.py --model DIR --data data/wikitext2/valid.txt \
         --method lora --steps 6 --batch 4 --max-len 256 --threads 2
 
 Prints one JSON line: mean and min step time (s) over the steps after the first, peak RSS (MiB).

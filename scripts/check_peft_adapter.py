@@ -4,7 +4,7 @@ reproduces mpolm's logits.
 
 Made with: python 3, torch 2.15.0, transformers 5.24.0, peft 0.21.2. Run from the repository root:
 
-    export CARGO_TARGET_DIR=/root/.cache/mpolm/target
+    export CARGO_TARGET_DIR=$MPOLM_CACHE/target
     MPOLM_LORA_EXPORT=/tmp/lora_export \
         cargo test --release -p mpolm-methods --test lora export_adapters_for_peft_check
     python3 scripts/check_peft_adapter.py /tmp/lora_export

@@ -36,7 +36,7 @@ import re
 import sys
 import time
 
-GGUF = "/root/.cache/mpolm/models/smollm2-135m/model.gguf"
+GGUF = os.path.join(os.environ.get("MPOLM_CACHE", os.path.expanduser("~/.cache/mpolm")), "models", "smollm2-135m", "model.gguf")
 
 MMLU_CATEGORY = {  # lm-eval's grouping, only for the subjects used here
     "abstract_algebra": "stem", "anatomy": "stem", "astronomy": "stem", "high_school_biology": "stem",
@@ -302,7 +302,7 @@ def compare(rust_path, ref_path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", default=GGUF)
-    ap.add_argument("--data-dir", default=os.environ.get("MPOLM_DATA", "../shared/data"))
+    ap.add_argument("--data-dir", default=os.environ.get("MPOLM_DATA", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data")))
     ap.add_argument("--tasks", default="wikitext2,mmlu,gsm8k")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--wt-windows", type=int, default=4)

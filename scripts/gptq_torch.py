@@ -41,7 +41,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
-WIKITEXT2 = "/work/shared/data/wikitext2"
+WIKITEXT2 = os.path.join(os.environ.get("MPOLM_DATA", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data")), "wikitext2")
 
 
 def round_half_away(x):

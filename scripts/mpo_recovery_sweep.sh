@@ -9,7 +9,7 @@ out=$1; steps=${2:-20}; win=${3:-8}; shift 3 || true
 ratios=${*:-"0.9 0.75 0.5"}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mpolm/target}"
 bin="$CARGO_TARGET_DIR/release/mpolm"
-data=${MPOLM_DATA:-../shared/data}/wikitext2
+data=${MPOLM_DATA:-$(dirname "$0")/../data}/wikitext2
 mkdir -p "$out"
 ev() { "$bin" eval "$1" --task wikitext2 --limit "$win" --max-length 512 --report "$2" >/dev/null 2>&1; }
 [ -f "$out/dense.json" ] || ev smollm2-135m "$out/dense.json"

@@ -12,7 +12,7 @@ out=$1; limit=${2:-8192}; epochs=${3:-1}; shift 3 || true
 seeds=${*:-"1 2 3"}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mpolm/target}"
 bin="${MPOLM_BIN:-$CARGO_TARGET_DIR/release/mpolm}"
-data=${MPOLM_DATA:-../shared/data}/glue/SST-2
+data=${MPOLM_DATA:-$(dirname "$0")/../data}/glue/SST-2
 mkdir -p "$out"
 [ -d "$out/mpo-full" ] || "$bin" compress minilm-l6 --matrices encoder,pooler --out "$out/mpo-full" >/dev/null
 common=(--task sst2 --data "$data" --limit "$limit" --epochs "$epochs" --batch "${BATCH:-32}" --max-len 64 --warmup-ratio 0.06)

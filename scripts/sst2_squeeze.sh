@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 out=$1; limit=${2:-1024}; target=${3:-0.6}; seed=${4:-1}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mpolm/target}"
 bin="${MPOLM_BIN:-$CARGO_TARGET_DIR/release/mpolm}"
-data=${MPOLM_DATA:-../shared/data}/glue/SST-2
+data=${MPOLM_DATA:-$(dirname "$0")/../data}/glue/SST-2
 b=${BATCH:-16}
 mats=(--matrices "${MATRICES:-encoder,pooler}")
 [ "${MATRICES:-}" = all ] && mats=()
