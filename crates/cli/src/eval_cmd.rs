@@ -30,8 +30,8 @@ pub struct EvalArgs {
     /// Seed for sampled few-shot examples (sst2, .jsonl tasks).
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
-    /// Folder holding wikitext2/, mmlu/, gsm8k/, ifeval/, glue/ (default ../shared/data,
-    /// else $MPOLM_DATA).
+    /// Data folder laid out as the project's data/ (wikitext2/, mmlu/, gsm8k/, ifeval/, glue/);
+    /// default $MPOLM_DATA when set, else the project's own data/ (`mpolm data` shows which).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Longest model input in tokens (default: the model's context; 2048 for wikitext2 windows).
@@ -46,6 +46,11 @@ pub struct EvalArgs {
     /// Keep per-document prompts, outputs and scores in the report under "samples".
     #[arg(long)]
     pub log_samples: bool,
+    /// Neither reuse nor record request results (by default every result is kept under
+    /// $MPOLM_CACHE/eval, keyed by the model's bytes, this build and the batch settings, so an
+    /// interrupted run resumes where it stopped).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
@@ -60,23 +65,34 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
         anyhow::ensure!(m >= 2, "--max-length must be at least 2");
     }
     let specs = eval::parse_tasks(&a.task)?;
-    let data_dir = eval::data::resolve_data_dir(a.data_dir.as_deref());
+    let (data_dir, data_origin) = eval::data::resolve(a.data_dir.as_deref());
     if specs.iter().any(|s| !matches!(s, TaskSpec::Jsonl(_))) {
         eval::data::require(&data_dir)?;
     }
     let m = crate::load(&a.model)?;
+    let batch_size = a.batch.unwrap_or(1);
+    let gen_batch_size = a.batch.unwrap_or(8);
+    let cache = match a.no_cache {
+        true => None,
+        false => Some(std::sync::Arc::new(open_cache(
+            &a.model,
+            batch_size,
+            gen_batch_size,
+        )?)),
+    };
     let opts = EvalOptions {
         data_dir: data_dir.clone(),
         shots: a.shots,
         limit: a.limit,
-        batch_size: a.batch.unwrap_or(1),
-        gen_batch_size: a.batch.unwrap_or(8),
+        batch_size,
+        gen_batch_size,
         seed: a.seed,
         max_length: a.max_length,
         stride: a.stride,
         max_gen_tokens: a.max_gen_tokens,
         log_samples: a.log_samples,
         progress: true,
+        cache: cache.clone(),
     };
     let mut outputs = Vec::new();
     let mut task_secs = serde_json::Map::new();
@@ -100,6 +116,18 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
         crate::bench::peak_rss_mib()
     );
 
+    let cache_json = match &cache {
+        Some(c) => {
+            println!(
+                "[request cache: {} results reused, {} computed; {}]",
+                c.hits(),
+                c.written(),
+                c.path().display()
+            );
+            json!({"path": c.path(), "reused": c.hits(), "computed": c.written()})
+        }
+        None => serde_json::Value::Null,
+    };
     let res = eval::results_json(&outputs);
     rep.set("command", json!("eval"));
     if let serde_json::Value::Object(map) = res {
@@ -121,6 +149,8 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
             "stride": a.stride,
             "max_gen_tokens": a.max_gen_tokens,
             "data_dir": data_dir,
+            "data_dir_origin": data_origin.name(),
+            "request_cache": cache_json,
             "device": "cpu",
             "dtype": "f32",
             "threads": std::env::var("RAYON_NUM_THREADS").ok(),
@@ -151,6 +181,68 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// The request cache for this model and these settings: the fingerprint covers the bytes of
+/// the program and of every file the model is loaded from, the GGUF weight mode, the thread
+/// count and the batch sizes — everything that can change a computed number.
+fn open_cache(model: &str, batch: usize, gen_batch: usize) -> Result<eval::cache::RequestCache> {
+    let exe = std::env::current_exe()?;
+    let parts = [
+        ("program", eval::cache::hash_file(&exe)?),
+        ("model", model_hash(model, 0)?),
+        ("gguf_weights", crate::gguf_weights().name().to_string()),
+        ("threads", rayon::current_num_threads().to_string()),
+        ("batch", batch.to_string()),
+        ("generation_batch", gen_batch.to_string()),
+    ];
+    let fp = eval::cache::fingerprint(&parts);
+    let about = json!({"model": model, "parts": parts.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>()});
+    let dir = models::hub::cache_dir().join("eval");
+    Ok(eval::cache::RequestCache::open(&dir, &fp, &about)?)
+}
+
+/// sha256 over the files a MODEL argument loads: the file, or every regular file of the
+/// directory (two levels deep), plus an adapter's base model.
+fn model_hash(model: &str, depth: usize) -> Result<String> {
+    anyhow::ensure!(
+        depth < 8,
+        "{model}: adapters name each other as base models more than 8 deep"
+    );
+    let p = std::path::Path::new(model);
+    let src = match p.exists() {
+        true => p.to_path_buf(),
+        false => models::hub::resolve(model, false)?.path,
+    };
+    let mut files = vec![];
+    if src.is_dir() {
+        for e in std::fs::read_dir(&src)?.flatten() {
+            let q = e.path();
+            if q.is_dir() {
+                files.extend(std::fs::read_dir(&q)?.flatten().map(|e| e.path()));
+            } else {
+                files.push(q);
+            }
+        }
+    } else {
+        files.push(src.clone());
+    }
+    files.retain(|f| f.is_file());
+    files.sort();
+    let mut parts = vec![];
+    for f in &files {
+        let name = f.strip_prefix(&src).unwrap_or(f).display().to_string();
+        parts.push((name, eval::cache::hash_file(f)?));
+    }
+    let adapter = src.join("adapter_config.json");
+    if adapter.is_file() {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&adapter)?)?;
+        if let Some(base) = v["base_model_name_or_path"].as_str() {
+            parts.push(("base".into(), model_hash(base, depth + 1)?));
+        }
+    }
+    let parts: Vec<(&str, String)> = parts.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    Ok(eval::cache::fingerprint(&parts))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +260,7 @@ mod tests {
             stride: None,
             max_gen_tokens: Some(3),
             log_samples: false,
+            no_cache: true,
         }
     }
 

@@ -3,6 +3,7 @@
 //! with `--report`. Exit codes: 0 success, 2 error (printed as one line).
 
 mod bench;
+mod data_cmd;
 mod eval_cmd;
 mod finetune_cmd;
 mod quant_cmd;
@@ -154,6 +155,9 @@ enum Cmd {
     Bench(BenchCmd),
     /// Evaluate a model on benchmark tasks (wikitext2, mmlu, gsm8k, ifeval, sst2, .jsonl files).
     Eval(eval_cmd::EvalArgs),
+    /// The data folder in effect (--data-dir, else $MPOLM_DATA, else the project's data/) and
+    /// the datasets it holds; --verify checks every file against SHA256SUMS.
+    Data(data_cmd::DataArgs),
     /// Quantize a causal model with RTN or GPTQ into an AutoGPTQ-layout checkpoint (issue #6).
     Quantize(quant_cmd::QuantizeArgs),
     /// Fine-tune (full, LoRA, MPO auxiliary/central/all) on sentence classification or text.
@@ -333,6 +337,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Eval(args) => eval_cmd::run(args, &mut rep)?,
+        Cmd::Data(args) => data_cmd::run(args, &mut rep)?,
         Cmd::Quantize(args) => quant_cmd::run(args, &mut rep)?,
         Cmd::Finetune(args) => finetune_cmd::run(args, &mut rep)?,
         Cmd::Compress {

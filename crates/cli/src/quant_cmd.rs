@@ -8,8 +8,6 @@ use methods::quant::{self, calib::Method, KeepFp16, QuantOptions, QuantizeConfig
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
-const WIKITEXT2: &str = "/work/shared/data/wikitext2";
-
 #[derive(clap::Args)]
 pub struct QuantizeArgs {
     /// Model alias, HF directory, .gguf file, or (with --method none) a quantized checkpoint.
@@ -120,11 +118,13 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
         "--outlier-threshold must be positive, got {}",
         a.outlier_threshold
     );
-    // Check data files before the (slow) work.
+    // Check data files before the (slow) work. Defaults come from the data folder in effect
+    // ($MPOLM_DATA, else the project's data/), as for `eval`.
+    let wikitext2 = eval::data::resolve_data_dir(None).join("wikitext2");
     let calib_path = a
         .calib
         .clone()
-        .unwrap_or_else(|| Path::new(WIKITEXT2).join("valid.txt"));
+        .unwrap_or_else(|| wikitext2.join("valid.txt"));
     let calib_text = if method == Some(Method::Gptq) || a.int8_activations {
         Some(quant::read_text(&calib_path, "calibration")?)
     } else {
@@ -133,7 +133,7 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
     let ppl_path = a
         .ppl_data
         .clone()
-        .unwrap_or_else(|| Path::new(WIKITEXT2).join("test.txt"));
+        .unwrap_or_else(|| wikitext2.join("test.txt"));
     let ppl_text = if a.ppl_windows > 0 {
         Some(quant::read_text(&ppl_path, "evaluation")?)
     } else {

@@ -532,3 +532,107 @@ fn gguf_weights_quantized_keeps_blocks_and_bad_value_errors() {
         "invalid value 'int4'",
     );
 }
+
+fn mpolm_env(args: &[&str], env: &[(&str, Option<&std::path::Path>)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mpolm"));
+    c.args(args);
+    for (k, v) in env {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn data_command_reports_the_folder_in_effect_and_verifies_checksums() {
+    let d = tempfile::tempdir().unwrap();
+    let rep = d.path().join("data.json");
+    let r = rep.to_str().unwrap();
+    // Neither flag nor variable: the project's own data, complete and intact.
+    let o = mpolm_env(
+        &["data", "--verify", "--report", r],
+        &[("MPOLM_DATA", None)],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = read_json(&rep);
+    assert_eq!(v["origin"], "project");
+    assert!(v["checksums_listed"].as_u64().unwrap() > 170);
+    assert_eq!(v["verify"]["differ"].as_array().unwrap().len(), 0);
+    for s in v["datasets"].as_array().unwrap() {
+        assert_eq!(s["present_files"], s["expected_files"], "{s}");
+    }
+
+    // The variable wins over the project's folder, and the flag over both.
+    let mine = d.path().join("mine");
+    std::fs::create_dir_all(mine.join("ifeval")).unwrap();
+    let body = "{\"key\": 1}\n";
+    std::fs::write(mine.join("ifeval/input_data.jsonl"), body).unwrap();
+    let o = mpolm_env(&["data", "--report", r], &[("MPOLM_DATA", Some(&mine))]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_json(&rep)["origin"], "env");
+    let o = mpolm_env(
+        &["data", "--data-dir", mine.to_str().unwrap(), "--report", r],
+        &[("MPOLM_DATA", Some(d.path()))],
+    );
+    assert!(o.status.success());
+    let v = read_json(&rep);
+    assert_eq!(v["origin"], "flag");
+    assert_eq!(v["data_dir"], mine.to_str().unwrap());
+
+    // A changed file fails --verify in one line naming it; no checksums = nothing to verify.
+    let o = mpolm(&["data", "--data-dir", mine.to_str().unwrap(), "--verify"]);
+    assert_clean_error(&o, "no SHA256SUMS");
+    std::fs::write(
+        mine.join("SHA256SUMS"),
+        format!("{}  ifeval/input_data.jsonl\n", "0".repeat(64)),
+    )
+    .unwrap();
+    let o = mpolm(&["data", "--data-dir", mine.to_str().unwrap(), "--verify"]);
+    assert_clean_error(&o, "ifeval/input_data.jsonl");
+    let o = mpolm(&["data", "--data-dir", "/nonexistent/mpolm-data"]);
+    assert_clean_error(&o, "/nonexistent/mpolm-data: not found");
+}
+
+#[test]
+fn eval_rerun_reuses_every_cached_request_and_no_cache_bypasses() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    models::testing::write_tiny_llama(&m, false).unwrap();
+    let data =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/eval/data");
+    let cache = d.path().join("cache");
+    let run = |extra: &[&str], rep: &str| {
+        let mut args = vec![
+            "eval",
+            m.to_str().unwrap(),
+            "--task",
+            "mmlu_anatomy,wikitext2,gsm8k",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--max-gen-tokens",
+            "4",
+            "--report",
+            rep,
+        ];
+        args.extend_from_slice(extra);
+        let o = mpolm_env(&args, &[("MPOLM_CACHE", Some(&cache))]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        read_json(rep)
+    };
+    let r1 = d.path().join("1.json");
+    let r2 = d.path().join("2.json");
+    let r3 = d.path().join("3.json");
+    let a = run(&[], r1.to_str().unwrap());
+    let b = run(&[], r2.to_str().unwrap());
+    let c = run(&["--no-cache"], r3.to_str().unwrap());
+    let computed = a["config"]["request_cache"]["computed"].as_u64().unwrap();
+    assert!(computed > 0);
+    assert_eq!(b["config"]["request_cache"]["computed"], 0);
+    assert_eq!(b["config"]["request_cache"]["reused"], computed);
+    assert!(c["config"]["request_cache"].is_null());
+    for r in [&b, &c] {
+        assert_eq!(r["results"], a["results"]);
+    }
+}

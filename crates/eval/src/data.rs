@@ -1,27 +1,141 @@
-//! Finding and reading the benchmark data: the data folder (`--data-dir`, else `../shared/data`,
-//! else `$MPOLM_DATA`), a small RFC 4180 CSV reader (MMLU), TSV (GLUE) and JSONL with line numbers.
+//! Finding and reading the benchmark data: the data folder (`--data-dir`, else `$MPOLM_DATA`,
+//! else the project's own `data/`), the datasets it should hold, a small RFC 4180 CSV reader
+//! (MMLU), TSV (GLUE) and JSONL with line numbers.
 
 use crate::{Error, Result};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-pub const DEFAULT_DATA_DIR: &str = "../shared/data";
 pub const DATA_ENV: &str = "MPOLM_DATA";
 
-/// The data folder: the flag when given, else `../shared/data` (relative to the current
-/// directory) when it exists, else `$MPOLM_DATA` when set, else `../shared/data` (whose absence
-/// is then reported by the task that needs it).
-pub fn resolve_data_dir(flag: Option<&Path>) -> PathBuf {
+/// The project's own `data/` folder. Located at build time because a binary built from a
+/// checkout must find the data it ships with from any working directory; a binary copied away
+/// from its checkout uses `--data-dir` or `$MPOLM_DATA` instead.
+pub fn project_data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data")
+}
+
+/// Where the data folder in effect came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataOrigin {
+    /// The caller named it (the CLI's `--data-dir`).
+    Flag,
+    /// `$MPOLM_DATA`.
+    Env,
+    /// The project's own `data/` folder.
+    Project,
+}
+
+impl DataOrigin {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataOrigin::Flag => "flag",
+            DataOrigin::Env => "env",
+            DataOrigin::Project => "project",
+        }
+    }
+}
+
+/// The resolution order as a pure function of its inputs: an explicit folder, else a non-empty
+/// environment value, else the project's folder.
+pub fn resolve_from(
+    flag: Option<&Path>,
+    env: Option<OsString>,
+    project: PathBuf,
+) -> (PathBuf, DataOrigin) {
     if let Some(p) = flag {
-        return p.to_path_buf();
+        return (p.to_path_buf(), DataOrigin::Flag);
     }
-    let def = PathBuf::from(DEFAULT_DATA_DIR);
-    if def.exists() {
-        return def;
+    match env {
+        Some(v) if !v.is_empty() => (PathBuf::from(v), DataOrigin::Env),
+        _ => (project, DataOrigin::Project),
     }
-    match std::env::var_os(DATA_ENV) {
-        Some(v) if !v.is_empty() => PathBuf::from(v),
-        _ => def,
+}
+
+/// The data folder in effect and where it came from (see [`resolve_from`]).
+pub fn resolve(flag: Option<&Path>) -> (PathBuf, DataOrigin) {
+    resolve_from(flag, std::env::var_os(DATA_ENV), project_data_dir())
+}
+
+/// The data folder in effect (see [`resolve`]).
+pub fn resolve_data_dir(flag: Option<&Path>) -> PathBuf {
+    resolve(flag).0
+}
+
+/// A dataset the project carries: its folder under the data dir, the files commands read and
+/// what reads them.
+pub struct Dataset {
+    pub name: &'static str,
+    pub folder: &'static str,
+    pub files: &'static [&'static str],
+    pub used_by: &'static str,
+}
+
+/// The datasets commands read by default (MMLU lists one subject per split here; the task
+/// checks all 57 when it runs).
+pub const DATASETS: &[Dataset] = &[
+    Dataset {
+        name: "wikitext2",
+        folder: "wikitext2",
+        files: &["test.txt", "valid.txt"],
+        used_by: "eval --task wikitext2; GPTQ calibration and quantize perplexity",
+    },
+    Dataset {
+        name: "mmlu",
+        folder: "mmlu",
+        files: &[
+            "dev/abstract_algebra_dev.csv",
+            "val/abstract_algebra_val.csv",
+            "test/abstract_algebra_test.csv",
+        ],
+        used_by: "eval --task mmlu, mmlu_<subject>, mmlu_<category>",
+    },
+    Dataset {
+        name: "gsm8k",
+        folder: "gsm8k",
+        files: &["test.jsonl", "train.jsonl"],
+        used_by: "eval --task gsm8k",
+    },
+    Dataset {
+        name: "ifeval",
+        folder: "ifeval",
+        files: &["input_data.jsonl"],
+        used_by: "eval --task ifeval",
+    },
+    Dataset {
+        name: "sst2",
+        folder: "glue/SST-2",
+        files: &["train.tsv", "dev.tsv", "test.tsv"],
+        used_by: "eval --task sst2; finetune --task sst2",
+    },
+    Dataset {
+        name: "tinyshakespeare",
+        folder: "tinyshakespeare",
+        files: &["input.txt"],
+        used_by: "finetune --task lm examples",
+    },
+];
+
+/// Checksums listed in `SHA256SUMS` (sha256sum's format: `<hex>  <path relative to the data
+/// dir>`); empty when the file is absent, as in a user's own data folder.
+pub fn read_checksums(dir: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    let p = dir.join("SHA256SUMS");
+    let mut out = std::collections::BTreeMap::new();
+    if !p.is_file() {
+        return Ok(out);
     }
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    for (i, l) in text.lines().enumerate() {
+        if l.trim().is_empty() {
+            continue;
+        }
+        let (h, f) = l
+            .split_once("  ")
+            .filter(|(h, _)| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| Error::parse(&p, i + 1, "expected '<sha256 hex>  <path>'"))?;
+        out.insert(f.to_string(), h.to_ascii_lowercase());
+    }
+    Ok(out)
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -42,7 +156,7 @@ pub fn require(path: &Path) -> Result<PathBuf> {
         Err(Error::MissingData {
             path: absolute(path),
             hint: format!(
-                "pass --data-dir DIR or set {DATA_ENV} to the folder that holds wikitext2/, mmlu/, gsm8k/, ifeval/, glue/"
+                "pass --data-dir DIR or set {DATA_ENV} to a folder laid out as the project's data/ (wikitext2/, mmlu/, gsm8k/, ifeval/, glue/)"
             ),
         })
     }

@@ -12,6 +12,7 @@
 //! [`lm::Lm`] is the model side: batched, prefix-sharing log-likelihood and KV-cached greedy
 //! generation. Tasks only build requests and aggregate.
 
+pub mod cache;
 pub mod data;
 pub mod error;
 pub mod ifeval;
@@ -50,12 +51,14 @@ pub struct EvalOptions {
     /// Keep per-document prompts, outputs and scores in the report.
     pub log_samples: bool,
     pub progress: bool,
+    /// Reuse and record request results (see [`cache::RequestCache`]); None = compute all.
+    pub cache: Option<std::sync::Arc<cache::RequestCache>>,
 }
 
 impl Default for EvalOptions {
     fn default() -> Self {
         EvalOptions {
-            data_dir: PathBuf::from(data::DEFAULT_DATA_DIR),
+            data_dir: data::project_data_dir(),
             shots: None,
             limit: None,
             batch_size: 1,
@@ -66,6 +69,7 @@ impl Default for EvalOptions {
             max_gen_tokens: None,
             log_samples: false,
             progress: false,
+            cache: None,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! cloned for every row that starts with it), lm-eval's request encoding and rolling windows,
 //! and KV-cached greedy generation with text stop sequences.
 
+use crate::cache::{gen_key, score_key, Key, RequestCache};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
@@ -27,6 +28,8 @@ pub struct Lm<'a> {
     /// Longest sequence fed to the model; longer inputs are left-truncated (as lm-eval).
     pub max_length: usize,
     pub progress: bool,
+    /// Results of earlier runs of the same requests on the same model and settings.
+    pub cache: Option<&'a RequestCache>,
 }
 
 /// Token ids to score: the last `targets.len()` positions of `input` predict `targets`
@@ -156,6 +159,7 @@ impl<'a> Lm<'a> {
             gen_batch: batch.max(1),
             max_length: max_length.clamp(2, model.cfg.max_position_embeddings),
             progress,
+            cache: None,
         }
     }
 
@@ -355,6 +359,29 @@ impl<'a> Lm<'a> {
             g.sort_by_key(|&u| std::cmp::Reverse(units[u].input.len()));
             let mut caches: HashMap<usize, Cache> = HashMap::new();
             for chunk in g.chunks(self.batch) {
+                let n_rows: u64 = chunk.iter().map(|&u| units[u].reqs.len() as u64).sum();
+                // A chunk is the unit of caching: it is reused only whole and recomputed whole,
+                // so every score is the one an uninterrupted run computes in the same batch.
+                let keys: Vec<(usize, Key)> = match self.cache {
+                    Some(_) => chunk
+                        .iter()
+                        .flat_map(|&u| units[u].reqs.iter())
+                        .map(|&(ri, _)| (ri, score_key(&rows[ri].input, &rows[ri].targets)))
+                        .collect(),
+                    None => vec![],
+                };
+                if let Some(c) = self.cache {
+                    let ks: Vec<Key> = keys.iter().map(|(_, k)| *k).collect();
+                    if let Some(scores) = c.scores(&ks) {
+                        for ((ri, _), s) in keys.iter().zip(scores) {
+                            out[*ri] = s;
+                        }
+                        if let Some(pb) = &pb {
+                            pb.inc(n_rows);
+                        }
+                        continue;
+                    }
+                }
                 let cache = if p > 0 {
                     let b = chunk.len();
                     let c = match caches.entry(b) {
@@ -368,8 +395,13 @@ impl<'a> Lm<'a> {
                     None
                 };
                 self.score_chunk(rows, &units, chunk, p, cache, &mut out)?;
+                if let Some(c) = self.cache {
+                    let items: Vec<(Key, Score)> =
+                        keys.iter().map(|&(ri, k)| (k, out[ri])).collect();
+                    c.put_scores(&items)?;
+                }
                 if let Some(pb) = &pb {
-                    pb.inc(chunk.iter().map(|&u| units[u].reqs.len() as u64).sum());
+                    pb.inc(n_rows);
                 }
             }
         }
@@ -485,7 +517,26 @@ impl<'a> Lm<'a> {
             }
             ctxs.push(c);
         }
-        let mut order: Vec<usize> = (0..reqs.len()).collect();
+        // Each output is the one its request gets alone, so cached requests simply leave the
+        // queue.
+        let mut outs: Vec<Option<GenOutput>> = vec![None; reqs.len()];
+        let keys: Vec<Key> = match self.cache {
+            Some(_) => reqs
+                .iter()
+                .zip(&ctxs)
+                .map(|(r, c)| gen_key(c, &r.until, r.max_new_tokens))
+                .collect(),
+            None => vec![],
+        };
+        if let Some(c) = self.cache {
+            for (i, k) in keys.iter().enumerate() {
+                if let Some(o) = c.generation(k) {
+                    on_done(i, &o);
+                    outs[i] = Some(o);
+                }
+            }
+        }
+        let mut order: Vec<usize> = (0..reqs.len()).filter(|&i| outs[i].is_none()).collect();
         order.sort_by(|&a, &b| ctxs[a].cmp(&ctxs[b]));
         let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
         for &i in &order {
@@ -504,7 +555,10 @@ impl<'a> Lm<'a> {
         // their first request.
         groups.sort_by_key(|(_, g)| *g.iter().min().unwrap_or(&0));
         let pb = progress_bar(reqs.len() as u64, label, self.progress);
-        let mut outs: Vec<Option<GenOutput>> = vec![None; reqs.len()];
+        if let Some(pb) = &pb {
+            pb.inc(outs.iter().filter(|o| o.is_some()).count() as u64);
+        }
+        let mut write_err: Option<Error> = None;
         for (p, mut g) in groups {
             g.sort();
             let p = if g.len() >= 2 && p >= MIN_SHARED_PREFIX {
@@ -522,6 +576,9 @@ impl<'a> Lm<'a> {
             };
             let mut done = |i: usize, o: GenOutput| {
                 on_done(i, &o);
+                if let (Some(c), None) = (self.cache, &write_err) {
+                    write_err = c.put_generation(keys[i], &o).err();
+                }
                 outs[i] = Some(o);
                 if let Some(pb) = &pb {
                     pb.inc(1);
@@ -540,6 +597,9 @@ impl<'a> Lm<'a> {
                         self.greedy(&ctxs[i][p..], cache, &r.until, r.max_new_tokens)?,
                     );
                 }
+            }
+            if let Some(e) = write_err.take() {
+                return Err(e);
             }
         }
         if let Some(pb) = pb {

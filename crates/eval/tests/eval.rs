@@ -412,11 +412,72 @@ fn missing_data_gives_one_line_error_naming_the_path() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("mmlu/test/virology_test.csv: not found"), "{e}");
-    // The resolution order: flag, then ../shared/data when present, else $MPOLM_DATA.
+}
+
+#[test]
+fn data_dir_resolution_order_flag_then_env_then_project() {
+    use eval::data::{resolve_from, DataOrigin};
+    let proj = PathBuf::from("proj/data");
+    let env = Some(std::ffi::OsString::from("env/data"));
     assert_eq!(
-        eval::data::resolve_data_dir(Some(Path::new("/x"))),
-        PathBuf::from("/x")
+        resolve_from(Some(Path::new("flag/data")), env.clone(), proj.clone()),
+        (PathBuf::from("flag/data"), DataOrigin::Flag)
     );
+    assert_eq!(
+        resolve_from(None, env, proj.clone()),
+        (PathBuf::from("env/data"), DataOrigin::Env)
+    );
+    // An empty variable counts as unset (as a shell's `MPOLM_DATA= cmd` means).
+    assert_eq!(
+        resolve_from(None, Some("".into()), proj.clone()),
+        (proj.clone(), DataOrigin::Project)
+    );
+    assert_eq!(
+        resolve_from(None, None, proj.clone()),
+        (proj, DataOrigin::Project)
+    );
+}
+
+#[test]
+fn project_data_holds_every_default_dataset_with_its_checksums() {
+    // What commands read by default must be in the repository itself, not beside it.
+    let dir = eval::data::project_data_dir();
+    let sums = eval::data::read_checksums(&dir).unwrap();
+    for d in eval::data::DATASETS {
+        // The source note sits in the dataset's folder or the collection's (glue/).
+        let top = d.folder.split('/').next().unwrap();
+        assert!(
+            dir.join(d.folder).join("SOURCE.md").is_file()
+                || dir.join(top).join("SOURCE.md").is_file(),
+            "{}: no SOURCE.md",
+            d.folder
+        );
+        for f in d.files {
+            let rel = format!("{}/{f}", d.folder);
+            assert!(dir.join(&rel).is_file(), "{rel} missing from data/");
+            assert!(sums.contains_key(&rel), "{rel} not in data/SHA256SUMS");
+        }
+    }
+    // MMLU: all 57 subjects in each split.
+    for split in ["dev", "val", "test"] {
+        let n = std::fs::read_dir(dir.join("mmlu").join(split))
+            .unwrap()
+            .count();
+        assert_eq!(n, 57, "mmlu/{split}");
+    }
+    // Spot-check contents against the recorded checksums (the small files; `mpolm data --verify`
+    // checks all).
+    for rel in [
+        "ifeval/input_data.jsonl",
+        "glue/SST-2/dev.tsv",
+        "gsm8k/test.jsonl",
+    ] {
+        assert_eq!(
+            eval::cache::hash_file(&dir.join(rel)).unwrap(),
+            sums[rel],
+            "{rel}"
+        );
+    }
 }
 
 #[test]
@@ -455,4 +516,80 @@ fn jsonl_errors_name_file_and_line() {
     );
     assert_eq!(jsonl::extract("nothing", Some(&re)), None);
     assert_eq!(jsonl::extract("  hi \n", None).as_deref(), Some("hi"));
+}
+
+/// A run interrupted part-way (the cache stops accepting results, as a killed process would)
+/// and then run again gives the report and samples of an uninterrupted run, reusing what the
+/// first run recorded.
+#[test]
+fn interrupted_eval_resumes_from_the_request_cache_with_identical_results() {
+    use eval::cache::RequestCache;
+    use std::sync::Arc;
+    let (_d, m) = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = [
+        TaskSpec::Mmlu {
+            subjects: vec!["anatomy"],
+        },
+        TaskSpec::Wikitext2,
+        TaskSpec::Gsm8k,
+        TaskSpec::Sst2,
+    ];
+    let base = EvalOptions {
+        shots: Some(1),
+        limit: Some(6),
+        batch_size: 2,
+        gen_batch_size: 3,
+        max_gen_tokens: Some(6),
+        max_length: Some(48),
+        log_samples: true,
+        ..opts()
+    };
+    let run_all = |o: &EvalOptions| -> Result<serde_json::Value, String> {
+        let mut outs = vec![];
+        for t in &tasks {
+            outs.push(tasks::run_task(&m, t, o).map_err(|e| e.to_string())?);
+        }
+        let mut v = eval::results_json(&outs);
+        // Wall-clock fields differ between any two runs.
+        for o in v["configs"].as_object_mut().unwrap().values_mut() {
+            if let Some(c) = o.as_object_mut() {
+                c.remove("seconds");
+            }
+        }
+        Ok(v)
+    };
+    let plain = run_all(&base).unwrap();
+
+    let file = dir.path().join("requests.jsonl");
+    let first = Arc::new(RequestCache::open_file(&file).unwrap().stop_after(5));
+    let e = run_all(&EvalOptions {
+        cache: Some(first.clone()),
+        ..base.clone()
+    })
+    .unwrap_err();
+    assert!(e.contains("interrupted"), "{e}");
+    let recorded = first.written();
+    assert!(recorded >= 5, "{recorded}");
+
+    let second = Arc::new(RequestCache::open_file(&file).unwrap());
+    assert_eq!(second.len(), recorded);
+    let resumed = run_all(&EvalOptions {
+        cache: Some(second.clone()),
+        ..base.clone()
+    })
+    .unwrap();
+    assert_eq!(resumed, plain);
+    assert!(second.hits() >= recorded, "{} < {recorded}", second.hits());
+    assert!(second.written() > 0);
+
+    // A third run computes nothing.
+    let third = Arc::new(RequestCache::open_file(&file).unwrap());
+    let again = run_all(&EvalOptions {
+        cache: Some(third.clone()),
+        ..base
+    })
+    .unwrap();
+    assert_eq!(again, plain);
+    assert_eq!(third.written(), 0);
 }

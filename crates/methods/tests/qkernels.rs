@@ -385,10 +385,9 @@ fn smollm2_perplexity_new_kernels_vs_dequantize_path() {
     quant::quantize_model(&mut m, &o, None, false).unwrap();
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/data/wikitext2/test.txt"
+        "/../../data/wikitext2/test.txt"
     ))
-    .or_else(|_| std::fs::read_to_string("/work/shared/data/wikitext2/test.txt"))
-    .expect("WikiText-2 test split");
+    .expect("WikiText-2 test split in the project's data/");
     let (windows, window) = (2, 96);
     let n_kernel = m
         .linears()

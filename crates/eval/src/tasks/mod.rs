@@ -106,7 +106,7 @@ pub fn parse_tasks(list: &str) -> Result<Vec<TaskSpec>> {
 pub(crate) fn causal<'a>(
     model: &'a Model,
     task: &str,
-    opts: &EvalOptions,
+    opts: &'a EvalOptions,
     default_max: Option<usize>,
 ) -> Result<Lm<'a>> {
     let llama = match &model.arch {
@@ -139,6 +139,7 @@ pub(crate) fn causal<'a>(
         opts.progress,
     );
     lm.gen_batch = opts.gen_batch_size.max(1);
+    lm.cache = opts.cache.as_deref();
     Ok(lm)
 }
 
