@@ -40,6 +40,11 @@ pub struct EvalArgs {
     /// wikitext2 window stride in tokens (default: max length, lm-eval's disjoint windows).
     #[arg(long)]
     pub stride: Option<usize>,
+    /// wikitext2 protocol: `rolling` (lm-eval's loglikelihood_rolling: every token predicted once,
+    /// the default) or `disjoint` (complete windows of --max-length tokens scored alone, each
+    /// window's first token not predicted: the HF / GPTQ-paper number, token perplexity only).
+    #[arg(long, default_value = "rolling", value_parser = ["rolling", "disjoint"])]
+    pub ppl_protocol: String,
     /// Generation budget (default: gsm8k 256, ifeval 1280, .jsonl 256).
     #[arg(long)]
     pub max_gen_tokens: Option<usize>,
@@ -89,6 +94,10 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
         seed: a.seed,
         max_length: a.max_length,
         stride: a.stride,
+        ppl_protocol: match a.ppl_protocol.as_str() {
+            "disjoint" => eval::PplProtocol::Disjoint,
+            _ => eval::PplProtocol::Rolling,
+        },
         max_gen_tokens: a.max_gen_tokens,
         log_samples: a.log_samples,
         progress: true,
@@ -147,6 +156,7 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
             "seed": a.seed,
             "max_length": a.max_length,
             "stride": a.stride,
+            "ppl_protocol": a.ppl_protocol,
             "max_gen_tokens": a.max_gen_tokens,
             "data_dir": data_dir,
             "data_dir_origin": data_origin.name(),
@@ -258,6 +268,7 @@ mod tests {
             data_dir: Some(data),
             max_length: None,
             stride: None,
+            ppl_protocol: "rolling".into(),
             max_gen_tokens: Some(3),
             log_samples: false,
             no_cache: true,

@@ -46,6 +46,8 @@ pub struct EvalOptions {
     pub max_length: Option<usize>,
     /// Rolling-window stride for wikitext2 (None = max length: lm-eval's disjoint windows).
     pub stride: Option<usize>,
+    /// How wikitext2 windows are scored (rolling: lm-eval's, the default).
+    pub ppl_protocol: PplProtocol,
     /// Generation budget; None = the task's default (gsm8k 256, ifeval 1280, jsonl 256).
     pub max_gen_tokens: Option<usize>,
     /// Keep per-document prompts, outputs and scores in the report.
@@ -66,10 +68,34 @@ impl Default for EvalOptions {
             seed: 1234,
             max_length: None,
             stride: None,
+            ppl_protocol: PplProtocol::Rolling,
             max_gen_tokens: None,
             log_samples: false,
             progress: false,
             cache: None,
+        }
+    }
+}
+
+/// The version every task reports under `versions` (lm-eval's results need one per task).
+pub const TASK_VERSION: f64 = 1.0;
+
+/// Perplexity protocols people compare against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PplProtocol {
+    /// lm-eval's `loglikelihood_rolling`: every token predicted once, the first from the BOS/EOS
+    /// prefix token, later windows with the preceding tokens as context.
+    Rolling,
+    /// The HF/GPTQ-paper protocol: the token stream cut into complete windows of max length,
+    /// each scored alone, its first token not predicted.
+    Disjoint,
+}
+
+impl PplProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            PplProtocol::Rolling => "rolling",
+            PplProtocol::Disjoint => "disjoint",
         }
     }
 }
@@ -175,6 +201,7 @@ pub fn results_json(outputs: &[TaskOutput]) -> Value {
     let mut nsamples = Map::new();
     let mut hib = Map::new();
     let mut samples = Map::new();
+    let mut versions = Map::new();
     for o in outputs {
         configs.insert(o.task.clone(), o.config.clone());
         if !o.samples.is_empty() {
@@ -199,6 +226,9 @@ pub fn results_json(outputs: &[TaskOutput]) -> Value {
                 nsamples.insert(r.name.clone(), json!({"original": orig, "effective": eff}));
             }
             hib.insert(r.name.clone(), Value::Object(h));
+            // lm-eval's make_table reads a version for every entry; these are mpolm's task
+            // versions (raised when a task's prompt or metric changes).
+            versions.insert(r.name.clone(), json!(TASK_VERSION));
             if !r.subtasks.is_empty() {
                 groups.insert(r.name.clone(), Value::Object(m.clone()));
                 group_subtasks.insert(r.name.clone(), json!(r.subtasks));
@@ -216,6 +246,7 @@ pub fn results_json(outputs: &[TaskOutput]) -> Value {
     root.insert("n-shot".into(), Value::Object(nshot));
     root.insert("n-samples".into(), Value::Object(nsamples));
     root.insert("higher_is_better".into(), Value::Object(hib));
+    root.insert("versions".into(), Value::Object(versions));
     if !samples.is_empty() {
         root.insert("samples".into(), Value::Object(samples));
     }

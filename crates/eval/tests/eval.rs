@@ -484,11 +484,11 @@ fn project_data_holds_every_default_dataset_with_its_checksums() {
 fn jsonl_errors_name_file_and_line() {
     let p = Path::new("task.jsonl");
     let err = |text: &str| jsonl::parse(text, p).unwrap_err().to_string();
-    let mc = r#"{"context": "a", "choices": [" x", " y"], "gold": 1}"#;
+    let mc = r#"{"context": "a", "choices": ["x", "y"], "gold": 1}"#;
     assert!(err(&format!("{mc}\n{{not json")).starts_with("task.jsonl:2: invalid JSON"));
     assert!(err(&format!(
         "{mc}\n\n{}",
-        r#"{"context": "a", "choices": [" x", " y"], "gold": 2}"#
+        r#"{"context": "a", "choices": ["x", "y"], "gold": 2}"#
     ))
     .starts_with("task.jsonl:3: 'gold' 2 is out of range for 2 choices"));
     assert!(
@@ -498,11 +498,11 @@ fn jsonl_errors_name_file_and_line() {
     assert!(err(r#"{"prompt": "p"}"#).starts_with("task.jsonl:1: missing 'target'"));
     assert!(err(r#"{"prompt": "p", "target": "t", "regex": "("}"#)
         .starts_with("task.jsonl:1: invalid 'regex'"));
-    assert!(err(r#"{"context": "a", "choices": [" x"], "gold": 0}"#)
+    assert!(err(r#"{"context": "a", "choices": ["x"], "gold": 0}"#)
         .starts_with("task.jsonl:1: 'choices' needs at least 2"));
-    assert!(err(r#"{"context": "a", "choices": [" x", 3], "gold": 0}"#)
+    assert!(err(r#"{"context": "a", "choices": ["x", 3], "gold": 0}"#)
         .starts_with("task.jsonl:1: every choice must be a string"));
-    assert!(err(r#"{"context": "a", "choices": [" x", " y"]}"#)
+    assert!(err(r#"{"context": "a", "choices": ["x", "y"]}"#)
         .starts_with("task.jsonl:1: missing 'gold'"));
     assert!(err(r#"{"question": "?"}"#).starts_with("task.jsonl:1: a task line needs either"));
     assert!(err("[1, 2]").starts_with("task.jsonl:1: expected a JSON object"));
@@ -592,4 +592,119 @@ fn interrupted_eval_resumes_from_the_request_cache_with_identical_results() {
     .unwrap();
     assert_eq!(again, plain);
     assert_eq!(third.written(), 0);
+}
+
+/// lm-eval's delimiters: a few-shot example is "prompt + target_delimiter + target" followed by
+/// the fewshot delimiter, and a choice is scored as "target_delimiter + choice".
+#[test]
+fn jsonl_delimiters_follow_lm_eval() {
+    let (_d, m) = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let gen = dir.path().join("g.jsonl");
+    std::fs::write(
+        &gen,
+        "{\"prompt\": \"Q: one?\\nA:\", \"target\": \"True\"}\n{\"prompt\": \"Q: two?\\nA:\", \"target\": \"False\", \"fewshot_delimiter\": \"###\"}\n",
+    )
+    .unwrap();
+    let mut o = opts();
+    o.shots = Some(1);
+    o.log_samples = true;
+    o.max_gen_tokens = Some(2);
+    let out = tasks::run_task(&m, &TaskSpec::Jsonl(gen.clone()), &o).unwrap();
+    assert_eq!(out.samples[0]["prompt"], "Q: two?\nA: False\n\nQ: one?\nA:");
+    assert_eq!(out.samples[1]["prompt"], "Q: one?\nA: True###Q: two?\nA:");
+    assert_eq!(out.config["target_delimiter"], " ");
+    assert_eq!(out.config["output_type"], "generate_until");
+
+    let mc = dir.path().join("mc.jsonl");
+    std::fs::write(
+        &mc,
+        "{\"context\": \"The sky is\", \"choices\": [\"blue\", \"green\"], \"gold\": 0}\n{\"context\": \"Grass is\", \"choices\": [\"green\", \"red\"], \"gold\": 0, \"target_delimiter\": \"\"}\n",
+    )
+    .unwrap();
+    o.shots = Some(0);
+    let out = tasks::run_task(&m, &TaskSpec::Jsonl(mc.clone()), &o).unwrap();
+    let lm = Lm::new(m.llama().unwrap(), &m.tokenizer, 1, 128, false);
+    let want = lm
+        .loglikelihood(
+            &[
+                ("The sky is".into(), " blue".into()),
+                ("Grass is".into(), "red".into()),
+            ],
+            "t",
+        )
+        .unwrap();
+    let got0 = out.samples[0]["loglikelihoods"][0].as_f64().unwrap();
+    let got1 = out.samples[1]["loglikelihoods"][1].as_f64().unwrap();
+    assert!(
+        (got0 - want[0].logprob).abs() < 1e-9,
+        "{got0} vs {}",
+        want[0].logprob
+    );
+    assert!(
+        (got1 - want[1].logprob).abs() < 1e-9,
+        "{got1} vs {}",
+        want[1].logprob
+    );
+
+    // Choices written for the old verbatim convention are refused, not double-spaced.
+    let e = jsonl::parse(
+        r#"{"context": "a", "choices": [" x", " y"], "gold": 0}"#,
+        Path::new("t.jsonl"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("t.jsonl:1: every choice starts with whitespace"),
+        "{e}"
+    );
+    assert!(jsonl::parse(
+        r#"{"context": "a", "choices": [" x", " y"], "gold": 0, "target_delimiter": ""}"#,
+        Path::new("t.jsonl"),
+    )
+    .is_ok());
+    let e = jsonl::parse(
+        r#"{"prompt": "p", "target": "t", "fewshot_delimiter": 3}"#,
+        Path::new("t.jsonl"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("t.jsonl:1: 'fewshot_delimiter' must be a string"),
+        "{e}"
+    );
+}
+
+/// The disjoint protocol: complete windows scored alone, first token of each not predicted;
+/// against one plain forward per window.
+#[test]
+fn disjoint_perplexity_matches_independent_windows() {
+    let (_d, m) = tiny();
+    let mut o = opts();
+    o.ppl_protocol = eval::PplProtocol::Disjoint;
+    o.max_length = Some(16);
+    o.limit = Some(3);
+    let out = tasks::run_task(&m, &TaskSpec::Wikitext2, &o).unwrap();
+    let text = std::fs::read_to_string(fixtures().join("data/wikitext2/test.txt")).unwrap();
+    let lm = Lm::new(m.llama().unwrap(), &m.tokenizer, 1, 16, false);
+    let ids = lm.encode(&text).unwrap();
+    let (mut ll, mut n) = (0.0, 0usize);
+    for w in ids.chunks_exact(16).take(3) {
+        let row = Row {
+            input: w[..15].to_vec(),
+            targets: w[1..].to_vec(),
+        };
+        ll += naive(&lm, &row);
+        n += 15;
+    }
+    let want = (-ll / n as f64).exp();
+    let got = out.results[0].metric("token_perplexity").unwrap();
+    assert!((got - want).abs() / want < 1e-4, "{got} vs {want}");
+    assert_eq!(out.results[0].n_samples, Some((ids.len() / 16, 3)));
+    // The rolling protocol predicts every token, so the two numbers differ on the same text.
+    o.ppl_protocol = eval::PplProtocol::Rolling;
+    let roll = tasks::run_task(&m, &TaskSpec::Wikitext2, &o).unwrap();
+    assert_ne!(roll.results[0].metric("token_perplexity").unwrap(), got);
+    assert!(roll.results[0].metric("word_perplexity").is_some());
+    assert!(out.results[0].metric("word_perplexity").is_none());
 }

@@ -1,16 +1,18 @@
 //! User task files (`--task path/to/file.jsonl`), one JSON object per line, all of one kind:
 //!
-//! - multiple choice: `{"context": "...", "choices": [" a", " b", ...], "gold": 0}` — each
-//!   choice is scored as the continuation of the context, verbatim (put the separating space in
-//!   the choice). Metrics: `acc` (highest log-likelihood) and `acc_norm` (log-likelihood divided
-//!   by the choice's UTF-8 byte length, as lm-eval).
+//! - multiple choice: `{"context": "...", "choices": ["a", "b", ...], "gold": 0}` — each
+//!   choice is scored as the continuation `target_delimiter + choice` of the context. Metrics:
+//!   `acc` (highest log-likelihood) and `acc_norm` (log-likelihood divided by the choice's UTF-8
+//!   byte length, as lm-eval).
 //! - generation: `{"prompt": "...", "target": "...", "regex": "optional", "until": ["\n\n"],
 //!   "max_tokens": 256, "ignore_case": false}` — greedy generation until a stop string (default
 //!   "\n\n") or EOS; the answer is the regex's first match (its first capture group when it has
 //!   one), else the whole output; metric `exact_match` of the trimmed answer and target.
 //!
-//! Other keys (ids, metadata) are ignored. With `--shots K`, K other lines (drawn once with
-//! `--seed`) are prepended as "context+gold choice" / "prompt+target", joined by "\n\n".
+//! lm-eval's `target_delimiter` (default " ") and `fewshot_delimiter` (default "\n\n") may be set
+//! per line. Other keys (ids, metadata) are ignored. With `--shots K`, K other lines (drawn once
+//! with `--seed`) are prepended as "context + target_delimiter + gold choice" / "prompt +
+//! target_delimiter + target", each followed by the query line's `fewshot_delimiter`.
 
 use crate::data;
 use crate::lm::{GenRequest, Lm};
@@ -24,6 +26,16 @@ use std::path::Path;
 
 pub const DEFAULT_UNTIL: &str = "\n\n";
 pub const DEFAULT_MAX_GEN: usize = 256;
+/// lm-eval's defaults.
+pub const DEFAULT_TARGET_DELIMITER: &str = " ";
+pub const DEFAULT_FEWSHOT_DELIMITER: &str = "\n\n";
+
+/// How a line joins its answer and the next few-shot example (lm-eval's task fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delimiters {
+    pub target: String,
+    pub fewshot: String,
+}
 
 #[derive(Debug, Clone)]
 pub enum Doc {
@@ -31,6 +43,7 @@ pub enum Doc {
         context: String,
         choices: Vec<String>,
         gold: usize,
+        delims: Delimiters,
     },
     Gen {
         prompt: String,
@@ -39,6 +52,7 @@ pub enum Doc {
         until: Vec<String>,
         max_tokens: Option<usize>,
         ignore_case: bool,
+        delims: Delimiters,
     },
 }
 
@@ -46,15 +60,22 @@ impl Doc {
     fn is_choice(&self) -> bool {
         matches!(self, Doc::Choice { .. })
     }
+    pub fn delimiters(&self) -> &Delimiters {
+        match self {
+            Doc::Choice { delims, .. } | Doc::Gen { delims, .. } => delims,
+        }
+    }
     /// The text this document contributes as a few-shot example.
     fn as_shot(&self) -> String {
+        let t = &self.delimiters().target;
         match self {
             Doc::Choice {
                 context,
                 choices,
                 gold,
-            } => format!("{context}{}", choices[*gold]),
-            Doc::Gen { prompt, target, .. } => format!("{prompt}{target}"),
+                ..
+            } => format!("{context}{t}{}", choices[*gold]),
+            Doc::Gen { prompt, target, .. } => format!("{prompt}{t}{target}"),
         }
     }
 }
@@ -75,6 +96,22 @@ fn string(v: &Value, key: &str, path: &Path, line: usize) -> Result<String> {
         )),
         None => Err(Error::parse(path, line, format!("missing '{key}'"))),
     }
+}
+
+fn delimiters(v: &Value, path: &Path, line: usize) -> Result<Delimiters> {
+    let get = |key: &str, default: &str| match v.get(key) {
+        None | Some(Value::Null) => Ok(default.to_string()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(Error::parse(
+            path,
+            line,
+            format!("'{key}' must be a string"),
+        )),
+    };
+    Ok(Delimiters {
+        target: get("target_delimiter", DEFAULT_TARGET_DELIMITER)?,
+        fewshot: get("fewshot_delimiter", DEFAULT_FEWSHOT_DELIMITER)?,
+    })
 }
 
 fn parse_doc(v: &Value, path: &Path, line: usize) -> Result<Doc> {
@@ -131,10 +168,26 @@ fn parse_doc(v: &Value, path: &Path, line: usize) -> Result<Doc> {
                 ),
             ));
         }
+        let delims = delimiters(v, path, line)?;
+        // Files written for the old verbatim convention would silently score "  choice".
+        if !delims.target.is_empty()
+            && delims.target.trim().is_empty()
+            && choices.iter().all(|c| c.starts_with(char::is_whitespace))
+        {
+            return Err(Error::parse(
+                path,
+                line,
+                format!(
+                    "every choice starts with whitespace and the target delimiter {:?} adds more; drop the leading spaces (lm-eval's convention) or set \"target_delimiter\": \"\"",
+                    delims.target
+                ),
+            ));
+        }
         return Ok(Doc::Choice {
             context,
             choices,
             gold,
+            delims,
         });
     }
     if v.get("prompt").is_some() || v.get("target").is_some() {
@@ -186,6 +239,7 @@ fn parse_doc(v: &Value, path: &Path, line: usize) -> Result<Doc> {
             until,
             max_tokens,
             ignore_case,
+            delims: delimiters(v, path, line)?,
         });
     }
     Err(Error::parse(path, line, "a task line needs either 'context'/'choices'/'gold' (multiple choice) or 'prompt'/'target' (generation)"))
@@ -238,7 +292,7 @@ fn shots_for(docs: &[Doc], cands: &[usize], k: usize, i: usize) -> String {
     let mut s = String::new();
     for &c in cands.iter().filter(|&&c| c != i).take(k) {
         s.push_str(&docs[c].as_shot());
-        s.push_str("\n\n");
+        s.push_str(&docs[i].delimiters().fewshot);
     }
     s
 }
@@ -272,12 +326,18 @@ pub fn run(lm: &Lm, path: &Path, opts: &EvalOptions) -> Result<TaskOutput> {
         let mut requests: Vec<(String, Vec<String>)> = Vec::new();
         for (i, d) in all.iter().take(used).enumerate() {
             if let Doc::Choice {
-                context, choices, ..
+                context,
+                choices,
+                delims,
+                ..
             } = d
             {
                 requests.push((
                     format!("{}{context}", shots_for(&all, &cands, k, i)),
-                    choices.clone(),
+                    choices
+                        .iter()
+                        .map(|c| format!("{}{c}", delims.target))
+                        .collect(),
                 ));
             }
         }
@@ -353,11 +413,25 @@ pub fn run(lm: &Lm, path: &Path, opts: &EvalOptions) -> Result<TaskOutput> {
         r.metrics
             .push(Metric::new("exact_match", mean(&em), stderr(&em)));
     }
+    let d0 = all[0].delimiters();
+    let output_type = match kind {
+        "multiple_choice" => "multiple_choice",
+        _ => "generate_until",
+    };
+    let metric_list: Vec<Value> = r
+        .metrics
+        .iter()
+        .map(|m| json!({"metric": m.name, "aggregation": "mean", "higher_is_better": m.higher_is_better}))
+        .collect();
     Ok(TaskOutput {
         task: name.clone(),
         results: vec![r],
         seconds: 0.0,
-        config: json!({"file": path, "kind": kind, "num_fewshot": k, "seed": opts.seed, "max_length": lm.max_length, "batch_size": lm.batch, "generation_batch_size": lm.gen_batch}),
+        // lm-eval's task config fields first, then mpolm's own.
+        config: json!({"task": name, "dataset_path": path, "output_type": output_type, "num_fewshot": k,
+            "target_delimiter": d0.target, "fewshot_delimiter": d0.fewshot, "metric_list": metric_list,
+            "fewshot_config": {"sampler": "seeded_random", "seed": opts.seed},
+            "file": path, "kind": kind, "seed": opts.seed, "max_length": lm.max_length, "batch_size": lm.batch, "generation_batch_size": lm.gen_batch}),
         samples,
     })
 }

@@ -7,10 +7,26 @@
 //! With `--limit N` only the first N windows are scored and the counts cover their text.
 
 use crate::data;
-use crate::lm::{rolling_rows, Lm};
+use crate::lm::{rolling_rows, Lm, Row};
 use crate::metrics::Perplexity;
-use crate::{Error, EvalOptions, Metric, Result, TaskOutput, TaskResult};
+use crate::{Error, EvalOptions, Metric, PplProtocol, Result, TaskOutput, TaskResult};
 use serde_json::json;
+
+/// The HF-style protocol: complete windows of `window` tokens from the start of the stream,
+/// each scored alone with its first token as context only; `limit` = first N windows.
+pub fn disjoint_rows(tokens: &[u32], window: usize, limit: Option<usize>) -> Vec<Row> {
+    let mut rows: Vec<Row> = tokens
+        .chunks_exact(window.max(2))
+        .map(|w| Row {
+            input: w[..w.len() - 1].to_vec(),
+            targets: w[1..].to_vec(),
+        })
+        .collect();
+    if let Some(n) = limit {
+        rows.truncate(n);
+    }
+    rows
+}
 
 /// Perplexity of `text` (all of it, or its first `limit` windows).
 pub fn perplexity(
@@ -47,6 +63,9 @@ pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
             format!("--stride must be in 1..={} (the max length)", lm.max_length),
         ));
     }
+    if opts.ppl_protocol == PplProtocol::Disjoint {
+        return run_disjoint(lm, &text, &path, opts);
+    }
     let (p, n_windows, used) = perplexity(lm, &text, stride, opts.limit)?;
     let mut r = TaskResult::new("wikitext2", "wikitext2");
     r.metrics
@@ -64,9 +83,53 @@ pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
         results: vec![r],
         seconds: 0.0,
         config: json!({
-            "file": path, "max_length": lm.max_length, "stride": stride, "windows": n_windows,
+            "file": path, "protocol": "rolling", "max_length": lm.max_length, "stride": stride, "windows": n_windows,
             "windows_scored": used, "batch_size": lm.batch, "prefix_token": lm.prefix_token()?,
             "loglikelihood": p.loglikelihood, "tokens": p.tokens, "words": p.words, "bytes": p.bytes,
+        }),
+        samples: vec![],
+    })
+}
+
+/// Token perplexity under [`PplProtocol::Disjoint`] (the number `quantize --ppl-windows` and the
+/// GPTQ papers report). Word and byte perplexities are not defined for it: each window's first
+/// token is never predicted.
+fn run_disjoint(
+    lm: &Lm,
+    text: &str,
+    path: &std::path::Path,
+    opts: &EvalOptions,
+) -> Result<TaskOutput> {
+    let tokens = lm.encode(text)?;
+    let window = lm.max_length;
+    let n_windows = tokens.len() / window;
+    if n_windows == 0 {
+        return Err(Error::unsupported(
+            "wikitext2",
+            format!(
+                "the disjoint protocol needs one window of {window} tokens; the text has {}",
+                tokens.len()
+            ),
+        ));
+    }
+    let rows = disjoint_rows(&tokens, window, opts.limit);
+    let scores = lm.score_rows(&rows, "wikitext2")?;
+    let ll: f64 = scores.iter().map(|s| s.logprob).sum();
+    let scored: usize = rows.iter().map(|r| r.targets.len()).sum();
+    let ppl = (-ll / scored as f64).exp();
+    let mut r = TaskResult::new("wikitext2", "wikitext2");
+    r.metrics
+        .push(Metric::new("token_perplexity", ppl, None).lower_better());
+    r.n_shot = Some(0);
+    r.n_samples = Some((n_windows, rows.len()));
+    Ok(TaskOutput {
+        task: "wikitext2".into(),
+        results: vec![r],
+        seconds: 0.0,
+        config: json!({
+            "file": path, "protocol": "disjoint", "max_length": window, "windows": n_windows,
+            "windows_scored": rows.len(), "batch_size": lm.batch, "loglikelihood": ll,
+            "tokens_predicted": scored,
         }),
         samples: vec![],
     })
