@@ -413,12 +413,7 @@ fn integer_weights_are_refused_at_load() {
 fn tokenizer_ids_beyond_the_model_vocabulary() {
     let d = hf_dir();
     edit_json(&d.path().join("tokenizer.json"), |t| {
-        t["added_tokens"]
-            .as_array_mut()
-            .unwrap()
-            .push(serde_json::json!({
-            "id": 9999, "content": "<|evil|>", "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true}));
+        t["model"]["vocab"]["zzz"] = serde_json::json!(9999);
     });
     let e = err_of(d.path());
     assert!(
