@@ -516,22 +516,13 @@ pub(crate) fn load(model: &str) -> Result<Model> {
 }
 
 /// A PEFT LoRA adapter directory: its base model (`base_model_name_or_path`, loaded the usual
-/// way, relative paths taken from the adapter's folder if they exist there) plus the adapter.
+/// way; adapters stacked on adapters are followed, cycles refused) plus the adapter(s).
 fn load_adapter(dir: &std::path::Path) -> Result<Model> {
-    let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path)
-        .with_context(|| format!("reading {}", cfg_path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
-    let base = v["base_model_name_or_path"].as_str().unwrap_or_default();
-    if base.is_empty() {
-        anyhow::bail!(
-            "{}: no base_model_name_or_path; the adapter does not say which model it belongs to",
-            cfg_path.display()
-        );
+    let (base, chain) = methods::lora::adapter_chain(dir)?;
+    let mut m = load(&base)?;
+    for a in chain {
+        methods::lora::load_peft(&mut m, &a)?;
     }
-    let mut m = load(base)?;
-    methods::lora::load_peft(&mut m, dir)?;
     Ok(m)
 }
 

@@ -35,6 +35,7 @@
 use crate::mpop::{matches, Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use models::linear::{matmul_t, Dense};
+use models::untrusted;
 use models::{Arch, LinearLayer, Model};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -42,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -607,6 +608,70 @@ enum Plan {
     },
 }
 
+/// Whether `dir` is an adapter directory (holds `adapter_config.json`).
+pub fn is_adapter_dir(dir: &Path) -> bool {
+    dir.join(ADAPTER_CONFIG).exists()
+}
+
+/// The `base_model_name_or_path` of the adapter `dir`.
+pub fn adapter_base(dir: &Path) -> Result<String> {
+    let cpath = dir.join(ADAPTER_CONFIG);
+    let text = untrusted::read_text(&cpath, untrusted::MAX_JSON_BYTES)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| io_err(&cpath, format!("invalid JSON: {e}")))?;
+    match v.get("base_model_name_or_path").and_then(|b| b.as_str()) {
+        // It becomes a path or alias, and part of messages: no control characters.
+        Some(b) if b.chars().any(char::is_control) => err(format!(
+            "{}: base_model_name_or_path '{}' contains control characters",
+            cpath.display(),
+            untrusted::escape(b)
+        )),
+        Some(b) if !b.is_empty() => Ok(b.to_string()),
+        _ => err(format!(
+            "{}: no base_model_name_or_path; the adapter does not say which model it belongs to",
+            cpath.display()
+        )),
+    }
+}
+
+/// Follow `base_model_name_or_path` from the adapter `dir` through every adapter it names
+/// (an adapter may be trained on top of another) to a model that is not an adapter. Returns
+/// that model and the adapters to apply to it, innermost first. An adapter that is its own
+/// base, adapters naming each other, or a chain deeper than
+/// [`untrusted::MAX_ADAPTER_DEPTH`] are errors (following them recursed until the stack
+/// overflowed).
+pub fn adapter_chain(dir: &Path) -> Result<(String, Vec<PathBuf>)> {
+    let mut chain = vec![dir.to_path_buf()];
+    let mut seen = vec![std::fs::canonicalize(dir).map_err(|e| io_err(dir, e))?];
+    loop {
+        let cur = chain.last().expect("starts non-empty");
+        let base = adapter_base(cur)?;
+        let bp = Path::new(&base);
+        if !is_adapter_dir(bp) {
+            chain.reverse();
+            return Ok((base, chain));
+        }
+        let canon = std::fs::canonicalize(bp).map_err(|e| io_err(bp, e))?;
+        if let Some(k) = seen.iter().position(|s| *s == canon) {
+            return err(format!(
+                "{}: base_model_name_or_path '{}' leads back to the adapter {} (a cycle); point it at the base model",
+                cur.join(ADAPTER_CONFIG).display(),
+                untrusted::escape(&base),
+                chain[k].display()
+            ));
+        }
+        if chain.len() >= untrusted::MAX_ADAPTER_DEPTH {
+            return err(format!(
+                "{}: adapters stacked more than {} deep",
+                dir.display(),
+                untrusted::MAX_ADAPTER_DEPTH
+            ));
+        }
+        seen.push(canon);
+        chain.push(bp.to_path_buf());
+    }
+}
+
 /// Read a PEFT LoRA adapter directory (written by PEFT or by [`save_peft`]), check every
 /// tensor against the model, and apply it: LoRA layers wrap the matching modules and
 /// `modules_to_save` tensors replace theirs (a bert `classifier` is attached if absent).
@@ -616,13 +681,16 @@ enum Plan {
 /// metadata (0 for adapters not written by mpolm).
 pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
     let cpath = dir.join(ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&cpath).map_err(|e| io_err(&cpath, e))?;
+    let text = untrusted::read_text(&cpath, untrusted::MAX_JSON_BYTES)?;
     let c: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| io_err(&cpath, format!("invalid JSON: {e}")))?;
     let bad = |m: String| -> Result<LoraConfig> { err(format!("{}: {m}", cpath.display())) };
     if let Some(t) = c.get("peft_type").and_then(|v| v.as_str()) {
         if t != "LORA" {
-            return bad(format!("peft_type {t} is not supported (only LORA)"));
+            return bad(format!(
+                "peft_type {} is not supported (only LORA)",
+                untrusted::escape(t)
+            ));
         }
     }
     let truthy = |k: &str| match c.get(k) {
@@ -655,7 +723,10 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
     }
     if let Some(b) = c.get("bias").and_then(|v| v.as_str()) {
         if b != "none" {
-            return bad(format!("bias \"{b}\" is not supported (only \"none\")"));
+            return bad(format!(
+                "bias \"{}\" is not supported (only \"none\")",
+                untrusted::escape(b)
+            ));
         }
     }
     let r = match c.get("r").and_then(|v| v.as_u64()) {
@@ -684,7 +755,15 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
             wpath.display()
         ));
     }
-    let bytes = std::fs::read(&wpath).map_err(|e| io_err(&wpath, e))?;
+    let bytes = {
+        use std::io::Read;
+        let (f, len) = untrusted::open_regular(&wpath)?;
+        let mut b = Vec::with_capacity(len as usize);
+        f.take(len)
+            .read_to_end(&mut b)
+            .map_err(|e| io_err(&wpath, e))?;
+        b
+    };
     let seed = safetensors::SafeTensors::read_metadata(&bytes)
         .ok()
         .and_then(|(_, m)| m.metadata().as_ref()?.get(SEED_META)?.parse::<u64>().ok())

@@ -7,7 +7,7 @@
 //! `<module>.mpo.core_<k>` (bias as `<module>.bias`), and `mpo_manifest.json` describing each
 //! MPO layer (factors, bonds, spectra) so loading can check every tensor against it.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use models::{LinearLayer, Model};
 use mpo::{ForwardMode, Mpo, MpoLinear, MpoManifest, MpoShape, Truncation};
 use serde::{Deserialize, Serialize};
@@ -301,6 +301,94 @@ pub struct Manifest {
     pub layers: BTreeMap<String, MpoManifest>,
 }
 
+impl Manifest {
+    /// What [`save`] writes: format "mpolm-mpo" version 1, f32 cores, and per layer sizes that
+    /// multiply out without overflow within the model-width ceiling (the mpo crate's own checks
+    /// then run on numbers that cannot wrap), with finite spectra.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        use models::untrusted::{escape, MAX_MATRIX_ELEMS, MAX_VOCAB, MAX_WIDTH};
+        if self.format != "mpolm-mpo" {
+            return Err(format!(
+                "format '{}' is not an MPO checkpoint (expected 'mpolm-mpo')",
+                escape(&self.format)
+            ));
+        }
+        if self.version != 1 {
+            return Err(format!(
+                "version {} is not supported (this mpolm reads version 1)",
+                self.version
+            ));
+        }
+        for (name, l) in &self.layers {
+            let shown = escape(name);
+            if l.dtype != "f32" {
+                return Err(format!(
+                    "layer {shown}: dtype '{}' is not supported (only f32)",
+                    escape(&l.dtype)
+                ));
+            }
+            let n = l.row_factors.len();
+            if n == 0 || n > 64 || l.col_factors.len() != n || l.core_shapes.len() != n {
+                return Err(format!(
+                    "layer {shown}: {} row factors, {} column factors and {} cores must agree (1 to 64 sites)",
+                    n,
+                    l.col_factors.len(),
+                    l.core_shapes.len()
+                ));
+            }
+            // Rows can be the vocabulary (the embedding), columns a model width.
+            let max = MAX_VOCAB.max(MAX_WIDTH);
+            for (what, f, orig) in [
+                ("row", &l.row_factors, l.orig_rows),
+                ("column", &l.col_factors, l.orig_cols),
+            ] {
+                let p = f.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
+                if !matches!(p, Some(p) if p >= 1 && p <= 2 * max) || orig == 0 || orig > max {
+                    return Err(format!(
+                        "layer {shown}: {what} factors {f:?} for {orig} {what}s are out of range"
+                    ));
+                }
+            }
+            // Cores of bond 1 are tiny whatever the matrix they contract to, so the dense
+            // size needs its own ceiling.
+            if l.orig_rows
+                .checked_mul(l.orig_cols)
+                .is_none_or(|e| e > MAX_MATRIX_ELEMS)
+            {
+                return Err(format!(
+                    "layer {shown}: a {}×{} matrix is over the {MAX_MATRIX_ELEMS}-element limit",
+                    l.orig_rows, l.orig_cols
+                ));
+            }
+            if l.bond_dims.len() != n + 1 || l.bond_dims.iter().any(|&d| d == 0 || d > max) {
+                return Err(format!(
+                    "layer {shown}: bond dimensions {:?} must be {} values in 1..={max}",
+                    l.bond_dims,
+                    n + 1
+                ));
+            }
+            for c in &l.core_shapes {
+                if c.iter()
+                    .try_fold(1usize, |a, &x| a.checked_mul(x))
+                    .is_none()
+                {
+                    return Err(format!("layer {shown}: core shape {c:?} overflows"));
+                }
+            }
+            if l.spectra
+                .iter()
+                .flatten()
+                .any(|s| !(s.is_finite() && *s >= 0.0))
+            {
+                return Err(format!(
+                    "layer {shown}: spectra must be finite and non-negative"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Save a model whose layers may be MPOs (see the module docs for the layout).
 pub fn save(m: &Model, dir: &Path) -> Result<()> {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
@@ -341,9 +429,11 @@ pub fn save(m: &Model, dir: &Path) -> Result<()> {
 /// layer swapped back in from its cores, checked against the manifest.
 pub fn load(dir: &Path) -> Result<Model> {
     let mpath = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&mpath).map_err(|e| models::Error::io(&mpath, e))?;
+    let text = models::untrusted::read_text(&mpath, models::untrusted::MAX_JSON_BYTES)?;
     let man: Manifest = serde_json::from_str(&text)
         .map_err(|e| models::Error::config(&mpath, format!("invalid manifest: {e}")))?;
+    man.validate()
+        .map_err(|e| models::Error::config(&mpath, e))?;
     let st_path = dir.join("model.safetensors");
     let mut tensors = models::weights::load_safetensors(&st_path)?;
     let mut cores_of: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
@@ -357,6 +447,13 @@ pub fn load(dir: &Path) -> Result<Model> {
                     path: st_path.clone(),
                     name: key.clone(),
                 })?;
+            if t.dtype() != DType::F32 {
+                return Err(models::Error::Safetensors {
+                    path: st_path.clone(),
+                    msg: format!("tensor '{key}' has dtype {:?}, expected F32", t.dtype()),
+                }
+                .into());
+            }
             if t.dims() != shp {
                 return Err(models::Error::Shape {
                     path: st_path.clone(),
@@ -368,14 +465,20 @@ pub fn load(dir: &Path) -> Result<Model> {
             }
             cores.push(t);
         }
-        let mpo = Mpo::<f32>::from_parts(
-            lm,
-            cores
-                .iter()
-                .map(|c| c.flatten_all()?.to_vec1::<f32>())
-                .collect::<candle_core::Result<Vec<_>>>()?,
-        )
-        .map_err(|e| models::Error::config(&mpath, format!("layer {name}: {e}")))?;
+        let vals = cores
+            .iter()
+            .map(|c| c.flatten_all()?.to_vec1::<f32>())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let shown = models::untrusted::escape(name);
+        if vals.iter().flatten().any(|v| !v.is_finite()) {
+            return Err(models::Error::Safetensors {
+                path: st_path.clone(),
+                msg: format!("the cores of layer {shown} hold NaN or infinite values"),
+            }
+            .into());
+        }
+        let mpo = Mpo::<f32>::from_parts(lm, vals)
+            .map_err(|e| models::Error::config(&mpath, format!("layer {shown}: {e}")))?;
         let shape = mpo.shape();
         let dense = mpo::dense_from_cores(&cores, &shape)?;
         tensors.insert(format!("{name}.weight"), dense);

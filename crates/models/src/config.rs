@@ -1,5 +1,9 @@
 //! Architecture configs, read from HF `config.json` or built from GGUF metadata.
 
+use crate::untrusted::{
+    escape, MAX_CONTEXT, MAX_HEADS, MAX_HEAD_DIM, MAX_JSON_BYTES, MAX_LABELS, MAX_LAYERS,
+    MAX_VOCAB, MAX_WIDTH,
+};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -91,12 +95,27 @@ impl LlamaConfig {
             _ => vec![],
         }
     }
+    /// Every field against the ceilings in [`crate::untrusted`] and the model's own
+    /// invariants, in checked arithmetic: a config is validated before anything is sized by it.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |m: String| Err(Error::config(path, m));
-        if self.num_attention_heads == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
-            return bad(
-                "hidden_size, num_hidden_layers and num_attention_heads must be > 0".into(),
-            );
+        for (name, v, max) in [
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_kv_heads(), MAX_HEADS),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_CONTEXT,
+            ),
+        ] {
+            in_range(path, name, v, max)?;
+        }
+        if let Some(d) = self.head_dim {
+            in_range(path, "head_dim", d, MAX_HEAD_DIM)?;
         }
         if self.num_attention_heads % self.num_kv_heads() != 0 {
             return bad(format!(
@@ -105,16 +124,25 @@ impl LlamaConfig {
                 self.num_kv_heads()
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        let hd = self.head_dim();
+        if hd == 0 || hd % 2 != 0 || hd > MAX_HEAD_DIM {
             return bad(format!(
-                "head_dim {} must be even for RoPE",
-                self.head_dim()
+                "head_dim {hd} must be even and in 2..={MAX_HEAD_DIM} (RoPE rotates pairs)"
             ));
         }
+        if self.num_attention_heads * hd > MAX_WIDTH {
+            return bad(format!(
+                "num_attention_heads × head_dim = {} exceeds the limit {MAX_WIDTH}",
+                self.num_attention_heads * hd
+            ));
+        }
+        positive_finite(path, "rms_norm_eps", self.rms_norm_eps)?;
+        positive_finite(path, "rope_theta", self.rope_theta)?;
         if let Some(act) = &self.hidden_act {
             if act != "silu" && act != "swish" {
                 return bad(format!(
-                    "hidden_act '{act}' is not supported (LLaMA-family models use silu)"
+                    "hidden_act '{}' is not supported (LLaMA-family models use silu)",
+                    escape(act)
                 ));
             }
         }
@@ -122,12 +150,91 @@ impl LlamaConfig {
             let t = rs.rope_type.as_deref().unwrap_or("default");
             if !matches!(t, "default" | "linear" | "llama3") {
                 return bad(format!(
-                    "rope_scaling type '{t}' is not supported (supported: default, linear, llama3)"
+                    "rope_scaling type '{}' is not supported (supported: default, linear, llama3)",
+                    escape(t)
                 ));
+            }
+            for (name, v) in [
+                ("rope_scaling.factor", rs.factor),
+                ("rope_scaling.low_freq_factor", rs.low_freq_factor),
+                ("rope_scaling.high_freq_factor", rs.high_freq_factor),
+            ] {
+                if let Some(v) = v {
+                    positive_finite(path, name, v)?;
+                }
+            }
+            if let Some(o) = rs.original_max_position_embeddings {
+                in_range(
+                    path,
+                    "rope_scaling.original_max_position_embeddings",
+                    o,
+                    MAX_CONTEXT,
+                )?;
+            }
+            if t == "llama3"
+                && rs.high_freq_factor.unwrap_or(4.0) <= rs.low_freq_factor.unwrap_or(1.0)
+            {
+                // The smoothing divides by their difference.
+                return bad("rope_scaling: high_freq_factor must exceed low_freq_factor".into());
+            }
+        }
+        if let Some(b) = self.bos_token_id {
+            token_in_vocab(path, "bos_token_id", b as u64, self.vocab_size)?;
+        }
+        match &self.eos_token_id {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::Number(n)) => {
+                let id = n.as_u64().ok_or_else(|| {
+                    Error::config(path, format!("eos_token_id {n} is not a token id"))
+                })?;
+                token_in_vocab(path, "eos_token_id", id, self.vocab_size)?;
+            }
+            Some(serde_json::Value::Array(a)) => {
+                for v in a {
+                    let id = v.as_u64().ok_or_else(|| {
+                        Error::config(path, format!("eos_token_id {v} is not a token id"))
+                    })?;
+                    token_in_vocab(path, "eos_token_id", id, self.vocab_size)?;
+                }
+            }
+            Some(other) => {
+                return bad(format!(
+                    "eos_token_id must be a token id or a list of them, found {other}"
+                ))
             }
         }
         Ok(())
     }
+}
+
+fn in_range(path: &Path, name: &str, v: usize, max: usize) -> Result<()> {
+    if v == 0 || v > max {
+        return Err(Error::config(
+            path,
+            format!("{name} is {v}; it must be in 1..={max}"),
+        ));
+    }
+    Ok(())
+}
+
+fn positive_finite(path: &Path, name: &str, v: f64) -> Result<()> {
+    if !(v.is_finite() && v > 0.0) {
+        return Err(Error::config(
+            path,
+            format!("{name} is {v}; it must be a positive finite number"),
+        ));
+    }
+    Ok(())
+}
+
+fn token_in_vocab(path: &Path, name: &str, id: u64, vocab: usize) -> Result<()> {
+    if id >= vocab as u64 {
+        return Err(Error::config(
+            path,
+            format!("{name} {id} is outside the vocabulary of {vocab} tokens"),
+        ));
+    }
+    Ok(())
 }
 
 /// BERT encoder (config.json of BertModel).
@@ -174,8 +281,24 @@ fn default_ln_eps() -> f64 {
 }
 
 impl BertConfig {
+    /// As [`LlamaConfig::validate`], for the encoder's fields.
     pub fn validate(&self, path: &Path) -> Result<()> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        for (name, v, max) in [
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_CONTEXT,
+            ),
+            ("type_vocab_size", self.type_vocab_size, MAX_VOCAB),
+        ] {
+            in_range(path, name, v, max)?;
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
             return Err(Error::config(
                 path,
                 format!(
@@ -190,8 +313,20 @@ impl BertConfig {
         ) {
             return Err(Error::config(
                 path,
-                format!("hidden_act '{}' is not supported", self.hidden_act),
+                format!("hidden_act '{}' is not supported", escape(&self.hidden_act)),
             ));
+        }
+        positive_finite(path, "layer_norm_eps", self.layer_norm_eps)?;
+        if let Some(n) = self.num_labels {
+            if n > MAX_LABELS {
+                return Err(Error::config(
+                    path,
+                    format!("num_labels is {n}; the limit is {MAX_LABELS}"),
+                ));
+            }
+        }
+        if let Some(p) = self.pad_token_id {
+            token_in_vocab(path, "pad_token_id", p as u64, self.vocab_size)?;
         }
         Ok(())
     }
@@ -199,13 +334,13 @@ impl BertConfig {
 
 /// Parse a config file into T, turning serde's messages into "path: missing field 'x'" lines.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::untrusted::read_text(path, MAX_JSON_BYTES)?;
     serde_json::from_str(&text).map_err(|e| Error::config(path, format!("invalid config: {e}")))
 }
 
 /// `model_type` (or `architectures[0]`) of an HF config.json.
 pub fn model_type(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::untrusted::read_text(path, MAX_JSON_BYTES)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
     if let Some(t) = v.get("model_type").and_then(|t| t.as_str()) {

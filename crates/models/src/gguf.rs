@@ -5,12 +5,14 @@
 //! put back in HF order (whole quantized rows are moved; blocks never span rows).
 
 use crate::config::{LlamaConfig, RopeScaling};
+use crate::untrusted::{self, escape};
 use crate::weights::Weights;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 pub struct GgufFile {
@@ -19,12 +21,18 @@ pub struct GgufFile {
 }
 
 impl GgufFile {
+    /// Open and parse the header; the whole layout is validated ([`check_layout`]) before
+    /// candle's reader sees it, which trusts some fields it divides or indexes by.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = Content::read(&mut f).map_err(|e| Error::Gguf {
+        let (f, size) = untrusted::open_regular(path)?;
+        let gerr = |msg: String| Error::Gguf {
             path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+            msg,
+        };
+        let mut r = std::io::BufReader::with_capacity(1 << 16, f);
+        check_layout(&mut r, size).map_err(gerr)?;
+        r.seek(SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
+        let content = Content::read(&mut r).map_err(|e| gerr(e.to_string()))?;
         Ok(GgufFile {
             path: path.to_path_buf(),
             content,
@@ -82,7 +90,7 @@ impl GgufFile {
         if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
             return Err(Error::UnsupportedArch {
                 path: self.path.clone(),
-                arch,
+                arch: escape(&arch),
                 supported:
                     "llama, qwen2, mistral (GGUF); llama, qwen2, mistral, bert (HF directories)"
                         .into(),
@@ -91,13 +99,21 @@ impl GgufFile {
         let k = |s: &str| format!("{arch}.{s}");
         let hidden = self.meta_usize(&k("embedding_length"))?;
         let n_heads = self.meta_usize(&k("attention.head_count"))?;
-        let n_kv = self
-            .meta_usize(&k("attention.head_count_kv"))
-            .unwrap_or(n_heads);
+        let n_kv = match self.meta(&k("attention.head_count_kv")) {
+            None => n_heads,
+            Some(_) => self.meta_usize(&k("attention.head_count_kv"))?,
+        };
         let vocab = match self.content.tensor_infos.get("token_embd.weight") {
-            Some(t) => t.shape.dims()[0],
+            Some(t) => t.shape.dims().first().copied().unwrap_or(0),
             None => return Err(self.err("missing tensor 'token_embd.weight'".into())),
         };
+        let bos_token_id =
+            match self.meta("tokenizer.ggml.bos_token_id") {
+                None => None,
+                Some(v) => Some(as_u64(v).and_then(|x| u32::try_from(x).ok()).ok_or_else(
+                    || self.err("tokenizer.ggml.bos_token_id is not a token id".into()),
+                )?),
+            };
         let head_dim = self
             .meta_usize(&k("attention.key_length"))
             .ok()
@@ -126,7 +142,8 @@ impl GgufFile {
             num_hidden_layers: self.meta_usize(&k("block_count"))?,
             num_attention_heads: n_heads,
             num_key_value_heads: Some(n_kv),
-            head_dim: head_dim.filter(|&d| d != hidden / n_heads),
+            // checked_div: a zero head count is reported by validate() below.
+            head_dim: head_dim.filter(|&d| Some(d) != hidden.checked_div(n_heads)),
             rms_norm_eps: self
                 .meta_f64(&k("attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5),
@@ -137,10 +154,7 @@ impl GgufFile {
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             attention_bias: Some(self.content.tensor_infos.contains_key("blk.0.attn_q.bias")),
             mlp_bias: false,
-            bos_token_id: self
-                .meta("tokenizer.ggml.bos_token_id")
-                .and_then(as_u64)
-                .map(|x| x as u32),
+            bos_token_id,
             eos_token_id: eos.map(|e| serde_json::json!(e)),
             hidden_act: Some("silu".into()),
         };
@@ -188,9 +202,26 @@ impl GgufFile {
             let q = self
                 .content
                 .tensor(&mut f, name, &Device::Cpu)
-                .map_err(|e| self.err(format!("tensor '{name}': {e}")))?;
+                .map_err(|e| self.err(format!("tensor '{}': {e}", escape(name))))?;
+            let data = q
+                .data()
+                .map_err(|e| self.err(format!("tensor '{}': {e}", escape(name))))?;
+            if let Some(what) = nonfinite(q.dtype(), &data) {
+                return Err(self.err(format!(
+                    "tensor '{}' holds a NaN or infinite {what} (corrupt file?)",
+                    escape(name)
+                )));
+            }
+            drop(data);
             // Tensors we do not model (e.g. rope_freqs) are kept under their GGUF name.
             let hf = hf_name(name).unwrap_or_else(|| name.clone());
+            if out.contains_key(&hf) {
+                return Err(self.err(format!(
+                    "tensor '{}' and another tensor both give '{}'",
+                    escape(name),
+                    escape(&hf)
+                )));
+            }
             let heads = if !permute {
                 None
             } else if hf.ends_with("self_attn.q_proj.weight")
@@ -212,11 +243,11 @@ impl GgufFile {
                     Some(n) => crate::qlinear::unpermute_rows(&q, n),
                     None => Ok(q),
                 }
-                .map_err(|e| self.err(format!("tensor '{name}': {e}")))?;
+                .map_err(|e| self.err(format!("tensor '{}': {e}", escape(name))))?;
                 let (rows, cols) = q
                     .shape()
                     .dims2()
-                    .map_err(|e| self.err(format!("tensor '{name}': {e}")))?;
+                    .map_err(|e| self.err(format!("tensor '{}': {e}", escape(name))))?;
                 let placeholder =
                     Tensor::zeros((), DType::F32, &Device::Cpu)?.broadcast_as((rows, cols))?;
                 out.insert(hf.clone(), placeholder);
@@ -224,7 +255,7 @@ impl GgufFile {
             } else {
                 let mut t = q
                     .dequantize(&Device::Cpu)
-                    .map_err(|e| self.err(format!("tensor '{name}': {e}")))?;
+                    .map_err(|e| self.err(format!("tensor '{}': {e}", escape(name))))?;
                 if let Some(n) = heads {
                     t = unpermute(&t, n)?;
                 }
@@ -236,6 +267,358 @@ impl GgufFile {
         }
         Ok((Weights::new(out, &self.path), quantized))
     }
+}
+
+/// The first NaN/infinite number of a tensor's raw data: every value of a float type, or
+/// the f16 (f32 for Q8_K) scale fields of each block of a quantized one (its integer codes
+/// cannot be non-finite, so finite scales give finite weights). None when all are finite.
+fn nonfinite(t: candle_core::quantized::GgmlDType, data: &[u8]) -> Option<&'static str> {
+    use candle_core::quantized::GgmlDType as T;
+    let h16 = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) & 0x7c00 == 0x7c00;
+    let (block, fields): (usize, &[usize]) = match t {
+        T::F32 => {
+            return data
+                .chunks_exact(4)
+                .any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+                .then_some("value")
+        }
+        T::F16 => return data.chunks_exact(2).any(|c| h16(c, 0)).then_some("value"),
+        T::BF16 => {
+            return data
+                .chunks_exact(2)
+                .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80)
+                .then_some("value")
+        }
+        T::Q8K => {
+            return data
+                .chunks_exact(t.type_size())
+                .any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+                .then_some("block scale")
+        }
+        T::Q4_0 | T::Q5_0 | T::Q8_0 => (t.type_size(), &[0]),
+        T::Q4_1 | T::Q5_1 | T::Q8_1 | T::Q4K | T::Q5K => (t.type_size(), &[0, 2]),
+        T::Q2K => (t.type_size(), &[80, 82]),
+        T::Q3K => (t.type_size(), &[108]),
+        T::Q6K => (t.type_size(), &[208]),
+    };
+    data.chunks_exact(block)
+        .any(|b| fields.iter().any(|&o| h16(b, o)))
+        .then_some("block scale")
+}
+
+/// ggml type id → (name, elements per block, bytes per block), for the types candle reads.
+fn ggml_type(id: u32) -> Option<(&'static str, u64, u64)> {
+    use candle_core::quantized::GgmlDType as T;
+    let t = match id {
+        0 => T::F32,
+        1 => T::F16,
+        2 => T::Q4_0,
+        3 => T::Q4_1,
+        6 => T::Q5_0,
+        7 => T::Q5_1,
+        8 => T::Q8_0,
+        9 => T::Q8_1,
+        10 => T::Q2K,
+        11 => T::Q3K,
+        12 => T::Q4K,
+        13 => T::Q5K,
+        14 => T::Q6K,
+        15 => T::Q8K,
+        30 => T::BF16,
+        _ => return None,
+    };
+    let name = match id {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        6 => "Q5_0",
+        7 => "Q5_1",
+        8 => "Q8_0",
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        12 => "Q4_K",
+        13 => "Q5_K",
+        14 => "Q6_K",
+        15 => "Q8_K",
+        _ => "BF16",
+    };
+    Some((name, t.block_size() as u64, t.type_size() as u64))
+}
+
+/// A reader that knows its position and how many bytes the file has left, so every length
+/// read from the file is checked against what can actually follow.
+struct Scan<'a, R> {
+    r: &'a mut R,
+    pos: u64,
+    size: u64,
+}
+
+impl<R: Read> Scan<'_, R> {
+    fn left(&self) -> u64 {
+        self.size.saturating_sub(self.pos)
+    }
+    fn bytes<const N: usize>(&mut self, what: &str) -> std::result::Result<[u8; N], String> {
+        let mut b = [0u8; N];
+        self.r
+            .read_exact(&mut b)
+            .map_err(|_| format!("file ends inside {what} at byte {} (truncated?)", self.pos))?;
+        self.pos += N as u64;
+        Ok(b)
+    }
+    fn u32(&mut self, what: &str) -> std::result::Result<u32, String> {
+        Ok(u32::from_le_bytes(self.bytes::<4>(what)?))
+    }
+    fn u64(&mut self, what: &str) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(self.bytes::<8>(what)?))
+    }
+    fn skip(&mut self, n: u64, what: &str) -> std::result::Result<(), String> {
+        if n > self.left() {
+            return Err(format!(
+                "{what} of {n} bytes at byte {} runs past the end of the {}-byte file",
+                self.pos, self.size
+            ));
+        }
+        let got = std::io::copy(&mut self.r.by_ref().take(n), &mut std::io::sink())
+            .map_err(|e| format!("reading {what}: {e}"))?;
+        if got != n {
+            return Err(format!("file ends inside {what} (truncated?)"));
+        }
+        self.pos += n;
+        Ok(())
+    }
+    /// A string of at most `max` bytes, returned when `keep` (else skipped).
+    fn string(
+        &mut self,
+        what: &str,
+        max: u64,
+        keep: bool,
+    ) -> std::result::Result<Option<Vec<u8>>, String> {
+        let n = self.u64(what)?;
+        if n > max || n > self.left() {
+            return Err(format!(
+                "{what} claims {n} bytes at byte {} (limit {}, {} bytes left in the file)",
+                self.pos,
+                max.min(self.left()),
+                self.left()
+            ));
+        }
+        if !keep {
+            self.skip(n, what)?;
+            return Ok(None);
+        }
+        let mut v = vec![0u8; n as usize];
+        self.r
+            .read_exact(&mut v)
+            .map_err(|_| format!("file ends inside {what} (truncated?)"))?;
+        self.pos += n;
+        // candle drops trailing NULs, so "a" and "a\0" are one name to it.
+        while v.last() == Some(&0) {
+            v.pop();
+        }
+        Ok(Some(v))
+    }
+}
+
+/// GGUF value type id → fixed size in bytes (None: string or array).
+fn fixed_size(t: u32) -> std::result::Result<Option<u64>, String> {
+    Ok(match t {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        8 | 9 => None,
+        _ => return Err(format!("unknown metadata value type {t}")),
+    })
+}
+
+/// Everything about a GGUF file's layout that can be checked without the tensor data, in
+/// one place: magic and version (2 or 3), counts and every length against the bytes that are
+/// left, metadata keys unique, no nested arrays, `general.alignment` a power of two,
+/// tensor names unique, 1–4 dimensions each ≥ 1 with an element count that does not
+/// overflow, a known ggml type whose block divides the first dimension, and every tensor's
+/// bytes (type size × blocks, in checked arithmetic) aligned, inside the file and
+/// overlapping no other tensor. Ceilings: [`untrusted`]'s `MAX_GGUF_*`. Returns the offset
+/// of the tensor data.
+pub fn check_layout<R: Read>(r: &mut R, size: u64) -> std::result::Result<u64, String> {
+    let mut s = Scan { r, pos: 0, size };
+    let magic = s.bytes::<4>("the magic")?;
+    if &magic != b"GGUF" {
+        return Err("not a GGUF file (bad magic)".into());
+    }
+    let version = s.u32("the version")?;
+    if !(2..=3).contains(&version) {
+        return Err(format!(
+            "GGUF version {version} is not supported (2 or 3; re-convert the model with a current llama.cpp)"
+        ));
+    }
+    let n_tensors = s.u64("the tensor count")?;
+    let n_kv = s.u64("the metadata count")?;
+    // A metadata entry takes ≥ 13 bytes (key length, type, one byte), a tensor entry ≥ 24.
+    if n_kv > untrusted::MAX_GGUF_KV || n_kv.saturating_mul(13) > s.left() {
+        return Err(format!(
+            "header declares {n_kv} metadata entries; the limit is {} and the {}-byte file can hold at most {}",
+            untrusted::MAX_GGUF_KV,
+            size,
+            s.left() / 13
+        ));
+    }
+    if n_tensors > untrusted::MAX_GGUF_TENSORS || n_tensors.saturating_mul(24) > s.left() {
+        return Err(format!(
+            "header declares {n_tensors} tensors; the limit is {} and the {}-byte file can hold at most {}",
+            untrusted::MAX_GGUF_TENSORS,
+            size,
+            s.left() / 24
+        ));
+    }
+    let mut keys = HashSet::new();
+    let mut alignment = candle_core::quantized::gguf_file::DEFAULT_ALIGNMENT;
+    let mut elements = 0u64;
+    for i in 0..n_kv {
+        let key = s
+            .string(&format!("metadata key {i}"), untrusted::MAX_GGUF_NAME, true)?
+            .unwrap_or_default();
+        let key = String::from_utf8_lossy(&key).into_owned();
+        let t = s.u32("a metadata type")?;
+        let what = format!("metadata '{}'", escape(&key));
+        if !keys.insert(key.clone()) {
+            return Err(format!("{what} appears twice"));
+        }
+        match fixed_size(t).map_err(|e| format!("{what}: {e}"))? {
+            Some(n) => {
+                let mut v = 0u64;
+                for k in 0..n {
+                    v |= (s.bytes::<1>(&what)?[0] as u64) << (8 * k);
+                }
+                if key == "general.alignment" {
+                    // Unsigned or non-negative signed integers only (candle's reader falls back
+                    // to 32 for other types, llama.cpp refuses them).
+                    let negative = matches!(t, 1 | 3 | 5 | 11) && (v >> (8 * n - 1)) & 1 == 1;
+                    if !matches!(t, 0..=5 | 10 | 11) || negative {
+                        return Err(format!("{what} must be a non-negative integer"));
+                    }
+                    if v == 0 || !v.is_power_of_two() || v > untrusted::MAX_GGUF_ALIGNMENT {
+                        return Err(format!(
+                            "{what} is {v}; it must be a power of two from 1 to {}",
+                            untrusted::MAX_GGUF_ALIGNMENT
+                        ));
+                    }
+                    // candle reads 64-bit alignments as the default; keep both readers agreeing.
+                    if matches!(t, 10 | 11) && v != alignment {
+                        return Err(format!(
+                            "{what} must be stored as a 32-bit integer (the format's type)"
+                        ));
+                    }
+                    alignment = v;
+                }
+            }
+            None if t == 8 => {
+                s.string(&what, u64::MAX, false)?;
+            }
+            None => {
+                let et = s.u32(&what)?;
+                let n = s.u64(&what)?;
+                elements = elements.saturating_add(n);
+                if elements > untrusted::MAX_GGUF_ARRAY_TOTAL {
+                    return Err(format!(
+                        "{what}: metadata arrays hold more than {} elements in all",
+                        untrusted::MAX_GGUF_ARRAY_TOTAL
+                    ));
+                }
+                match fixed_size(et).map_err(|e| format!("{what}: {e}"))? {
+                    Some(w) => s.skip(n.saturating_mul(w), &what)?,
+                    None if et == 8 => {
+                        if n.saturating_mul(8) > s.left() {
+                            return Err(format!(
+                                "{what}: {n} strings cannot fit in the {} bytes left",
+                                s.left()
+                            ));
+                        }
+                        for _ in 0..n {
+                            s.string(&what, u64::MAX, false)?;
+                        }
+                    }
+                    None => return Err(format!("{what}: nested arrays are not supported")),
+                }
+            }
+        }
+    }
+    let mut names = HashSet::new();
+    let mut extents: Vec<(u64, u64, String)> = Vec::with_capacity(n_tensors as usize);
+    for i in 0..n_tensors {
+        let name = s
+            .string(&format!("tensor name {i}"), untrusted::MAX_GGUF_NAME, true)?
+            .unwrap_or_default();
+        let name = String::from_utf8_lossy(&name).into_owned();
+        let what = format!("tensor '{}'", escape(&name));
+        if !names.insert(name.clone()) {
+            return Err(format!("{what} appears twice"));
+        }
+        let n_dims = s.u32(&what)?;
+        if !(1..=4).contains(&n_dims) {
+            return Err(format!("{what} has {n_dims} dimensions (1 to 4 allowed)"));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(s.u64(&what)?);
+        }
+        let type_id = s.u32(&what)?;
+        let offset = s.u64(&what)?;
+        let Some((tname, block, type_size)) = ggml_type(type_id) else {
+            return Err(format!("{what} has unknown ggml type {type_id}"));
+        };
+        if dims.contains(&0) {
+            return Err(format!("{what} has a zero dimension {dims:?}"));
+        }
+        let elems = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= i64::MAX as u64)
+            .ok_or_else(|| format!("{what}: dimensions {dims:?} overflow the element count"))?;
+        // ggml blocks never span rows: the first (fastest) dimension holds whole blocks.
+        if dims[0] % block != 0 {
+            return Err(format!(
+                "{what}: row length {} is not a multiple of the {tname} block of {block}",
+                dims[0]
+            ));
+        }
+        let bytes = (elems / block)
+            .checked_mul(type_size)
+            .ok_or_else(|| format!("{what}: byte size overflows"))?;
+        if offset % alignment != 0 {
+            return Err(format!(
+                "{what}: data offset {offset} is not a multiple of the alignment {alignment}"
+            ));
+        }
+        extents.push((offset, bytes, what));
+    }
+    let data = s
+        .pos
+        .div_ceil(alignment)
+        .checked_mul(alignment)
+        .ok_or("tensor data offset overflows")?;
+    extents.sort();
+    let mut end_prev = 0u64;
+    let mut prev = String::new();
+    for (offset, bytes, what) in extents {
+        let start = data.checked_add(offset);
+        let end = start.and_then(|a| a.checked_add(bytes));
+        match (start, end) {
+            (Some(_), Some(end)) if end <= size => {}
+            _ => {
+                return Err(format!(
+                    "{what}: {bytes} bytes at data offset {offset} run past the end of the {size}-byte file (truncated?)"
+                ))
+            }
+        }
+        if offset < end_prev {
+            return Err(format!("{what} overlaps {prev}"));
+        }
+        end_prev = offset + bytes;
+        prev = what;
+    }
+    Ok(data)
 }
 
 /// Inverse of llama.cpp's `permute`: rows grouped [head, 2, hd/2] → HF's [head, hd/2, 2] order.

@@ -181,7 +181,7 @@ pub fn local_source(p: &Path) -> Result<ModelSource> {
         })
     } else {
         let mut magic = [0u8; 4];
-        let mut f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+        let (mut f, _) = crate::untrusted::open_regular(p)?;
         if f.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
             return Err(Error::Gguf {
                 path: p.to_path_buf(),

@@ -22,6 +22,7 @@ pub mod qlinear;
 pub mod simd;
 pub mod testing;
 pub mod tokenizer;
+pub mod untrusted;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -222,6 +222,7 @@ fn load_gguf(
     let g = GgufFile::open(path)?;
     let cfg = g.llama_config()?;
     let tokenizer = Tokenizer::from_gguf(&g)?;
+    tokenizer.check_fits(cfg.vocab_size, path)?;
     let pb = if progress {
         let pb = indicatif::ProgressBar::new(0);
         pb.set_style(
@@ -285,7 +286,7 @@ fn load_hf_dir(dir: &Path) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)>
     if !arch_ok {
         return Err(Error::UnsupportedArch {
             path: cfg_path,
-            arch: mt,
+            arch: crate::untrusted::escape(&mt),
             supported: SUPPORTED.into(),
         });
     }
@@ -298,21 +299,24 @@ fn build_hf(dir: &Path, w: Weights) -> Result<(Arch, Tokenizer, BTreeMap<String,
     if !matches!(mt.as_str(), "llama" | "qwen2" | "mistral" | "bert") {
         return Err(Error::UnsupportedArch {
             path: cfg_path,
-            arch: mt,
+            arch: crate::untrusted::escape(&mt),
             supported: SUPPORTED.into(),
         });
     }
     let mut types = BTreeMap::new();
     types.insert("f32 (as loaded)".to_string(), w.tensors.len());
     let tokenizer = Tokenizer::from_hf_dir(dir)?;
+    let tok_path = dir.join("tokenizer.json");
     let arch = if mt == "bert" {
         let cfg: BertConfig = config::read_json(&cfg_path)?;
         cfg.validate(&cfg_path)?;
+        tokenizer.check_fits(cfg.vocab_size, &tok_path)?;
         Arch::Bert(Bert::new(cfg, &w)?)
     } else {
         let mut cfg: LlamaConfig = config::read_json(&cfg_path)?;
         cfg.model_type = mt;
         cfg.validate(&cfg_path)?;
+        tokenizer.check_fits(cfg.vocab_size, &tok_path)?;
         Arch::Llama(Llama::new(cfg, &w)?)
     };
     Ok((arch, tokenizer, types))

@@ -4,6 +4,7 @@
 //! Chat templates are the model's own Jinja template rendered with minijinja.
 
 use crate::gguf::{as_u64, GgufFile};
+use crate::untrusted;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::Value;
 use serde_json::json;
@@ -63,7 +64,9 @@ fn pre_tokenizer(pre: &str) -> serde_json::Value {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let mut inner = tokenizers::Tokenizer::from_file(path)
+        let text = untrusted::read_text(path, untrusted::MAX_TOKENIZER_BYTES)?;
+        let mut inner: tokenizers::Tokenizer = text
+            .parse()
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         // Padding/truncation saved in tokenizer.json are per-call choices in transformers
         // (it clears them on load); batching code pads explicitly.
@@ -86,7 +89,8 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let mut t = Self::from_file(&dir.join("tokenizer.json"))?;
         let cfg_path = dir.join("tokenizer_config.json");
-        if let Ok(text) = std::fs::read_to_string(&cfg_path) {
+        if cfg_path.exists() {
+            let text = untrusted::read_text(&cfg_path, untrusted::MAX_JSON_BYTES)?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::config(&cfg_path, format!("invalid JSON: {e}")))?;
             let tok = |k: &str| -> Option<String> {
@@ -120,7 +124,8 @@ impl Tokenizer {
             .map_err(|e| err(e.to_string()))?;
         if model != "gpt2" {
             return Err(err(format!(
-                "tokenizer model '{model}' is not supported yet (only byte-level BPE, 'gpt2'); use an HF directory with tokenizer.json"
+                "tokenizer model '{}' is not supported yet (only byte-level BPE, 'gpt2'); use an HF directory with tokenizer.json",
+                untrusted::escape(&model)
             )));
         }
         let tokens = match g.meta("tokenizer.ggml.tokens") {
@@ -144,9 +149,22 @@ impl Tokenizer {
         let pre = g
             .meta_str("tokenizer.ggml.pre")
             .unwrap_or_else(|_| "default".into());
-        let id = |k: &str| g.meta(k).and_then(as_u64).map(|x| x as u32);
+        // Ids that do not fit u32 become u32::MAX, which the range check below refuses.
+        let id = |k: &str| {
+            g.meta(k)
+                .and_then(as_u64)
+                .map(|x| u32::try_from(x).unwrap_or(u32::MAX))
+        };
         let bos_id = id("tokenizer.ggml.bos_token_id");
         let eos_id = id("tokenizer.ggml.eos_token_id");
+        for (key, v) in [("bos", bos_id), ("eos", eos_id)] {
+            if let Some(v) = v.filter(|&v| v as usize >= tokens.len()) {
+                return Err(err(format!(
+                    "tokenizer.ggml.{key}_token_id {v} is outside the {}-token vocabulary",
+                    tokens.len()
+                )));
+            }
+        }
         let add_bos = matches!(
             g.meta("tokenizer.ggml.add_bos_token"),
             Some(Value::Bool(true))
@@ -207,6 +225,31 @@ impl Tokenizer {
         })
     }
 
+    /// The largest token id the tokenizer can produce (added tokens included), if any.
+    pub fn max_id(&self) -> Option<u32> {
+        self.inner.get_vocab(true).into_values().max()
+    }
+
+    /// Every id the tokenizer can emit or names as special must index the model's embedding
+    /// of `vocab` rows; checked at load so a bad file fails there, not mid-generation.
+    pub fn check_fits(&self, vocab: usize, path: &Path) -> Result<()> {
+        let ids = self
+            .max_id()
+            .into_iter()
+            .map(|i| ("token", i))
+            .chain(self.bos_id.map(|i| ("bos token", i)))
+            .chain(self.eos_ids.iter().map(|&i| ("eos token", i)));
+        for (what, id) in ids {
+            if id as usize >= vocab {
+                return Err(Error::Tokenizer(format!(
+                    "{}: {what} id {id} is outside the model's vocabulary of {vocab} (tokenizer and weights do not belong together)",
+                    path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -252,17 +295,60 @@ impl Tokenizer {
                 ))
             },
         );
+        // A template is code from the model file: bound its instructions (nested loops would
+        // otherwise run for hours) and its output.
+        env.set_fuel(Some(untrusted::TEMPLATE_FUEL));
         env.add_template("chat", tpl)
             .map_err(|e| Error::Template(e.to_string()))?;
         let t = env
             .get_template("chat")
             .map_err(|e| Error::Template(e.to_string()))?;
-        t.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
-        })
-        .map_err(|e| Error::Template(e.to_string()))
+        let mut out = Capped::default();
+        t.render_captured_to(
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token.clone().unwrap_or_default(),
+                eos_token => self.eos_token.clone().unwrap_or_default(),
+            },
+            &mut out,
+        )
+        .map_err(|e| {
+            if e.kind() == minijinja::ErrorKind::OutOfFuel {
+                Error::Template(format!(
+                    "the model's chat template did not finish within {} instructions; run without --chat",
+                    untrusted::TEMPLATE_FUEL
+                ))
+            } else if out.overflow {
+                Error::Template(format!(
+                    "the model's chat template produced more than {} MiB; run without --chat",
+                    untrusted::MAX_TEMPLATE_OUTPUT >> 20
+                ))
+            } else {
+                Error::Template(e.to_string())
+            }
+        })?;
+        String::from_utf8(out.buf).map_err(|e| Error::Template(e.to_string()))
+    }
+}
+
+/// Template output that refuses to grow past [`untrusted::MAX_TEMPLATE_OUTPUT`].
+#[derive(Default)]
+struct Capped {
+    buf: Vec<u8>,
+    overflow: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > untrusted::MAX_TEMPLATE_OUTPUT {
+            self.overflow = true;
+            return Err(std::io::Error::other("chat template output too large"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! This is the only path weights take into an architecture, so every missing or mis-shaped
 //! tensor is reported with its file and name.
 
+use crate::untrusted::{self, escape};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -29,17 +30,34 @@ impl Weights {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let text = untrusted::read_text(&index, untrusted::MAX_JSON_BYTES)?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::config(&index, format!("invalid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::config(&index, "missing key 'weight_map'"))?;
-            let mut f: Vec<String> = map
-                .values()
-                .filter_map(|s| s.as_str().map(String::from))
-                .collect();
+            let mut f = Vec::new();
+            for (tensor, file) in map {
+                let file = file.as_str().ok_or_else(|| {
+                    Error::config(
+                        &index,
+                        format!("weight_map entry '{}' is not a file name", escape(tensor)),
+                    )
+                })?;
+                // Shards are files of this directory: an index must not make us read
+                // elsewhere (another model's weights, or /dev/zero).
+                if untrusted::confined_join(dir, file).is_none() {
+                    return Err(Error::config(
+                        &index,
+                        format!(
+                            "weight_map names '{}', which is outside the model directory",
+                            escape(file)
+                        ),
+                    ));
+                }
+                f.push(file.to_string());
+            }
             f.sort();
             f.dedup();
             f.into_iter().map(|s| dir.join(s)).collect()
@@ -68,7 +86,14 @@ impl Weights {
         }
         let mut tensors = HashMap::new();
         for f in &files {
-            tensors.extend(load_safetensors(f)?);
+            for (name, t) in load_safetensors(f)? {
+                if tensors.insert(name.clone(), t).is_some() {
+                    return Err(Error::Safetensors {
+                        path: f.clone(),
+                        msg: format!("tensor '{}' is also in another shard", escape(&name)),
+                    });
+                }
+            }
         }
         Ok(Weights {
             tensors,
@@ -86,6 +111,17 @@ impl Weights {
             path: self.path.clone(),
             name: name.to_string(),
         })?;
+        // Integer tensors have no place in an architecture's weights (packed formats take
+        // theirs out before building one); refuse them here, at load, not at the first matmul.
+        if !t.dtype().is_float() {
+            return Err(Error::Safetensors {
+                path: self.path.clone(),
+                msg: format!(
+                    "tensor '{name}' has dtype {:?}; model weights must be floating point",
+                    t.dtype()
+                ),
+            });
+        }
         if t.dims() != shape {
             return Err(Error::Shape {
                 path: self.path.clone(),
@@ -122,8 +158,7 @@ pub fn load_safetensors_keeping(
         path: path.to_path_buf(),
         msg,
     };
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let (mut f, size) = untrusted::open_regular(path)?;
     let mut len = [0u8; 8];
     if size < 8 || f.read_exact(&mut len).is_err() {
         return Err(bad(format!(
@@ -154,12 +189,13 @@ pub fn load_safetensors_keeping(
             safetensors::Dtype::I32 => DType::I32,
             other => {
                 return Err(bad(format!(
-                    "tensor '{name}' has unsupported dtype {other:?}"
+                    "tensor '{}' has unsupported dtype {other:?}",
+                    escape(&name)
                 )))
             }
         };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
-            .map_err(|e| bad(format!("tensor '{name}': {e}")))?;
+            .map_err(|e| bad(format!("tensor '{}': {e}", escape(&name))))?;
         let t = if dtype.is_float() && dtype != DType::F32 && !keep(&name, view.shape(), dtype) {
             t.to_dtype(DType::F32)?
         } else {

@@ -36,6 +36,55 @@ pub struct QuantizeConfig {
     pub mpolm_int8_activations: Option<super::actquant::Int8Config>,
 }
 
+impl QuantizeConfig {
+    /// Every field a loader relies on: bits, group size (−1 or 1..=2^20), damping in [0, 1],
+    /// format and method names.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        use models::untrusted::escape;
+        super::pack::check_bits(self.bits).map_err(|e| e.to_string())?;
+        if !(self.group_size == -1 || (1..=1 << 20).contains(&self.group_size)) {
+            return Err(format!(
+                "group_size {} must be -1 (one group per row) or in 1..=1048576",
+                self.group_size
+            ));
+        }
+        if !(self.damp_percent.is_finite() && (0.0..=1.0).contains(&self.damp_percent)) {
+            return Err(format!(
+                "damp_percent {} must be in [0, 1]",
+                self.damp_percent
+            ));
+        }
+        if self.quant_method != "gptq" {
+            return Err(format!(
+                "quant_method '{}' is not supported (only 'gptq')",
+                escape(&self.quant_method)
+            ));
+        }
+        if self.checkpoint_format != "gptq" {
+            return Err(format!(
+                "checkpoint_format '{}' is not supported (only 'gptq' v1)",
+                escape(&self.checkpoint_format)
+            ));
+        }
+        if !matches!(self.mpolm_method.as_str(), "" | "gptq" | "rtn") {
+            return Err(format!(
+                "mpolm_method '{}' is not one of gptq, rtn",
+                escape(&self.mpolm_method)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Quantization groups along the input of a layer with `in_f` features.
+    pub fn groups(&self, in_f: usize) -> usize {
+        if self.group_size <= 0 {
+            1
+        } else {
+            in_f.div_ceil(self.group_size as usize)
+        }
+    }
+}
+
 pub fn is_quantized_dir(dir: &Path) -> bool {
     dir.is_dir() && dir.join(QUANT_CONFIG).exists()
 }
@@ -107,20 +156,11 @@ pub fn save_quantized(m: &Model, dir: &Path, cfg: &QuantizeConfig) -> Result<()>
 /// `QuantLinear` is swapped in.
 pub fn load_quantized(dir: &Path) -> Result<Model> {
     let cpath = dir.join(QUANT_CONFIG);
-    let text = std::fs::read_to_string(&cpath).map_err(|e| models::Error::io(&cpath, e))?;
+    let text = models::untrusted::read_text(&cpath, models::untrusted::MAX_JSON_BYTES)?;
     let cfg: QuantizeConfig = serde_json::from_str(&text)
         .map_err(|e| models::Error::config(&cpath, format!("invalid quantize_config.json: {e}")))?;
-    super::pack::check_bits(cfg.bits).map_err(|e| models::Error::config(&cpath, e.to_string()))?;
-    if cfg.checkpoint_format != "gptq" {
-        return Err(models::Error::config(
-            &cpath,
-            format!(
-                "checkpoint_format '{}' is not supported (only 'gptq' v1)",
-                cfg.checkpoint_format
-            ),
-        )
-        .into());
-    }
+    cfg.validate()
+        .map_err(|e| models::Error::config(&cpath, e))?;
     let st = dir.join("model.safetensors");
     // Weight matrices stored in f16 (embedding, head, projections kept in fp16) stay f16 in
     // memory (`HalfDense`): an f32 copy would double them, and the embedding and head are a large
@@ -148,10 +188,11 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
     };
     let mut packed = HashMap::new();
     for name in &modules {
+        let shown = models::untrusted::escape(name);
         let mut take = |suffix: &str| {
             tensors
                 .remove(&format!("{name}.{suffix}"))
-                .ok_or_else(|| bad(format!("tensor '{name}.{suffix}' is missing")))
+                .ok_or_else(|| bad(format!("tensor '{shown}.{suffix}' is missing")))
         };
         let (qw, qz, sc, gi) = (
             take("qweight")?,
@@ -162,7 +203,7 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
         let u32s = |t: &Tensor, what: &str| -> Result<Vec<u32>> {
             if t.dtype() != DType::I32 {
                 return Err(bad(format!(
-                    "'{name}.{what}' must be int32, found {:?}",
+                    "'{shown}.{what}' must be int32, found {:?}",
                     t.dtype()
                 )));
             }
@@ -175,22 +216,49 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
         let (qw_dims, qz_dims) = (qw.dims().to_vec(), qz.dims().to_vec());
         if qw_dims.len() != 2 || qz_dims.len() != 2 || sc.rank() != 2 {
             return Err(bad(format!(
-                "'{name}': qweight, qzeros and scales must be 2-D"
+                "'{shown}': qweight, qzeros and scales must be 2-D"
             )));
         }
         let in_f = gi.elem_count();
         let out_f = qw_dims[1];
+        let scales = sc.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if scales.iter().any(|s| !s.is_finite()) {
+            return Err(bad(format!(
+                "'{shown}.scales' holds NaN or infinite values (corrupt file?)"
+            )));
+        }
+        let groups = cfg.groups(in_f);
+        if sc.dims() != [groups, out_f] {
+            return Err(bad(format!(
+                "'{shown}.scales' has shape {:?}; group_size {} over {in_f} inputs needs [{groups}, {out_f}]",
+                sc.dims(),
+                cfg.group_size
+            )));
+        }
+        let g_idx = u32s(&gi, "g_idx")?;
+        // Without act-order, input i belongs to group i / group_size; only act-order
+        // checkpoints may permute it.
+        if !cfg.desc_act && cfg.group_size > 0 {
+            let gs = cfg.group_size as usize;
+            if let Some(i) = (0..in_f).find(|&i| g_idx[i] as usize != i / gs) {
+                return Err(bad(format!(
+                    "'{shown}.g_idx'[{i}] is {}, but group_size {gs} without desc_act puts input {i} in group {}",
+                    g_idx[i],
+                    i / gs
+                )));
+            }
+        }
         let q = QuantLinear::from_packed(
             cfg.bits,
             in_f,
             out_f,
             u32s(&qw, "qweight")?,
             u32s(&qz, "qzeros")?,
-            sc.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-            u32s(&gi, "g_idx")?,
+            scales,
+            g_idx,
             None,
         )
-        .map_err(|e| bad(format!("'{name}': {e}")))?;
+        .map_err(|e| bad(format!("'{shown}': {e}")))?;
         tensors.insert(format!("{name}.weight"), placeholder(out_f, in_f)?);
         packed.insert(name.clone(), q);
     }
