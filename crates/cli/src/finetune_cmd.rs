@@ -24,51 +24,53 @@ pub struct FinetuneArgs {
     /// full, lora, mpo-aux (MPOP: central tensors frozen), mpo-central, mpo-all.
     #[arg(long, default_value = "full", value_parser = ["full", "lora", "mpo-aux", "mpo-central", "mpo-all"])]
     pub method: String,
-    #[arg(long, default_value_t = 2e-5)]
+    /// Learning rate (finite, > 0).
+    #[arg(long, default_value_t = 2e-5, value_parser = crate::range::positive)]
     pub lr: f64,
     /// Learning rate of MPO tensors (default: --lr; 0 freezes them).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::range::nonneg)]
     pub mpo_lr: Option<f64>,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::range::nonneg)]
     pub weight_decay: f64,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::range::count)]
     pub epochs: usize,
     /// Stop after this many optimizer steps (the schedule spans them).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::range::count)]
     pub max_steps: Option<usize>,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::range::count)]
     pub batch: usize,
-    /// Token cap per example (classification) or block length (lm).
-    #[arg(long, default_value_t = 64)]
+    /// Token cap per example (classification) or block length (lm), >= 2.
+    #[arg(long, default_value_t = 64, value_parser = crate::range::len2)]
     pub max_len: usize,
-    /// Warmup as a fraction of all steps.
-    #[arg(long, default_value_t = 0.06)]
+    /// Warmup as a fraction of all steps, in [0, 1].
+    #[arg(long, default_value_t = 0.06, value_parser = crate::range::fraction0)]
     pub warmup_ratio: f64,
-    #[arg(long)]
+    #[arg(long, value_parser = crate::range::count0)]
     pub warmup_steps: Option<usize>,
-    /// Clip the global gradient norm (0 = off).
-    #[arg(long, default_value_t = 1.0)]
+    /// Clip the global gradient norm (finite, >= 0; 0 = off).
+    #[arg(long, default_value_t = 1.0, value_parser = crate::range::nonneg)]
     pub max_grad_norm: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Use only the first N training examples (blocks for lm).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::range::count)]
     pub limit: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = crate::range::count)]
     pub eval_limit: Option<usize>,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::range::count)]
     pub eval_batch: usize,
-    #[arg(long, default_value_t = 8)]
+    /// LoRA rank: >= 1 and at most the smallest dimension of a targeted matrix.
+    #[arg(long, default_value_t = 8, value_parser = crate::range::count)]
     pub lora_r: usize,
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 16.0, value_parser = crate::range::positive)]
     pub lora_alpha: f64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::range::fraction_below1)]
     pub lora_dropout: f64,
     /// Comma-separated module names (PEFT semantics: exact or suffix); default q,v projections.
     #[arg(long, value_delimiter = ',')]
     pub lora_targets: Vec<String>,
     /// MPO sites when a dense model is decomposed for an mpo-* method.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::range::sites)]
     pub mpo_n: usize,
     /// Put training examples of similar length in the same batch (shuffled mega-batches of 50
     /// batches, each sorted by length, as Hugging Face's group_by_length): much less padding.
@@ -78,31 +80,31 @@ pub struct FinetuneArgs {
     #[arg(long)]
     pub squeeze: bool,
     /// Squeeze until the model has this fraction of its dense parameter count.
-    #[arg(long, default_value_t = 0.6, requires = "squeeze")]
+    #[arg(long, default_value_t = 0.6, requires = "squeeze", value_parser = crate::range::fraction)]
     pub target_params: f64,
     /// Stop (and roll back the last cut) when the eval loss moves more than this.
-    #[arg(long, default_value_t = 0.1, requires = "squeeze")]
+    #[arg(long, default_value_t = 0.1, requires = "squeeze", value_parser = crate::range::positive)]
     pub delta: f64,
-    #[arg(long, default_value_t = 50, requires = "squeeze")]
+    #[arg(long, default_value_t = 50, requires = "squeeze", value_parser = crate::range::count)]
     pub max_iters: usize,
     /// Auxiliary-only training steps after each cut.
-    #[arg(long, default_value_t = 20, requires = "squeeze")]
+    #[arg(long, default_value_t = 20, requires = "squeeze", value_parser = crate::range::count0)]
     pub recover_steps: usize,
-    /// Fraction of MPO parameters cut per iteration (0 = one bond index, as Algorithm 2).
-    #[arg(long, default_value_t = 0.03, requires = "squeeze")]
+    /// Fraction of MPO parameters cut per iteration, in [0, 1) (0 = one bond index, as Algorithm 2).
+    #[arg(long, default_value_t = 0.03, requires = "squeeze", value_parser = crate::range::fraction_below1)]
     pub cut_fraction: f64,
     /// delta: fixed recovery then compare eval loss (paper); window: the released code's
     /// moving-average trigger (window 10, +0.03, 10 steps).
     #[arg(long, default_value = "delta", value_parser = ["delta", "window"], requires = "squeeze")]
     pub squeeze_trigger: String,
     /// Save a checkpoint every N steps (always at epoch ends).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::range::count)]
     pub save_every: Option<usize>,
     /// Continue the run saved in --out (same options required).
     #[arg(long)]
     pub resume: bool,
     /// Stop after N steps leaving a checkpoint (to split a run; resume continues it).
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, value_parser = crate::range::count)]
     pub stop_after: Option<usize>,
     #[arg(long)]
     pub out: PathBuf,

@@ -7,8 +7,10 @@ mod data_cmd;
 mod eval_cmd;
 mod finetune_cmd;
 mod quant_cmd;
+mod range;
 mod report;
 mod spectrum;
+mod target;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -33,9 +35,12 @@ struct Cli {
     /// Write a JSON report of the main job here.
     #[arg(long, global = true)]
     report: Option<PathBuf>,
-    /// Threads for matrix work (default: all cores).
-    #[arg(long, global = true)]
+    /// Threads for matrix work (default: all cores; at most 4 per core).
+    #[arg(long, global = true, value_parser = range::threads)]
     threads: Option<usize>,
+    /// Print errors in full (every cause, backtraces where captured) instead of one line.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     /// How a GGUF model's block-quantized weight matrices are held: `f32` (dequantized at
     /// load; the reference) or `quantized` (kept as stored: int8 decode, dequantized tiles
     /// for batches; 4–8× less weight memory).
@@ -67,7 +72,13 @@ pub(crate) fn held_as(m: &models::Model) -> String {
 #[derive(Subcommand)]
 enum Cmd {
     /// Download a model by alias into the cache (no-op when cached); list aliases without MODEL.
-    Fetch { model: Option<String> },
+    Fetch {
+        model: Option<String>,
+        /// Re-hash the cached files (sha256) even when their size and time are unchanged;
+        /// a corrupted file is fetched again.
+        #[arg(long)]
+        verify: bool,
+    },
     /// Architecture, parameters per component, storage types and memory of a model.
     Inspect { model: String },
     /// Generate text with a causal model (KV cache; greedy at --temperature 0).
@@ -75,11 +86,13 @@ enum Cmd {
         model: String,
         #[arg(long)]
         prompt: String,
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = range::count)]
         max_new_tokens: usize,
-        #[arg(long, default_value_t = 0.0)]
+        /// Sampling temperature (finite, >= 0; 0 = greedy).
+        #[arg(long, default_value_t = 0.0, value_parser = range::nonneg)]
         temperature: f64,
-        #[arg(long, default_value_t = 1.0)]
+        /// Nucleus sampling mass, in (0, 1].
+        #[arg(long, default_value_t = 1.0, value_parser = range::fraction)]
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -96,8 +109,8 @@ enum Cmd {
         /// Comma-separated substrings or globs of module names (e.g. "layers.0.*,lm_head"); default all.
         #[arg(long, value_delimiter = ',')]
         matrices: Vec<String>,
-        /// Number of MPO sites (cores).
-        #[arg(long, default_value_t = 5)]
+        /// Number of MPO sites (cores), 1..=12.
+        #[arg(long, default_value_t = 5, value_parser = range::sites)]
         n: usize,
         /// Factor shapes: `auto` (balanced) or `paper` (the papers' tables where they apply).
         #[arg(long, default_value = "auto", value_parser = ["auto", "paper"])]
@@ -114,17 +127,17 @@ enum Cmd {
         /// Factor shapes: `auto` (balanced) or `paper` (the papers' tables where they apply).
         #[arg(long, default_value = "auto", value_parser = ["auto", "paper"])]
         shapes: String,
-        /// Number of MPO sites (cores); the central tensor is index n/2.
-        #[arg(long, default_value_t = 5)]
+        /// Number of MPO sites (cores), 1..=12; the central tensor is index n/2.
+        #[arg(long, default_value_t = 5, value_parser = range::sites)]
         n: usize,
-        /// Cap every bond at D.
-        #[arg(long, conflicts_with_all = ["rel_error", "params_ratio"])]
+        /// Cap every bond at D (>= 1).
+        #[arg(long, conflicts_with_all = ["rel_error", "params_ratio"], value_parser = range::count)]
         bond: Option<usize>,
-        /// Smallest bonds whose error bound is within this relative Frobenius error.
-        #[arg(long, conflicts_with = "params_ratio")]
+        /// Smallest bonds whose error bound is within this relative Frobenius error, in [0, 1].
+        #[arg(long, conflicts_with = "params_ratio", value_parser = range::fraction0)]
         rel_error: Option<f64>,
-        /// Keep about this fraction of each matrix's parameters.
-        #[arg(long)]
+        /// Keep about this fraction of each matrix's parameters, in (0, 1].
+        #[arg(long, value_parser = range::fraction)]
         params_ratio: Option<f64>,
         /// Comma-separated substrings/globs of module names (default: every Linear and the embedding).
         #[arg(long, value_delimiter = ',')]
@@ -175,11 +188,12 @@ enum BenchCmd {
     Generate {
         #[arg(default_value = hub::DEFAULT_CAUSAL)]
         model: String,
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = range::count)]
         prompt_tokens: usize,
-        #[arg(long, default_value_t = 64)]
+        /// New tokens per run (>= 2: the first comes from the prefill).
+        #[arg(long, default_value_t = 64, value_parser = range::len2)]
         new_tokens: usize,
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = range::count)]
         repeats: usize,
     },
 }
@@ -187,7 +201,9 @@ enum BenchCmd {
 fn main() -> ExitCode {
     // Before any other thread exists: a thread attaches to an arena at its first allocation.
     models::kernels::keep_freed_memory();
+    models::tmp::init();
     let cli = Cli::parse();
+    let verbose = cli.verbose;
     if let Some(n) = cli.threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
@@ -204,7 +220,7 @@ fn main() -> ExitCode {
     match res.expect("the command ran") {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e, verbose));
             ExitCode::from(2)
         }
     }
@@ -222,10 +238,16 @@ fn run(cli: Cli) -> Result<()> {
         models::GgufWeights::F32
     });
     let mut rep = Report::new();
+    if let Some(p) = &cli.report {
+        target::check("--report", p, target::Target::File)?;
+    }
+    if let Some(cmd) = &cli.cmd {
+        check_outputs(cmd)?;
+    }
     match cli.cmd.unwrap_or(Cmd::Run {
         model: hub::DEFAULT_CAUSAL.into(),
     }) {
-        Cmd::Fetch { model } => cmd_fetch(model, &mut rep)?,
+        Cmd::Fetch { model, verify } => cmd_fetch(model, verify, &mut rep)?,
         Cmd::Inspect { model } => {
             let m = load(&model)?;
             cmd_inspect(&m, &mut rep)?;
@@ -240,12 +262,6 @@ fn run(cli: Cli) -> Result<()> {
             chat,
             system,
         } => {
-            if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
-                anyhow::bail!("--top-p must be in (0, 1], got {top_p}");
-            }
-            if temperature < 0.0 {
-                anyhow::bail!("--temperature must be >= 0, got {temperature}");
-            }
             let m = load(&model)?;
             let p = SamplingParams {
                 max_new_tokens,
@@ -267,6 +283,11 @@ fn run(cli: Cli) -> Result<()> {
                 "--prompt-tokens, --new-tokens (>1) and --repeats must be positive"
             );
             let m = load(&model)?;
+            let ctx = m.llama()?.cfg.max_position_embeddings;
+            anyhow::ensure!(
+                prompt_tokens.saturating_add(new_tokens) <= ctx,
+                "--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the model's context of {ctx} tokens"
+            );
             let r = bench::bench_generate(&m, prompt_tokens, new_tokens, repeats)?;
             println!(
                 "{}: prefill {:.1} tok/s, decode {:.1} tok/s, peak RSS {:.0} MiB, weights {:.1} MiB ({}, {} threads)",
@@ -352,16 +373,6 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => {
             use methods::mpop::{self, Budget, CompressOptions, Shapes};
-            if out.exists()
-                && std::fs::read_dir(&out)
-                    .map(|mut d| d.next().is_some())
-                    .unwrap_or(true)
-            {
-                anyhow::bail!(
-                    "{}: output directory exists and is not empty; choose a new --out",
-                    out.display()
-                );
-            }
             let mut m = load(&model)?;
             let before = m.total_params();
             let budget = match (bond, rel_error, params_ratio) {
@@ -526,7 +537,52 @@ fn load_adapter(dir: &std::path::Path) -> Result<Model> {
     Ok(m)
 }
 
-fn cmd_fetch(model: Option<String>, rep: &mut Report) -> Result<()> {
+/// The one line printed for an error: each cause's first line, joined as `{:#}` joins them
+/// (what follows a first line is a backtrace candle appends when RUST_BACKTRACE is set).
+/// `--verbose` prints everything.
+fn error_text(e: &anyhow::Error, verbose: bool) -> String {
+    if verbose {
+        return format!("{e:?}");
+    }
+    e.chain()
+        .map(|c| {
+            let s = c.to_string();
+            s.lines().next().unwrap_or("").trim_end().to_string()
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// Check every output path a command will write before it does any work.
+fn check_outputs(cmd: &Cmd) -> Result<()> {
+    use target::{check, Target};
+    match cmd {
+        Cmd::Compress { out, .. } => check("--out", out, Target::NewDir),
+        Cmd::Export {
+            gguf: true, out, ..
+        } => check("--out", out, Target::NewFile),
+        Cmd::Export { out, .. } => check("--out", out, Target::NewDir),
+        Cmd::Spectrum { plot: Some(p), .. } => check("--plot", p, Target::File),
+        Cmd::Quantize(a) => match &a.out {
+            Some(o) if a.method != "none" => check("--out", o, Target::NewDir),
+            _ => Ok(()),
+        },
+        Cmd::Finetune(a) => {
+            check("--out", &a.out, Target::Dir)?;
+            let used = a.out.is_dir()
+                && std::fs::read_dir(&a.out).map_or(true, |mut d| d.next().is_some());
+            anyhow::ensure!(
+                a.resume || !used,
+                "--out {}: exists and is not empty; choose a new --out, or pass --resume to continue the run saved there",
+                a.out.display()
+            );
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn cmd_fetch(model: Option<String>, verify: bool, rep: &mut Report) -> Result<()> {
     let Some(model) = model else {
         println!("{:<14} {:<7} {}", "alias", "format", "description");
         for s in hub::MODELS {
@@ -544,7 +600,17 @@ fn cmd_fetch(model: Option<String>, rep: &mut Report) -> Result<()> {
         return Ok(());
     };
     let t0 = std::time::Instant::now();
-    let src = hub::resolve(&model, true)?;
+    let src = match hub::spec(&model) {
+        Some(s) if verify => hub::fetch_with_options(
+            s,
+            &hub::cache_dir(),
+            &hub::FetchOptions {
+                verify: true,
+                ..Default::default()
+            },
+        )?,
+        _ => hub::resolve(&model, true)?,
+    };
     let size = dir_size(&src.path);
     println!(
         "{} -> {} ({:.1} MB)",
@@ -752,4 +818,28 @@ fn cmd_generate(
         }),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// candle appends a backtrace to its error text when RUST_BACKTRACE is set; the printed
+    /// error keeps one line (with every context) unless --verbose.
+    #[test]
+    fn errors_print_one_line_unless_verbose() {
+        let candle = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("shape mismatch in matmul".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let e = anyhow::Error::from(candle).context("loading model 'm'");
+        assert!(format!("{e:#}").lines().count() > 1, "the case this guards");
+        let line = error_text(&e, false);
+        assert_eq!(line, "loading model 'm': shape mismatch in matmul");
+        let full = error_text(&e, true);
+        assert!(
+            full.lines().count() > 2 && full.contains("shape mismatch"),
+            "{full}"
+        );
+    }
 }

@@ -25,8 +25,8 @@ pub struct QuantizeArgs {
     /// GPTQ act-order (desc_act): quantize columns by decreasing Hessian diagonal (g_idx stored).
     #[arg(long)]
     pub act_order: bool,
-    /// Hessian damping as a fraction of its mean diagonal.
-    #[arg(long, default_value_t = 0.01)]
+    /// Hessian damping as a fraction of its mean diagonal, in [0, 1).
+    #[arg(long, default_value_t = 0.01, value_parser = crate::range::fraction_below1)]
     pub damp: f64,
     /// Symmetric grid (zero at 2^(bits-1)).
     #[arg(long)]
@@ -34,9 +34,9 @@ pub struct QuantizeArgs {
     /// Calibration text file (default: the WikiText-2 validation split; its test split is never used).
     #[arg(long)]
     pub calib: Option<PathBuf>,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::range::count)]
     pub nsamples: usize,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::range::len2)]
     pub seqlen: usize,
     /// Keep projections in fp16: attn | ffn | q,k,v,o,gate,up,down | crucial:N.
     #[arg(long)]
@@ -52,17 +52,17 @@ pub struct QuantizeArgs {
     #[arg(long, default_value = "all")]
     pub keep_outliers: String,
     /// |x| from which an input dimension counts as an outlier (LLM.int8 uses 6).
-    #[arg(long, default_value_t = quant::actquant::DEFAULT_THRESHOLD)]
+    #[arg(long, default_value_t = quant::actquant::DEFAULT_THRESHOLD, value_parser = crate::range::positive_f32)]
     pub outlier_threshold: f32,
     /// Output checkpoint directory (must not exist or be empty).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// After quantizing (and reloading the checkpoint), perplexity over the first K
     /// non-overlapping --ppl-window-token windows of the evaluation text.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::range::count0)]
     pub ppl_windows: usize,
     /// Tokens per perplexity window (the RESULTS.md protocol uses 512).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::range::len2)]
     pub ppl_window: usize,
     /// Evaluation text for --ppl-windows (default: WikiText-2 test split).
     #[arg(long)]
@@ -70,7 +70,7 @@ pub struct QuantizeArgs {
     /// Generate from this prompt with the (reloaded) quantized model.
     #[arg(long)]
     pub prompt: Option<String>,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::range::count)]
     pub max_new_tokens: usize,
     /// Seed of the calibration window draw.
     #[arg(long, default_value_t = 0)]
@@ -95,15 +95,6 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
             a.out.is_some(),
             "--out DIR is required to write the quantized checkpoint"
         );
-        if let Some(o) = &a.out {
-            // Checked before the (slow) work so a finished run never meets a used directory.
-            let used = o.exists() && std::fs::read_dir(o).map_or(true, |mut d| d.next().is_some());
-            anyhow::ensure!(
-                !used,
-                "--out {} already exists and is not empty; choose a new directory",
-                o.display()
-            );
-        }
     }
     let keep = KeepFp16::parse(a.keep_fp16.as_deref().unwrap_or(""))?;
     let keep_outliers = quant::actquant::KeepOutliers::parse(&a.keep_outliers)?;
@@ -191,6 +182,17 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
             keep: keep.clone(),
             ..Default::default()
         };
+        if let KeepFp16::Crucial(n) = &keep {
+            let projections = m
+                .linears()
+                .iter()
+                .filter(|(name, _)| quant::calib::layer_index(name).is_some())
+                .count();
+            anyhow::ensure!(
+                *n <= projections,
+                "--keep-fp16 crucial:{n} is out of range: this model has {projections} decoder projections (use crucial:0..={projections})"
+            );
+        }
         quant::calib::validate(&m, &o)?;
         let calib = match &calib_text {
             Some(t) => Some(quant::calib::calibration_samples(

@@ -39,8 +39,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     };
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("{}: cannot create directory", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(&dir)
-        .with_context(|| format!("{}: cannot write", dir.display()))?;
+    let mut tmp =
+        models::tmp::file_in(&dir).with_context(|| format!("{}: cannot write", dir.display()))?;
     tmp.write_all(bytes)
         .with_context(|| format!("{}: write failed", path.display()))?;
     tmp.persist(path)

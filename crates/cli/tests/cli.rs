@@ -635,4 +635,305 @@ fn eval_rerun_reuses_every_cached_request_and_no_cache_bypasses() {
     for r in [&b, &c] {
         assert_eq!(r["results"], a["results"]);
     }
+/// Every numeric flag is checked while the arguments are parsed: the model named here does
+/// not exist, so a flag checked only after loading would report the model instead.
+#[test]
+fn numeric_flags_are_range_checked_before_any_work() {
+    let d = tempfile::tempdir().unwrap();
+    let nomodel = d.path().join("no-such-model");
+    let (m, out) = (
+        nomodel.to_str().unwrap(),
+        d.path().join("out").to_str().unwrap().to_string(),
+    );
+    let gen = ["generate", m, "--prompt", "x"];
+    let comp = ["compress", m, "--out", &out];
+    let ft = ["finetune", m, "--task", "lm", "--data", m, "--out", &out];
+    let quant = ["quantize", m, "--method", "rtn", "--out", &out];
+    let cases: &[(&[&str], &[&str], &str)] = &[
+        (&gen, &["--threads", "10000"], "--threads"),
+        (&gen, &["--threads", "0"], "--threads"),
+        (&gen, &["--temperature", "nan"], "--temperature"),
+        (&gen, &["--temperature", "-1"], "--temperature"),
+        (&gen, &["--top-p", "1.5"], "--top-p"),
+        (&gen, &["--max-new-tokens", "0"], "--max-new-tokens"),
+        (&comp, &["--params-ratio", "1.5"], "--params-ratio"),
+        (&comp, &["--params-ratio", "0"], "--params-ratio"),
+        (&comp, &["--rel-error", "-0.1"], "--rel-error"),
+        (&comp, &["--bond", "0"], "--bond"),
+        (&comp, &["--n", "0"], "--n"),
+        (&comp, &["--n", "100"], "--n"),
+        (&["spectrum", m], &["--n", "0"], "--n"),
+        (&ft, &["--max-steps", "0"], "--max-steps"),
+        (&ft, &["--limit", "0"], "--limit"),
+        (&ft, &["--epochs", "0"], "--epochs"),
+        (&ft, &["--max-grad-norm", "nan"], "--max-grad-norm"),
+        (&ft, &["--warmup-ratio", "2"], "--warmup-ratio"),
+        (&ft, &["--lr", "0"], "--lr"),
+        (&ft, &["--lr", "inf"], "--lr"),
+        (&ft, &["--mpo-lr", "-1"], "--mpo-lr"),
+        (&ft, &["--batch", "0"], "--batch"),
+        (&ft, &["--lora-r", "0"], "--lora-r"),
+        (&ft, &["--lora-dropout", "1"], "--lora-dropout"),
+        (&ft, &["--weight-decay", "nan"], "--weight-decay"),
+        (&ft, &["--save-every", "0"], "--save-every"),
+        (&quant, &["--nsamples", "0"], "--nsamples"),
+        (&quant, &["--seqlen", "1"], "--seqlen"),
+        (&quant, &["--damp", "1"], "--damp"),
+        (
+            &quant,
+            &["--outlier-threshold", "nan"],
+            "--outlier-threshold",
+        ),
+        (
+            &["eval", m, "--task", "wikitext2"],
+            &["--batch", "0"],
+            "--batch",
+        ),
+        (
+            &["eval", m, "--task", "wikitext2"],
+            &["--max-length", "1"],
+            "--max-length",
+        ),
+        (
+            &["bench", "generate", m],
+            &["--new-tokens", "1"],
+            "--new-tokens",
+        ),
+    ];
+    for (base, extra, flag) in cases {
+        let mut a = base.to_vec();
+        a.extend(*extra);
+        let o = mpolm(&a);
+        assert_clean_error(&o, flag);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !err.contains("no-such-model"),
+            "{extra:?} was checked only after loading: {err}"
+        );
+    }
+    assert!(!d.path().join("out").exists());
+}
+
+/// Ranges that depend on the model are checked once it is loaded, before any work.
+#[test]
+fn model_dependent_ranges_are_checked_before_work() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    models::testing::write_tiny_llama(&m, false).unwrap();
+    let ms = m.to_str().unwrap();
+    let data = d.path().join("train.txt");
+    std::fs::write(&data, "a small text about a cat. ".repeat(20)).unwrap();
+    let out = d.path().join("out");
+    let os = out.to_str().unwrap();
+    // v_proj of the tiny model is 16×32.
+    let o = mpolm(&[
+        "finetune",
+        ms,
+        "--task",
+        "lm",
+        "--data",
+        data.to_str().unwrap(),
+        "--method",
+        "lora",
+        "--lora-r",
+        "1000000",
+        "--out",
+        os,
+    ]);
+    assert_clean_error(&o, "--lora-r 1000000 is out of range");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("1..=16"));
+    assert!(!out.exists());
+    let o = mpolm(&[
+        "quantize",
+        ms,
+        "--method",
+        "rtn",
+        "--group-size",
+        "16",
+        "--keep-fp16",
+        "crucial:99999",
+        "--out",
+        os,
+    ]);
+    assert_clean_error(&o, "--keep-fp16 crucial:99999 is out of range");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("crucial:0..=14"));
+    assert!(!out.exists());
+}
+
+/// `--out`, `--report` and `--plot` that cannot be written are refused before the model is
+/// even looked at (the model here does not exist).
+#[test]
+fn output_targets_are_checked_before_the_job() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("no-such-model");
+    let ms = m.to_str().unwrap();
+    let file = d.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let link = d.path().join("link");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    let dangling = d.path().join("dangling");
+    std::os::unix::fs::symlink(d.path().join("nowhere"), &dangling).unwrap();
+    let full = d.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("a"), "x").unwrap();
+    let under_file = file.join("r.json");
+    let p = |x: &std::path::Path| x.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["inspect".into(), ms.into(), "--report".into(), p(&link)],
+            "symbolic link",
+        ),
+        (
+            vec!["inspect".into(), ms.into(), "--report".into(), p(&dangling)],
+            "dangling symbolic link",
+        ),
+        (
+            vec!["inspect".into(), ms.into(), "--report".into(), p(&full)],
+            "is a directory",
+        ),
+        (
+            vec![
+                "inspect".into(),
+                ms.into(),
+                "--report".into(),
+                p(&under_file),
+            ],
+            "cannot create directory",
+        ),
+        (
+            vec!["compress".into(), ms.into(), "--out".into(), p(&link)],
+            "symbolic link",
+        ),
+        (
+            vec!["compress".into(), ms.into(), "--out".into(), p(&dangling)],
+            "dangling",
+        ),
+        (
+            vec!["compress".into(), ms.into(), "--out".into(), p(&full)],
+            "already exists and is not empty",
+        ),
+        (
+            vec!["compress".into(), ms.into(), "--out".into(), p(&file)],
+            "not a directory",
+        ),
+        (
+            vec![
+                "export".into(),
+                ms.into(),
+                "--dense".into(),
+                "--out".into(),
+                p(&under_file),
+            ],
+            "cannot create directory",
+        ),
+        (
+            vec![
+                "export".into(),
+                ms.into(),
+                "--gguf".into(),
+                "--out".into(),
+                p(&file),
+            ],
+            "already exists",
+        ),
+        (
+            vec!["spectrum".into(), ms.into(), "--plot".into(), p(&dangling)],
+            "dangling symbolic link",
+        ),
+        (
+            vec![
+                "quantize".into(),
+                ms.into(),
+                "--method".into(),
+                "rtn".into(),
+                "--out".into(),
+                p(&full),
+            ],
+            "already exists and is not empty",
+        ),
+        (
+            vec![
+                "finetune".into(),
+                ms.into(),
+                "--task".into(),
+                "lm".into(),
+                "--data".into(),
+                ms.into(),
+                "--out".into(),
+                p(&full),
+            ],
+            "--resume",
+        ),
+        (
+            vec![
+                "finetune".into(),
+                ms.into(),
+                "--task".into(),
+                "lm".into(),
+                "--data".into(),
+                ms.into(),
+                "--resume".into(),
+                "--out".into(),
+                p(&link),
+            ],
+            "symbolic link",
+        ),
+    ];
+    for (args, needle) in &cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = mpolm(&a);
+        assert_clean_error(&o, needle);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("no-such-model"), "{args:?}: {err}");
+    }
+    // Nothing was replaced or created.
+    assert_eq!(std::fs::read_to_string(&link).unwrap(), "x");
+    assert!(std::fs::symlink_metadata(&dangling).unwrap().is_symlink());
+    assert_eq!(std::fs::read_dir(&full).unwrap().count(), 1);
+}
+
+/// Temp entries left by a killed run (the next run's prefix, unlocked, older than it) are
+/// removed by the next run that writes in the same directory; other files stay.
+#[test]
+fn leftovers_of_a_killed_run_are_cleaned_by_the_next_write() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    models::testing::write_tiny_llama(&m, false).unwrap();
+    let orphan = d.path().join(format!("{}4242-killed", models::tmp::PREFIX));
+    std::fs::create_dir_all(orphan.join("x")).unwrap();
+    std::fs::write(orphan.join("x/model.safetensors"), vec![1u8; 1 << 16]).unwrap();
+    let foreign = d.path().join(".tmp-not-ours");
+    std::fs::create_dir(&foreign).unwrap();
+    let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for p in [&orphan, &foreign] {
+        std::fs::File::open(p)
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+    }
+    let out = d.path().join("dense");
+    let o = mpolm(&[
+        "export",
+        m.to_str().unwrap(),
+        "--dense",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("model.safetensors").exists());
+    assert!(!orphan.exists(), "the killed run's temp dir stays");
+    assert!(
+        foreign.exists(),
+        "a temp dir of another program was removed"
+    );
+    let ours: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(models::tmp::PREFIX)
+        })
+        .collect();
+    assert!(ours.is_empty(), "{ours:?}");
 }

@@ -468,11 +468,7 @@ fn io_err(p: &Path, e: impl std::fmt::Display) -> Error {
 /// Write `bytes` to `dir/name` through a temporary file in `dir` and a rename.
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| io_err(dir, e))?;
+    let mut tmp = models::tmp::file_in(dir).map_err(|e| io_err(dir, e))?;
     tmp.write_all(bytes)
         .and_then(|_| tmp.as_file().sync_all())
         .map_err(|e| io_err(tmp.path(), e))?;

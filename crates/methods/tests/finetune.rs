@@ -540,3 +540,132 @@ fn lora_over_a_quantized_model() {
     let got = back.llama().unwrap().forward(&ids, None).unwrap();
     assert!(models::testing::max_abs_diff(&want, &got) < 1e-5);
 }
+
+/// SST-2 is binary: a label of 2 or 7 is a data error naming its line, never a wider head.
+#[test]
+fn sst2_labels_other_than_0_and_1_name_their_line() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = tiny_bert(&t.path().join("m"));
+    let out = t.path().join("out");
+    let tsv = t.path().join("three.tsv");
+    std::fs::write(&tsv, "sentence\tlabel\ngood\t1\nbad\t0\nmeh\t2\n").unwrap();
+    let jsonl = t.path().join("seven.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"sentence\": \"good\", \"label\": 1}\n{\"sentence\": \"odd\", \"label\": 7}\n",
+    )
+    .unwrap();
+    // 2^32 + 1 would wrap to label 1 if narrowed before the check.
+    let wrap = t.path().join("wrap.jsonl");
+    std::fs::write(&wrap, "{\"sentence\": \"x\", \"label\": 4294967297}\n").unwrap();
+    for (f, needle) in [
+        (&tsv, "three.tsv:4: label 2 is not 0"),
+        (&jsonl, "seven.jsonl:2: label 7"),
+        (&wrap, "wrap.jsonl:1: label 4294967297"),
+    ] {
+        let e = finetune::finetune(&mut m, &opts(Task::Sst2, Method::Full, f), &out, &quiet())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{e}");
+        assert!(!out.exists());
+    }
+    // A bad label in the evaluation file too.
+    let dir = write_sst(&t.path().join("sst"), 8);
+    std::fs::write(dir.join("dev.tsv"), "sentence\tlabel\nok\t1\nno\t3\n").unwrap();
+    let e = finetune::finetune(
+        &mut m,
+        &opts(Task::Sst2, Method::Full, &dir),
+        &out,
+        &quiet(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("dev.tsv:3: label 3"), "{e}");
+}
+
+/// A run killed between the two renames of a checkpoint rotation (`checkpoint` moved to
+/// `checkpoint.old`, the new one not yet in place, its temp directory left behind) resumes
+/// from `checkpoint.old` with the identical loss curve and bit-identical tensors, and the
+/// leftovers are gone when it finishes.
+#[test]
+fn a_run_killed_while_rotating_its_checkpoint_resumes() {
+    let t = tempfile::tempdir().unwrap();
+    let data = write_sst(&t.path().join("sst"), 12);
+    let mdir = t.path().join("m");
+    models::testing::write_tiny_bert(&mdir).unwrap();
+    let load = || Model::load(mdir.to_str().unwrap(), false).unwrap();
+    let o = FinetuneOptions {
+        epochs: 2,
+        ..opts(Task::Sst2, Method::Lora, &data)
+    };
+    let whole = t.path().join("whole");
+    finetune::finetune(&mut load(), &o, &whole, &quiet()).unwrap();
+    let split = t.path().join("split");
+    let stop = RunControl {
+        stop_after: Some(2),
+        save_every: Some(1),
+        ..quiet()
+    };
+    finetune::finetune(&mut load(), &o, &split, &stop).unwrap();
+    // The kill: the first rename done, the new checkpoint still under its temp name.
+    std::fs::rename(
+        split.join(finetune::CHECKPOINT_DIR),
+        split.join(finetune::CHECKPOINT_OLD),
+    )
+    .unwrap();
+    let orphan = split.join(format!("{}777-ckpt", models::tmp::PREFIX));
+    std::fs::create_dir(&orphan).unwrap();
+    std::fs::write(orphan.join("params.safetensors"), b"half").unwrap();
+    std::fs::File::open(&orphan)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(600))
+        .unwrap();
+    let resume = RunControl {
+        resume: true,
+        save_every: Some(1),
+        ..quiet()
+    };
+    let r = finetune::finetune(&mut load(), &o, &split, &resume).unwrap();
+    assert!(r.finished);
+    let curve = |d: &Path| -> Vec<f64> {
+        let l: finetune::FinetuneLog =
+            serde_json::from_str(&std::fs::read_to_string(d.join(finetune::LOG_FILE)).unwrap())
+                .unwrap();
+        l.steps.iter().map(|s| s.loss).collect()
+    };
+    assert_eq!(curve(&whole).len(), 6);
+    assert_eq!(curve(&whole), curve(&split), "resumed curve differs");
+    let tensors = |d: &Path| {
+        candle_core::safetensors::load(
+            d.join("adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (a, b) = (tensors(&whole), tensors(&split));
+    assert_eq!(a.len(), b.len());
+    for (k, x) in &a {
+        let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = b[k].flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{k} differs"
+        );
+    }
+    let mut left: Vec<String> = std::fs::read_dir(&split)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let mut want: Vec<String> = std::fs::read_dir(&whole)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    want.sort();
+    assert_eq!(
+        left, want,
+        "leftovers or missing files after the resumed run"
+    );
+}

@@ -82,7 +82,7 @@ pub fn write_hf_dir(
         _ => std::path::PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp = tempfile::TempDir::new_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    let tmp = crate::tmp::dir_in(&parent).map_err(|e| Error::io(&parent, e))?;
     let t = tmp.path();
     let w = |name: &str, s: String| -> Result<()> {
         std::fs::write(t.join(name), s).map_err(|e| Error::io(t.join(name), e))
@@ -116,10 +116,6 @@ pub fn write_hf_dir(
         w(name, text.clone())?;
     }
     candle_core::safetensors::save(tensors, t.join("model.safetensors"))?;
-    let kept = tmp.keep();
-    if dir.exists() {
-        let _ = std::fs::remove_dir(dir);
-    }
-    std::fs::rename(&kept, dir).map_err(|e| Error::io(dir, e))?;
+    tmp.rename_to(dir).map_err(|e| Error::io(dir, e))?;
     Ok(())
 }

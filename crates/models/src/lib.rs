@@ -21,6 +21,7 @@ pub mod qdot;
 pub mod qlinear;
 pub mod simd;
 pub mod testing;
+pub mod tmp;
 pub mod tokenizer;
 pub mod untrusted;
 pub mod weights;

@@ -83,7 +83,7 @@ fn read_labelled(path: &Path) -> Result<Vec<(String, u32, usize)>> {
             let label = v.get("label").and_then(|l| l.as_u64()).ok_or_else(|| {
                 parse_err(path, line, "missing non-negative integer field \"label\"")
             })?;
-            out.push((text.to_string(), label as u32, line));
+            out.push((text.to_string(), binary_label(path, line, label)?, line));
         }
     } else {
         let (header, rows) = eval::data::read_tsv(path).map_err(from_eval)?;
@@ -104,20 +104,32 @@ fn read_labelled(path: &Path) -> Result<Vec<(String, u32, usize)>> {
             let l = r
                 .get(li)
                 .ok_or_else(|| parse_err(path, line, "missing label column"))?;
-            let label: u32 = l.trim().parse().map_err(|_| {
+            let label: u64 = l.trim().parse().map_err(|_| {
                 parse_err(
                     path,
                     line,
                     format!("label must be a non-negative integer, found {l:?}"),
                 )
             })?;
-            out.push((s.clone(), label, line));
+            out.push((s.clone(), binary_label(path, line, label)?, line));
         }
     }
     if out.is_empty() {
         return Err(parse_err(path, 1, "no examples"));
     }
     Ok(out)
+}
+
+/// SST-2 is binary: any other label is a data error, not a reason to widen the classifier.
+fn binary_label(path: &Path, line: usize, label: u64) -> Result<u32> {
+    match label {
+        0 | 1 => Ok(label as u32),
+        _ => Err(parse_err(
+            path,
+            line,
+            format!("label {label} is not 0 (negative) or 1 (positive); SST-2 labels are binary"),
+        )),
+    }
 }
 
 /// Token ids of one sentence for an encoder, cut to `max_len` keeping the final [SEP].
@@ -154,10 +166,10 @@ pub fn load_classification(spec: &Spec, tok: &Tokenizer) -> Result<Dataset> {
     if let Some(n) = limit {
         rows.truncate(n);
     }
-    let mut num_labels = 2usize;
+    // Labels were checked to be 0 or 1 when read.
+    let num_labels = 2usize;
     let mut train = Vec::with_capacity(rows.len());
     for (s, label, _) in &rows {
-        num_labels = num_labels.max(*label as usize + 1);
         train.push(Example::Cls {
             ids: encode_cls(tok, s, max_len)?,
             label: *label,
@@ -169,16 +181,7 @@ pub fn load_classification(spec: &Spec, tok: &Tokenizer) -> Result<Dataset> {
         if let Some(n) = eval_limit {
             rows.truncate(n);
         }
-        for (s, label, line) in rows {
-            if label as usize >= num_labels {
-                return Err(parse_err(
-                    p,
-                    line,
-                    format!(
-                        "label {label} does not occur in the training data ({num_labels} labels)"
-                    ),
-                ));
-            }
+        for (s, label, _) in rows {
             ev.push(Example::Cls {
                 ids: encode_cls(tok, &s, max_len)?,
                 label,

@@ -481,7 +481,7 @@ pub struct FinetuneReport {
 fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| io_err(dir, e))?;
+    let mut tmp = models::tmp::file_in(dir).map_err(|e| io_err(dir, e))?;
     std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(|e| io_err(path, e))?;
     tmp.persist(path).map_err(|e| io_err(path, e.error))?;
     Ok(())
@@ -495,9 +495,16 @@ fn fingerprint(o: &FinetuneOptions) -> Value {
     serde_json::to_value(o).unwrap_or(Value::Null)
 }
 
+/// The previous checkpoint while a new one is moved into place.
+pub const CHECKPOINT_OLD: &str = "checkpoint.old";
+
 /// Save trainable tensors, AdamW moments and the log under `out/checkpoint` (replaced whole).
+///
+/// The new checkpoint is complete under a temp name before anything is moved, and a complete
+/// checkpoint exists at every instant: `checkpoint`, or `checkpoint.old` only between the two
+/// renames (which [`checkpoint_dir`] falls back to), so a run killed anywhere here resumes.
 fn save_checkpoint(out: &Path, opt: &AdamW, log: &FinetuneLog) -> Result<()> {
-    let tmp = tempfile::TempDir::new_in(out).map_err(|e| io_err(out, e))?;
+    let tmp = models::tmp::dir_in(out).map_err(|e| io_err(out, e))?;
     let mut params = HashMap::new();
     let mut moments = HashMap::new();
     for s in &opt.slots {
@@ -519,20 +526,62 @@ fn save_checkpoint(out: &Path, opt: &AdamW, log: &FinetuneLog) -> Result<()> {
         &json!({"optimizer_step": opt.step, "log": log}),
     )?;
     let dst = out.join(CHECKPOINT_DIR);
-    let old = out.join("checkpoint.old");
-    if dst.exists() {
-        let _ = std::fs::remove_dir_all(&old);
+    let old = out.join(CHECKPOINT_OLD);
+    if is_checkpoint(&dst) {
+        // `checkpoint` is complete, so `checkpoint.old` is not needed until the rename below.
+        remove_dir_if_present(&old)?;
         std::fs::rename(&dst, &old).map_err(|e| io_err(&dst, e))?;
+    } else {
+        // A broken `checkpoint` (killed while being removed) is not worth keeping; a complete
+        // `checkpoint.old` stays the fallback until the new one is in place.
+        remove_dir_if_present(&dst)?;
     }
-    let kept = tmp.keep();
-    std::fs::rename(&kept, &dst).map_err(|e| io_err(&dst, e))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    tmp.rename_to(&dst).map_err(|e| io_err(&dst, e))?;
+    remove_dir_if_present(&old)
+}
+
+/// Whether `dir` holds a complete checkpoint (its state is written last).
+fn is_checkpoint(dir: &Path) -> bool {
+    dir.join("state.json").is_file()
+}
+
+/// The checkpoint to resume from: `checkpoint`, else `checkpoint.old` (left by a run killed
+/// while rotating them).
+pub fn checkpoint_dir(out: &Path) -> Option<PathBuf> {
+    [CHECKPOINT_DIR, CHECKPOINT_OLD]
+        .iter()
+        .map(|d| out.join(d))
+        .find(|d| is_checkpoint(d))
+}
+
+fn remove_dir_if_present(d: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(d) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(d, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Remove the checkpoints of a finished run: first renamed to a temp name (one atomic step,
+/// so no half-deleted `checkpoint` is ever seen), then deleted.
+fn remove_checkpoints(out: &Path) {
+    for d in [CHECKPOINT_DIR, CHECKPOINT_OLD] {
+        let p = out.join(d);
+        if !p.exists() {
+            continue;
+        }
+        if let Ok(t) = models::tmp::dir_in(out) {
+            let gone = t.path().join(d);
+            if std::fs::rename(&p, &gone).is_ok() {
+                continue; // deleted with `t`
+            }
+        }
+        let _ = std::fs::remove_dir_all(&p);
+    }
 }
 
 /// Restore a checkpoint into `opt` (same parameter names and shapes required).
 fn load_checkpoint(out: &Path, opt: &mut AdamW, o: &FinetuneOptions) -> Result<FinetuneLog> {
-    let dir = out.join(CHECKPOINT_DIR);
+    let dir = checkpoint_dir(out).unwrap_or_else(|| out.join(CHECKPOINT_DIR));
     let sp = dir.join("state.json");
     let text = std::fs::read_to_string(&sp).map_err(|_| {
         Error::Msg(format!(
@@ -609,8 +658,9 @@ fn load_checkpoint(out: &Path, opt: &mut AdamW, o: &FinetuneOptions) -> Result<F
 
 /// Write the final model into `out` in the method's format.
 fn save_model(m: &Model, o: &FinetuneOptions, out: &Path) -> Result<()> {
-    let tmp = out.join(".final.tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
+    // Writers that refuse a non-empty directory get a fresh one inside the temp dir.
+    let guard = models::tmp::dir_in(out).map_err(|e| io_err(out, e))?;
+    let tmp = guard.path().join("final");
     if o.method == Method::Lora {
         let cfg = lora_config(m, o);
         let head: Vec<(String, Tensor)> = m
@@ -644,7 +694,6 @@ fn save_model(m: &Model, o: &FinetuneOptions, out: &Path) -> Result<()> {
         let dst = out.join(e.file_name());
         std::fs::rename(e.path(), &dst).map_err(|er| io_err(&dst, er))?;
     }
-    let _ = std::fs::remove_dir(&tmp);
     Ok(())
 }
 
@@ -700,7 +749,62 @@ fn check_options(o: &FinetuneOptions) -> Result<()> {
     if o.max_len < 2 {
         return bad("--max-len must be at least 2".into());
     }
+    // Zero counts would finish "successfully" with an untrained model.
+    for (name, v) in [
+        ("--max-steps", o.max_steps),
+        ("--limit", o.limit),
+        ("--eval-limit", o.eval_limit),
+    ] {
+        if v == Some(0) {
+            return bad(format!("{name} must be at least 1"));
+        }
+    }
+    if o.eval_batch == 0 {
+        return bad("--eval-batch must be at least 1".into());
+    }
+    if !(0.0..=1.0).contains(&o.warmup_ratio) {
+        return bad(format!(
+            "--warmup-ratio must be in [0, 1], got {}",
+            o.warmup_ratio
+        ));
+    }
+    for (name, v) in [
+        ("--max-grad-norm", o.max_grad_norm),
+        ("--weight-decay", o.weight_decay),
+    ] {
+        if !(v >= 0.0) || !v.is_finite() {
+            return bad(format!("{name} must be a finite number >= 0, got {v}"));
+        }
+    }
+    if o.method == Method::Lora && (!(o.lora_alpha > 0.0) || !o.lora_alpha.is_finite()) {
+        return bad(format!(
+            "--lora-alpha must be a positive number, got {}",
+            o.lora_alpha
+        ));
+    }
     Ok(())
+}
+
+/// A LoRA rank above a targeted matrix's smaller side adds parameters without adding rank
+/// (and a huge one allocates r × features before failing).
+fn check_lora_rank(m: &Model, o: &FinetuneOptions) -> Result<()> {
+    if o.method != Method::Lora {
+        return Ok(());
+    }
+    let cfg = lora_config(m, o);
+    let smallest = m
+        .linears()
+        .into_iter()
+        .filter(|(name, _)| cfg.selects(name))
+        .map(|(name, l)| (l.in_features().min(l.out_features()), name))
+        .min();
+    match smallest {
+        Some((dim, name)) if o.lora_r > dim => Err(Error::Msg(format!(
+            "--lora-r {} is out of range: the targeted matrix {name} has {dim} as its smaller dimension (use 1..={dim})",
+            o.lora_r
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// A training session: the model prepared for its method, data, optimizer and schedule.
@@ -720,6 +824,7 @@ pub struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     pub fn new(model: &'a mut Model, o: &FinetuneOptions, progress: bool) -> Result<Self> {
         check_options(o)?;
+        check_lora_rank(model, o)?;
         let data = load_data(model, o)?;
         if o.task == Task::Sst2 {
             ensure_head(model, data.num_labels, o.seed)?;
@@ -904,7 +1009,7 @@ pub fn finetune(
     out: &Path,
     ctl: &RunControl,
 ) -> Result<FinetuneReport> {
-    if ctl.resume && !out.join(CHECKPOINT_DIR).join("state.json").exists() {
+    if ctl.resume && checkpoint_dir(out).is_none() {
         return Err(Error::Msg(format!(
             "{}: no checkpoint to resume from; run without --resume to start a new run there",
             out.display()
@@ -1010,9 +1115,13 @@ pub fn finetune(
     if !stopped {
         tr.log.finished = true;
         save_model(tr.model, &tr.opts, out)?;
-        let _ = std::fs::remove_dir_all(out.join(CHECKPOINT_DIR));
+        // The finished log before the checkpoints go, so that a kill in between leaves a
+        // finished run rather than neither.
+        write_json(&out.join(LOG_FILE), &tr.log)?;
+        remove_checkpoints(out);
+    } else {
+        write_json(&out.join(LOG_FILE), &tr.log)?;
     }
-    write_json(&out.join(LOG_FILE), &tr.log)?;
     let secs = t0.elapsed().as_secs_f64();
     Ok(FinetuneReport {
         out: out.to_path_buf(),

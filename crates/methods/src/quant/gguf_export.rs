@@ -541,7 +541,7 @@ pub fn export_gguf(m: &Model, out: &Path, opts: &ExportOptions) -> Result<Export
     };
     std::fs::create_dir_all(&parent)
         .map_err(|e| Error::Msg(format!("{}: {e}", parent.display())))?;
-    let tmp = tempfile::NamedTempFile::new_in(&parent)
+    let tmp = models::tmp::file_in(&parent)
         .map_err(|e| Error::Msg(format!("{}: {e}", parent.display())))?;
     let io = |e: std::io::Error| Error::Msg(format!("{}: {e}", out.display()));
     let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file());
