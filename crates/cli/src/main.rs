@@ -152,7 +152,7 @@ enum Cmd {
     /// Benchmarks (see BENCHMARKS.md for the peer comparisons).
     #[command(subcommand)]
     Bench(BenchCmd),
-    /// Evaluate a model on benchmark tasks (wikitext2, mmlu, gsm8k, ifeval, sst2, .jsonl files).
+    /// Evaluate a model on benchmark tasks (wikitext2, mmlu, gsm8k, ifeval, sst2, zeroshot, .jsonl files).
     Eval(eval_cmd::EvalArgs),
     /// Quantize a causal model with RTN or GPTQ into an AutoGPTQ-layout checkpoint (issue #6).
     Quantize(quant_cmd::QuantizeArgs),
