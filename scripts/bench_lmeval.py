@@ -10,6 +10,12 @@
            [--threads T] [--max-length L] --out OUT.json
       Loads lm-eval's `hf` model once (timed apart), then times simple_evaluate alone; writes results,
       timings and per-document predictions / log-likelihoods.
+  prepare-zeroshot --data DATA --work DIR [--limit N]
+      DIR/zeroshot/<task>.jsonl             the zero-shot suite's source files under DATA (mpolm's --data-dir
+                                            layout, data/ZEROSHOT_SOURCES.md) as the HF rows lm-eval loads, for
+                                            scripts/lmeval_tasks/local_<task>.yaml (tasks whose files are missing
+                                            are skipped)
+  lmeval ... --separately                   one simple_evaluate per task, each timed (timings.per_task_seconds)
   compare  --mpolm REPORT.json (mpolm eval --log-samples) --lmeval OUT.json
       Per-subject accuracy on both sides, documents whose prediction differs, largest log-likelihood gap;
       perplexities and their relative difference; for GSM8K, identical generations and extracted answers.
@@ -28,6 +34,7 @@ from pathlib import Path
 
 TASK_DIR = Path(__file__).resolve().parent / "lmeval_tasks"
 LETTERS = "ABCD"
+ZEROSHOT = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa", "lambada_openai"]
 
 
 def prepare(a):
@@ -63,6 +70,19 @@ def prepare(a):
     print(f"{len(subjects)} MMLU subjects, wikitext2 page of {a.wikitext_lines} lines / {len(page.encode())} bytes -> {work}")
 
 
+def prepare_zeroshot(a):
+    sys.path.insert(0, str(TASK_DIR))
+    import zeroshot_hf
+
+    for t in zeroshot_hf.TASKS:
+        missing = [f for f in zeroshot_hf.FILES[t][0] if not (Path(a.data) / f).exists()]
+        if missing:
+            print(f"{t:15s} skipped: {', '.join(missing)} not in {a.data}")
+            continue
+        n = zeroshot_hf.write(t, a.data, a.work, a.limit)
+        print(f"{t:15s} {n} documents -> {Path(a.work) / 'zeroshot' / (t + '.jsonl')}")
+
+
 def run_lmeval(a):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -83,17 +103,30 @@ def run_lmeval(a):
     load_s = time.perf_counter() - t0
     tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
     tasks = a.tasks.split(",")
+    def evaluate(ts):
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=ts,
+            num_fewshot=a.shots,
+            limit=a.limit,
+            batch_size=a.batch,
+            task_manager=tm,
+            bootstrap_iters=0,
+            log_samples=True,
+        )
+
+    per_task = {}
     t1 = time.perf_counter()
-    res = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=a.shots,
-        limit=a.limit,
-        batch_size=a.batch,
-        task_manager=tm,
-        bootstrap_iters=0,
-        log_samples=True,
-    )
+    if a.separately:
+        res = {"results": {}, "samples": {}, "n-samples": {}}
+        for t in tasks:
+            t2 = time.perf_counter()
+            r = evaluate([t])
+            per_task[t] = time.perf_counter() - t2
+            for k in res:
+                res[k].update(r.get(k) or {})
+    else:
+        res = evaluate(tasks)
     eval_s = time.perf_counter() - t1
     samples = {}
     for t, ss in res["samples"].items():
@@ -106,7 +139,9 @@ def run_lmeval(a):
                              "exact_match": s.get("exact_match")})
                 continue
             lls = [float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0]) for r in s["resps"]]
-            rows.append({"doc_id": s["doc_id"], "target": s["target"], "loglikelihoods": lls})
+            greedy = [bool(r[0][1]) if isinstance(r[0], (list, tuple)) and len(r[0]) > 1 else None for r in s["resps"]]
+            rows.append({"doc_id": s["doc_id"], "target": s["target"], "loglikelihoods": lls, "greedy": greedy,
+                         "arguments": [list(x) for x in s.get("arguments", [])]})
         samples[t] = rows
     out = {
         "lm_eval_version": lm_eval.__version__,
@@ -117,7 +152,7 @@ def run_lmeval(a):
         "limit": a.limit,
         "results": res["results"],
         "n-samples": res.get("n-samples"),
-        "timings": {"model_load_seconds": load_s, "evaluate_seconds": eval_s},
+        "timings": {"model_load_seconds": load_s, "evaluate_seconds": eval_s, "per_task_seconds": per_task},
         "samples": samples,
     }
     Path(a.out).write_text(json.dumps(out, indent=1, default=str))
@@ -127,9 +162,71 @@ def run_lmeval(a):
         print(t, {k: v for k, v in r.items() if isinstance(v, float)})
 
 
+def compare_zeroshot(m, l):
+    """Per task: documents, acc (and acc_norm) of both tools, identical predictions, largest log-likelihood gap,
+    items/s; LAMBADA: perplexity, acc and identical greedy flags."""
+    by_task = {}
+    for v in m.get("samples", {}).values():
+        for s in v:
+            if isinstance(s, dict) and s.get("task") in ZEROSHOT:
+                by_task.setdefault(s["task"], []).append(s)
+    secs = {}
+    for v in m["configs"].values():
+        secs.update(v.get("seconds_per_task") or {})
+    lsecs = l["timings"].get("per_task_seconds") or {}
+    rows = []
+    for task, ms in by_task.items():
+        lt = f"local_{task}"
+        if lt not in l["samples"]:
+            print(f"{task}: not in the lm-eval run")
+            continue
+        ls = {r["doc_id"]: r for r in l["samples"][lt]}
+        if len(ls) != len(ms):
+            sys.exit(f"{task}: mpolm has {len(ms)} documents, lm-eval {len(ls)}")
+        same = same_norm = macc = lacc = macc_n = lacc_n = 0
+        worst = 0.0
+        for x in ms:
+            y = ls[x["doc"]]
+            if y.get("arguments") and [list(p) for p in x["requests"]] != y["arguments"]:
+                sys.exit(f"{task} doc {x['doc']}: requests differ\n  mpolm   {x['requests']}\n  lm-eval {y['arguments']}")
+            mll, lll = x["loglikelihoods"], y["loglikelihoods"]
+            worst = max(worst, max(abs(p - q) for p, q in zip(mll, lll)))
+            if task == "lambada_openai":
+                same += x["greedy"] == y["greedy"][0]
+                macc += x["greedy"]
+                lacc += bool(y["greedy"][0])
+                continue
+            lens = [len(c[1][1:]) if task != "winogrande" else 1 for c in x["requests"]]
+            mp = max(range(len(mll)), key=lambda i: (mll[i], -i))
+            lp = max(range(len(lll)), key=lambda i: (lll[i], -i))
+            mn = max(range(len(mll)), key=lambda i: (mll[i] / lens[i], -i))
+            ln = max(range(len(lll)), key=lambda i: (lll[i] / lens[i], -i))
+            same += mp == lp
+            same_norm += mn == ln
+            macc += mp == x["gold"]
+            lacc += lp == x["gold"]
+            macc_n += mn == x["gold"]
+            lacc_n += ln == x["gold"]
+        n = len(ms)
+        mr, lr = m["results"][task], l["results"][lt]
+        ms_, ls_ = secs.get(task), lsecs.get(lt)
+        speed = (f", items/s mpolm {n / ms_:.2f} lm-eval {n / ls_:.3f} ({ls_ / ms_:.1f}x)" if ms_ and ls_ else "")
+        if task == "lambada_openai":
+            print(f"{task:15s} n={n:3d} ppl mpolm {mr['perplexity,none']:.4f} lm-eval {lr['perplexity,none']:.4f}, "
+                  f"acc {macc / n:.4f} / {lacc / n:.4f}, identical greedy flags {same}/{n}, max |dll| {worst:.1e}{speed}")
+        else:
+            norm = (f", acc_norm {macc_n / n:.4f} / {lacc_n / n:.4f} (report {mr.get('acc_norm,none', float('nan')):.4f} / "
+                    f"{lr.get('acc_norm,none', float('nan')):.4f}), identical norm predictions {same_norm}/{n}"
+                    if "acc_norm,none" in lr else "")
+            print(f"{task:15s} n={n:3d} acc mpolm {macc / n:.4f} lm-eval {lacc / n:.4f} (report {mr['acc,none']:.4f} / "
+                  f"{lr['acc,none']:.4f}), identical predictions {same}/{n}{norm}, max |dll| {worst:.1e}{speed}")
+
+
 def compare(a):
     m = json.loads(Path(a.mpolm).read_text())
     l = json.loads(Path(a.lmeval).read_text())
+    if any(k.startswith("local_") and k[6:] in ZEROSHOT for k in l["samples"]):
+        compare_zeroshot(m, l)
     if "mmlu" in m.get("samples", {}):
         by_subj = {}
         for s in m["samples"]["mmlu"]:
@@ -198,6 +295,10 @@ def main():
     q.add_argument("--data", default=os.environ.get("MPOLM_DATA", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data")))
     q.add_argument("--work", required=True)
     q.add_argument("--wikitext-lines", type=int, default=60)
+    q = sub.add_parser("prepare-zeroshot")
+    q.add_argument("--data", required=True)
+    q.add_argument("--work", required=True)
+    q.add_argument("--limit", type=int)
     q = sub.add_parser("lmeval")
     q.add_argument("--work", required=True)
     q.add_argument("--model", required=True)
@@ -207,12 +308,13 @@ def main():
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--threads", type=int, default=2)
     q.add_argument("--max-length", type=int)
+    q.add_argument("--separately", action="store_true")
     q.add_argument("--out", required=True)
     q = sub.add_parser("compare")
     q.add_argument("--mpolm", required=True)
     q.add_argument("--lmeval", required=True)
     a = p.parse_args()
-    {"prepare": prepare, "lmeval": run_lmeval, "compare": compare}[a.cmd](a)
+    {"prepare": prepare, "prepare-zeroshot": prepare_zeroshot, "lmeval": run_lmeval, "compare": compare}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ pub struct EvalArgs {
     /// Model: alias (e.g. smollm2-135m), HF directory or .gguf file.
     pub model: String,
     /// Comma-separated tasks: wikitext2, mmlu, mmlu_<subject>, mmlu_<category>, gsm8k, ifeval,
-    /// sst2, or a path to a .jsonl task file.
+    /// sst2, zeroshot (arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, openbookqa,
+    /// lambada_openai), or a path to a .jsonl task file.
     #[arg(long, alias = "tasks", required = true)]
     pub task: String,
     /// Few-shot examples (default per task: mmlu 0, gsm8k 8, others 0).

@@ -166,7 +166,7 @@ enum Cmd {
     /// Benchmarks (see BENCHMARKS.md for the peer comparisons).
     #[command(subcommand)]
     Bench(BenchCmd),
-    /// Evaluate a model on benchmark tasks (wikitext2, mmlu, gsm8k, ifeval, sst2, .jsonl files).
+    /// Evaluate a model on benchmark tasks (wikitext2, mmlu, gsm8k, ifeval, sst2, zeroshot, .jsonl files).
     Eval(eval_cmd::EvalArgs),
     /// The data folder in effect (--data-dir, else $MPOLM_DATA, else the project's data/) and
     /// the datasets it holds; --verify checks every file against SHA256SUMS.

@@ -7,6 +7,8 @@
 //! - `gsm8k`: 8-shot chain of thought, greedy generation, strict and flexible exact match;
 //! - `ifeval`: the verifiable instructions, prompt- and instruction-level, strict and loose;
 //! - `sst2`: a fine-tuned BERT classifier, or k-shot prompting of a causal model;
+//! - `zeroshot`: ARC-Easy/Challenge, HellaSwag, PIQA, WinoGrande, BoolQ, OpenBookQA and LAMBADA
+//!   with lm-eval 0.4.x's prompts and metrics (see `tasks::zeroshot`);
 //! - any `.jsonl` task file (multiple choice or generation; see README.md).
 //!
 //! [`lm::Lm`] is the model side: batched, prefix-sharing log-likelihood and KV-cached greedy

@@ -1,11 +1,18 @@
 //! Task names → specs, and running one spec on a model.
 
+pub mod arc;
+pub mod boolq;
 pub mod gsm8k;
+pub mod hellaswag;
 pub mod ifeval;
 pub mod jsonl;
+pub mod lambada;
 pub mod mmlu;
+pub mod piqa;
 pub mod sst2;
 pub mod wikitext;
+pub mod winogrande;
+pub mod zeroshot;
 
 use crate::lm::Lm;
 use crate::{Error, EvalOptions, Result, TaskOutput};
@@ -22,6 +29,12 @@ pub enum TaskSpec {
     Gsm8k,
     Ifeval,
     Sst2,
+    /// Zero-shot suite tasks; `group` = the whole suite asked for as `zeroshot` (adds a group
+    /// entry to the report).
+    ZeroShot {
+        tasks: Vec<zeroshot::Task>,
+        group: bool,
+    },
     Jsonl(PathBuf),
 }
 
@@ -33,12 +46,16 @@ impl TaskSpec {
             TaskSpec::Gsm8k => "gsm8k".into(),
             TaskSpec::Ifeval => "ifeval".into(),
             TaskSpec::Sst2 => "sst2".into(),
+            TaskSpec::ZeroShot { group: true, .. } => "zeroshot".into(),
+            TaskSpec::ZeroShot { tasks, .. } => {
+                tasks.iter().map(|t| t.name()).collect::<Vec<_>>().join(",")
+            }
             TaskSpec::Jsonl(p) => jsonl::task_name(p),
         }
     }
 }
 
-pub const KNOWN: &str = "wikitext2, mmlu, mmlu_<subject>, mmlu_{stem,humanities,social_sciences,other}, gsm8k, ifeval, sst2";
+pub const KNOWN: &str = "wikitext2, mmlu, mmlu_<subject>, mmlu_{stem,humanities,social_sciences,other}, gsm8k, ifeval, sst2, zeroshot (arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, openbookqa, lambada_openai)";
 
 /// Parse `--task a,b,…`. MMLU names (`mmlu`, `mmlu_<category>`, `mmlu_<subject>`) merge into
 /// one MMLU run over the union of their subjects.
@@ -58,6 +75,28 @@ pub fn parse_tasks(list: &str) -> Result<Vec<TaskSpec>> {
         if let Some(s) = spec {
             if !out.contains(&s) {
                 out.push(s);
+            }
+            continue;
+        }
+        if lower == "zeroshot" {
+            // The suite replaces any of its tasks named on their own.
+            out.retain(|s| !matches!(s, TaskSpec::ZeroShot { .. }));
+            out.push(TaskSpec::ZeroShot {
+                tasks: zeroshot::Task::ALL.to_vec(),
+                group: true,
+            });
+            continue;
+        }
+        if let Some(t) = zeroshot::Task::from_name(&lower) {
+            let known = out.iter().any(|s| match s {
+                TaskSpec::ZeroShot { tasks, .. } => tasks.contains(&t),
+                _ => false,
+            });
+            if !known {
+                out.push(TaskSpec::ZeroShot {
+                    tasks: vec![t],
+                    group: false,
+                });
             }
             continue;
         }
@@ -164,6 +203,12 @@ pub fn run_task(model: &Model, spec: &TaskSpec, opts: &EvalOptions) -> Result<Ta
             Arch::Bert(b) => sst2::run_classifier(b, &model.tokenizer, opts)?,
             Arch::Llama(_) => sst2::run_prompted(&causal(model, "sst2", opts, None)?, opts)?,
         },
+        TaskSpec::ZeroShot { tasks, group } => zeroshot::run(
+            &causal(model, &spec.name(), opts, None)?,
+            tasks,
+            *group,
+            opts,
+        )?,
         TaskSpec::Jsonl(p) => jsonl::run(&causal(model, &spec.name(), opts, None)?, p, opts)?,
     };
     out.seconds = t0.elapsed().as_secs_f64();
@@ -200,5 +245,11 @@ mod tests {
         assert!(e.contains("unknown task 'nope'"), "{e}");
         assert!(parse_tasks("mmlu_nope").is_err());
         assert!(parse_tasks(" , ").is_err());
+        let z = parse_tasks("piqa,zeroshot,arc_easy,LAMBADA").unwrap();
+        assert_eq!(z.len(), 1, "{z:?}");
+        assert_eq!(z[0].name(), "zeroshot");
+        let z = parse_tasks("boolq,winogrande,boolq").unwrap();
+        assert_eq!(z.len(), 2);
+        assert_eq!(z[1].name(), "winogrande");
     }
 }
