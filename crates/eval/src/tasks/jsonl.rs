@@ -2,8 +2,8 @@
 //!
 //! - multiple choice: `{"context": "...", "choices": ["a", "b", ...], "gold": 0}` — each
 //!   choice is scored as the continuation `target_delimiter + choice` of the context. Metrics:
-//!   `acc` (highest log-likelihood) and `acc_norm` (log-likelihood divided by the choice's UTF-8
-//!   byte length, as lm-eval).
+//!   `acc` (highest log-likelihood) and `acc_norm` (log-likelihood divided by the choice's length
+//!   in characters, as lm-eval's Python `len`).
 //! - generation: `{"prompt": "...", "target": "...", "regex": "optional", "until": ["\n\n"],
 //!   "max_tokens": 256, "ignore_case": false}` — greedy generation until a stop string (default
 //!   "\n\n") or EOS; the answer is the regex's first match (its first capture group when it has
@@ -349,7 +349,7 @@ pub fn run(lm: &Lm, path: &Path, opts: &EvalOptions) -> Result<TaskOutput> {
                 let norm: Vec<f64> = ll
                     .iter()
                     .zip(choices)
-                    .map(|(l, c)| l / (c.len().max(1) as f64))
+                    .map(|(l, c)| l / (c.chars().count().max(1) as f64))
                     .collect();
                 let (p, pn) = (super::mmlu::argmax_f64(&ll), super::mmlu::argmax_f64(&norm));
                 acc.push((p == *gold) as u8 as f64);
