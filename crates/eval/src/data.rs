@@ -12,7 +12,9 @@ pub const DATA_ENV: &str = "MPOLM_DATA";
 /// checkout must find the data it ships with from any working directory; a binary copied away
 /// from its checkout uses `--data-dir` or `$MPOLM_DATA` instead.
 pub fn project_data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data")
+    // crates/eval → the workspace root.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2);
+    root.unwrap_or(Path::new(".")).join("data")
 }
 
 /// Where the data folder in effect came from.
