@@ -635,6 +635,8 @@ fn eval_rerun_reuses_every_cached_request_and_no_cache_bypasses() {
     for r in [&b, &c] {
         assert_eq!(r["results"], a["results"]);
     }
+}
+
 /// Every numeric flag is checked while the arguments are parsed: the model named here does
 /// not exist, so a flag checked only after loading would report the model instead.
 #[test]
