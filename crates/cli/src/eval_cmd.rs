@@ -18,15 +18,15 @@ pub struct EvalArgs {
     #[arg(long, alias = "tasks", required = true)]
     pub task: String,
     /// Few-shot examples (default per task: mmlu 0, gsm8k 8, others 0).
-    #[arg(long, value_parser = crate::range::count0)]
+    #[arg(long, value_parser = crate::range::count0, allow_negative_numbers = true)]
     pub shots: Option<usize>,
     /// Evaluate at most N documents per task (per subject for MMLU, windows for wikitext2).
-    #[arg(long, value_parser = crate::range::count)]
+    #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub limit: Option<usize>,
     /// Sequences per forward pass: rows of log-likelihood batches (default 1), and generations
     /// decoded together for gsm8k, ifeval and generation .jsonl tasks (default 8; every output is
     /// the one it would be alone).
-    #[arg(long, value_parser = crate::range::count)]
+    #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub batch: Option<usize>,
     /// Seed for sampled few-shot examples (sst2, .jsonl tasks).
     #[arg(long, default_value_t = 1234)]
@@ -36,10 +36,10 @@ pub struct EvalArgs {
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Longest model input in tokens (default: the model's context; 2048 for wikitext2 windows).
-    #[arg(long, value_parser = crate::range::len2)]
+    #[arg(long, value_parser = crate::range::len2, allow_negative_numbers = true)]
     pub max_length: Option<usize>,
     /// wikitext2 window stride in tokens (default: max length, lm-eval's disjoint windows).
-    #[arg(long, value_parser = crate::range::count)]
+    #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub stride: Option<usize>,
     /// wikitext2 protocol: `rolling` (lm-eval's loglikelihood_rolling: every token predicted once,
     /// the default) or `disjoint` (complete windows of --max-length tokens scored alone, each
@@ -47,7 +47,7 @@ pub struct EvalArgs {
     #[arg(long, default_value = "rolling", value_parser = ["rolling", "disjoint"])]
     pub ppl_protocol: String,
     /// Generation budget (default: gsm8k 256, ifeval 1280, .jsonl 256).
-    #[arg(long, value_parser = crate::range::count)]
+    #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub max_gen_tokens: Option<usize>,
     /// Keep per-document prompts, outputs and scores in the report under "samples".
     #[arg(long)]

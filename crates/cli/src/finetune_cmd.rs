@@ -25,52 +25,52 @@ pub struct FinetuneArgs {
     #[arg(long, default_value = "full", value_parser = ["full", "lora", "mpo-aux", "mpo-central", "mpo-all"])]
     pub method: String,
     /// Learning rate (finite, > 0).
-    #[arg(long, default_value_t = 2e-5, value_parser = crate::range::positive)]
+    #[arg(long, default_value_t = 2e-5, value_parser = crate::range::positive, allow_negative_numbers = true)]
     pub lr: f64,
     /// Learning rate of MPO tensors (default: --lr; 0 freezes them).
-    #[arg(long, value_parser = crate::range::nonneg)]
+    #[arg(long, value_parser = crate::range::nonneg, allow_negative_numbers = true)]
     pub mpo_lr: Option<f64>,
-    #[arg(long, default_value_t = 0.0, value_parser = crate::range::nonneg)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::range::nonneg, allow_negative_numbers = true)]
     pub weight_decay: f64,
-    #[arg(long, default_value_t = 1, value_parser = crate::range::count)]
+    #[arg(long, default_value_t = 1, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub epochs: usize,
     /// Stop after this many optimizer steps (the schedule spans them).
-    #[arg(long, value_parser = crate::range::count)]
+    #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub max_steps: Option<usize>,
-    #[arg(long, default_value_t = 32, value_parser = crate::range::count)]
+    #[arg(long, default_value_t = 32, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub batch: usize,
     /// Token cap per example (classification) or block length (lm), >= 2.
-    #[arg(long, default_value_t = 64, value_parser = crate::range::len2)]
+    #[arg(long, default_value_t = 64, value_parser = crate::range::len2, allow_negative_numbers = true)]
     pub max_len: usize,
     /// Warmup as a fraction of all steps, in [0, 1].
-    #[arg(long, default_value_t = 0.06, value_parser = crate::range::fraction0)]
+    #[arg(long, default_value_t = 0.06, value_parser = crate::range::fraction0, allow_negative_numbers = true)]
     pub warmup_ratio: f64,
-    #[arg(long, value_parser = crate::range::count0)]
+    #[arg(long, value_parser = crate::range::count0, allow_negative_numbers = true)]
     pub warmup_steps: Option<usize>,
     /// Clip the global gradient norm (finite, >= 0; 0 = off).
-    #[arg(long, default_value_t = 1.0, value_parser = crate::range::nonneg)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::range::nonneg, allow_negative_numbers = true)]
     pub max_grad_norm: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Use only the first N training examples (blocks for lm).
-    #[arg(long, value_parser = crate::range::count)]
+    #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub limit: Option<usize>,
-    #[arg(long, value_parser = crate::range::count)]
+    #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub eval_limit: Option<usize>,
-    #[arg(long, default_value_t = 64, value_parser = crate::range::count)]
+    #[arg(long, default_value_t = 64, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub eval_batch: usize,
     /// LoRA rank: >= 1 and at most the smallest dimension of a targeted matrix.
-    #[arg(long, default_value_t = 8, value_parser = crate::range::count)]
+    #[arg(long, default_value_t = 8, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub lora_r: usize,
-    #[arg(long, default_value_t = 16.0, value_parser = crate::range::positive)]
+    #[arg(long, default_value_t = 16.0, value_parser = crate::range::positive, allow_negative_numbers = true)]
     pub lora_alpha: f64,
-    #[arg(long, default_value_t = 0.0, value_parser = crate::range::fraction_below1)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::range::fraction_below1, allow_negative_numbers = true)]
     pub lora_dropout: f64,
     /// Comma-separated module names (PEFT semantics: exact or suffix); default q,v projections.
     #[arg(long, value_delimiter = ',')]
     pub lora_targets: Vec<String>,
     /// MPO sites when a dense model is decomposed for an mpo-* method.
-    #[arg(long, default_value_t = 5, value_parser = crate::range::sites)]
+    #[arg(long, default_value_t = 5, value_parser = crate::range::sites, allow_negative_numbers = true)]
     pub mpo_n: usize,
     /// Put training examples of similar length in the same batch (shuffled mega-batches of 50
     /// batches, each sorted by length, as Hugging Face's group_by_length): much less padding.
@@ -80,31 +80,31 @@ pub struct FinetuneArgs {
     #[arg(long)]
     pub squeeze: bool,
     /// Squeeze until the model has this fraction of its dense parameter count.
-    #[arg(long, default_value_t = 0.6, requires = "squeeze", value_parser = crate::range::fraction)]
+    #[arg(long, default_value_t = 0.6, requires = "squeeze", value_parser = crate::range::fraction, allow_negative_numbers = true)]
     pub target_params: f64,
     /// Stop (and roll back the last cut) when the eval loss moves more than this.
-    #[arg(long, default_value_t = 0.1, requires = "squeeze", value_parser = crate::range::positive)]
+    #[arg(long, default_value_t = 0.1, requires = "squeeze", value_parser = crate::range::positive, allow_negative_numbers = true)]
     pub delta: f64,
-    #[arg(long, default_value_t = 50, requires = "squeeze", value_parser = crate::range::count)]
+    #[arg(long, default_value_t = 50, requires = "squeeze", value_parser = crate::range::count, allow_negative_numbers = true)]
     pub max_iters: usize,
     /// Auxiliary-only training steps after each cut.
-    #[arg(long, default_value_t = 20, requires = "squeeze", value_parser = crate::range::count0)]
+    #[arg(long, default_value_t = 20, requires = "squeeze", value_parser = crate::range::count0, allow_negative_numbers = true)]
     pub recover_steps: usize,
     /// Fraction of MPO parameters cut per iteration, in [0, 1) (0 = one bond index, as Algorithm 2).
-    #[arg(long, default_value_t = 0.03, requires = "squeeze", value_parser = crate::range::fraction_below1)]
+    #[arg(long, default_value_t = 0.03, requires = "squeeze", value_parser = crate::range::fraction_below1, allow_negative_numbers = true)]
     pub cut_fraction: f64,
     /// delta: fixed recovery then compare eval loss (paper); window: the released code's
     /// moving-average trigger (window 10, +0.03, 10 steps).
     #[arg(long, default_value = "delta", value_parser = ["delta", "window"], requires = "squeeze")]
     pub squeeze_trigger: String,
     /// Save a checkpoint every N steps (always at epoch ends).
-    #[arg(long, value_parser = crate::range::count)]
+    #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub save_every: Option<usize>,
     /// Continue the run saved in --out (same options required).
     #[arg(long)]
     pub resume: bool,
     /// Stop after N steps leaving a checkpoint (to split a run; resume continues it).
-    #[arg(long, hide = true, value_parser = crate::range::count)]
+    #[arg(long, hide = true, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub stop_after: Option<usize>,
     #[arg(long)]
     pub out: PathBuf,

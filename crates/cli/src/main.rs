@@ -36,7 +36,7 @@ struct Cli {
     #[arg(long, global = true)]
     report: Option<PathBuf>,
     /// Threads for matrix work (default: all cores; at most 4 per core).
-    #[arg(long, global = true, value_parser = range::threads)]
+    #[arg(long, global = true, value_parser = range::threads, allow_negative_numbers = true)]
     threads: Option<usize>,
     /// Print errors in full (every cause, backtraces where captured) instead of one line.
     #[arg(short, long, global = true)]
@@ -86,13 +86,13 @@ enum Cmd {
         model: String,
         #[arg(long)]
         prompt: String,
-        #[arg(long, default_value_t = 64, value_parser = range::count)]
+        #[arg(long, default_value_t = 64, value_parser = range::count, allow_negative_numbers = true)]
         max_new_tokens: usize,
         /// Sampling temperature (finite, >= 0; 0 = greedy).
-        #[arg(long, default_value_t = 0.0, value_parser = range::nonneg)]
+        #[arg(long, default_value_t = 0.0, value_parser = range::nonneg, allow_negative_numbers = true)]
         temperature: f64,
         /// Nucleus sampling mass, in (0, 1].
-        #[arg(long, default_value_t = 1.0, value_parser = range::fraction)]
+        #[arg(long, default_value_t = 1.0, value_parser = range::fraction, allow_negative_numbers = true)]
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -110,7 +110,7 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         matrices: Vec<String>,
         /// Number of MPO sites (cores), 1..=12.
-        #[arg(long, default_value_t = 5, value_parser = range::sites)]
+        #[arg(long, default_value_t = 5, value_parser = range::sites, allow_negative_numbers = true)]
         n: usize,
         /// Factor shapes: `auto` (balanced) or `paper` (the papers' tables where they apply).
         #[arg(long, default_value = "auto", value_parser = ["auto", "paper"])]
@@ -128,16 +128,16 @@ enum Cmd {
         #[arg(long, default_value = "auto", value_parser = ["auto", "paper"])]
         shapes: String,
         /// Number of MPO sites (cores), 1..=12; the central tensor is index n/2.
-        #[arg(long, default_value_t = 5, value_parser = range::sites)]
+        #[arg(long, default_value_t = 5, value_parser = range::sites, allow_negative_numbers = true)]
         n: usize,
         /// Cap every bond at D (>= 1).
-        #[arg(long, conflicts_with_all = ["rel_error", "params_ratio"], value_parser = range::count)]
+        #[arg(long, conflicts_with_all = ["rel_error", "params_ratio"], value_parser = range::count, allow_negative_numbers = true)]
         bond: Option<usize>,
         /// Smallest bonds whose error bound is within this relative Frobenius error, in [0, 1].
-        #[arg(long, conflicts_with = "params_ratio", value_parser = range::fraction0)]
+        #[arg(long, conflicts_with = "params_ratio", value_parser = range::fraction0, allow_negative_numbers = true)]
         rel_error: Option<f64>,
         /// Keep about this fraction of each matrix's parameters, in (0, 1].
-        #[arg(long, value_parser = range::fraction)]
+        #[arg(long, value_parser = range::fraction, allow_negative_numbers = true)]
         params_ratio: Option<f64>,
         /// Comma-separated substrings/globs of module names (default: every Linear and the embedding).
         #[arg(long, value_delimiter = ',')]
@@ -188,12 +188,12 @@ enum BenchCmd {
     Generate {
         #[arg(default_value = hub::DEFAULT_CAUSAL)]
         model: String,
-        #[arg(long, default_value_t = 128, value_parser = range::count)]
+        #[arg(long, default_value_t = 128, value_parser = range::count, allow_negative_numbers = true)]
         prompt_tokens: usize,
         /// New tokens per run (>= 2: the first comes from the prefill).
-        #[arg(long, default_value_t = 64, value_parser = range::len2)]
+        #[arg(long, default_value_t = 64, value_parser = range::len2, allow_negative_numbers = true)]
         new_tokens: usize,
-        #[arg(long, default_value_t = 3, value_parser = range::count)]
+        #[arg(long, default_value_t = 3, value_parser = range::count, allow_negative_numbers = true)]
         repeats: usize,
     },
 }

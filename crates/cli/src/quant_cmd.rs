@@ -26,7 +26,7 @@ pub struct QuantizeArgs {
     #[arg(long)]
     pub act_order: bool,
     /// Hessian damping as a fraction of its mean diagonal, in [0, 1).
-    #[arg(long, default_value_t = 0.01, value_parser = crate::range::fraction_below1)]
+    #[arg(long, default_value_t = 0.01, value_parser = crate::range::fraction_below1, allow_negative_numbers = true)]
     pub damp: f64,
     /// Symmetric grid (zero at 2^(bits-1)).
     #[arg(long)]
@@ -34,9 +34,9 @@ pub struct QuantizeArgs {
     /// Calibration text file (default: the WikiText-2 validation split; its test split is never used).
     #[arg(long)]
     pub calib: Option<PathBuf>,
-    #[arg(long, default_value_t = 128, value_parser = crate::range::count)]
+    #[arg(long, default_value_t = 128, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub nsamples: usize,
-    #[arg(long, default_value_t = 512, value_parser = crate::range::len2)]
+    #[arg(long, default_value_t = 512, value_parser = crate::range::len2, allow_negative_numbers = true)]
     pub seqlen: usize,
     /// Keep projections in fp16: attn | ffn | q,k,v,o,gate,up,down | crucial:N.
     #[arg(long)]
@@ -52,17 +52,17 @@ pub struct QuantizeArgs {
     #[arg(long, default_value = "all")]
     pub keep_outliers: String,
     /// |x| from which an input dimension counts as an outlier (LLM.int8 uses 6).
-    #[arg(long, default_value_t = quant::actquant::DEFAULT_THRESHOLD, value_parser = crate::range::positive_f32)]
+    #[arg(long, default_value_t = quant::actquant::DEFAULT_THRESHOLD, value_parser = crate::range::positive_f32, allow_negative_numbers = true)]
     pub outlier_threshold: f32,
     /// Output checkpoint directory (must not exist or be empty).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// After quantizing (and reloading the checkpoint), perplexity over the first K
     /// non-overlapping --ppl-window-token windows of the evaluation text.
-    #[arg(long, default_value_t = 0, value_parser = crate::range::count0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::range::count0, allow_negative_numbers = true)]
     pub ppl_windows: usize,
     /// Tokens per perplexity window (the RESULTS.md protocol uses 512).
-    #[arg(long, default_value_t = 512, value_parser = crate::range::len2)]
+    #[arg(long, default_value_t = 512, value_parser = crate::range::len2, allow_negative_numbers = true)]
     pub ppl_window: usize,
     /// Evaluation text for --ppl-windows (default: WikiText-2 test split).
     #[arg(long)]
@@ -70,7 +70,7 @@ pub struct QuantizeArgs {
     /// Generate from this prompt with the (reloaded) quantized model.
     #[arg(long)]
     pub prompt: Option<String>,
-    #[arg(long, default_value_t = 32, value_parser = crate::range::count)]
+    #[arg(long, default_value_t = 32, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub max_new_tokens: usize,
     /// Seed of the calibration window draw.
     #[arg(long, default_value_t = 0)]

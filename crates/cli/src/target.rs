@@ -54,7 +54,12 @@ pub fn check(flag: &str, path: &Path, kind: Target) -> Result<()> {
             }
             _ => {}
         },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Missing, or under a file (reported below with the parent).
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) => {}
         Err(e) => bail!("{flag} {shown}: {e}"),
     }
     // The directory the temp file or directory will be created in: the path itself for an

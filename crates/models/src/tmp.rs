@@ -143,6 +143,12 @@ mod tests {
         init();
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
+        // Ours, old, but still held by a live writer (here: this process). Created first, as
+        // creating them cleans the directory.
+        let live = dir_in(root).unwrap();
+        age(live.path());
+        let live_file = file_in(root).unwrap();
+        age(live_file.path());
         // Leftovers of a killed run: a directory with content and a file.
         let orphan = root.join(format!("{PREFIX}999999-abc"));
         std::fs::create_dir_all(orphan.join("sub")).unwrap();
@@ -155,11 +161,6 @@ mod tests {
         let foreign = root.join(".tmpXYZ");
         std::fs::create_dir(&foreign).unwrap();
         age(&foreign);
-        // Ours, old, but still held by a live writer (here: this process).
-        let live = dir_in(root).unwrap();
-        age(live.path());
-        let live_file = file_in(root).unwrap();
-        age(live_file.path());
         // A new entry of a run that started after this one is left alone even when unlocked.
         let young = root.join(format!("{PREFIX}1-young"));
         std::fs::create_dir(&young).unwrap();
