@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # One round of mpolm eval vs lm-evaluation-harness on the same subsets, alternating the tools.
 # Usage: scripts/bench_lmeval.sh ROUND [MPOLM_BIN] [HF_DIR] [WORK]
-#   HF_DIR: `mpolm export smollm2-135m --dense --out HF_DIR`; WORK: `scripts/bench_lmeval.py prepare --work WORK`.
+#   HF_DIR: `mpolm export smollm2-135m --dense --out HF_DIR`; WORK: `scripts/bench_lmeval.py prepare --work WORK`
+#   (stage zs: `scripts/bench_lmeval.py prepare-zeroshot --data ZS_DATA --work WORK`).
 # Both tools: 2 threads, batch 1 (GSM8K: GSM_BATCH), f32. Logs and reports in WORK/round<ROUND>/.
 # Needs lm_eval 0.4.13 (pip install --no-deps lm_eval==0.4.13, then its small deps: datasets evaluate jinja2
 # pytablewriter rouge-score sacrebleu scikit-learn sqlitedict dill word2number more_itertools; torch untouched).
 set -uo pipefail
-STAGES=${STAGES:-mmlu0 mmlu5 wiki gsm}  # subset of: mmlu0 mmlu5 wiki gsm
+STAGES=${STAGES:-mmlu0 mmlu5 wiki gsm}  # subset of: mmlu0 mmlu5 wiki gsm zs
+ZS_TASKS=${ZS_TASKS:-arc_easy,piqa,winogrande,boolq,lambada_openai}  # zero-shot suite tasks whose files WORK/zeroshot has
+ZS_LIMIT=${ZS_LIMIT:-50}    # documents per zero-shot task
+ZS_DATA=${ZS_DATA:-}        # mpolm --data-dir holding the suite's source files (prepare-zeroshot --data)
 GSM_LIMIT=${GSM_LIMIT:-10}  # GSM8K documents (8-shot chain of thought, greedy, up to 256 new tokens)
 GSM_BATCH=${GSM_BATCH:-1}   # generations decoded together, the same for both tools
 on() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -49,6 +53,14 @@ pre mpolm_gsm
 pre lmeval_gsm
 python3 "$D/bench_lmeval.py" lmeval --work "$WORK" --model "$HF" --tasks local_gsm8k_cot --shots 8 \
   --limit "$GSM_LIMIT" --batch "$GSM_BATCH" --threads 2 --out "$O/lmeval_gsm.json" > "$O/lmeval_gsm.log" 2>&1
+fi
+if on zs; then
+pre mpolm_zs
+"$BIN" eval smollm2-135m --task "$ZS_TASKS" --limit "$ZS_LIMIT" --batch 1 --threads 2 \
+  --data-dir "${ZS_DATA:?set ZS_DATA}" --log-samples --report "$O/mpolm_zs.json" > "$O/mpolm_zs.log" 2>&1
+pre lmeval_zs
+python3 "$D/bench_lmeval.py" lmeval --work "$WORK" --model "$HF" --tasks "$(tasks local_ "$ZS_TASKS")" --separately \
+  --limit "$ZS_LIMIT" --batch 1 --threads 2 --out "$O/lmeval_zs.json" > "$O/lmeval_zs.log" 2>&1
 fi
 pre done
 for t in $STAGES; do

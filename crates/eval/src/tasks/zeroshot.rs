@@ -207,8 +207,9 @@ pub fn metrics(task: Task, docs: &[Doc], scores: &[Vec<Score>]) -> Vec<Metric> {
 /// Run `tasks` (the whole suite with a `zeroshot` group entry when `group`).
 pub fn run(lm: &Lm, tasks: &[Task], group: bool, opts: &EvalOptions) -> Result<TaskOutput> {
     if let Some(k) = opts.shots.filter(|&k| k > 0) {
+        let name = if group { "zeroshot" } else { tasks[0].name() };
         return Err(crate::Error::unsupported(
-            tasks[0].name(),
+            name,
             format!("the zero-shot suite runs with 0 shots (asked for {k})"),
         ));
     }
