@@ -45,6 +45,7 @@ pub struct FinetuneArgs {
     /// Warmup as a fraction of all steps, in [0, 1].
     #[arg(long, default_value_t = 0.06, value_parser = crate::range::fraction0, allow_negative_numbers = true)]
     pub warmup_ratio: f64,
+    /// Warmup in optimizer steps; overrides --warmup-ratio when given.
     #[arg(long, value_parser = crate::range::count0, allow_negative_numbers = true)]
     pub warmup_steps: Option<usize>,
     /// Clip the global gradient norm (finite, >= 0; 0 = off).
@@ -55,8 +56,10 @@ pub struct FinetuneArgs {
     /// Use only the first N training examples (blocks for lm).
     #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub limit: Option<usize>,
+    /// Evaluate on only the first N held-out examples (blocks for lm) after each epoch.
     #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub eval_limit: Option<usize>,
+    /// Examples per forward pass when evaluating.
     #[arg(long, default_value_t = 64, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub eval_batch: usize,
     /// LoRA rank: >= 1 and at most the smallest dimension of a targeted matrix.

@@ -32,7 +32,7 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
-    /// Write a JSON report of the main job here.
+    /// Write a JSON report of this command's numbers to PATH (atomically).
     #[arg(long, global = true)]
     report: Option<PathBuf>,
     /// Threads for matrix work (default: all cores; at most 4 per core).
@@ -171,7 +171,7 @@ enum Cmd {
     /// The data folder in effect (--data-dir, else $MPOLM_DATA, else the project's data/) and
     /// the datasets it holds; --verify checks every file against SHA256SUMS.
     Data(data_cmd::DataArgs),
-    /// Quantize a causal model with RTN or GPTQ into an AutoGPTQ-layout checkpoint (issue #6).
+    /// Quantize a causal model with RTN or GPTQ into an AutoGPTQ-layout checkpoint.
     Quantize(quant_cmd::QuantizeArgs),
     /// Fine-tune (full, LoRA, MPO auxiliary/central/all) on sentence classification or text.
     Finetune(finetune_cmd::FinetuneArgs),
@@ -686,10 +686,14 @@ fn cmd_inspect(m: &Model, rep: &mut Report) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!(
-        "compute:      f32 (GGUF weights: {})",
-        gguf_weights().name()
-    );
+    // The GGUF weight mode only exists for GGUF sources; other formats hold what they store.
+    match m.source.format {
+        models::hub::Format::Gguf => println!(
+            "compute:      f32 (GGUF weights: {})",
+            gguf_weights().name()
+        ),
+        models::hub::Format::HfDir => println!("compute:      f32 (weights held as stored)"),
+    }
     println!("{:<20} {:>14} {:>7}", "component", "params", "share");
     for (k, v) in &counts {
         println!(

@@ -940,3 +940,37 @@ fn leftovers_of_a_killed_run_are_cleaned_by_the_next_write() {
         .collect();
     assert!(ours.is_empty(), "{ours:?}");
 }
+
+/// What a new user read (issue 27): inspect names the GGUF weight mode only for GGUF files, and
+/// every flag has a description that is about the command itself.
+#[test]
+fn inspect_and_help_texts_describe_what_the_code_does() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    models::testing::write_tiny_llama(&m, false).unwrap();
+    let o = mpolm(&["inspect", m.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("GGUF weights"), "{out}");
+    assert!(out.contains("weights held as stored"), "{out}");
+    for cmd in ["quantize", "finetune", "eval", "inspect"] {
+        let h = String::from_utf8_lossy(&mpolm(&[cmd, "--help"]).stdout).into_owned();
+        assert!(!h.contains("issue #"), "{cmd}: {h}");
+        assert!(!h.contains("main job"), "{cmd}: {h}");
+    }
+    let h = String::from_utf8_lossy(&mpolm(&["finetune", "--help"]).stdout).into_owned();
+    let lines: Vec<&str> = h.lines().collect();
+    for flag in ["--warmup-steps", "--eval-limit", "--eval-batch"] {
+        let i = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with(flag))
+            .unwrap();
+        // clap prints the description after the value name, or on the next line.
+        let same_line = lines[i]
+            .split_once('>')
+            .is_some_and(|(_, rest)| !rest.trim().is_empty());
+        let next = lines.get(i + 1).map(|l| l.trim()).unwrap_or("");
+        let next_line = !next.is_empty() && !next.starts_with('-');
+        assert!(same_line || next_line, "{flag} has no description:\n{h}");
+    }
+}
