@@ -974,3 +974,47 @@ fn inspect_and_help_texts_describe_what_the_code_does() {
         assert!(same_line || next_line, "{flag} has no description:\n{h}");
     }
 }
+
+/// Written models, GGUF files and reports are ordinary readable files (rw-r--r--), not the
+/// private 0600 of a temp file (issue 27).
+#[cfg(unix)]
+#[test]
+fn outputs_are_written_with_the_usual_file_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    models::testing::write_tiny_llama(&m, false).unwrap();
+    let (hf, gguf, rep) = (
+        d.path().join("hf"),
+        d.path().join("m.gguf"),
+        d.path().join("r.json"),
+    );
+    let o = mpolm(&[
+        "export",
+        m.to_str().unwrap(),
+        "--dense",
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = mpolm(&[
+        "export",
+        m.to_str().unwrap(),
+        "--gguf",
+        "--out",
+        gguf.to_str().unwrap(),
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut files: Vec<_> = std::fs::read_dir(&hf)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.extend([gguf, rep]);
+    assert!(files.len() >= 5, "{files:?}");
+    for f in files {
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "{}: {mode:o}", f.display());
+    }
+}

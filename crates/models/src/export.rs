@@ -115,7 +115,9 @@ pub fn write_hf_dir(
     for (name, text) in extra_files {
         w(name, text.clone())?;
     }
-    candle_core::safetensors::save(tensors, t.join("model.safetensors"))?;
+    let st = t.join("model.safetensors");
+    candle_core::safetensors::save(tensors, &st)?;
+    crate::tmp::publish(&st).map_err(|e| Error::io(&st, e))?;
     tmp.rename_to(dir).map_err(|e| Error::io(dir, e))?;
     Ok(())
 }

@@ -67,6 +67,19 @@ pub fn clean_stale(dir: &Path) -> usize {
     n
 }
 
+/// Mode of every file mpolm writes (rw-r--r--, what `cp` or an editor gives under the usual umask).
+pub const OUTPUT_MODE: u32 = 0o644;
+
+/// Give a file another library wrote (into one of our temp directories) the output mode.
+pub fn publish(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    std::fs::set_permissions(
+        path,
+        std::os::unix::fs::PermissionsExt::from_mode(OUTPUT_MODE),
+    )?;
+    Ok(())
+}
+
 /// A temp directory in a chosen parent, removed on drop unless renamed into place.
 pub struct TempDir {
     dir: Option<tempfile::TempDir>,
@@ -113,9 +126,14 @@ pub fn dir_in(parent: &Path) -> io::Result<TempDir> {
 /// there. The file's own descriptor holds its lock.
 pub fn file_in(parent: &Path) -> io::Result<tempfile::NamedTempFile> {
     clean_stale(parent);
-    let f = tempfile::Builder::new()
-        .prefix(&prefix())
-        .tempfile_in(parent)?;
+    let name = prefix();
+    let mut b = tempfile::Builder::new();
+    b.prefix(&name);
+    // Outputs are shared artefacts (models, adapters, reports), not secrets: tempfile's private
+    // 0600 would survive the rename and hide them from other users and tools.
+    #[cfg(unix)]
+    b.permissions(std::os::unix::fs::PermissionsExt::from_mode(OUTPUT_MODE));
+    let f = b.tempfile_in(parent)?;
     let _ = try_lock(f.as_file());
     Ok(f)
 }
