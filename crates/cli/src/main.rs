@@ -471,14 +471,19 @@ fn run(cli: Cli) -> Result<()> {
             let m = load(&model)?;
             let t = models::export::dense_state_dict(&m)?;
             models::export::write_hf_dir(&m, &out, &t, &[])?;
+            // What was written, not the source's count: a full-bond MPO holds more
+            // parameters than the dense matrices it contracts to.
+            let written: usize = t.values().map(|x| x.elem_count()).sum();
             println!(
                 "dense HF directory ({} params) written to {}",
-                fmt_int(m.total_params()),
+                fmt_int(written),
                 out.display()
             );
             rep.set("command", json!("export"));
             rep.set("out", json!(out));
             rep.set("tensors", json!(t.len()));
+            rep.set("parameters_written", json!(written));
+            rep.set("source_parameters", json!(m.total_params()));
         }
         Cmd::Run { model } => {
             rep.set("command", json!("run"));

@@ -1018,3 +1018,50 @@ fn outputs_are_written_with_the_usual_file_mode() {
         assert_eq!(mode, 0o644, "{}: {mode:o}", f.display());
     }
 }
+
+/// `export --dense` reports the parameters it wrote, not the source model's count (a full-bond
+/// MPO holds more than the dense matrices it contracts to; issue 27).
+#[test]
+fn dense_export_reports_what_it_wrote() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    models::testing::write_tiny_llama(&m, false).unwrap();
+    let (mpo, hf, rep) = (
+        d.path().join("mpo"),
+        d.path().join("hf"),
+        d.path().join("r.json"),
+    );
+    let o = mpolm(&[
+        "compress",
+        m.to_str().unwrap(),
+        "--out",
+        mpo.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = mpolm(&[
+        "export",
+        mpo.to_str().unwrap(),
+        "--dense",
+        "--out",
+        hf.to_str().unwrap(),
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tensors =
+        candle_core::safetensors::load(hf.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let in_file: usize = tensors.values().map(|t| t.elem_count()).sum();
+    let v = read_json(&rep);
+    assert_eq!(v["parameters_written"].as_u64().unwrap() as usize, in_file);
+    let printed = String::from_utf8_lossy(&o.stdout).replace(',', "");
+    assert!(
+        printed.contains(&format!("({in_file} params)")),
+        "{printed}"
+    );
+    // The full-bond MPO has more parameters than what it contracts to, so the old count differs.
+    assert!(
+        v["source_parameters"].as_u64().unwrap() as usize > in_file,
+        "{v}"
+    );
+}
