@@ -59,12 +59,9 @@ pub fn fingerprint(parts: &[(&str, String)]) -> String {
     hex(&h.finalize())
 }
 
-/// sha256 of a file's bytes, as lowercase hex.
+/// sha256 of a file's bytes, as lowercase hex (the model cache's own check).
 pub fn hash_file(p: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(p, e))?;
-    Ok(hex(&h.finalize()))
+    Ok(models::hub::sha256_file(p)?)
 }
 
 fn hex(b: &[u8]) -> String {
