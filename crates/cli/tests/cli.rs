@@ -15,6 +15,21 @@ fn read_json(path: impl AsRef<std::path::Path>) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// Run the binary and require success (its stderr is the failure message).
+fn mpolm_ok(args: &[&str]) -> Output {
+    let o = mpolm(args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// A fresh temp dir holding a tiny synthetic llama model directory at `m`.
+fn tiny_llama() -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    models::testing::write_tiny_llama(&m, false).unwrap();
+    (d, m)
+}
+
 fn assert_clean_error(o: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "stderr: {err}");
@@ -945,11 +960,8 @@ fn leftovers_of_a_killed_run_are_cleaned_by_the_next_write() {
 /// every flag has a description that is about the command itself.
 #[test]
 fn inspect_and_help_texts_describe_what_the_code_does() {
-    let d = tempfile::tempdir().unwrap();
-    let m = d.path().join("m");
-    models::testing::write_tiny_llama(&m, false).unwrap();
-    let o = mpolm(&["inspect", m.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_d, m) = tiny_llama();
+    let o = mpolm_ok(&["inspect", m.to_str().unwrap()]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(!out.contains("GGUF weights"), "{out}");
     assert!(out.contains("weights held as stored"), "{out}");
@@ -981,23 +993,20 @@ fn inspect_and_help_texts_describe_what_the_code_does() {
 #[test]
 fn outputs_are_written_with_the_usual_file_mode() {
     use std::os::unix::fs::PermissionsExt;
-    let d = tempfile::tempdir().unwrap();
-    let m = d.path().join("m");
-    models::testing::write_tiny_llama(&m, false).unwrap();
+    let (d, m) = tiny_llama();
     let (hf, gguf, rep) = (
         d.path().join("hf"),
         d.path().join("m.gguf"),
         d.path().join("r.json"),
     );
-    let o = mpolm(&[
+    mpolm_ok(&[
         "export",
         m.to_str().unwrap(),
         "--dense",
         "--out",
         hf.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = mpolm(&[
+    mpolm_ok(&[
         "export",
         m.to_str().unwrap(),
         "--gguf",
@@ -1006,7 +1015,6 @@ fn outputs_are_written_with_the_usual_file_mode() {
         "--report",
         rep.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut files: Vec<_> = std::fs::read_dir(&hf)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -1023,22 +1031,19 @@ fn outputs_are_written_with_the_usual_file_mode() {
 /// MPO holds more than the dense matrices it contracts to; issue 27).
 #[test]
 fn dense_export_reports_what_it_wrote() {
-    let d = tempfile::tempdir().unwrap();
-    let m = d.path().join("m");
-    models::testing::write_tiny_llama(&m, false).unwrap();
+    let (d, m) = tiny_llama();
     let (mpo, hf, rep) = (
         d.path().join("mpo"),
         d.path().join("hf"),
         d.path().join("r.json"),
     );
-    let o = mpolm(&[
+    mpolm_ok(&[
         "compress",
         m.to_str().unwrap(),
         "--out",
         mpo.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = mpolm(&[
+    let o = mpolm_ok(&[
         "export",
         mpo.to_str().unwrap(),
         "--dense",
@@ -1047,7 +1052,6 @@ fn dense_export_reports_what_it_wrote() {
         "--report",
         rep.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let tensors =
         candle_core::safetensors::load(hf.join("model.safetensors"), &candle_core::Device::Cpu)
             .unwrap();
