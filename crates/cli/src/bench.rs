@@ -53,7 +53,7 @@ pub fn bench_generate(
     new_tokens: usize,
     repeats: usize,
 ) -> Result<Value> {
-    let l = m.llama()?;
+    let l = m.causal()?;
     let ids = prompt_ids(m, prompt_tokens)?;
     let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
     let run = || -> Result<(f64, f64, Vec<u32>)> {
@@ -98,7 +98,7 @@ pub fn bench_generate(
         "decode_tok_s": median(dec),
         "peak_rss_mb": peak_rss_mib(),
         "weight_bytes": m.weight_bytes(),
-        "gguf_weights": crate::gguf_weights().name(),
+        "gguf_weights": crate::gguf_weights(m).name(),
         "threads": candle_core::utils::get_num_threads(),
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,

@@ -59,7 +59,7 @@ pub struct EvalArgs {
     pub no_cache: bool,
 }
 
-pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
+pub fn run(a: EvalArgs, lo: &models::LoadOptions, rep: &mut Report) -> Result<()> {
     let t0 = Instant::now();
     anyhow::ensure!(a.batch != Some(0), "--batch must be at least 1");
     anyhow::ensure!(a.limit != Some(0), "--limit must be at least 1");
@@ -75,13 +75,14 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
     if specs.iter().any(|s| !matches!(s, TaskSpec::Jsonl(_))) {
         eval::data::require(&data_dir)?;
     }
-    let m = crate::load(&a.model)?;
+    let m = crate::load(&a.model, lo)?;
     let batch_size = a.batch.unwrap_or(1);
     let gen_batch_size = a.batch.unwrap_or(8);
     let cache = match a.no_cache {
         true => None,
         false => Some(std::sync::Arc::new(open_cache(
             &a.model,
+            crate::gguf_weights(&m),
             batch_size,
             gen_batch_size,
         )?)),
@@ -175,7 +176,7 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
             "architecture": m.arch_name(),
             "parameters": m.total_params(),
             "stored_types": m.stored_types,
-            "gguf_weights": crate::gguf_weights().name(),
+            "gguf_weights": crate::gguf_weights(&m).name(),
             "weight_bytes": m.weight_bytes(),
             "peak_rss_mb": crate::bench::peak_rss_mib(),
             "linear_kinds": m.linears().iter().fold(std::collections::BTreeMap::<String, usize>::new(), |mut acc, (_, l)| {
@@ -195,12 +196,17 @@ pub fn run(a: EvalArgs, rep: &mut Report) -> Result<()> {
 /// The request cache for this model and these settings: the fingerprint covers the bytes of
 /// the program and of every file the model is loaded from, the GGUF weight mode, the thread
 /// count and the batch sizes — everything that can change a computed number.
-fn open_cache(model: &str, batch: usize, gen_batch: usize) -> Result<eval::cache::RequestCache> {
+fn open_cache(
+    model: &str,
+    gguf: models::GgufWeights,
+    batch: usize,
+    gen_batch: usize,
+) -> Result<eval::cache::RequestCache> {
     let exe = std::env::current_exe()?;
     let parts = [
         ("program", eval::cache::hash_file(&exe)?),
         ("model", model_hash(model, 0)?),
-        ("gguf_weights", crate::gguf_weights().name().to_string()),
+        ("gguf_weights", gguf.name().to_string()),
         ("threads", rayon::current_num_threads().to_string()),
         ("batch", batch.to_string()),
         ("generation_batch", gen_batch.to_string()),
@@ -289,6 +295,7 @@ mod tests {
                 "mmlu_anatomy,wikitext2,gsm8k",
                 data.clone(),
             ),
+            &Default::default(),
             &mut rep,
         )
         .unwrap();
@@ -309,6 +316,7 @@ mod tests {
         // Errors are single lines naming what to fix.
         let e = run(
             args(m.to_str().unwrap(), "wikitext2", "/nonexistent/d".into()),
+            &Default::default(),
             &mut rep,
         )
         .unwrap_err();
@@ -316,7 +324,12 @@ mod tests {
             format!("{e:#}").starts_with("/nonexistent/d: not found"),
             "{e:#}"
         );
-        let e = run(args(m.to_str().unwrap(), "bogus", data), &mut rep).unwrap_err();
+        let e = run(
+            args(m.to_str().unwrap(), "bogus", data),
+            &Default::default(),
+            &mut rep,
+        )
+        .unwrap_err();
         assert!(format!("{e:#}").contains("unknown task 'bogus'"), "{e:#}");
     }
 }

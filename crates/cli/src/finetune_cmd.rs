@@ -162,9 +162,9 @@ pub fn options(a: &FinetuneArgs) -> FinetuneOptions {
     }
 }
 
-pub fn run(a: FinetuneArgs, rep: &mut Report) -> Result<()> {
+pub fn run(a: FinetuneArgs, lo: &models::LoadOptions, rep: &mut Report) -> Result<()> {
     let o = options(&a);
-    let mut m = crate::load(&a.model)?;
+    let mut m = crate::load(&a.model, lo)?;
     let ctl = RunControl {
         resume: a.resume,
         save_every: a.save_every,

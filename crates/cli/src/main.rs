@@ -48,18 +48,16 @@ struct Cli {
     gguf_weights: String,
 }
 
-static GGUF_WEIGHTS: std::sync::OnceLock<models::GgufWeights> = std::sync::OnceLock::new();
-
-/// The `--gguf-weights` choice (f32 unless set).
-pub(crate) fn gguf_weights() -> models::GgufWeights {
-    GGUF_WEIGHTS.get().copied().unwrap_or_default()
+/// How the model's GGUF weights are held, for reports (f32 for sources that are not GGUF).
+pub(crate) fn gguf_weights(m: &models::Model) -> models::GgufWeights {
+    m.gguf_weights.unwrap_or_default()
 }
 
 /// How the model's weights are held, for report lines: the `--gguf-weights` mode for GGUF
 /// files, else the stored types (a quantized checkpoint keeps its packed and f16 tensors).
 pub(crate) fn held_as(m: &models::Model) -> String {
     match m.source.format {
-        models::hub::Format::Gguf => format!("{} GGUF weights", gguf_weights().name()),
+        models::hub::Format::Gguf => format!("{} GGUF weights", gguf_weights(m).name()),
         models::hub::Format::HfDir => m
             .stored_types
             .iter()
@@ -232,11 +230,14 @@ fn run(cli: Cli) -> Result<()> {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "64");
     }
-    let _ = GGUF_WEIGHTS.set(if cli.gguf_weights == "quantized" {
-        models::GgufWeights::Quantized
-    } else {
-        models::GgufWeights::F32
-    });
+    let lo = models::LoadOptions {
+        progress: true,
+        gguf: if cli.gguf_weights == "quantized" {
+            models::GgufWeights::Quantized
+        } else {
+            models::GgufWeights::F32
+        },
+    };
     let mut rep = Report::new();
     if let Some(p) = &cli.report {
         target::check("--report", p, target::Target::File)?;
@@ -249,7 +250,7 @@ fn run(cli: Cli) -> Result<()> {
     }) {
         Cmd::Fetch { model, verify } => cmd_fetch(model, verify, &mut rep)?,
         Cmd::Inspect { model } => {
-            let m = load(&model)?;
+            let m = load(&model, &lo)?;
             cmd_inspect(&m, &mut rep)?;
         }
         Cmd::Generate {
@@ -262,7 +263,7 @@ fn run(cli: Cli) -> Result<()> {
             chat,
             system,
         } => {
-            let m = load(&model)?;
+            let m = load(&model, &lo)?;
             let p = SamplingParams {
                 max_new_tokens,
                 temperature,
@@ -282,8 +283,8 @@ fn run(cli: Cli) -> Result<()> {
                 prompt_tokens > 0 && new_tokens > 1 && repeats > 0,
                 "--prompt-tokens, --new-tokens (>1) and --repeats must be positive"
             );
-            let m = load(&model)?;
-            let ctx = m.llama()?.cfg.max_position_embeddings;
+            let m = load(&model, &lo)?;
+            let ctx = m.causal()?.max_positions();
             anyhow::ensure!(
                 prompt_tokens.saturating_add(new_tokens) <= ctx,
                 "--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the model's context of {ctx} tokens"
@@ -309,7 +310,7 @@ fn run(cli: Cli) -> Result<()> {
             plot,
         } => {
             anyhow::ensure!(n >= 1, "--n must be at least 1");
-            let m = load(&model)?;
+            let m = load(&model, &lo)?;
             let o = spectrum::Options {
                 patterns: matrices,
                 n,
@@ -357,10 +358,10 @@ fn run(cli: Cli) -> Result<()> {
                 json!(specs.iter().map(spectrum::to_json).collect::<Vec<_>>()),
             );
         }
-        Cmd::Eval(args) => eval_cmd::run(args, &mut rep)?,
+        Cmd::Eval(args) => eval_cmd::run(args, &lo, &mut rep)?,
         Cmd::Data(args) => data_cmd::run(args, &mut rep)?,
-        Cmd::Quantize(args) => quant_cmd::run(args, &mut rep)?,
-        Cmd::Finetune(args) => finetune_cmd::run(args, &mut rep)?,
+        Cmd::Quantize(args) => quant_cmd::run(args, &lo, &mut rep)?,
+        Cmd::Finetune(args) => finetune_cmd::run(args, &lo, &mut rep)?,
         Cmd::Compress {
             model,
             method: _,
@@ -373,7 +374,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => {
             use methods::mpop::{self, Budget, CompressOptions, Shapes};
-            let mut m = load(&model)?;
+            let mut m = load(&model, &lo)?;
             let before = m.total_params();
             let budget = match (bond, rel_error, params_ratio) {
                 (Some(d), _, _) => Budget::Bond(d),
@@ -435,7 +436,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => {
             use methods::quant::gguf_export as ge;
-            let m = load(&model)?;
+            let m = load(&model, &lo)?;
             let mut o = ge::ExportOptions::new(ge::GgufType::parse(&gguf_type)?);
             (o.progress, o.print_tensors) = (true, true);
             let r = ge::export_gguf(&m, &out, &o)?;
@@ -468,7 +469,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             ..
         } => {
-            let m = load(&model)?;
+            let m = load(&model, &lo)?;
             let t = models::export::dense_state_dict(&m)?;
             models::export::write_hf_dir(&m, &out, &t, &[])?;
             // What was written, not the source's count: a full-bond MPO holds more
@@ -487,7 +488,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Run { model } => {
             rep.set("command", json!("run"));
-            let m = load(&model)?;
+            let m = load(&model, &lo)?;
             cmd_inspect(&m, &mut rep)?;
             println!();
             let p = SamplingParams {
@@ -512,34 +513,10 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// MODEL as any command takes it: an alias, an HF/GGUF path, or a method checkpoint
-/// (MPO checkpoints are recognised by their manifest, quantized ones by quantize_config.json).
-pub(crate) fn load(model: &str) -> Result<Model> {
-    let p = std::path::Path::new(model);
-    if p.join(methods::mpop::MANIFEST).exists() {
-        return methods::mpop::load(p).with_context(|| format!("loading MPO checkpoint '{model}'"));
-    }
-    if methods::quant::is_quantized_dir(p) {
-        return methods::quant::load_quantized(p)
-            .with_context(|| format!("loading quantized checkpoint '{model}'"));
-    }
-    if p.join("adapter_config.json").exists() {
-        return load_adapter(p).with_context(|| format!("loading LoRA adapter '{model}'"));
-    }
-    let m = Model::load_with(model, true, gguf_weights())
-        .with_context(|| format!("loading model '{model}'"))?;
-    Ok(m)
-}
-
-/// A PEFT LoRA adapter directory: its base model (`base_model_name_or_path`, loaded the usual
-/// way; adapters stacked on adapters are followed, cycles refused) plus the adapter(s).
-fn load_adapter(dir: &std::path::Path) -> Result<Model> {
-    let (base, chain) = methods::lora::adapter_chain(dir)?;
-    let mut m = load(&base)?;
-    for a in chain {
-        methods::lora::load_peft(&mut m, &a)?;
-    }
-    Ok(m)
+/// MODEL as any command takes it (see `methods::open`), with the kind in the error context.
+pub(crate) fn load(model: &str, lo: &models::LoadOptions) -> Result<Model> {
+    let kind = methods::Kind::of(model);
+    methods::open(model, lo).with_context(|| format!("loading {} '{model}'", kind.describe()))
 }
 
 /// The one line printed for an error: each cause's first line, joined as `{:#}` joins them
@@ -650,39 +627,11 @@ fn cmd_inspect(m: &Model, rep: &mut Report) -> Result<()> {
         m.source.path.display()
     );
     println!("architecture: {}", m.arch_name());
-    let cfg_json = match &m.arch {
-        models::Arch::Llama(l) => {
-            let c = &l.cfg;
-            println!(
-                "layers {}  hidden {}  heads {} (kv {})  head_dim {}  ffn {}  vocab {}  ctx {}  tied {}",
-                c.num_hidden_layers,
-                c.hidden_size,
-                c.num_attention_heads,
-                c.num_kv_heads(),
-                c.head_dim(),
-                c.intermediate_size,
-                c.vocab_size,
-                c.max_position_embeddings,
-                l.lm_head.is_none()
-            );
-            serde_json::to_value(c)?
-        }
-        models::Arch::Bert(b) => {
-            let c = &b.cfg;
-            println!(
-                "layers {}  hidden {}  heads {}  ffn {}  vocab {}  max_pos {}  pooler {}  classifier {}",
-                c.num_hidden_layers,
-                c.hidden_size,
-                c.num_attention_heads,
-                c.intermediate_size,
-                c.vocab_size,
-                c.max_position_embeddings,
-                b.pooler.is_some(),
-                b.classifier.is_some()
-            );
-            serde_json::to_value(c)?
-        }
+    let (summary, cfg_json) = match &m.arch {
+        models::Arch::Causal(l) => (l.summary(), l.hf_config()?),
+        models::Arch::Encoder(e) => (e.summary(), e.hf_config()?),
     };
+    println!("{summary}");
     println!(
         "stored as:    {}",
         m.stored_types
@@ -695,7 +644,7 @@ fn cmd_inspect(m: &Model, rep: &mut Report) -> Result<()> {
     match m.source.format {
         models::hub::Format::Gguf => println!(
             "compute:      f32 (GGUF weights: {})",
-            gguf_weights().name()
+            gguf_weights(m).name()
         ),
         models::hub::Format::HfDir => println!("compute:      f32 (weights held as stored)"),
     }
@@ -737,7 +686,7 @@ fn cmd_inspect(m: &Model, rep: &mut Report) -> Result<()> {
             "total_params": total,
             "memory_f32_bytes": total * 4,
             "weight_bytes": m.weight_bytes(),
-            "gguf_weights": gguf_weights().name(),
+            "gguf_weights": gguf_weights(m).name(),
             "load_seconds": m.load_secs,
         }),
     );
@@ -764,7 +713,7 @@ fn cmd_generate(
     mut p: SamplingParams,
     rep: &mut Report,
 ) -> Result<()> {
-    let llama = m.llama()?;
+    let llama = m.causal()?;
     let tok = &m.tokenizer;
     let text = if chat {
         let mut msgs = vec![];
@@ -780,7 +729,7 @@ fn cmd_generate(
     let ids = tok.encode(&text, !chat)?;
     let mut stops = tok.eos_ids.clone();
     if chat {
-        for s in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
+        for &s in llama.end_of_turn_tokens() {
             if let Some(id) = tok.token_to_id(s) {
                 stops.push(id);
             }

@@ -77,7 +77,7 @@ pub struct QuantizeArgs {
     pub seed: u64,
 }
 
-pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
+pub fn run(a: QuantizeArgs, lo: &models::LoadOptions, rep: &mut Report) -> Result<()> {
     let t0 = std::time::Instant::now();
     let method = match a.method.as_str() {
         "rtn" => Some(Method::Rtn),
@@ -131,7 +131,7 @@ pub fn run(a: QuantizeArgs, rep: &mut Report) -> Result<()> {
         None
     };
 
-    let mut m = crate::load(&a.model)?;
+    let mut m = crate::load(&a.model, lo)?;
     let base_params = m.total_params();
     let mut out_dir = None;
     // Outliers are a property of the activations, so they are found on the model as loaded

@@ -8,8 +8,9 @@ use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
 use models::generate::argmax;
-use models::llama::{Cache, Llama};
+use models::llama::Cache;
 use models::tokenizer::Tokenizer;
+use models::CausalLm;
 use std::collections::HashMap;
 
 /// Rows sharing at least this many leading tokens share one prefix forward (KV cache clone).
@@ -19,7 +20,7 @@ const HEAD_CHUNK: usize = 256;
 
 /// A causal model with its tokenizer and batching settings.
 pub struct Lm<'a> {
-    pub model: &'a Llama,
+    pub model: &'a dyn CausalLm,
     pub tok: &'a Tokenizer,
     /// Rows per forward pass of log-likelihood scoring (≥ 1).
     pub batch: usize,
@@ -146,7 +147,7 @@ pub fn progress_bar(len: u64, what: &str, show: bool) -> Option<ProgressBar> {
 
 impl<'a> Lm<'a> {
     pub fn new(
-        model: &'a Llama,
+        model: &'a dyn CausalLm,
         tok: &'a Tokenizer,
         batch: usize,
         max_length: usize,
@@ -157,7 +158,7 @@ impl<'a> Lm<'a> {
             tok,
             batch: batch.max(1),
             gen_batch: batch.max(1),
-            max_length: max_length.clamp(2, model.cfg.max_position_embeddings),
+            max_length: max_length.clamp(2, model.max_positions()),
             progress,
             cache: None,
         }
@@ -308,11 +309,11 @@ impl<'a> Lm<'a> {
                     r.targets.len()
                 )));
             }
-            if r.input.len() > self.model.cfg.max_position_embeddings {
+            if r.input.len() > self.model.max_positions() {
                 return Err(Error::Msg(format!(
                     "a request of {} tokens exceeds the model's context of {}",
                     r.input.len(),
-                    self.model.cfg.max_position_embeddings
+                    self.model.max_positions()
                 )));
             }
             let start = r.input.len() - r.targets.len();
@@ -846,7 +847,7 @@ impl<'a> Lm<'a> {
 
     /// Longest sequence generation may reach.
     fn gen_limit(&self) -> usize {
-        self.max_length.min(self.model.cfg.max_position_embeddings)
+        self.max_length.min(self.model.max_positions())
     }
 }
 

@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor};
 use eval::lm::{rolling_rows, GenRequest, Lm, Row};
 use eval::tasks::{self, gsm8k, jsonl, mmlu, sst2, wikitext};
 use eval::{EvalOptions, TaskSpec};
+use models::CausalLm;
 use models::{Arch, Model};
 use std::path::{Path, PathBuf};
 
@@ -364,7 +365,7 @@ fn sst2_classifier_needs_a_head() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("needs a causal LM"), "{e}");
-    if let Arch::Bert(b) = &mut m.arch {
+    if let Arch::Encoder(b) = &mut m.arch {
         let w = Tensor::new(&[[0.1f32; 32], [-0.1f32; 32]], &Device::Cpu).unwrap();
         b.set_classifier(w, Tensor::new(&[0.0f32, 0.0], &Device::Cpu).unwrap());
     }

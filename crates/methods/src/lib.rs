@@ -4,5 +4,7 @@
 pub mod finetune;
 pub mod lora;
 pub mod mpop;
+pub mod open;
 pub mod quant;
 pub mod squeeze;
+pub use open::{open, Kind};

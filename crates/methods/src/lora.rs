@@ -69,11 +69,10 @@ pub struct LoraConfig {
 impl LoraConfig {
     /// PEFT's defaults: llama family q_proj, v_proj; bert query, value.
     pub fn default_targets(arch: &Model) -> Vec<String> {
-        let t: &[&str] = match &arch.arch {
-            Arch::Llama(_) => &["q_proj", "v_proj"],
-            Arch::Bert(_) => &["query", "value"],
-        };
-        t.iter().map(|s| s.to_string()).collect()
+        arch.peft_default_targets()
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     }
 
     /// Whether this config selects the module `name`.
@@ -422,12 +421,15 @@ pub fn merge(model: &mut Model) -> Result<usize> {
 /// Our module name → the module path inside the HF class PEFT wraps for `task_type`.
 fn peft_path(model: &Model, name: &str, task_type: &str) -> String {
     match &model.arch {
-        Arch::Bert(b) => {
+        Arch::Encoder(_) => {
+            // sentence-transformers checkpoints store the bare encoder (no `bert.` prefix);
+            // PEFT's SEQ_CLS model wraps it with one.
+            let bare = model.bert().map_or(true, |b| b.prefix.is_empty());
             let head = name == "classifier" || name.starts_with("classifier.");
             if head {
                 name.to_string()
             } else if task_type == "SEQ_CLS" {
-                if b.prefix.is_empty() {
+                if bare {
                     format!("bert.{name}")
                 } else {
                     name.to_string()
@@ -436,7 +438,7 @@ fn peft_path(model: &Model, name: &str, task_type: &str) -> String {
                 name.strip_prefix("bert.").unwrap_or(name).to_string()
             }
         }
-        Arch::Llama(_) => name.to_string(),
+        Arch::Causal(_) => name.to_string(),
     }
 }
 
@@ -820,7 +822,7 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
     }
 
     let mut plan = vec![];
-    let is_bert = matches!(model.arch, Arch::Bert(_));
+    let is_bert = matches!(model.arch, Arch::Encoder(_));
     for (module, p) in mods {
         let target = our_name(&name_set, &module);
         // Full tensors (modules_to_save, or a targeted embedding's base weight).
@@ -835,8 +837,8 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
                     ));
                 };
                 let h = match &model.arch {
-                    Arch::Bert(bt) => bt.cfg.hidden_size,
-                    Arch::Llama(l) => l.cfg.hidden_size,
+                    Arch::Encoder(e) => e.hidden_size(),
+                    Arch::Causal(l) => l.hidden_size(),
                 };
                 let n = w.dims().first().copied().unwrap_or(0);
                 if w.dims() != [n, h] || n == 0 {
@@ -947,7 +949,7 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
                 repl.insert(idx, (weight, bias));
             }
             Plan::Classifier { weight, bias } => {
-                if let Arch::Bert(bt) = &mut model.arch {
+                if let Arch::Encoder(bt) = &mut model.arch {
                     bt.set_classifier(weight, bias);
                 }
             }

@@ -424,9 +424,62 @@ pub fn save(m: &Model, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Load a checkpoint written by [`save`]: the dense parts through the normal loader (MPO
-/// weights are first contracted so the architecture sees complete tensors), then each MPO
-/// layer swapped back in from its cores, checked against the manifest.
+/// A checkpoint written by [`save`] as a weight source: the Linears its manifest names are
+/// built from their cores, everything else comes from the directory's safetensors.
+struct MpoSource {
+    rest: models::weights::Weights,
+    mpos: BTreeMap<String, Mpo<f32>>,
+    used: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl models::WeightSource for MpoSource {
+    fn path(&self) -> &Path {
+        &self.rest.path
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.rest.tensors.get(name).map(|t| t.dims().to_vec())
+    }
+    fn tensor(&self, name: &str, shape: &[usize]) -> models::Result<Tensor> {
+        self.rest.get(name, shape)
+    }
+    fn has_linear(&self, module: &str) -> bool {
+        self.mpos.contains_key(module) || self.rest.contains(&format!("{module}.weight"))
+    }
+    fn linear(
+        &self,
+        module: &str,
+        out_f: usize,
+        in_f: usize,
+        bias: models::Bias,
+    ) -> models::Result<models::Linear> {
+        let Some(mpo) = self.mpos.get(module) else {
+            return models::source::dense_linear(self, module, out_f, in_f, bias);
+        };
+        let shape = mpo.shape();
+        if [shape.rows(), shape.cols()] != [out_f, in_f] {
+            return Err(models::Error::Shape {
+                path: self.rest.path.clone(),
+                name: format!("{module}.weight"),
+                expected: vec![out_f, in_f],
+                got: vec![shape.rows(), shape.cols()],
+            });
+        }
+        let b = models::source::bias_of(self, module, out_f, bias)?;
+        let bias: Option<Vec<f32>> = match b {
+            Some(b) => Some(b.to_vec1()?),
+            None => None,
+        };
+        let layer = MpoLinear::from_mpo(mpo, bias.as_deref(), &Device::Cpu)
+            .map_err(|e| models::Error::Msg(format!("{module}: {e}")))?;
+        if let Ok(mut u) = self.used.lock() {
+            u.insert(module.to_string());
+        }
+        Ok(models::Linear::new(Box::new(MpoLayer::new(layer))))
+    }
+}
+
+/// Load a checkpoint written by [`save`] in one pass: the manifest and every core are checked,
+/// then the architecture asks for its layers and gets the MPO ones built from their cores.
 pub fn load(dir: &Path) -> Result<Model> {
     let mpath = dir.join(MANIFEST);
     let text = models::untrusted::read_text(&mpath, models::untrusted::MAX_JSON_BYTES)?;
@@ -436,7 +489,7 @@ pub fn load(dir: &Path) -> Result<Model> {
         .map_err(|e| models::Error::config(&mpath, e))?;
     let st_path = dir.join("model.safetensors");
     let mut tensors = models::weights::load_safetensors(&st_path)?;
-    let mut cores_of: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
+    let mut mpos = BTreeMap::new();
     for (name, lm) in &man.layers {
         let mut cores = Vec::new();
         for (k, shp) in lm.core_shapes.iter().enumerate() {
@@ -479,10 +532,7 @@ pub fn load(dir: &Path) -> Result<Model> {
         }
         let mpo = Mpo::<f32>::from_parts(lm, vals)
             .map_err(|e| models::Error::config(&mpath, format!("layer {shown}: {e}")))?;
-        let shape = mpo.shape();
-        let dense = mpo::dense_from_cores(&cores, &shape)?;
-        tensors.insert(format!("{name}.weight"), dense);
-        cores_of.insert(name.clone(), cores);
+        mpos.insert(name.clone(), mpo);
     }
     if let Some(extra) = tensors.keys().find(|k| k.contains(".mpo.core_")) {
         return Err(models::Error::config(
@@ -491,36 +541,21 @@ pub fn load(dir: &Path) -> Result<Model> {
         )
         .into());
     }
-    // Build the architecture from the contracted weights, then put the MPO layers back.
     let src = models::hub::ModelSource {
         name: dir.display().to_string(),
         format: models::hub::Format::HfDir,
         path: dir.to_path_buf(),
     };
-    let mut m =
-        models::model::Model::from_weights(src, models::weights::Weights::new(tensors, &st_path))?;
-    for (name, lin) in m.linears_mut() {
-        if let (Some(lm), Some(cores)) = (man.layers.get(&name), cores_of.get(&name)) {
-            let mpo = Mpo::<f32>::from_parts(
-                lm,
-                cores
-                    .iter()
-                    .map(|c| c.flatten_all()?.to_vec1::<f32>())
-                    .collect::<candle_core::Result<Vec<_>>>()?,
-            )?;
-            let bias: Option<Vec<f32>> = match lin.bias() {
-                Some(b) => Some(b.to_vec1()?),
-                None => None,
-            };
-            let layer = MpoLinear::from_mpo(&mpo, bias.as_deref(), &Device::Cpu)?;
-            lin.replace(Box::new(MpoLayer::new(layer)));
-        }
-    }
-    let missing: Vec<&String> = man
-        .layers
-        .keys()
-        .filter(|n| !m.linears().iter().any(|(k, _)| k == *n))
-        .collect();
+    let mut types = BTreeMap::new();
+    types.insert("f32 (as loaded)".to_string(), tensors.len() + mpos.len());
+    let source = MpoSource {
+        rest: models::weights::Weights::new(tensors, &st_path),
+        mpos,
+        used: Default::default(),
+    };
+    let m = Model::from_source(src, &source, types)?;
+    let used = source.used.into_inner().unwrap_or_default();
+    let missing: Vec<&String> = man.layers.keys().filter(|n| !used.contains(*n)).collect();
     if !missing.is_empty() {
         return Err(models::Error::config(
             &mpath,

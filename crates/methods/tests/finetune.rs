@@ -3,6 +3,7 @@
 
 use methods::finetune::{self, FinetuneOptions, Method, RunControl, Task};
 use methods::mpop::MpoLayer;
+use models::CausalLm;
 use models::Model;
 use std::path::{Path, PathBuf};
 

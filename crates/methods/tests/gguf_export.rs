@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor};
 use methods::quant::gguf_export::{export_gguf, ExportOptions, ExportReport, GgufType};
 use models::gguf::{as_u64, GgufFile};
 use models::testing::{byte_tokenizer_json, max_abs_diff, write_tiny_bert, write_tiny_llama};
+use models::CausalLm;
 use models::Model;
 use serde_json::json;
 use std::collections::HashMap;
@@ -30,9 +31,11 @@ fn source_tensors(m: &Model) -> HashMap<String, Tensor> {
 /// The exported file's tensors dequantized to f32 under HF names (q/k unpermuted).
 fn read_back(p: &Path) -> (GgufFile, HashMap<String, Tensor>) {
     let g = GgufFile::open(p).unwrap();
-    let cfg = g.llama_config().unwrap();
-    let w = g.load_llama_weights(&cfg, None).unwrap();
-    (g, w.tensors)
+    let w = models::source::GgufSource::llama(&g, false)
+        .unwrap()
+        .read_all()
+        .unwrap();
+    (g, w)
 }
 
 fn logits(m: &Model) -> Tensor {

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use methods::lora::{self, LoraConfig, LoraLinear};
 use models::linear::Dense;
 use models::testing::{self, max_abs_diff};
+use models::CausalLm;
 use models::{LinearLayer, Model};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -69,7 +70,7 @@ fn tiny_bert_with_head() -> (tempfile::TempDir, Model) {
     let d = tempfile::tempdir().unwrap();
     testing::write_tiny_bert(&d.path().join("b")).unwrap();
     let mut m = Model::load(d.path().join("b").to_str().unwrap(), false).unwrap();
-    if let models::Arch::Bert(b) = &mut m.arch {
+    if let models::Arch::Encoder(b) = &mut m.arch {
         b.set_classifier(
             rand_tensor(&[2, 32], 0.3, 99, DType::F32),
             rand_tensor(&[2], 0.1, 98, DType::F32),
@@ -546,7 +547,7 @@ fn export_adapters_for_peft_check() {
 
     let f = fixtures().join("bert");
     let mut m = Model::load(f.join("base").to_str().unwrap(), false).unwrap();
-    if let models::Arch::Bert(b) = &mut m.arch {
+    if let models::Arch::Encoder(b) = &mut m.arch {
         b.set_classifier(
             rand_tensor(&[3, 16], 0.5, 41, DType::F32),
             rand_tensor(&[3], 0.1, 42, DType::F32),

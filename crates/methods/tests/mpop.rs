@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use methods::mpop::{self, Budget, CompressOptions, Shapes};
+use models::CausalLm;
 use models::{testing, Model};
 
 fn logits(m: &Model) -> Tensor {

@@ -4,6 +4,7 @@
 use candle_core::{Device, Tensor, Var};
 use methods::quant::kernels;
 use methods::quant::{pack, QuantLinear};
+use models::CausalLm;
 use models::LinearLayer;
 
 fn lcg(seed: u64) -> impl FnMut() -> u64 {

@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use methods::quant::{self, gptq, pack, KeepFp16, QuantLinear, QuantOptions};
+use models::CausalLm;
 use models::LinearLayer;
 
 fn lcg(seed: u64) -> impl FnMut() -> f64 {

@@ -5,9 +5,10 @@
 use crate::config::BertConfig;
 use crate::linear::Linear;
 use crate::ops;
-use crate::weights::Weights;
+use crate::source::{Bias, WeightSource};
 use crate::Result;
 use candle_core::{DType, Tensor, D};
+use std::any::Any;
 
 #[derive(Debug)]
 struct LayerNorm {
@@ -17,10 +18,10 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn load(w: &Weights, name: &str, h: usize, eps: f64) -> Result<Self> {
+    fn load(w: &dyn WeightSource, name: &str, h: usize, eps: f64) -> Result<Self> {
         Ok(LayerNorm {
-            w: w.get(&format!("{name}.weight"), &[h])?,
-            b: w.get(&format!("{name}.bias"), &[h])?,
+            w: w.tensor(&format!("{name}.weight"), &[h])?,
+            b: w.tensor(&format!("{name}.bias"), &[h])?,
             eps,
         })
     }
@@ -99,15 +100,13 @@ pub struct Bert {
     pub classifier: Option<Linear>,
 }
 
-fn lin(w: &Weights, name: &str, out_f: usize, in_f: usize) -> Result<Linear> {
-    Ok(Linear::dense(
-        w.get(&format!("{name}.weight"), &[out_f, in_f])?,
-        Some(w.get(&format!("{name}.bias"), &[out_f])?),
-    ))
+fn lin(w: &dyn WeightSource, name: &str, out_f: usize, in_f: usize) -> Result<Linear> {
+    w.linear(name, out_f, in_f, Bias::Required)
 }
 
 impl Bert {
-    pub fn new(cfg: BertConfig, w: &Weights) -> Result<Self> {
+    /// Build the encoder in one pass from `w` (HF names, with or without `bert.`).
+    pub fn new(cfg: BertConfig, w: &dyn WeightSource) -> Result<Self> {
         let prefix = if w.contains("bert.embeddings.word_embeddings.weight") {
             "bert."
         } else {
@@ -116,15 +115,17 @@ impl Bert {
         .to_string();
         let (h, inter, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         let p = |s: &str| format!("{prefix}{s}");
-        let word = w.get(
-            &p("embeddings.word_embeddings.weight"),
-            &[cfg.vocab_size, h],
+        let word_embeddings = w.linear(
+            &p("embeddings.word_embeddings"),
+            cfg.vocab_size,
+            h,
+            Bias::Optional,
         )?;
-        let position_embeddings = w.get(
+        let position_embeddings = w.tensor(
             &p("embeddings.position_embeddings.weight"),
             &[cfg.max_position_embeddings, h],
         )?;
-        let token_type_embeddings = w.get(
+        let token_type_embeddings = w.tensor(
             &p("embeddings.token_type_embeddings.weight"),
             &[cfg.type_vocab_size, h],
         )?;
@@ -143,14 +144,14 @@ impl Bert {
                 out_ln: LayerNorm::load(w, &format!("{l}.output.LayerNorm"), h, eps)?,
             });
         }
-        let pooler = if w.contains(&p("pooler.dense.weight")) {
+        let pooler = if w.has_linear(&p("pooler.dense")) {
             Some(lin(w, &p("pooler.dense"), h, h)?)
         } else {
             None
         };
-        let classifier = match (w.contains("classifier.weight"), cfg.num_labels) {
-            (true, n) => {
-                let n = n.unwrap_or_else(|| w.tensors["classifier.weight"].dims()[0]);
+        let classifier = match (w.shape("classifier.weight"), cfg.num_labels) {
+            (Some(dims), n) => {
+                let n = n.unwrap_or_else(|| dims.first().copied().unwrap_or(0));
                 Some(lin(w, "classifier", n, h)?)
             }
             _ => None,
@@ -158,7 +159,7 @@ impl Bert {
         Ok(Bert {
             cfg,
             prefix,
-            word_embeddings: Linear::dense(word, None),
+            word_embeddings,
             position_embeddings,
             token_type_embeddings,
             emb_ln,
@@ -307,5 +308,86 @@ impl Bert {
         let s = hidden.broadcast_mul(&m)?.sum(1)?;
         let n = m.sum(1)?.clamp(1e-9, f64::MAX)?;
         Ok(s.broadcast_div(&n)?)
+    }
+}
+
+impl crate::arch::Encoder for Bert {
+    fn model_type(&self) -> &str {
+        &self.cfg.model_type
+    }
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+    fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+    fn summary(&self) -> String {
+        let c = &self.cfg;
+        format!(
+            "layers {}  hidden {}  heads {}  ffn {}  vocab {}  max_pos {}  pooler {}  classifier {}",
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.intermediate_size,
+            c.vocab_size,
+            c.max_position_embeddings,
+            self.pooler.is_some(),
+            self.classifier.is_some()
+        )
+    }
+    fn forward(
+        &self,
+        ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        Bert::forward(self, ids, token_type_ids, mask)
+    }
+    fn pool(&self, hidden: &Tensor) -> Result<Tensor> {
+        Bert::pool(self, hidden)
+    }
+    fn classify(&self, pooled: &Tensor) -> Result<Tensor> {
+        Bert::classify(self, pooled)
+    }
+    fn num_labels(&self) -> Option<usize> {
+        self.classifier.as_ref().map(|c| c.out_features())
+    }
+    fn set_classifier(&mut self, weight: Tensor, bias: Tensor) {
+        self.cfg.num_labels = Some(weight.dims().first().copied().unwrap_or(0));
+        Bert::set_classifier(self, weight, bias)
+    }
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        Bert::linears(self)
+    }
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        Bert::linears_mut(self)
+    }
+    fn other_tensors(&self) -> Vec<(String, &Tensor)> {
+        Bert::other_tensors(self)
+    }
+    fn other_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        Bert::other_tensors_mut(self)
+    }
+    fn hf_config(&self) -> Result<serde_json::Value> {
+        serde_json::to_value(&self.cfg).map_err(|e| crate::Error::Msg(e.to_string()))
+    }
+    fn hf_architecture(&self) -> &'static str {
+        if self.classifier.is_some() {
+            "BertForSequenceClassification"
+        } else {
+            "BertModel"
+        }
+    }
+    fn tokenizer_class(&self) -> Option<&'static str> {
+        Some("BertTokenizerFast")
+    }
+    fn peft_default_targets(&self) -> &'static [&'static str] {
+        &["query", "value"]
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
     }
 }

@@ -27,30 +27,15 @@ pub fn dense_state_dict(m: &Model) -> Result<HashMap<String, Tensor>> {
 
 /// config.json contents for the model's architecture.
 pub fn config_json(m: &Model) -> Result<serde_json::Value> {
-    let mut v = match &m.arch {
-        Arch::Llama(l) => serde_json::to_value(&l.cfg).map_err(|e| Error::Msg(e.to_string()))?,
-        Arch::Bert(b) => serde_json::to_value(&b.cfg).map_err(|e| Error::Msg(e.to_string()))?,
+    let (mut v, arch) = match &m.arch {
+        Arch::Causal(l) => (l.hf_config()?, l.hf_architecture()),
+        Arch::Encoder(e) => (e.hf_config()?, e.hf_architecture()),
     };
     let obj = v
         .as_object_mut()
         .ok_or_else(|| Error::Msg("config is not an object".into()))?;
-    let arch = match &m.arch {
-        Arch::Llama(l) if l.cfg.model_type == "qwen2" => "Qwen2ForCausalLM",
-        Arch::Llama(_) => "LlamaForCausalLM",
-        Arch::Bert(b) if b.classifier.is_some() => "BertForSequenceClassification",
-        Arch::Bert(_) => "BertModel",
-    };
     obj.insert("architectures".into(), json!([arch]));
     obj.insert("torch_dtype".into(), json!("float32"));
-    if let Arch::Llama(l) = &m.arch {
-        obj.insert("tie_word_embeddings".into(), json!(l.lm_head.is_none()));
-        obj.insert("head_dim".into(), json!(l.cfg.head_dim()));
-        obj.insert("num_key_value_heads".into(), json!(l.cfg.num_kv_heads()));
-        obj.insert("attention_bias".into(), json!(l.cfg.qkv_bias()));
-        if obj.get("rope_scaling").is_some_and(|r| r.is_null()) {
-            obj.remove("rope_scaling");
-        }
-    }
     obj.retain(|_, v| !v.is_null());
     Ok(v)
 }
@@ -105,8 +90,10 @@ pub fn write_hf_dir(
     if let Some(c) = &m.tokenizer.chat_template {
         tc["chat_template"] = json!(c);
     }
-    if matches!(m.arch, Arch::Bert(_)) {
-        tc["tokenizer_class"] = json!("BertTokenizerFast");
+    if let Arch::Encoder(e) = &m.arch {
+        if let Some(c) = e.tokenizer_class() {
+            tc["tokenizer_class"] = json!(c);
+        }
     }
     w(
         "tokenizer_config.json",

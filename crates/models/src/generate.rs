@@ -2,7 +2,7 @@
 //! Greedy at temperature 0 (argmax, first index on ties as torch does), else temperature +
 //! nucleus (top-p) sampling from a seeded RNG so runs are reproducible.
 
-use crate::llama::Llama;
+use crate::arch::CausalLm;
 use crate::Result;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -106,7 +106,7 @@ pub fn argmax(x: &[f32]) -> u32 {
 
 /// Generate up to `max_new_tokens` after `prompt`, calling `on_token` for each new id.
 pub fn generate(
-    model: &Llama,
+    model: &dyn CausalLm,
     prompt: &[u32],
     p: &SamplingParams,
     mut on_token: impl FnMut(u32),
@@ -146,7 +146,7 @@ pub fn generate(
         if out.len() >= p.max_new_tokens {
             break;
         }
-        if cache.seq_len + 1 > model.cfg.max_position_embeddings {
+        if cache.seq_len + 1 > model.max_positions() {
             st.stopped_by = "context_length".into();
             break;
         }

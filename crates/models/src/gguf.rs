@@ -6,12 +6,10 @@
 
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::untrusted::{self, escape};
-use crate::weights::Weights;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Tensor};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use candle_core::Tensor;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
@@ -68,7 +66,7 @@ impl GgufFile {
         self.meta(key).and_then(as_f64)
     }
 
-    fn err(&self, msg: String) -> Error {
+    pub(crate) fn err(&self, msg: String) -> Error {
         Error::Gguf {
             path: self.path.clone(),
             msg,
@@ -161,118 +159,12 @@ impl GgufFile {
         cfg.validate(&self.path)?;
         Ok(cfg)
     }
-
-    /// Dequantize every tensor to f32 under its HF name.
-    pub fn load_llama_weights(
-        &self,
-        cfg: &LlamaConfig,
-        progress: Option<&indicatif::ProgressBar>,
-    ) -> Result<Weights> {
-        Ok(self.load_llama(cfg, progress, false)?.0)
-    }
-
-    /// Like [`Self::load_llama_weights`], but the weight matrices of Linear layers (and the
-    /// embedding) stored in a block type are returned as they are, in HF row order, under
-    /// their HF names; the `Weights` hold a zero-cost broadcast placeholder of the right shape
-    /// in their place, which the caller must swap out (see `Model::load_with`).
-    pub fn load_llama_quantized(
-        &self,
-        cfg: &LlamaConfig,
-        progress: Option<&indicatif::ProgressBar>,
-    ) -> Result<(Weights, HashMap<String, QTensor>)> {
-        self.load_llama(cfg, progress, true)
-    }
-
-    fn load_llama(
-        &self,
-        cfg: &LlamaConfig,
-        progress: Option<&indicatif::ProgressBar>,
-        keep_quantized: bool,
-    ) -> Result<(Weights, HashMap<String, QTensor>)> {
-        let mut f = std::fs::File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        let permute = cfg.model_type == "llama";
-        let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
-        names.sort();
-        if let Some(pb) = progress {
-            pb.set_length(names.len() as u64);
-        }
-        let mut out = HashMap::new();
-        let mut quantized = HashMap::new();
-        for name in names {
-            let q = self
-                .content
-                .tensor(&mut f, name, &Device::Cpu)
-                .map_err(|e| self.err(format!("tensor '{}': {e}", escape(name))))?;
-            let data = q
-                .data()
-                .map_err(|e| self.err(format!("tensor '{}': {e}", escape(name))))?;
-            if let Some(what) = nonfinite(q.dtype(), &data) {
-                return Err(self.err(format!(
-                    "tensor '{}' holds a NaN or infinite {what} (corrupt file?)",
-                    escape(name)
-                )));
-            }
-            drop(data);
-            // Tensors we do not model (e.g. rope_freqs) are kept under their GGUF name.
-            let hf = hf_name(name).unwrap_or_else(|| name.clone());
-            if out.contains_key(&hf) {
-                return Err(self.err(format!(
-                    "tensor '{}' and another tensor both give '{}'",
-                    escape(name),
-                    escape(&hf)
-                )));
-            }
-            let heads = if !permute {
-                None
-            } else if hf.ends_with("self_attn.q_proj.weight")
-                || hf.ends_with("self_attn.q_proj.bias")
-            {
-                Some(cfg.num_attention_heads)
-            } else if hf.ends_with("self_attn.k_proj.weight")
-                || hf.ends_with("self_attn.k_proj.bias")
-            {
-                Some(cfg.num_kv_heads())
-            } else {
-                None
-            };
-            let is_matrix = hf.ends_with("_proj.weight")
-                || hf == "lm_head.weight"
-                || hf == "model.embed_tokens.weight";
-            if keep_quantized && is_matrix && crate::qlinear::is_supported(q.dtype()) {
-                let q = match heads {
-                    Some(n) => crate::qlinear::unpermute_rows(&q, n),
-                    None => Ok(q),
-                }
-                .map_err(|e| self.err(format!("tensor '{}': {e}", escape(name))))?;
-                let (rows, cols) = q
-                    .shape()
-                    .dims2()
-                    .map_err(|e| self.err(format!("tensor '{}': {e}", escape(name))))?;
-                let placeholder =
-                    Tensor::zeros((), DType::F32, &Device::Cpu)?.broadcast_as((rows, cols))?;
-                out.insert(hf.clone(), placeholder);
-                quantized.insert(hf, q);
-            } else {
-                let mut t = q
-                    .dequantize(&Device::Cpu)
-                    .map_err(|e| self.err(format!("tensor '{}': {e}", escape(name))))?;
-                if let Some(n) = heads {
-                    t = unpermute(&t, n)?;
-                }
-                out.insert(hf, t);
-            }
-            if let Some(pb) = progress {
-                pb.inc(1);
-            }
-        }
-        Ok((Weights::new(out, &self.path), quantized))
-    }
 }
 
 /// The first NaN/infinite number of a tensor's raw data: every value of a float type, or
 /// the f16 (f32 for Q8_K) scale fields of each block of a quantized one (its integer codes
 /// cannot be non-finite, so finite scales give finite weights). None when all are finite.
-fn nonfinite(t: candle_core::quantized::GgmlDType, data: &[u8]) -> Option<&'static str> {
+pub(crate) fn nonfinite(t: candle_core::quantized::GgmlDType, data: &[u8]) -> Option<&'static str> {
     use candle_core::quantized::GgmlDType as T;
     let h16 = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) & 0x7c00 == 0x7c00;
     let (block, fields): (usize, &[usize]) = match t {
@@ -738,7 +630,7 @@ mod tests {
 
     #[test]
     fn permute_inverts() -> candle_core::Result<()> {
-        let t = Tensor::arange(0f32, 8.0 * 3.0, &Device::Cpu)?.reshape((8, 3))?;
+        let t = Tensor::arange(0f32, 8.0 * 3.0, &candle_core::Device::Cpu)?.reshape((8, 3))?;
         let p = permute(&t, 2)?;
         let back = unpermute(&p, 2)?;
         assert_eq!(back.to_vec2::<f32>()?, t.to_vec2::<f32>()?);

@@ -21,6 +21,11 @@ pub trait LinearLayer: std::fmt::Debug + Send + Sync {
     fn bias(&self) -> Option<Tensor>;
     /// Short name of the implementation ("dense", "mpo", "lora", "gptq4", …) for reports.
     fn kind(&self) -> String;
+    /// Parameter tensors that other layers may hold too (a shared core, a tied weight), with
+    /// their element counts, so a model counts and saves each once. Packed layers own theirs.
+    fn param_ids(&self) -> Vec<(candle_core::TensorId, usize)> {
+        Vec::new()
+    }
     /// Row lookup for embeddings (ids: 1-D u32). Factored layers may override this to avoid
     /// materialising the whole table.
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
@@ -62,6 +67,13 @@ impl LinearLayer for Dense {
     }
     fn bias(&self) -> Option<Tensor> {
         self.bias.clone()
+    }
+    fn param_ids(&self) -> Vec<(candle_core::TensorId, usize)> {
+        let mut v = vec![(self.weight.id(), self.weight.elem_count())];
+        if let Some(b) = &self.bias {
+            v.push((b.id(), b.elem_count()));
+        }
+        v
     }
     fn kind(&self) -> String {
         "dense".into()

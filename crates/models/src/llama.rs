@@ -2,26 +2,28 @@
 //! scaling), grouped-query attention, SwiGLU MLP, optional q/k/v biases, tied embeddings.
 //! Tensor names are HF names (`model.layers.N.self_attn.q_proj.weight`, …).
 
+use crate::arch::{AttnInputs, CausalLm, FeedForward, SelfAttention};
+pub use crate::cache::Cache;
+use crate::cache::{KvBuf, KvSlot};
 use crate::config::LlamaConfig;
 use crate::linear::Linear;
 use crate::ops;
-use crate::weights::Weights;
+use crate::source::{Bias, WeightSource};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
+use std::any::Any;
 
-/// One list of module names for both the shared and the mutable view, so they cannot drift.
+/// Blocks' Linears under the layers' HF prefixes, for both views so they cannot drift.
 macro_rules! linear_list {
-    ($s:ident, $iter:ident, $opt:ident, $($m:tt)?) => {{
+    ($s:ident, $iter:ident, $opt:ident, $lin:ident, $($m:tt)?) => {{
         let mut v = vec![("model.embed_tokens".to_string(), &$($m)? $s.embed_tokens)];
         for (i, l) in $s.layers.$iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            v.push((format!("{p}.self_attn.q_proj"), &$($m)? l.attn.q_proj));
-            v.push((format!("{p}.self_attn.k_proj"), &$($m)? l.attn.k_proj));
-            v.push((format!("{p}.self_attn.v_proj"), &$($m)? l.attn.v_proj));
-            v.push((format!("{p}.self_attn.o_proj"), &$($m)? l.attn.o_proj));
-            v.push((format!("{p}.mlp.gate_proj"), &$($m)? l.mlp.gate_proj));
-            v.push((format!("{p}.mlp.up_proj"), &$($m)? l.mlp.up_proj));
-            v.push((format!("{p}.mlp.down_proj"), &$($m)? l.mlp.down_proj));
+            for (n, x) in l.attn.$lin() {
+                v.push((format!("model.layers.{i}.self_attn.{n}"), x));
+            }
+            for (n, x) in l.mlp.$lin() {
+                v.push((format!("model.layers.{i}.mlp.{n}"), x));
+            }
         }
         if let Some(h) = $s.lm_head.$opt() {
             v.push(("lm_head".into(), h));
@@ -31,41 +33,49 @@ macro_rules! linear_list {
 }
 
 macro_rules! norm_list {
-    ($s:ident, $iter:ident, $($m:tt)?) => {{
+    ($s:ident, $iter:ident, $other:ident, $($m:tt)?) => {{
         let mut v = Vec::new();
         for (i, l) in $s.layers.$iter().enumerate() {
             v.push((format!("model.layers.{i}.input_layernorm.weight"), &$($m)? l.input_layernorm));
+            for (n, x) in l.attn.$other() {
+                v.push((format!("model.layers.{i}.self_attn.{n}"), x));
+            }
             v.push((format!("model.layers.{i}.post_attention_layernorm.weight"), &$($m)? l.post_attention_layernorm));
+            for (n, x) in l.mlp.$other() {
+                v.push((format!("model.layers.{i}.mlp.{n}"), x));
+            }
         }
         v.push(("model.norm.weight".into(), &$($m)? $s.norm));
         v
     }};
 }
 
+/// Grouped-query attention with RoPE and optional q/k/v biases.
 #[derive(Debug)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    n_heads: usize,
-    n_kv: usize,
-    head_dim: usize,
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub head_dim: usize,
 }
 
+/// The SwiGLU feed-forward block.
 #[derive(Debug)]
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
 }
 
 #[derive(Debug)]
 struct Layer {
     input_layernorm: Tensor,
     post_attention_layernorm: Tensor,
-    attn: Attention,
-    mlp: Mlp,
+    attn: Box<dyn SelfAttention>,
+    mlp: Box<dyn FeedForward>,
 }
 
 #[derive(Debug)]
@@ -79,163 +89,6 @@ pub struct Llama {
     pub lm_head: Option<Linear>,
     cos: Tensor,
     sin: Tensor,
-}
-
-/// Per-layer key/value cache for incremental decoding.
-#[derive(Debug, Clone)]
-pub struct Cache {
-    kv: Vec<Option<KvBuf>>,
-    pub seq_len: usize,
-}
-
-/// One layer's keys and values, [b, capacity, kv_heads, head_dim] with the first `len`
-/// positions filled: a decode step writes its position in place instead of concatenating the
-/// whole cache into a new tensor, and for b = 1 the filled part is a contiguous prefix that the
-/// fused attention reads without a copy. Capacity doubles when full.
-#[derive(Debug)]
-struct KvBuf {
-    k: Tensor,
-    v: Tensor,
-    len: usize,
-}
-
-impl Clone for KvBuf {
-    // Appends write into the buffers, so clones (a shared few-shot prefix extended per choice)
-    // must not share them.
-    fn clone(&self) -> Self {
-        self.resized(self.k.dims()[1]).expect("copy a KV cache")
-    }
-}
-
-impl KvBuf {
-    /// New buffers of `cap` (≥ len) positions holding this one's filled prefix.
-    fn resized(&self, cap: usize) -> Result<KvBuf> {
-        let (b, _, nkv, hd) = self.k.dims4()?;
-        let copy = |t: &Tensor| -> Result<Tensor> {
-            let c = Tensor::zeros((b, cap, nkv, hd), t.dtype(), t.device())?;
-            if self.len > 0 {
-                c.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-            }
-            Ok(c)
-        };
-        Ok(KvBuf {
-            k: copy(&self.k)?,
-            v: copy(&self.v)?,
-            len: self.len,
-        })
-    }
-
-    /// Append k/v [b, t, kv_heads, hd] and return all filled positions [b, len, kv_heads, hd].
-    fn append(slot: &mut Option<KvBuf>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, t, nkv, hd) = k.dims4()?;
-        let len = slot.as_ref().map_or(0, |s| s.len);
-        let need = len + t;
-        let cap = need.next_power_of_two().max(64);
-        match slot {
-            None => {
-                *slot = Some(KvBuf {
-                    k: Tensor::zeros((b, cap, nkv, hd), k.dtype(), k.device())?,
-                    v: Tensor::zeros((b, cap, nkv, hd), v.dtype(), v.device())?,
-                    len: 0,
-                })
-            }
-            Some(s) if s.k.dim(1)? < need => *s = s.resized(cap)?,
-            Some(_) => {}
-        }
-        let s = slot.as_mut().expect("allocated above");
-        s.k.slice_set(&k.contiguous()?, 1, len)?;
-        s.v.slice_set(&v.contiguous()?, 1, len)?;
-        s.len = need;
-        Ok((s.k.narrow(1, 0, need)?, s.v.narrow(1, 0, need)?))
-    }
-}
-
-impl Cache {
-    pub fn new(n_layers: usize) -> Self {
-        Cache {
-            kv: vec![None; n_layers],
-            seq_len: 0,
-        }
-    }
-
-    /// Batch rows of the cache (every layer's buffers).
-    pub fn rows(&self) -> usize {
-        self.kv.iter().flatten().next().map_or(0, |s| s.k.dims()[0])
-    }
-
-    /// A cache of `b` rows, each a copy of this single-row cache: a shared prompt prefix run
-    /// once, then extended by `b` different continuations.
-    pub fn repeat(&self, b: usize) -> Result<Cache> {
-        self.map(|t| {
-            let (rows, cap, nkv, hd) = t.dims4()?;
-            if rows != 1 {
-                crate::bail!("only a single-row cache can be repeated");
-            }
-            Ok(t.broadcast_as((b, cap, nkv, hd))?.contiguous()?)
-        })
-    }
-
-    /// The cache of the batch rows `rows`, in that order (drops finished generations from a
-    /// batch).
-    pub fn select_rows(&self, rows: &[u32]) -> Result<Cache> {
-        let idx = Tensor::new(rows, &Device::Cpu)?;
-        self.map(|t| Ok(t.index_select(&idx, 0)?))
-    }
-
-    /// Overwrite positions `from .. from + len` of batch row `row` with those of the
-    /// single-row cache `src`, in place (a new request joining a decoding batch in a freed row).
-    pub fn write_row(&mut self, row: usize, src: &Cache, from: usize, len: usize) -> Result<()> {
-        if src.kv.len() != self.kv.len() || src.seq_len < from + len || self.seq_len < from + len {
-            crate::bail!(
-                "write_row: positions {from}..{} do not fit both caches",
-                from + len
-            );
-        }
-        for (d, s) in self.kv.iter().zip(&src.kv) {
-            let (Some(d), Some(s)) = (d, s) else {
-                crate::bail!("write_row: a layer has no cache yet");
-            };
-            for (dt, st) in [(&d.k, &s.k), (&d.v, &s.v)] {
-                let (b, cap, nkv, hd) = dt.dims4()?;
-                if row >= b || st.dim(0)? != 1 || !dt.is_contiguous() {
-                    crate::bail!("write_row: row {row} of a {b}-row cache from a 1-row one");
-                }
-                let block = st.narrow(1, from, len)?.contiguous()?.flatten_all()?;
-                // A contiguous tensor's flat view shares its storage, so this writes in place.
-                dt.flatten_all()?
-                    .slice_set(&block, 0, (row * cap + from) * nkv * hd)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Cache> {
-        let mut kv = Vec::with_capacity(self.kv.len());
-        for s in &self.kv {
-            kv.push(match s {
-                Some(s) => Some(KvBuf {
-                    k: f(&s.k)?,
-                    v: f(&s.v)?,
-                    len: s.len,
-                }),
-                None => None,
-            });
-        }
-        Ok(Cache {
-            kv,
-            seq_len: self.seq_len,
-        })
-    }
-}
-
-fn lin(w: &Weights, name: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Linear> {
-    let weight = w.get(&format!("{name}.weight"), &[out_f, in_f])?;
-    let b = if bias {
-        Some(w.get(&format!("{name}.bias"), &[out_f])?)
-    } else {
-        w.get_opt(&format!("{name}.bias"), &[out_f])?
-    };
-    Ok(Linear::dense(weight, b))
 }
 
 /// cos/sin tables [max_pos, head_dim/2] with the configured frequency scaling.
@@ -286,44 +139,58 @@ fn rope_tables(cfg: &LlamaConfig, dev: &Device) -> Result<(Tensor, Tensor)> {
 }
 
 impl Llama {
-    pub fn new(cfg: LlamaConfig, w: &Weights) -> Result<Self> {
+    /// Build the decoder in one pass, asking `w` for every tensor and Linear by HF name.
+    pub fn new(cfg: LlamaConfig, w: &dyn WeightSource) -> Result<Self> {
         let (h, inter, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
-        let bias = cfg.qkv_bias();
-        let embed = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let qkv = if cfg.qkv_bias() {
+            Bias::Required
+        } else {
+            Bias::Optional
+        };
+        let mlp_bias = if cfg.mlp_bias {
+            Bias::Required
+        } else {
+            Bias::Optional
+        };
+        let embed_tokens = w.linear("model.embed_tokens", cfg.vocab_size, h, Bias::Optional)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let a = format!("{p}.self_attn");
+            let f = format!("{p}.mlp");
+            let attn = Attention {
+                q_proj: w.linear(&format!("{a}.q_proj"), nh * hd, h, qkv)?,
+                k_proj: w.linear(&format!("{a}.k_proj"), nkv * hd, h, qkv)?,
+                v_proj: w.linear(&format!("{a}.v_proj"), nkv * hd, h, qkv)?,
+                o_proj: w.linear(&format!("{a}.o_proj"), h, nh * hd, Bias::Optional)?,
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            };
+            let mlp = Mlp {
+                gate_proj: w.linear(&format!("{f}.gate_proj"), inter, h, mlp_bias)?,
+                up_proj: w.linear(&format!("{f}.up_proj"), inter, h, mlp_bias)?,
+                down_proj: w.linear(&format!("{f}.down_proj"), h, inter, mlp_bias)?,
+            };
             layers.push(Layer {
-                input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                input_layernorm: w.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
                 post_attention_layernorm: w
-                    .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                attn: Attention {
-                    q_proj: lin(w, &format!("{p}.self_attn.q_proj"), nh * hd, h, bias)?,
-                    k_proj: lin(w, &format!("{p}.self_attn.k_proj"), nkv * hd, h, bias)?,
-                    v_proj: lin(w, &format!("{p}.self_attn.v_proj"), nkv * hd, h, bias)?,
-                    o_proj: lin(w, &format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
-                    n_heads: nh,
-                    n_kv: nkv,
-                    head_dim: hd,
-                },
-                mlp: Mlp {
-                    gate_proj: lin(w, &format!("{p}.mlp.gate_proj"), inter, h, cfg.mlp_bias)?,
-                    up_proj: lin(w, &format!("{p}.mlp.up_proj"), inter, h, cfg.mlp_bias)?,
-                    down_proj: lin(w, &format!("{p}.mlp.down_proj"), h, inter, cfg.mlp_bias)?,
-                },
+                    .tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                attn: Box::new(attn),
+                mlp: Box::new(mlp),
             });
         }
-        let norm = w.get("model.norm.weight", &[h])?;
-        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+        let norm = w.tensor("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings && !w.has_linear("lm_head") {
             None
         } else {
-            Some(lin(w, "lm_head", cfg.vocab_size, h, false)?)
+            Some(w.linear("lm_head", cfg.vocab_size, h, Bias::Optional)?)
         };
         let (cos, sin) = rope_tables(&cfg, &Device::Cpu)?;
         Ok(Llama {
             cfg,
-            embed_tokens: Linear::dense(embed, None),
+            embed_tokens,
             layers,
             norm,
             lm_head,
@@ -332,45 +199,54 @@ impl Llama {
         })
     }
 
-    pub fn new_cache(&self) -> Cache {
-        Cache::new(self.layers.len())
-    }
-
-    /// Every swappable Linear with its HF module name; the embedding is included as
-    /// `model.embed_tokens` (and doubles as the head when tied).
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        linear_list!(self, iter_mut, as_mut, mut)
-    }
-
-    pub fn linears(&self) -> Vec<(String, &Linear)> {
-        linear_list!(self, iter, as_ref,)
-    }
-
-    /// Norm weights with their HF names (for parameter counts, exports and training).
-    pub fn norms(&self) -> Vec<(String, &Tensor)> {
-        norm_list!(self, iter,)
-    }
-
-    pub fn norms_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        norm_list!(self, iter_mut, mut)
-    }
-
-    /// Final hidden states [b, t, hidden] (after the last norm). `key_mask` [b, T] (1 = keep,
-    /// 0 = padding) covers cached plus new positions and is only needed for padded batches.
-    pub fn forward_hidden(
+    /// One decoder layer: pre-norm attention and MLP, each with its residual.
+    fn block(
         &self,
-        ids: &Tensor,
-        cache: Option<&mut Cache>,
-        key_mask: Option<&Tensor>,
+        layer: &Layer,
+        x: &Tensor,
+        at: &AttnInputs,
+        kv: Option<&mut KvSlot>,
     ) -> Result<Tensor> {
-        self.forward_hidden_at(ids, cache, key_mask, None)
+        let h = ops::rms_norm(x, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
+        let x = (x + layer.attn.forward(&h, at, kv)?)?;
+        let h = ops::rms_norm(&x, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
+        Ok((&x + layer.mlp.forward(&h)?)?)
+    }
+}
+
+impl CausalLm for Llama {
+    fn model_type(&self) -> &str {
+        &self.cfg.model_type
+    }
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+    fn summary(&self) -> String {
+        let c = &self.cfg;
+        format!(
+            "layers {}  hidden {}  heads {} (kv {})  head_dim {}  ffn {}  vocab {}  ctx {}  tied {}",
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_kv_heads(),
+            c.head_dim(),
+            c.intermediate_size,
+            c.vocab_size,
+            c.max_position_embeddings,
+            self.lm_head.is_none()
+        )
     }
 
-    /// [`Llama::forward_hidden`] where row r's tokens sit at RoPE positions `start[r]`,
-    /// `start[r] + 1`, …, whatever its place in the cache: a batch of generations whose prompts
-    /// differ in length shares one cache with padding holes (hidden by `key_mask`) and still
-    /// gives every row the positions it would have alone. None: positions follow the cache.
-    pub fn forward_hidden_at(
+    fn forward_hidden_at(
         &self,
         ids: &Tensor,
         mut cache: Option<&mut Cache>,
@@ -379,46 +255,18 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.seq_len);
-        let last = match start {
-            Some(s) if s.len() != b => {
-                crate::bail!("{} start positions for a batch of {b} rows", s.len())
-            }
-            Some(s) => s.iter().max().copied().unwrap_or(0),
-            None => offset,
-        };
-        if last + t > self.cfg.max_position_embeddings {
-            crate::bail!(
-                "sequence of {} tokens exceeds the model's max_position_embeddings {}",
-                last + t,
-                self.cfg.max_position_embeddings
-            );
-        }
-        let mut x =
-            self.embed_tokens
-                .embed(&ids.flatten_all()?)?
-                .reshape((b, t, self.cfg.hidden_size))?;
-        let (cos, sin) = match start {
-            None => (
-                self.cos.narrow(0, offset, t)?,
-                self.sin.narrow(0, offset, t)?,
-            ),
-            Some(s) => {
-                let pos: Vec<u32> = s
-                    .iter()
-                    .flat_map(|&p| (p..p + t).map(|q| q as u32))
-                    .collect();
-                let idx = Tensor::new(pos, &Device::Cpu)?;
-                let half = self.cos.dim(1)?;
-                (
-                    self.cos.index_select(&idx, 0)?.reshape((b, t, half))?,
-                    self.sin.index_select(&idx, 0)?.reshape((b, t, half))?,
-                )
-            }
-        };
+        let (cos, sin) = positions(&self.cos, &self.sin, b, t, offset, start)?;
+        let mut x = self.embed(ids)?;
         let mask = generic_attention_mask(&[&x, &cos, &sin], b, t, offset, key_mask)?;
+        let at = AttnInputs {
+            cos: &cos,
+            sin: &sin,
+            mask: mask.as_ref(),
+            key_mask,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.kv[i]);
-            x = self.block(layer, &x, &cos, &sin, mask.as_ref(), key_mask, kv)?;
+            x = self.block(layer, &x, &at, kv)?;
         }
         if let Some(c) = cache {
             c.seq_len += t;
@@ -426,32 +274,15 @@ impl Llama {
         Ok(ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
     }
 
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self
+            .embed_tokens
+            .embed(&ids.flatten_all()?)?
+            .reshape((b, t, self.cfg.hidden_size))?)
     }
 
-    /// One decoder layer: pre-norm attention and MLP, each with its residual.
-    #[allow(clippy::too_many_arguments)]
-    fn block(
-        &self,
-        layer: &Layer,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        key_mask: Option<&Tensor>,
-        kv: Option<&mut Option<KvBuf>>,
-    ) -> Result<Tensor> {
-        let h = ops::rms_norm(x, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
-        let x = (x + layer.attn.forward(&h, cos, sin, mask, key_mask, kv)?)?;
-        let h = ops::rms_norm(&x, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
-        Ok((&x + layer.mlp.forward(&h)?)?)
-    }
-
-    /// Residual stream after decoder layers `range` applied to `x` [b, t, hidden] at positions
-    /// 0..t, causal, no cache, no final norm. Layer-wise drivers (GPTQ calibration) use it to
-    /// run one layer on cached inputs instead of re-running the whole prefix.
-    pub fn forward_layers(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+    fn forward_layers(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         if range.end > self.layers.len() || t > self.cfg.max_position_embeddings {
             crate::bail!(
@@ -463,51 +294,147 @@ impl Llama {
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
         let mask = generic_attention_mask(&[x, &cos, &sin], b, t, 0, None)?;
+        let at = AttnInputs {
+            cos: &cos,
+            sin: &sin,
+            mask: mask.as_ref(),
+            key_mask: None,
+        };
         let mut x = x.clone();
         for layer in &self.layers[range] {
-            x = self.block(layer, &x, &cos, &sin, mask.as_ref(), None, None)?;
+            x = self.block(layer, &x, &at, None)?;
         }
         Ok(x)
     }
 
-    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(match &self.lm_head {
             Some(h) => h.forward(hidden)?,
             None => self.embed_tokens.forward(hidden)?,
         })
     }
 
-    /// Mean cross-entropy of the head's logits for hidden states [n, d] against targets [n].
     /// A plain dense head (tied or not, no bias) goes through `fused::linear_cross_entropy`,
     /// which never holds the [n, vocab] logits: a frozen head (LoRA, MPO tuning) then costs
     /// chunk-sized buffers instead of the logits, their gradient and candle's accumulation
     /// of it. Other heads (trained, quantized, MPO, adapters) take head + cross-entropy.
-    pub fn head_loss(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    fn head_loss(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        if let Some(d) = head.inner().as_any().downcast_ref::<crate::linear::Dense>() {
-            if d.bias.is_none() {
-                return Ok(crate::fused::linear_cross_entropy(
-                    hidden, &d.weight, targets,
-                )?);
+        dense_head_loss(head, hidden, targets)
+    }
+
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        linear_list!(self, iter, as_ref, linears,)
+    }
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        linear_list!(self, iter_mut, as_mut, linears_mut, mut)
+    }
+    fn other_tensors(&self) -> Vec<(String, &Tensor)> {
+        norm_list!(self, iter, other_tensors,)
+    }
+    fn other_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        norm_list!(self, iter_mut, other_tensors_mut, mut)
+    }
+    fn feed_forwards_mut(&mut self) -> Vec<(String, &mut Box<dyn FeedForward>)> {
+        self.layers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, l)| (format!("model.layers.{i}.mlp"), &mut l.mlp))
+            .collect()
+    }
+    fn tied_head(&self) -> bool {
+        self.lm_head.is_none()
+    }
+    fn hf_config(&self) -> Result<serde_json::Value> {
+        use serde_json::json;
+        let mut v =
+            serde_json::to_value(&self.cfg).map_err(|e| crate::Error::Msg(e.to_string()))?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("tie_word_embeddings".into(), json!(self.lm_head.is_none()));
+            obj.insert("head_dim".into(), json!(self.cfg.head_dim()));
+            obj.insert("num_key_value_heads".into(), json!(self.cfg.num_kv_heads()));
+            obj.insert("attention_bias".into(), json!(self.cfg.qkv_bias()));
+            if obj.get("rope_scaling").is_some_and(|r| r.is_null()) {
+                obj.remove("rope_scaling");
             }
         }
-        Ok(crate::fused::cross_entropy(&self.head(hidden)?, targets)?)
+        Ok(v)
     }
+    fn hf_architecture(&self) -> &'static str {
+        if self.cfg.model_type == "qwen2" {
+            "Qwen2ForCausalLM"
+        } else {
+            "LlamaForCausalLM"
+        }
+    }
+    fn peft_default_targets(&self) -> &'static [&'static str] {
+        &["q_proj", "v_proj"]
+    }
+    fn end_of_turn_tokens(&self) -> &'static [&'static str] {
+        // ChatML (SmolLM2, Qwen2), Llama 3 and Phi-style turn ends, and GPT-style document ends.
+        &["<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>"]
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
 
-    /// Logits for every position [b, t, vocab].
-    pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
-        let h = self.forward_hidden(ids, cache, None)?;
-        self.head(&h)
+/// Cross-entropy of a head without the [n, vocab] logits when the head is plain dense.
+pub(crate) fn dense_head_loss(head: &Linear, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if let Some(d) = head.inner().as_any().downcast_ref::<crate::linear::Dense>() {
+        if d.bias.is_none() {
+            return Ok(crate::fused::linear_cross_entropy(
+                hidden, &d.weight, targets,
+            )?);
+        }
     }
+    Ok(crate::fused::cross_entropy(
+        &head.forward(hidden)?,
+        targets,
+    )?)
+}
 
-    /// Logits of the last position only [b, vocab]: what decoding needs, without the
-    /// vocab-sized GEMM over the whole prompt.
-    pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
-        let h = self.forward_hidden(ids, cache, None)?;
-        let t = h.dim(1)?;
-        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
-        self.head(&last)
+/// The cos/sin rows of positions `offset..offset + t` (or row r's `start[r]..start[r] + t`).
+pub(crate) fn positions(
+    cos: &Tensor,
+    sin: &Tensor,
+    b: usize,
+    t: usize,
+    offset: usize,
+    start: Option<&[usize]>,
+) -> Result<(Tensor, Tensor)> {
+    let max = cos.dim(0)?;
+    let last = match start {
+        Some(s) if s.len() != b => {
+            crate::bail!("{} start positions for a batch of {b} rows", s.len())
+        }
+        Some(s) => s.iter().max().copied().unwrap_or(0),
+        None => offset,
+    };
+    if last + t > max {
+        crate::bail!(
+            "sequence of {} tokens exceeds the model's max_position_embeddings {max}",
+            last + t
+        );
     }
+    Ok(match start {
+        None => (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?),
+        Some(s) => {
+            let pos: Vec<u32> = s
+                .iter()
+                .flat_map(|&p| (p..p + t).map(|q| q as u32))
+                .collect();
+            let idx = Tensor::new(pos, &Device::Cpu)?;
+            let half = cos.dim(1)?;
+            (
+                cos.index_select(&idx, 0)?.reshape((b, t, half))?,
+                sin.index_select(&idx, 0)?.reshape((b, t, half))?,
+            )
+        }
+    })
 }
 
 /// The additive mask only the generic attention path reads (the fused kernels take the causal
@@ -566,16 +493,9 @@ fn attention_mask(
     })
 }
 
-impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        key_mask: Option<&Tensor>,
-        kv: Option<&mut Option<KvBuf>>,
-    ) -> Result<Tensor> {
+impl SelfAttention for Attention {
+    fn forward(&self, x: &Tensor, at: &AttnInputs, kv: Option<&mut KvSlot>) -> Result<Tensor> {
+        let (cos, sin, mask, key_mask) = (at.cos, at.sin, at.mask, at.key_mask);
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
         let scale = 1.0 / (hd as f64).sqrt();
@@ -629,15 +549,51 @@ impl Attention {
             .reshape((b, t, nh * hd))?;
         Ok(self.o_proj.forward(&o)?)
     }
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        vec![
+            ("q_proj".into(), &self.q_proj),
+            ("k_proj".into(), &self.k_proj),
+            ("v_proj".into(), &self.v_proj),
+            ("o_proj".into(), &self.o_proj),
+        ]
+    }
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        vec![
+            ("q_proj".into(), &mut self.q_proj),
+            ("k_proj".into(), &mut self.k_proj),
+            ("v_proj".into(), &mut self.v_proj),
+            ("o_proj".into(), &mut self.o_proj),
+        ]
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }
 
-impl Mlp {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl FeedForward for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.gate_proj.forward(x)?;
         let u = self.up_proj.forward(x)?;
         if crate::fused::usable(&[&g, &u]) {
-            return self.down_proj.forward(&crate::fused::silu_mul(&g, &u)?);
+            return Ok(self.down_proj.forward(&crate::fused::silu_mul(&g, &u)?)?);
         }
-        self.down_proj.forward(&(g.silu()? * u)?)
+        Ok(self.down_proj.forward(&(g.silu()? * u)?)?)
+    }
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        vec![
+            ("gate_proj".into(), &self.gate_proj),
+            ("up_proj".into(), &self.up_proj),
+            ("down_proj".into(), &self.down_proj),
+        ]
+    }
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        vec![
+            ("gate_proj".into(), &mut self.gate_proj),
+            ("up_proj".into(), &mut self.up_proj),
+            ("down_proj".into(), &mut self.down_proj),
+        ]
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }

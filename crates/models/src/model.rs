@@ -1,13 +1,14 @@
 //! One entry point from a MODEL argument (alias, HF directory or .gguf file) to a ready model,
 //! its tokenizer and a description of what was loaded.
 
+use crate::arch::{CausalLm, Encoder};
 use crate::bert::Bert;
 use crate::config::{self, BertConfig, LlamaConfig};
 use crate::gguf::GgufFile;
 use crate::hub::{self, Format, ModelSource};
 use crate::linear::Linear;
 use crate::llama::Llama;
-use crate::qlinear::QLinear;
+use crate::source::{GgufSource, WeightSource};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -15,10 +16,11 @@ use candle_core::Tensor;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// A loaded architecture: a causal LM or an encoder, behind its trait.
 #[derive(Debug)]
 pub enum Arch {
-    Llama(Llama),
-    Bert(Bert),
+    Causal(Box<dyn CausalLm>),
+    Encoder(Box<dyn Encoder>),
 }
 
 #[derive(Debug)]
@@ -28,10 +30,49 @@ pub struct Model {
     pub tokenizer: Tokenizer,
     /// How tensors were stored on disk (GGUF types or safetensors dtypes) → count.
     pub stored_types: BTreeMap<String, usize>,
+    /// How a GGUF source's block-typed weights are held; None for other sources.
+    pub gguf_weights: Option<GgufWeights>,
     pub load_secs: f64,
 }
 
-const SUPPORTED: &str = "llama, qwen2, mistral, bert";
+/// Architectures by config.json `model_type`, and how each is built from a source. A new
+/// architecture is one file and one line here.
+type Build = fn(&Path, &str, &Tokenizer, &dyn WeightSource) -> Result<Arch>;
+const REGISTRY: &[(&[&str], Build)] = &[
+    (&["llama", "qwen2", "mistral"], build_llama),
+    (&["bert"], build_bert),
+];
+
+fn supported() -> String {
+    REGISTRY
+        .iter()
+        .flat_map(|(names, _)| names.iter())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn build_llama(cfg_path: &Path, mt: &str, tok: &Tokenizer, w: &dyn WeightSource) -> Result<Arch> {
+    let mut cfg: LlamaConfig = config::read_json(cfg_path)?;
+    cfg.model_type = mt.to_string();
+    cfg.validate(cfg_path)?;
+    tok.check_fits(cfg.vocab_size, &cfg_path.with_file_name("tokenizer.json"))?;
+    Ok(Arch::Causal(Box::new(Llama::new(cfg, w)?)))
+}
+
+fn build_bert(cfg_path: &Path, _mt: &str, tok: &Tokenizer, w: &dyn WeightSource) -> Result<Arch> {
+    let cfg: BertConfig = config::read_json(cfg_path)?;
+    cfg.validate(cfg_path)?;
+    tok.check_fits(cfg.vocab_size, &cfg_path.with_file_name("tokenizer.json"))?;
+    Ok(Arch::Encoder(Box::new(Bert::new(cfg, w)?)))
+}
+
+/// How a model is opened: progress display and how GGUF weights are held.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    pub progress: bool,
+    pub gguf: GgufWeights,
+}
 
 /// How a GGUF checkpoint's block-quantized weight matrices are held in memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -70,98 +111,175 @@ impl Model {
 
     pub fn load_source_with(src: ModelSource, progress: bool, gguf: GgufWeights) -> Result<Model> {
         let t0 = std::time::Instant::now();
+        let src_format = src.format;
         let (arch, tokenizer, stored_types) = match src.format {
             Format::Gguf => load_gguf(&src.path, progress, gguf)?,
-            Format::HfDir => load_hf_dir(&src.path)?,
+            Format::HfDir => {
+                hf_preflight(&src.path)?;
+                let w = Weights::from_hf_dir(&src.path)?;
+                let mut types = BTreeMap::new();
+                types.insert("f32 (as loaded)".to_string(), w.tensors.len());
+                let (arch, tok) = build_hf(&src.path, &w)?;
+                (arch, tok, types)
+            }
         };
         Ok(Model {
             source: src,
             arch,
             tokenizer,
             stored_types,
+            gguf_weights: (src_format == Format::Gguf).then_some(gguf),
             load_secs: t0.elapsed().as_secs_f64(),
         })
     }
 
-    /// Build an HF directory's architecture (config.json, tokenizer) from weights supplied by
-    /// the caller — how method checkpoints (MPO, quantized) rebuild a model before swapping
-    /// their own layers in.
-    pub fn from_weights(src: ModelSource, w: Weights) -> Result<Model> {
+    /// Build the architecture of an HF directory (config.json, tokenizer) in one pass from
+    /// `w` — how method checkpoints (MPO, quantized) load: their source answers for the
+    /// layers they store and passes the rest to the directory's safetensors.
+    pub fn from_source(
+        src: ModelSource,
+        w: &dyn WeightSource,
+        stored_types: BTreeMap<String, usize>,
+    ) -> Result<Model> {
         let t0 = std::time::Instant::now();
-        let (arch, tokenizer, stored_types) = build_hf(&src.path, w)?;
+        let (arch, tokenizer) = build_hf(&src.path, w)?;
         Ok(Model {
             source: src,
             arch,
             tokenizer,
             stored_types,
+            gguf_weights: None,
             load_secs: t0.elapsed().as_secs_f64(),
         })
     }
 
     pub fn arch_name(&self) -> &str {
         match &self.arch {
-            Arch::Llama(m) => &m.cfg.model_type,
-            Arch::Bert(m) => &m.cfg.model_type,
+            Arch::Causal(m) => m.model_type(),
+            Arch::Encoder(m) => m.model_type(),
         }
     }
 
-    pub fn llama(&self) -> Result<&Llama> {
+    /// The causal LM, or an error naming what this command needs.
+    pub fn causal(&self) -> Result<&dyn CausalLm> {
         match &self.arch {
-            Arch::Llama(m) => Ok(m),
-            Arch::Bert(_) => crate::bail!(
-                "{} is an encoder (bert); this command needs a causal LM such as smollm2-135m",
+            Arch::Causal(m) => Ok(m.as_ref()),
+            Arch::Encoder(_) => crate::bail!(
+                "{} is an encoder ({}); this command needs a causal LM such as smollm2-135m",
+                self.source.name,
+                self.arch_name()
+            ),
+        }
+    }
+
+    pub fn causal_mut(&mut self) -> Result<&mut dyn CausalLm> {
+        match &mut self.arch {
+            Arch::Causal(m) => Ok(m.as_mut()),
+            Arch::Encoder(_) => crate::bail!(
+                "{} is an encoder; this command needs a causal LM such as smollm2-135m",
                 self.source.name
             ),
         }
     }
 
-    pub fn bert(&self) -> Result<&Bert> {
+    /// The encoder, or an error naming what this command needs.
+    pub fn encoder(&self) -> Result<&dyn Encoder> {
         match &self.arch {
-            Arch::Bert(m) => Ok(m),
-            Arch::Llama(_) => crate::bail!(
+            Arch::Encoder(m) => Ok(m.as_ref()),
+            Arch::Causal(_) => crate::bail!(
                 "{} is a causal LM; this command needs an encoder such as minilm-l6",
                 self.source.name
             ),
         }
     }
 
+    pub fn encoder_mut(&mut self) -> Result<&mut dyn Encoder> {
+        match &mut self.arch {
+            Arch::Encoder(m) => Ok(m.as_mut()),
+            Arch::Causal(_) => crate::bail!(
+                "{} is a causal LM; this command needs an encoder such as minilm-l6",
+                self.source.name
+            ),
+        }
+    }
+
+    /// The llama-family decoder itself, for what only it supports (GGUF export).
+    pub fn llama(&self) -> Result<&Llama> {
+        let c = self.causal()?;
+        c.as_any().downcast_ref::<Llama>().ok_or_else(|| {
+            Error::Msg(format!(
+                "{} is a {} model; this needs a llama-family model (llama, qwen2, mistral)",
+                self.source.name,
+                c.model_type()
+            ))
+        })
+    }
+
+    /// The BERT encoder itself.
+    pub fn bert(&self) -> Result<&Bert> {
+        let e = self.encoder()?;
+        e.as_any()
+            .downcast_ref::<Bert>()
+            .ok_or_else(|| Error::Msg(format!("{} is not a BERT encoder", self.source.name)))
+    }
+
     pub fn linears(&self) -> Vec<(String, &Linear)> {
         match &self.arch {
-            Arch::Llama(m) => m.linears(),
-            Arch::Bert(m) => m.linears(),
+            Arch::Causal(m) => m.linears(),
+            Arch::Encoder(m) => m.linears(),
         }
     }
 
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         match &mut self.arch {
-            Arch::Llama(m) => m.linears_mut(),
-            Arch::Bert(m) => m.linears_mut(),
+            Arch::Causal(m) => m.linears_mut(),
+            Arch::Encoder(m) => m.linears_mut(),
         }
     }
 
     /// Tensors that are not inside a Linear (norms, position/type embeddings).
     pub fn other_tensors(&self) -> Vec<(String, &Tensor)> {
         match &self.arch {
-            Arch::Llama(m) => m.norms(),
-            Arch::Bert(m) => m.other_tensors(),
+            Arch::Causal(m) => m.other_tensors(),
+            Arch::Encoder(m) => m.other_tensors(),
         }
     }
 
     pub fn other_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         match &mut self.arch {
-            Arch::Llama(m) => m.norms_mut(),
-            Arch::Bert(m) => m.other_tensors_mut(),
+            Arch::Causal(m) => m.other_tensors_mut(),
+            Arch::Encoder(m) => m.other_tensors_mut(),
+        }
+    }
+
+    /// PEFT's default LoRA targets for this architecture.
+    pub fn peft_default_targets(&self) -> &'static [&'static str] {
+        match &self.arch {
+            Arch::Causal(m) => m.peft_default_targets(),
+            Arch::Encoder(m) => m.peft_default_targets(),
         }
     }
 
     /// Parameters per component (embedding, q, k, v, o, ffn parts, norms, head, …) and total.
+    /// A tensor held by several layers (tied or shared across layers) counts once, under the
+    /// first name that holds it.
     pub fn param_counts(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
+        let mut seen = std::collections::HashSet::new();
         for (name, l) in self.linears() {
-            *m.entry(component(&name).to_string()).or_insert(0) += l.num_params();
+            let shared: usize = l
+                .param_ids()
+                .into_iter()
+                .filter(|(id, _)| !seen.insert(*id))
+                .map(|(_, n)| n)
+                .sum();
+            *m.entry(component(&name).to_string()).or_insert(0) +=
+                l.num_params().saturating_sub(shared);
         }
         for (name, t) in self.other_tensors() {
-            *m.entry(component(&name).to_string()).or_insert(0) += t.elem_count();
+            if seen.insert(t.id()) {
+                *m.entry(component(&name).to_string()).or_insert(0) += t.elem_count();
+            }
         }
         m
     }
@@ -170,12 +288,24 @@ impl Model {
         self.param_counts().values().sum()
     }
 
-    /// Bytes of all parameters as held in memory (packed layers count their packed size).
+    /// Bytes of all parameters as held in memory (packed layers count their packed size;
+    /// shared tensors once).
     pub fn weight_bytes(&self) -> usize {
-        let lin: usize = self.linears().iter().map(|(_, l)| l.storage_bytes()).sum();
+        let mut seen = std::collections::HashSet::new();
+        let mut lin = 0;
+        for (_, l) in self.linears() {
+            let shared: usize = l
+                .param_ids()
+                .into_iter()
+                .filter(|(id, _)| !seen.insert(*id))
+                .map(|(_, n)| n * 4)
+                .sum();
+            lin += l.storage_bytes().saturating_sub(shared);
+        }
         let other: usize = self
             .other_tensors()
             .iter()
+            .filter(|(_, t)| seen.insert(t.id()))
             .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
             .sum();
         lin + other
@@ -223,7 +353,7 @@ fn load_gguf(
     let cfg = g.llama_config()?;
     let tokenizer = Tokenizer::from_gguf(&g)?;
     tokenizer.check_fits(cfg.vocab_size, path)?;
-    let pb = if progress {
+    let pb = progress.then(|| {
         let pb = indicatif::ProgressBar::new(0);
         pb.set_style(
             indicatif::ProgressStyle::with_template(match mode {
@@ -232,47 +362,20 @@ fn load_gguf(
             })
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        Some(pb)
-    } else {
-        None
-    };
-    let (w, mut quantized) = match mode {
-        GgufWeights::F32 => (g.load_llama_weights(&cfg, pb.as_ref())?, Default::default()),
-        GgufWeights::Quantized => g.load_llama_quantized(&cfg, pb.as_ref())?,
-    };
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
-    }
-    let mut types = BTreeMap::new();
-    for t in g.tensor_types().values() {
-        *types.entry(t.clone()).or_insert(0) += 1;
-    }
-    let mut arch = Arch::Llama(Llama::new(cfg, &w)?);
-    drop(w);
-    if let Arch::Llama(m) = &mut arch {
-        for (name, lin) in m.linears_mut() {
-            if let Some(q) = quantized.remove(&format!("{name}.weight")) {
-                let bias = lin.bias();
-                let ql = QLinear::new(q, bias).map_err(|e| Error::Gguf {
-                    path: path.to_path_buf(),
-                    msg: format!("{name}: {e}"),
-                })?;
-                lin.replace(Box::new(ql));
-            }
-        }
-    }
-    // Every kept block tensor must have found its Linear, or a broadcast placeholder would be
-    // left where a weight belongs.
-    if let Some(name) = quantized.keys().next() {
-        return Err(Error::Gguf {
-            path: path.to_path_buf(),
-            msg: format!("quantized tensor '{name}' belongs to no linear layer"),
-        });
-    }
+        pb
+    });
+    // llama.cpp interleaves llama's q/k rows for its RoPE; the source puts them back.
+    let heads = (cfg.model_type == "llama").then(|| (cfg.num_attention_heads, cfg.num_kv_heads()));
+    let src = GgufSource::new(&g, heads, mode == GgufWeights::Quantized, pb)?;
+    let arch = Arch::Causal(Box::new(Llama::new(cfg, &src)?));
+    let types = src.stored_types();
+    src.finish();
     Ok((arch, tokenizer, types))
 }
 
-fn load_hf_dir(dir: &Path) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)> {
+/// What an HF directory is, checked before any weight is read: its config.json
+/// `model_type`, a tokenizer.json beside it, and an architecture mpolm has.
+fn hf_preflight(dir: &Path) -> Result<(std::path::PathBuf, String, Build)> {
     let cfg_path = dir.join("config.json");
     let mt = config::model_type(&cfg_path)?;
     let tok_path = dir.join("tokenizer.json");
@@ -282,42 +385,23 @@ fn load_hf_dir(dir: &Path) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)>
             std::io::Error::new(std::io::ErrorKind::NotFound, "missing tokenizer.json"),
         ));
     }
-    let arch_ok = matches!(mt.as_str(), "llama" | "qwen2" | "mistral" | "bert");
-    if !arch_ok {
+    let Some((_, build)) = REGISTRY
+        .iter()
+        .find(|(names, _)| names.contains(&mt.as_str()))
+    else {
         return Err(Error::UnsupportedArch {
             path: cfg_path,
             arch: crate::untrusted::escape(&mt),
-            supported: SUPPORTED.into(),
+            supported: supported(),
         });
-    }
-    build_hf(dir, Weights::from_hf_dir(dir)?)
+    };
+    Ok((cfg_path, mt, *build))
 }
 
-fn build_hf(dir: &Path, w: Weights) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)> {
-    let cfg_path = dir.join("config.json");
-    let mt = config::model_type(&cfg_path)?;
-    if !matches!(mt.as_str(), "llama" | "qwen2" | "mistral" | "bert") {
-        return Err(Error::UnsupportedArch {
-            path: cfg_path,
-            arch: crate::untrusted::escape(&mt),
-            supported: SUPPORTED.into(),
-        });
-    }
-    let mut types = BTreeMap::new();
-    types.insert("f32 (as loaded)".to_string(), w.tensors.len());
+/// The architecture and tokenizer of an HF directory, its weights from `w`.
+fn build_hf(dir: &Path, w: &dyn WeightSource) -> Result<(Arch, Tokenizer)> {
+    let (cfg_path, mt, build) = hf_preflight(dir)?;
     let tokenizer = Tokenizer::from_hf_dir(dir)?;
-    let tok_path = dir.join("tokenizer.json");
-    let arch = if mt == "bert" {
-        let cfg: BertConfig = config::read_json(&cfg_path)?;
-        cfg.validate(&cfg_path)?;
-        tokenizer.check_fits(cfg.vocab_size, &tok_path)?;
-        Arch::Bert(Bert::new(cfg, &w)?)
-    } else {
-        let mut cfg: LlamaConfig = config::read_json(&cfg_path)?;
-        cfg.model_type = mt;
-        cfg.validate(&cfg_path)?;
-        tokenizer.check_fits(cfg.vocab_size, &tok_path)?;
-        Arch::Llama(Llama::new(cfg, &w)?)
-    };
-    Ok((arch, tokenizer, types))
+    let arch = build(&cfg_path, &mt, &tokenizer, w)?;
+    Ok((arch, tokenizer))
 }

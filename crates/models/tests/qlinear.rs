@@ -6,6 +6,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, IndexOp, Tensor};
 use models::qlinear::{unpermute_rows, QLinear, QPath};
+use models::CausalLm;
 use models::{GgufWeights, LinearLayer, Model};
 use rand::{Rng, SeedableRng};
 

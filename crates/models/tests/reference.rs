@@ -6,6 +6,7 @@
 
 use candle_core::{Device, IndexOp, Tensor};
 use models::generate::{generate, SamplingParams};
+use models::CausalLm;
 use models::Model;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -184,7 +185,7 @@ fn minilm_matches_pytorch() {
     }
     let b = m.bert().unwrap();
     let mut with_head = Model::load("minilm-l6", false).unwrap();
-    if let models::Arch::Bert(bb) = &mut with_head.arch {
+    if let models::Arch::Encoder(bb) = &mut with_head.arch {
         bb.set_classifier(t["classifier.weight"].clone(), t["classifier.bias"].clone());
     }
     let bh = with_head.bert().unwrap();

@@ -3,6 +3,7 @@
 
 use candle_core::{Device, IndexOp, Tensor};
 use models::generate::{generate, SamplingParams};
+use models::CausalLm;
 use models::{testing, Model};
 
 use models::testing::max_abs_diff as max_abs;
@@ -272,10 +273,7 @@ fn bert_padding_mask_matches_single() {
 #[test]
 fn param_counts_match_config_arithmetic() {
     let (_d, m) = tiny_llama(false);
-    let c = match &m.arch {
-        models::Arch::Llama(l) => l.cfg.clone(),
-        _ => unreachable!(),
-    };
+    let c = m.llama().unwrap().cfg.clone();
     let (h, i, v, n) = (
         c.hidden_size,
         c.intermediate_size,

@@ -12,14 +12,6 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
 pub const DEFAULT_MAX_GEN: usize = 1280;
-/// End-of-turn markers of common chat templates, added as stop strings when in the vocabulary.
-const END_OF_TURN: [&str; 5] = [
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
-];
 
 pub struct Doc {
     pub key: i64,
@@ -88,7 +80,8 @@ pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
     for &e in &lm.tok.eos_ids {
         until.push(lm.tok.decode(&[e], false)?);
     }
-    for s in END_OF_TURN {
+    // The architecture's end-of-turn markers, as stop strings when in the vocabulary.
+    for &s in lm.model.end_of_turn_tokens() {
         if lm.tok.token_to_id(s).is_some() && !until.iter().any(|u| u == s) {
             until.push(s.to_string());
         }

@@ -149,18 +149,19 @@ pub(crate) fn causal<'a>(
     default_max: Option<usize>,
 ) -> Result<Lm<'a>> {
     let llama = match &model.arch {
-        Arch::Llama(l) => l,
-        Arch::Bert(_) => {
+        Arch::Causal(l) => l.as_ref(),
+        Arch::Encoder(_) => {
             return Err(Error::unsupported(
                 task,
                 format!(
-                    "needs a causal LM, but {} is an encoder (bert)",
-                    model.source.name
+                    "needs a causal LM, but {} is an encoder ({})",
+                    model.source.name,
+                    model.arch_name()
                 ),
             ))
         }
     };
-    let ctx = llama.cfg.max_position_embeddings;
+    let ctx = llama.max_positions();
     let max_length = opts
         .max_length
         .unwrap_or_else(|| default_max.unwrap_or(ctx).min(ctx));
@@ -200,8 +201,8 @@ pub fn run_task(model: &Model, spec: &TaskSpec, opts: &EvalOptions) -> Result<Ta
         TaskSpec::Gsm8k => gsm8k::run(&causal(model, "gsm8k", opts, None)?, opts)?,
         TaskSpec::Ifeval => ifeval::run(&causal(model, "ifeval", opts, None)?, opts)?,
         TaskSpec::Sst2 => match &model.arch {
-            Arch::Bert(b) => sst2::run_classifier(b, &model.tokenizer, opts)?,
-            Arch::Llama(_) => sst2::run_prompted(&causal(model, "sst2", opts, None)?, opts)?,
+            Arch::Encoder(b) => sst2::run_classifier(b.as_ref(), &model.tokenizer, opts)?,
+            Arch::Causal(_) => sst2::run_prompted(&causal(model, "sst2", opts, None)?, opts)?,
         },
         TaskSpec::ZeroShot { tasks, group } => zeroshot::run(
             &causal(model, &spec.name(), opts, None)?,

@@ -10,8 +10,8 @@ use crate::lm::{progress_bar, Lm};
 use crate::metrics::{mean, stderr};
 use crate::{Error, EvalOptions, Metric, Result, TaskOutput, TaskResult};
 use candle_core::{Device, Tensor};
-use models::bert::Bert;
 use models::tokenizer::Tokenizer;
+use models::Encoder;
 use rand::seq::index::sample;
 use rand::SeedableRng;
 use serde_json::json;
@@ -147,24 +147,25 @@ pub fn run_prompted(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
     Ok(output(acc, n, Some(k), cfg, samples))
 }
 
-pub fn run_classifier(bert: &Bert, tok: &Tokenizer, opts: &EvalOptions) -> Result<TaskOutput> {
-    let Some(cls) = bert.classifier.as_ref() else {
+pub fn run_classifier(
+    bert: &dyn Encoder,
+    tok: &Tokenizer,
+    opts: &EvalOptions,
+) -> Result<TaskOutput> {
+    let Some(labels) = bert.num_labels() else {
         return Err(Error::unsupported(
             "sst2",
             "this encoder has no classification head (classifier.weight); fine-tune it on SST-2 first, or evaluate a causal LM (k-shot prompting)",
         ));
     };
-    if cls.out_features() != 2 {
+    if labels != 2 {
         return Err(Error::unsupported(
             "sst2",
-            format!(
-                "the classification head has {} labels; SST-2 needs 2",
-                cls.out_features()
-            ),
+            format!("the classification head has {labels} labels; SST-2 needs 2"),
         ));
     }
     let (path, docs, n) = dev(opts)?;
-    let maxp = bert.cfg.max_position_embeddings;
+    let maxp = bert.max_positions();
     let pb = progress_bar(docs.len() as u64, "sst2", opts.progress);
     let mut acc = Vec::new();
     let mut samples = Vec::new();

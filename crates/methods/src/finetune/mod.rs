@@ -187,8 +187,19 @@ pub struct Param {
     pub decay: bool,
 }
 
-fn to_var(t: &mut Tensor) -> Result<Var> {
+/// Tensors made trainable so far, by the id they had: a tensor several layers hold (shared
+/// across layers, or tied) becomes one Var that all of them train, so its gradient is
+/// accumulated once per step and the optimizer sees it once.
+type Vars = HashMap<candle_core::TensorId, Var>;
+
+fn to_var(t: &mut Tensor, vars: &mut Vars) -> Result<Var> {
+    if let Some(v) = vars.get(&t.id()) {
+        *t = v.as_tensor().clone();
+        return Ok(v.clone());
+    }
     let v = Var::from_tensor(t)?;
+    vars.insert(t.id(), v.clone());
+    vars.insert(v.as_tensor().id(), v.clone());
     *t = v.as_tensor().clone();
     Ok(v)
 }
@@ -206,6 +217,7 @@ fn dense_vars(
     lin: &mut models::Linear,
     weight: bool,
     out: &mut Vec<Param>,
+    vars: &mut Vars,
 ) -> Result<()> {
     let Some(d) = lin.inner_mut().as_any_mut().downcast_mut::<Dense>() else {
         return Ok(());
@@ -213,7 +225,7 @@ fn dense_vars(
     if weight {
         out.push(Param {
             name: format!("{name}.weight"),
-            var: to_var(&mut d.weight)?,
+            var: to_var(&mut d.weight, vars)?,
             mpo: false,
             decay: true,
         });
@@ -221,7 +233,7 @@ fn dense_vars(
     if let Some(b) = d.bias.as_mut() {
         out.push(Param {
             name: format!("{name}.bias"),
-            var: to_var(b)?,
+            var: to_var(b, vars)?,
             mpo: false,
             decay: false,
         });
@@ -293,6 +305,7 @@ fn lora_config(m: &Model, o: &FinetuneOptions) -> crate::lora::LoraConfig {
 /// model is first decomposed at full bond (lossless), as MPOP does before lightweight tuning.
 pub fn prepare(m: &mut Model, o: &FinetuneOptions, progress: bool) -> Result<Vec<Param>> {
     let mut ps = Vec::new();
+    let mut vars = Vars::new();
     let is_quant = m
         .linears()
         .iter()
@@ -332,10 +345,10 @@ pub fn prepare(m: &mut Model, o: &FinetuneOptions, progress: bool) -> Result<Vec
         // The freshly initialised head trains too (PEFT's modules_to_save).
         for (name, lin) in m.linears_mut() {
             if name == "classifier" {
-                dense_vars(&name, lin, true, &mut ps)?;
+                dense_vars(&name, lin, true, &mut ps, &mut vars)?;
             }
         }
-        return Ok(ps);
+        return Ok(dedup(ps));
     }
     let full = o.method == Method::Full;
     for (name, lin) in m.linears_mut() {
@@ -344,37 +357,44 @@ pub fn prepare(m: &mut Model, o: &FinetuneOptions, progress: bool) -> Result<Vec
         } else {
             // MPOP: non-MPO parameters (biases, the classifier) still train; dense weights that
             // were not decomposed train only in full fine-tuning.
-            dense_vars(&name, lin, full || name == "classifier", &mut ps)?;
+            dense_vars(&name, lin, full || name == "classifier", &mut ps, &mut vars)?;
         }
     }
     for (name, t) in m.other_tensors_mut() {
         let decay = !no_decay(&name);
         ps.push(Param {
-            var: to_var(t)?,
+            var: to_var(t, &mut vars)?,
             name,
             mpo: false,
             decay,
         });
     }
-    Ok(ps)
+    Ok(dedup(ps))
+}
+
+/// Each trainable tensor once, under the first name that holds it.
+fn dedup(ps: Vec<Param>) -> Vec<Param> {
+    let mut seen = std::collections::HashSet::new();
+    ps.into_iter()
+        .filter(|p| seen.insert(p.var.as_tensor().id()))
+        .collect()
 }
 
 /// Attach a new classification head (HF init: N(0, 0.02), zero bias) when the encoder has none.
 fn ensure_head(m: &mut Model, num_labels: usize, seed: u64) -> Result<()> {
-    let Arch::Bert(b) = &mut m.arch else {
+    let Arch::Encoder(b) = &mut m.arch else {
         return Ok(());
     };
-    if let Some(c) = &b.classifier {
-        if c.out_features() != num_labels {
+    if let Some(c) = b.num_labels() {
+        if c != num_labels {
             return Err(Error::Msg(format!(
-                "the model's classification head has {} labels but the data has {num_labels}",
-                c.out_features()
+                "the model's classification head has {c} labels but the data has {num_labels}"
             )));
         }
         return Ok(());
     }
     use rand::{Rng, SeedableRng};
-    let h = b.cfg.hidden_size;
+    let h = b.hidden_size();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xC1A5_5EED);
     // Box-Muller normal samples, N(0, 0.02²).
     let w: Vec<f32> = (0..num_labels * h)
@@ -387,14 +407,13 @@ fn ensure_head(m: &mut Model, num_labels: usize, seed: u64) -> Result<()> {
         Tensor::from_vec(w, (num_labels, h), &Device::Cpu)?,
         Tensor::zeros(num_labels, DType::F32, &Device::Cpu)?,
     );
-    b.cfg.num_labels = Some(num_labels);
     Ok(())
 }
 
 /// Mean cross-entropy of a batch: classification logits vs labels, or next-token prediction.
 pub fn batch_loss(m: &Model, b: &Batch) -> Result<Tensor> {
     match &m.arch {
-        Arch::Bert(bert) => {
+        Arch::Encoder(bert) => {
             let h = bert.forward(&b.ids, None, b.mask.as_ref())?;
             let logits = bert.classify(&bert.pool(&h)?)?;
             let labels = b
@@ -403,7 +422,7 @@ pub fn batch_loss(m: &Model, b: &Batch) -> Result<Tensor> {
                 .ok_or_else(|| Error::Msg("classification batch without labels".into()))?;
             Ok(models::fused::cross_entropy(&logits, labels)?)
         }
-        Arch::Llama(l) => {
+        Arch::Causal(l) => {
             let (bs, t) = b.ids.dims2()?;
             let h = l.forward_hidden(&b.ids.narrow(1, 0, t - 1)?, None, None)?;
             let d = h.dim(2)?;
@@ -429,7 +448,7 @@ pub fn evaluate(m: &mut Model, ds: &[Example], batch: usize) -> Result<(f64, f64
         let refs: Vec<&Example> = chunk.to_vec();
         let b = data::make_batch(&refs)?;
         match &m.arch {
-            Arch::Bert(bert) => {
+            Arch::Encoder(bert) => {
                 let h = bert.forward(&b.ids, None, b.mask.as_ref())?;
                 let logits = bert.classify(&bert.pool(&h)?)?.detach();
                 let labels = b.labels.as_ref().expect("classification batch");
@@ -440,7 +459,7 @@ pub fn evaluate(m: &mut Model, ds: &[Example], batch: usize) -> Result<(f64, f64
                 correct += pred.iter().zip(&gold).filter(|(a, b)| a == b).count();
                 n += b.rows;
             }
-            Arch::Llama(_) => {
+            Arch::Causal(_) => {
                 let l = batch_loss(m, &b)?.to_scalar::<f32>()? as f64;
                 let (bs, t) = b.ids.dims2()?;
                 let k = bs * (t - 1);
@@ -451,12 +470,12 @@ pub fn evaluate(m: &mut Model, ds: &[Example], batch: usize) -> Result<(f64, f64
         }
     }
     Ok(match &m.arch {
-        Arch::Bert(_) => (
+        Arch::Encoder(_) => (
             loss_sum / n.max(1) as f64,
             correct as f64 / n.max(1) as f64,
             "accuracy",
         ),
-        Arch::Llama(_) => {
+        Arch::Causal(_) => {
             let l = loss_sum / tokens.max(1) as f64;
             (l, l.exp(), "perplexity")
         }
@@ -706,8 +725,8 @@ fn load_data(m: &Model, o: &FinetuneOptions) -> Result<Dataset> {
         eval_limit: o.eval_limit,
     };
     match (o.task, &m.arch) {
-        (Task::Sst2, Arch::Bert(_)) => data::load_classification(&spec, &m.tokenizer),
-        (Task::Lm, Arch::Llama(_)) => data::load_lm(&spec, &m.tokenizer),
+        (Task::Sst2, Arch::Encoder(_)) => data::load_classification(&spec, &m.tokenizer),
+        (Task::Lm, Arch::Causal(_)) => data::load_lm(&spec, &m.tokenizer),
         (Task::Sst2, _) => Err(Error::Msg(format!(
             "--task sst2 fine-tunes an encoder classifier, but {} is a {} model; use --task lm for causal models",
             o.model,

@@ -107,7 +107,7 @@ pub fn input_absmax(m: &mut Model, samples: &[Vec<u32>]) -> Result<BTreeMap<Stri
         );
     }
     let run = (|| -> Result<()> {
-        let llama = m.llama()?;
+        let llama = m.causal()?;
         for s in samples {
             let ids = Tensor::new(s.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
             llama.forward_hidden(&ids, None, None)?;

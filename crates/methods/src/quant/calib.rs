@@ -107,7 +107,7 @@ fn targets(m: &Model) -> Vec<(String, usize, usize)> {
 /// Validate options against the model before any work.
 pub fn validate(m: &Model, o: &QuantOptions) -> Result<()> {
     super::pack::check_bits(o.bits)?;
-    m.llama()?;
+    m.causal()?;
     if !(0.0..1.0).contains(&o.damp) {
         return Err(Error::Msg(format!(
             "--damp must be in [0, 1), got {}",
@@ -308,22 +308,16 @@ pub fn quantize_model(
             let calib = calib
                 .filter(|c| !c.is_empty())
                 .ok_or_else(|| Error::Msg("GPTQ needs calibration data (--calib PATH)".into()))?;
-            let hidden = m.llama()?.cfg.hidden_size;
-            let embed = m
-                .linears()
-                .into_iter()
-                .find(|(n, _)| n == "model.embed_tokens")
-                .map(|(_, l)| l)
-                .ok_or_else(|| Error::Msg("model has no model.embed_tokens".into()))?;
-            // X_0: the embeddings of every calibration batch, [b, t, hidden].
+            let lm = m.causal()?;
+            // X_0: the residual stream entering layer 0 for every calibration batch.
             let mut xs: Vec<Tensor> = calib
                 .chunks(o.batch.max(1))
                 .map(|c| {
                     let flat: Vec<u32> = c.iter().flatten().copied().collect();
-                    let ids = Tensor::from_vec(flat, c.len() * c[0].len(), &Device::Cpu)?;
-                    embed.embed(&ids)?.reshape((c.len(), c[0].len(), hidden))
+                    let ids = Tensor::from_vec(flat, (c.len(), c[0].len()), &Device::Cpu)?;
+                    lm.embed(&ids)
                 })
-                .collect::<candle_core::Result<_>>()?;
+                .collect::<models::Result<_>>()?;
             for layer in 0..n_layers {
                 let hess = calibration_pass(m, layer, &xs, o)?;
                 let mut prepared = HashMap::new();
@@ -336,7 +330,7 @@ pub fn quantize_model(
                 }
                 swap_in(m, layer, &prepared, &mut reports)?;
                 if layer + 1 < n_layers {
-                    let llama = m.llama()?;
+                    let llama = m.causal()?;
                     for x in xs.iter_mut() {
                         *x = llama.forward_layers(x, layer..layer + 1)?;
                     }
@@ -489,7 +483,7 @@ fn calibration_pass(
         );
     }
     let run = (|| -> Result<()> {
-        let llama = m.llama()?;
+        let llama = m.causal()?;
         for x in xs {
             llama.forward_layers(x, layer..layer + 1)?;
         }

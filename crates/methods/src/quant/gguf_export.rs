@@ -470,11 +470,12 @@ fn quantize_bytes(t: &Tensor, ty: GgmlDType) -> Result<Vec<u8>> {
 pub fn export_gguf(m: &Model, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
     let t0 = std::time::Instant::now();
     let llama = match &m.arch {
-        Arch::Llama(l) => l,
-        Arch::Bert(_) => {
+        Arch::Causal(_) => m.llama()?,
+        Arch::Encoder(_) => {
             return Err(Error::Msg(format!(
-                "{} is an encoder (bert); GGUF export needs a causal LM (llama, qwen2, mistral)",
-                m.source.name
+                "{} is an encoder ({}); GGUF export needs a causal LM (llama, qwen2, mistral)",
+                m.source.name,
+                m.arch_name()
             )))
         }
     };

@@ -9,7 +9,7 @@ use super::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use models::Model;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 pub const QUANT_CONFIG: &str = "quantize_config.json";
@@ -151,9 +151,9 @@ pub fn save_quantized(m: &Model, dir: &Path, cfg: &QuantizeConfig) -> Result<()>
 }
 
 /// Load a checkpoint written by [`save_quantized`] (or any AutoGPTQ v1 checkpoint of a llama-
-/// family model with the same tensor names): the architecture is built with zero-stride
-/// placeholder weights for the quantized modules (no f32 copy is ever allocated), then each
-/// `QuantLinear` is swapped in.
+/// family model with the same tensor names) in one pass: the packed modules are checked, then
+/// the architecture asks for its layers and gets `QuantLinear`s (no f32 copy is ever made),
+/// f16 matrices as `HalfDense`, and the rest from the safetensors.
 pub fn load_quantized(dir: &Path) -> Result<Model> {
     let cpath = dir.join(QUANT_CONFIG);
     let text = models::untrusted::read_text(&cpath, models::untrusted::MAX_JSON_BYTES)?;
@@ -171,10 +171,6 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
     let mut tensors = models::weights::load_safetensors_keeping(&st, |name, shape, dtype| {
         keep_f16(name, shape.len(), dtype)
     })?;
-    // Zero-stride stand-ins: the right shape for the architecture, no memory.
-    let placeholder = |o: usize, i: usize| {
-        Tensor::zeros((1, 1), DType::F32, &Device::Cpu).and_then(|t| t.broadcast_as((o, i)))
-    };
     let modules: BTreeSet<String> = tensors
         .keys()
         .filter_map(|k| k.strip_suffix(".qweight").map(String::from))
@@ -259,7 +255,6 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
             None,
         )
         .map_err(|e| bad(format!("'{shown}': {e}")))?;
-        tensors.insert(format!("{name}.weight"), placeholder(out_f, in_f)?);
         packed.insert(name.clone(), q);
     }
     let mut halves = HashMap::new();
@@ -270,8 +265,6 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
         .collect();
     for k in names {
         let t = tensors.remove(&k).expect("listed above");
-        let (o, i) = t.dims2()?;
-        tensors.insert(k.clone(), placeholder(o, i)?);
         halves.insert(k.trim_end_matches(".weight").to_string(), t);
     }
     let src = models::hub::ModelSource {
@@ -279,34 +272,112 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
         format: models::hub::Format::HfDir,
         path: dir.to_path_buf(),
     };
-    let mut m = Model::from_weights(src, models::weights::Weights::new(tensors, &st))?;
-    let mut found = 0;
-    let mut half = 0;
-    for (name, lin) in m.linears_mut() {
-        if let Some(mut q) = packed.remove(&name) {
-            q.bias = lin.bias();
-            lin.replace(Box::new(q));
-            found += 1;
-        } else if let Some(t) = halves.remove(&name) {
-            lin.replace(Box::new(models::half::HalfDense::new(&t, lin.bias())?));
-            half += 1;
-        }
+    let mut types = BTreeMap::new();
+    types.insert(format!("gptq int{} (packed)", cfg.bits), packed.len());
+    if !halves.is_empty() {
+        types.insert("f16".into(), halves.len());
     }
+    let source = GptqSource {
+        rest: models::weights::Weights::new(tensors, &st),
+        packed: std::sync::Mutex::new(packed),
+        halves: std::sync::Mutex::new(halves),
+    };
+    let mut m = Model::from_source(src, &source, types)?;
+    let packed = source.packed.into_inner().unwrap_or_default();
     if !packed.is_empty() {
         return Err(bad(format!(
             "quantized modules the model does not have: {:?}",
             packed.keys().collect::<Vec<_>>()
         )));
     }
-    m.stored_types.clear();
-    m.stored_types
-        .insert(format!("gptq int{} (packed)", cfg.bits), found);
-    if half > 0 {
-        m.stored_types.insert("f16".into(), half);
-    }
     if let Some(a) = &cfg.mpolm_int8_activations {
         super::actquant::apply(&mut m, a)
             .map_err(|e| models::Error::config(&cpath, e.to_string()))?;
     }
     Ok(m)
+}
+
+/// A GPTQ checkpoint as a weight source: packed modules become `QuantLinear`s and f16
+/// matrices `HalfDense`s, each handed out once; the rest is plain safetensors.
+struct GptqSource {
+    rest: models::weights::Weights,
+    packed: std::sync::Mutex<HashMap<String, QuantLinear>>,
+    halves: std::sync::Mutex<HashMap<String, Tensor>>,
+}
+
+impl GptqSource {
+    fn check(&self, module: &str, got: [usize; 2], want: [usize; 2]) -> models::Result<()> {
+        if got != want {
+            return Err(models::Error::Shape {
+                path: self.rest.path.clone(),
+                name: format!("{module}.weight"),
+                expected: want.to_vec(),
+                got: got.to_vec(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl models::WeightSource for GptqSource {
+    fn path(&self) -> &Path {
+        &self.rest.path
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        if let Some(t) = self.rest.tensors.get(name) {
+            return Some(t.dims().to_vec());
+        }
+        let module = name.strip_suffix(".weight")?;
+        let h = self.halves.lock().ok()?;
+        h.get(module).map(|t| t.dims().to_vec())
+    }
+    fn tensor(&self, name: &str, shape: &[usize]) -> models::Result<Tensor> {
+        // An f16 matrix asked for as a plain tensor (not a Linear) is widened like any other.
+        let half = match name.strip_suffix(".weight") {
+            Some(m) => self
+                .halves
+                .lock()
+                .map_err(|_| models::Error::Msg("internal: source lock poisoned".into()))?
+                .remove(m),
+            None => None,
+        };
+        match half {
+            Some(t) => models::weights::Weights::new(
+                [(name.to_string(), t.to_dtype(DType::F32)?)].into(),
+                &self.rest.path,
+            )
+            .get(name, shape),
+            None => self.rest.get(name, shape),
+        }
+    }
+    fn has_linear(&self, module: &str) -> bool {
+        self.packed.lock().is_ok_and(|m| m.contains_key(module))
+            || self.halves.lock().is_ok_and(|m| m.contains_key(module))
+            || self.rest.contains(&format!("{module}.weight"))
+    }
+    fn linear(
+        &self,
+        module: &str,
+        out_f: usize,
+        in_f: usize,
+        bias: models::Bias,
+    ) -> models::Result<models::Linear> {
+        let poisoned = || models::Error::Msg("internal: source lock poisoned".into());
+        let q = self.packed.lock().map_err(|_| poisoned())?.remove(module);
+        if let Some(mut q) = q {
+            self.check(module, [q.out_f, q.in_f], [out_f, in_f])?;
+            q.bias = models::source::bias_of(self, module, out_f, bias)?;
+            return Ok(models::Linear::new(Box::new(q)));
+        }
+        let h = self.halves.lock().map_err(|_| poisoned())?.remove(module);
+        if let Some(t) = h {
+            let (o, i) = t.dims2()?;
+            self.check(module, [o, i], [out_f, in_f])?;
+            let b = models::source::bias_of(self, module, out_f, bias)?;
+            return Ok(models::Linear::new(Box::new(models::half::HalfDense::new(
+                &t, b,
+            )?)));
+        }
+        models::source::dense_linear(self, module, out_f, in_f, bias)
+    }
 }

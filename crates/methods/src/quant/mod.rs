@@ -27,16 +27,8 @@ use candle_core::{Device, Tensor};
 use models::Model;
 use std::path::Path;
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Model(#[from] models::Error),
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-    #[error("{0}")]
-    Msg(String),
-}
-pub type Result<T> = std::result::Result<T, Error>;
+// One error type for the crate.
+pub use crate::mpop::{Error, Result};
 
 /// Which projections stay in fp16.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -137,7 +129,7 @@ pub fn dir_size(dir: &Path) -> u64 {
 /// `windows` non-overlapping windows of `window` tokens, every token but each window's first
 /// predicted from its left context inside the window; ppl = exp(mean NLL).
 pub fn perplexity(m: &Model, text: &str, windows: usize, window: usize) -> Result<(f64, usize)> {
-    let llama = m.llama()?;
+    let llama = m.causal()?;
     let ids = m.tokenizer.encode(text, false)?;
     let avail = ids.len() / window;
     if avail == 0 || windows == 0 {

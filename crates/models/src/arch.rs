@@ -1,0 +1,189 @@
+//! What every architecture offers the rest of mpolm. Eval, calibration, fine-tuning, generation
+//! and export work through these traits, so a new architecture is one file implementing them
+//! plus a line in [`crate::model`]'s registry; nothing else matches on the architecture.
+//!
+//! The blocks inside a layer are pluggable the way [`Linear`] is: a decoder layer holds a
+//! `Box<dyn FeedForward>` and a `Box<dyn SelfAttention>`, so a method can replace a dense FFN
+//! by a mixture of experts without touching the architecture file.
+
+use crate::cache::{Cache, KvSlot};
+use crate::linear::Linear;
+use crate::Result;
+use candle_core::Tensor;
+use std::any::Any;
+
+/// A decoder-only language model.
+pub trait CausalLm: std::fmt::Debug + Send + Sync {
+    /// `model_type` as in config.json (`llama`, `qwen2`, `gemma3`).
+    fn model_type(&self) -> &str;
+    fn hidden_size(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    /// Longest sequence the position tables cover.
+    fn max_positions(&self) -> usize;
+    fn num_layers(&self) -> usize;
+    /// One line of the architecture's dimensions (for `inspect`).
+    fn summary(&self) -> String;
+    fn new_cache(&self) -> Cache {
+        Cache::new(self.num_layers())
+    }
+
+    /// Final hidden states [b, t, hidden] (after the last norm). `key_mask` [b, T] (1 = keep,
+    /// 0 = padding) covers cached plus new positions. `start[r]`: position of row r's first
+    /// token (rows of different prompt lengths sharing one cache); None follows the cache.
+    fn forward_hidden_at(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut Cache>,
+        key_mask: Option<&Tensor>,
+        start: Option<&[usize]>,
+    ) -> Result<Tensor>;
+
+    fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut Cache>,
+        key_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.forward_hidden_at(ids, cache, key_mask, None)
+    }
+
+    /// The residual stream entering layer 0 for `ids` [b, t]: [b, t, hidden].
+    fn embed(&self, ids: &Tensor) -> Result<Tensor>;
+
+    /// The residual stream after layers `range` applied to `x` at positions 0..t, causal, no
+    /// cache, no final norm (layer-wise calibration runs one layer at a time on it).
+    fn forward_layers(&self, x: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor>;
+
+    /// Logits of hidden states.
+    fn head(&self, hidden: &Tensor) -> Result<Tensor>;
+
+    /// Mean cross-entropy of the head's logits for hidden states [n, d] against targets [n].
+    fn head_loss(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        Ok(crate::fused::cross_entropy(&self.head(hidden)?, targets)?)
+    }
+
+    /// Logits for every position [b, t, vocab].
+    fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache, None)?;
+        self.head(&h)
+    }
+
+    /// Logits of the last position only [b, vocab].
+    fn forward_last(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache, None)?;
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
+        self.head(&last)
+    }
+
+    /// Every Linear with its HF module name, the embedding included; the order is fixed
+    /// (adapters derive per-layer seeds from it).
+    fn linears(&self) -> Vec<(String, &Linear)>;
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+    /// Tensors outside Linears (norms) with their HF names.
+    fn other_tensors(&self) -> Vec<(String, &Tensor)>;
+    fn other_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)>;
+
+    /// Each layer's feed-forward block with its HF prefix (`model.layers.N.mlp`).
+    fn feed_forwards_mut(&mut self) -> Vec<(String, &mut Box<dyn FeedForward>)>;
+
+    /// Whether the head is the embedding (no separate `lm_head`).
+    fn tied_head(&self) -> bool;
+
+    /// config.json for an HF export of this model, and its `architectures` entry.
+    fn hf_config(&self) -> Result<serde_json::Value>;
+    fn hf_architecture(&self) -> &'static str;
+
+    /// PEFT's default LoRA targets for this architecture (module name suffixes).
+    fn peft_default_targets(&self) -> &'static [&'static str];
+
+    /// Tokens that end a chat turn besides EOS (the chat templates' end-of-turn markers).
+    fn end_of_turn_tokens(&self) -> &'static [&'static str];
+
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// A bidirectional encoder with an optional classification head.
+pub trait Encoder: std::fmt::Debug + Send + Sync {
+    fn model_type(&self) -> &str;
+    fn hidden_size(&self) -> usize;
+    fn max_positions(&self) -> usize;
+    /// One line of the architecture's dimensions (for `inspect`).
+    fn summary(&self) -> String;
+    /// Last hidden states [b, t, hidden]; `mask` [b, t]: 1 for tokens, 0 for padding.
+    fn forward(
+        &self,
+        ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor>;
+    /// The pooled representation a classifier reads.
+    fn pool(&self, hidden: &Tensor) -> Result<Tensor>;
+    /// Logits of the classification head; an error when there is none.
+    fn classify(&self, pooled: &Tensor) -> Result<Tensor>;
+    /// Labels of the classification head; None without one.
+    fn num_labels(&self) -> Option<usize>;
+    /// Attach (or replace) a classification head [num_labels, hidden].
+    fn set_classifier(&mut self, weight: Tensor, bias: Tensor);
+    fn linears(&self) -> Vec<(String, &Linear)>;
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+    fn other_tensors(&self) -> Vec<(String, &Tensor)>;
+    fn other_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)>;
+    /// Map a PEFT module name of the bare encoder to ours (prefixes differ between
+    /// checkpoints); identity by default.
+    fn module_name(&self, peft_name: &str) -> String {
+        peft_name.to_string()
+    }
+    fn hf_config(&self) -> Result<serde_json::Value>;
+    fn hf_architecture(&self) -> &'static str;
+    /// `tokenizer_class` for tokenizer_config.json, where transformers needs one.
+    fn tokenizer_class(&self) -> Option<&'static str> {
+        None
+    }
+    fn peft_default_targets(&self) -> &'static [&'static str];
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// A decoder layer's feed-forward block (dense SwiGLU today; a mixture of experts replaces
+/// it through [`CausalLm::feed_forwards_mut`]).
+pub trait FeedForward: std::fmt::Debug + Send + Sync {
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// Linears with names relative to the block (`gate_proj`, `experts.3.up_proj`).
+    fn linears(&self) -> Vec<(String, &Linear)>;
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+    /// Other parameters (a router's weight) relative to the block.
+    fn other_tensors(&self) -> Vec<(String, &Tensor)> {
+        Vec::new()
+    }
+    fn other_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        Vec::new()
+    }
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// What a layer's attention needs besides its input: the RoPE tables of the positions being
+/// run and the masks (`mask`: the additive causal/padding mask the generic path reads, None
+/// where the fused kernels apply them; `key_mask` [b, T]: 1 = keep, 0 = padding).
+pub struct AttnInputs<'a> {
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub mask: Option<&'a Tensor>,
+    pub key_mask: Option<&'a Tensor>,
+}
+
+/// A decoder layer's self-attention block, pluggable like [`FeedForward`].
+pub trait SelfAttention: std::fmt::Debug + Send + Sync {
+    fn forward(&self, x: &Tensor, at: &AttnInputs, kv: Option<&mut KvSlot>) -> Result<Tensor>;
+    /// Linears with names relative to the block (`q_proj`, …).
+    fn linears(&self) -> Vec<(String, &Linear)>;
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+    fn other_tensors(&self) -> Vec<(String, &Tensor)> {
+        Vec::new()
+    }
+    fn other_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        Vec::new()
+    }
+    fn as_any(&self) -> &dyn Any;
+}
