@@ -670,3 +670,86 @@ fn a_run_killed_while_rotating_its_checkpoint_resumes() {
         "leftovers or missing files after the resumed run"
     );
 }
+
+/// Make layer 1's up_proj hold layer 0's weight tensor itself, or a copy of it.
+fn share_up_proj(m: &mut Model, copy: bool) {
+    let w = m
+        .linears()
+        .into_iter()
+        .find(|(n, _)| n == "model.layers.0.mlp.up_proj")
+        .map(|(_, l)| l.weight().unwrap())
+        .unwrap();
+    for (name, lin) in m.linears_mut() {
+        if name == "model.layers.1.mlp.up_proj" {
+            let w = if copy { w.copy().unwrap() } else { w.clone() };
+            *lin = models::Linear::dense(w, lin.bias());
+        }
+    }
+}
+
+/// Loss of a fixed sequence and the gradient of each named parameter.
+fn grads(m: &Model, ps: &[finetune::Param]) -> std::collections::BTreeMap<String, Vec<f32>> {
+    use candle_core::{Device, Tensor};
+    let ids: Vec<u32> = vec![5, 77, 12, 200, 3, 9, 41, 8];
+    let x = Tensor::new(&ids[..7], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let y = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
+    let lm = m.causal().unwrap();
+    let h = lm.forward_hidden(&x, None, None).unwrap().squeeze(0).unwrap();
+    let loss = lm.head_loss(&h, &y).unwrap();
+    let g = loss.backward().unwrap();
+    ps.iter()
+        .filter(|p| p.name.contains("up_proj"))
+        .map(|p| {
+            let t = g.get(p.var.as_tensor()).expect("gradient");
+            (p.name.clone(), t.flatten_all().unwrap().to_vec1().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn a_tensor_shared_by_two_layers_trains_as_one_parameter() {
+    let d = tempfile::tempdir().unwrap();
+    let o = opts(Task::Lm, Method::Full, d.path());
+    let mut shared = tiny_llama(&d.path().join("a"));
+    share_up_proj(&mut shared, false);
+    let ps = finetune::prepare(&mut shared, &o, false).unwrap();
+    let ups: Vec<&String> = ps
+        .iter()
+        .map(|p| &p.name)
+        .filter(|n| n.ends_with("up_proj.weight"))
+        .collect();
+    let layers = shared.causal().unwrap().num_layers();
+    assert_eq!(ups.len(), layers - 1, "{ups:?}");
+    assert!(!ups.contains(&&"model.layers.1.mlp.up_proj.weight".to_string()));
+    // Both layers hold the one trainable tensor.
+    let ids: Vec<_> = shared
+        .linears()
+        .into_iter()
+        .filter(|(n, _)| n == "model.layers.0.mlp.up_proj" || n == "model.layers.1.mlp.up_proj")
+        .map(|(_, l)| {
+            l.inner()
+                .as_any()
+                .downcast_ref::<models::linear::Dense>()
+                .unwrap()
+                .weight
+                .id()
+        })
+        .collect();
+    assert_eq!(ids[0], ids[1]);
+    // Its gradient is the sum of what the two layers' separate copies receive.
+    let g_shared = grads(&shared, &ps);
+    let mut apart = tiny_llama(&d.path().join("b"));
+    share_up_proj(&mut apart, true);
+    let ps2 = finetune::prepare(&mut apart, &o, false).unwrap();
+    let g_apart = grads(&apart, &ps2);
+    let s = &g_shared["model.layers.0.mlp.up_proj.weight"];
+    let a0 = &g_apart["model.layers.0.mlp.up_proj.weight"];
+    let a1 = &g_apart["model.layers.1.mlp.up_proj.weight"];
+    let worst = s
+        .iter()
+        .zip(a0.iter().zip(a1))
+        .map(|(s, (a, b))| (s - (a + b)).abs())
+        .fold(0f32, f32::max);
+    let scale = s.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    assert!(scale > 0.0 && worst <= 1e-5 * scale.max(1.0), "{worst} vs {scale}");
+}
