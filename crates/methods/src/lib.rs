@@ -5,4 +5,5 @@ pub mod finetune;
 pub mod lora;
 pub mod mpop;
 pub mod quant;
+pub mod spectrum;
 pub mod squeeze;
