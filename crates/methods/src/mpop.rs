@@ -226,6 +226,22 @@ pub fn frobenius(data: &[f32]) -> f64 {
     data.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
 }
 
+/// A bar over matrices, named by the one being decomposed (hidden unless `show`).
+pub(crate) fn matrix_bar(what: &str, len: usize, show: bool) -> indicatif::ProgressBar {
+    let pb = if show {
+        indicatif::ProgressBar::new(len as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed}}<{{eta}}]"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb
+}
+
 fn truncation(b: &Budget, shape: &MpoShape) -> Truncation {
     match b {
         Budget::Full => Truncation::Full,
@@ -263,17 +279,7 @@ pub fn compress(m: &mut Model, o: &CompressOptions, progress: bool) -> Result<Ve
             o.patterns.join(",")
         )));
     }
-    let pb = if progress {
-        indicatif::ProgressBar::new(chosen.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "compressing {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let pb = matrix_bar("compressing", chosen.len(), progress);
     let mut reports = Vec::new();
     for (name, lin) in m.linears_mut() {
         if !chosen.contains(&name) {

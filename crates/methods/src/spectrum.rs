@@ -32,17 +32,7 @@ pub fn analyse(
         .into_iter()
         .filter(|(name, _)| names.contains(name))
         .collect();
-    let pb = if progress {
-        indicatif::ProgressBar::new(chosen.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "decomposing {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let pb = mpop::matrix_bar("decomposing", chosen.len(), progress);
     let mut out = Vec::new();
     for (name, l) in chosen {
         pb.set_message(name.clone());
