@@ -3,10 +3,10 @@
 //! MODEL may also be a quantized checkpoint (with `--method none`) to evaluate or generate.
 
 use crate::report::Report;
-use anyhow::{Context, Result};
-use methods::quant::{self, calib::Method, KeepFp16, QuantOptions, QuantizeConfig};
+use anyhow::Result;
+use methods::quant::{self, calib::Method, pipeline, KeepFp16};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct QuantizeArgs {
@@ -116,8 +116,11 @@ pub fn run(a: QuantizeArgs, lo: &models::LoadOptions, rep: &mut Report) -> Resul
         .calib
         .clone()
         .unwrap_or_else(|| wikitext2.join("valid.txt"));
-    let calib_text = if method == Some(Method::Gptq) || a.int8_activations {
-        Some(quant::read_text(&calib_path, "calibration")?)
+    let calib = if method == Some(Method::Gptq) || a.int8_activations {
+        Some(pipeline::Calibration {
+            text: quant::read_text(&calib_path, "calibration")?,
+            source: calib_path.display().to_string(),
+        })
     } else {
         None
     };
@@ -131,177 +134,110 @@ pub fn run(a: QuantizeArgs, lo: &models::LoadOptions, rep: &mut Report) -> Resul
         None
     };
 
-    let mut m = crate::load(&a.model, lo)?;
-    let base_params = m.total_params();
-    let mut out_dir = None;
-    // Outliers are a property of the activations, so they are found on the model as loaded
-    // (before its weights are quantized).
-    let int8 = match (&calib_text, a.int8_activations) {
-        (Some(t), true) => {
-            let samples = quant::calib::calibration_samples(&m, t, a.nsamples, a.seqlen, a.seed)?;
-            let ti = std::time::Instant::now();
-            let absmax = quant::actquant::input_absmax(&mut m, &samples)?;
-            let p = quant::actquant::plan(&absmax, a.outlier_threshold, keep_outliers);
-            println!(
-                "int8 activations: {} projections, {} input dimensions kept in full precision (--keep-outliers {}, |x| ≥ {}; {} calibration windows, {:.1}s)",
-                p.projections, p.kept_total, keep_outliers, a.outlier_threshold, samples.len(), ti.elapsed().as_secs_f64()
-            );
-            for (r, o) in &p.outliers {
-                let top: Vec<String> = o
-                    .iter()
-                    .take(3)
-                    .map(|o| {
-                        format!(
-                            "dim {} in {} layers (max |x| {:.1})",
-                            o.dim, o.layers, o.max_abs
-                        )
-                    })
-                    .collect();
-                println!(
-                    "  {r:<10} {:>4} outlier dims; top: {}",
-                    o.len(),
-                    top.join(", ")
-                );
-            }
-            Some(p)
-        }
-        _ => None,
+    let m = crate::load(&a.model, lo)?;
+    if let (Some(_), KeepFp16::Crucial(n)) = (method, &keep) {
+        let projections = pipeline::decoder_projections(&m);
+        anyhow::ensure!(
+            *n <= projections,
+            "--keep-fp16 crucial:{n} is out of range: this model has {projections} decoder projections (use crucial:0..={projections})"
+        );
+    }
+    let o = pipeline::PipelineOptions {
+        method,
+        bits: a.bits,
+        group_size: a.group_size,
+        act_order: a.act_order,
+        damp: a.damp,
+        sym: a.sym,
+        keep,
+        keep_spec: a.keep_fp16.clone(),
+        calib,
+        nsamples: a.nsamples,
+        seqlen: a.seqlen,
+        seed: a.seed,
+        int8: a.int8_activations.then_some(pipeline::Int8Options {
+            threshold: a.outlier_threshold,
+            keep: keep_outliers,
+        }),
+        out: a.out.clone(),
+        progress: true,
     };
-    if let Some(method) = method {
-        let o = QuantOptions {
-            method,
-            bits: a.bits,
-            group_size: if a.group_size < 0 {
-                0
-            } else {
-                a.group_size as usize
-            },
-            act_order: a.act_order,
-            damp: a.damp,
-            sym: a.sym,
-            keep: keep.clone(),
-            ..Default::default()
-        };
-        if let KeepFp16::Crucial(n) = &keep {
-            let projections = m
-                .linears()
+    let (m, r) = pipeline::run(m, &o)?;
+    if let Some(p) = &r.int8_activations {
+        println!(
+            "int8 activations: {} projections, {} input dimensions kept in full precision (--keep-outliers {}, |x| ≥ {}; {} calibration windows, {:.1}s)",
+            p.projections, p.kept_dims, p.keep_outliers, p.threshold, p.calib_windows, p.secs
+        );
+        for (role, o) in &p.outliers {
+            let top: Vec<String> = o
                 .iter()
-                .filter(|(name, _)| quant::calib::layer_index(name).is_some())
-                .count();
-            anyhow::ensure!(
-                *n <= projections,
-                "--keep-fp16 crucial:{n} is out of range: this model has {projections} decoder projections (use crucial:0..={projections})"
+                .take(3)
+                .map(|o| {
+                    format!(
+                        "dim {} in {} layers (max |x| {:.1})",
+                        o.dim, o.layers, o.max_abs
+                    )
+                })
+                .collect();
+            println!(
+                "  {role:<10} {:>4} outlier dims; top: {}",
+                o.len(),
+                top.join(", ")
             );
         }
-        quant::calib::validate(&m, &o)?;
-        let calib = match &calib_text {
-            Some(t) => Some(quant::calib::calibration_samples(
-                &m, t, a.nsamples, a.seqlen, a.seed,
-            )?),
-            None => None,
-        };
-        let tq = std::time::Instant::now();
-        let reps = quant::quantize_model(&mut m, &o, calib.as_deref(), true)?;
-        let qsecs = tq.elapsed().as_secs_f64();
-        let fp16: Vec<&str> = reps
-            .iter()
-            .filter(|r| r.kind == "fp16")
-            .map(|r| r.name.as_str())
-            .collect();
+    }
+    if let Some(q) = &r.quantize {
+        let fp16 = q.layers.iter().filter(|l| l.kind == "fp16").count();
         println!(
             "{} {}-bit (group {}, act-order {}, sym {}): {} projections quantized, {} kept fp16 in {:.1}s{}",
-            a.method, a.bits, a.group_size, a.act_order, a.sym, reps.len() - fp16.len(), fp16.len(), qsecs,
-            calib.as_ref().map_or(String::new(), |c| format!(" (calibration {} × {} tokens from {})", c.len(), a.seqlen, calib_path.display()))
+            q.method, q.bits, q.group_size, q.act_order, q.sym, q.layers.len() - fp16, fp16, q.secs,
+            q.calib_first_ids.as_ref().map_or(String::new(), |_| format!(" (calibration {} × {} tokens from {})", q.calib_windows, q.seqlen, calib_path.display()))
         );
-        let mut worst: Vec<_> = reps.iter().collect();
+        let mut worst: Vec<_> = q.layers.iter().collect();
         worst.sort_by(|x, y| {
             y.loss
                 .partial_cmp(&x.loss)
                 .unwrap_or(std::cmp::Ordering::Equal)
         });
-        for r in worst.iter().take(5) {
+        for l in worst.iter().take(5) {
             println!(
                 "  largest error: {:<40} {:>7} loss {:.4e}",
-                r.name, r.kind, r.loss
+                l.name, l.kind, l.loss
             );
         }
-        let dir = a.out.clone().unwrap_or_default();
-        let cfg = QuantizeConfig {
-            bits: a.bits,
-            group_size: a.group_size,
-            damp_percent: a.damp,
-            desc_act: a.act_order,
-            sym: a.sym,
-            true_sequential: true,
-            quant_method: "gptq".into(),
-            checkpoint_format: "gptq".into(),
-            mpolm_method: a.method.clone(),
-            mpolm_fp16_modules: vec![],
-            mpolm_int8_activations: int8.as_ref().map(|p| p.config.clone()),
-        };
-        quant::save_quantized(&m, &dir, &cfg)?;
-        rep.set("quantize", json!({"method": a.method, "bits": a.bits, "group_size": a.group_size, "act_order": a.act_order,
-            "sym": a.sym, "damp": a.damp, "keep_fp16": a.keep_fp16, "nsamples": a.nsamples, "seqlen": a.seqlen,
-            "calib": calib_text.as_ref().map(|_| calib_path.display().to_string()), "secs": qsecs, "layers": reps,
-            // Lets scripts/gptq_torch.py check that it drew the same calibration windows.
-            "calib_first_ids": calib.as_ref().map(|c| c.iter().take(4).map(|w| w[..w.len().min(8)].to_vec()).collect::<Vec<_>>()), "out": dir.display().to_string()}));
-        // Continue with the checkpoint as saved (what users will load).
-        drop(m);
-        m = quant::load_quantized(&dir).with_context(|| format!("reloading {}", dir.display()))?;
-        out_dir = Some(dir);
+        rep.set("quantize", json!(q));
     }
-    if let Some(p) = &int8 {
-        if out_dir.is_none() {
-            // No checkpoint (--method none): apply to the model in memory.
-            quant::actquant::apply(&mut m, &p.config)?;
-        }
-        rep.set(
-            "int8_activations",
-            json!({"threshold": a.outlier_threshold, "keep_outliers": keep_outliers.to_string(),
-            "projections": p.projections, "kept_dims": p.kept_total, "outliers": p.outliers}),
-        );
+    if let Some(p) = &r.int8_activations {
+        rep.set("int8_activations", json!(p));
     }
-    let quantized = m.linears().iter().any(|(_, l)| {
-        l.inner()
-            .as_any()
-            .downcast_ref::<quant::QuantLinear>()
-            .is_some()
-    });
-    let bits = quant::total_bits(&m, if quantized { 16 } else { 32 });
-    let file_bytes = match &out_dir {
-        Some(d) => quant::dir_size(d),
-        None => {
-            let p = Path::new(&a.model);
-            if p.is_dir() {
-                quant::dir_size(p)
-            } else {
-                std::fs::metadata(&m.source.path)
-                    .map(|x| x.len())
-                    .unwrap_or(0)
-            }
-        }
-    };
+    let s = &r.summary;
     println!(
         "model: {} params, total {:.1} Mbit = {:.1} MiB ({:.2} bits/param), files {:.1} MiB",
-        base_params,
-        bits as f64 / 1e6,
-        bits as f64 / 8.0 / 1048576.0,
-        bits as f64 / base_params.max(1) as f64,
-        file_bytes as f64 / 1048576.0
+        s.params,
+        s.total_bits as f64 / 1e6,
+        s.total_bits as f64 / 8.0 / 1048576.0,
+        s.bits_per_param,
+        s.file_bytes as f64 / 1048576.0
     );
-    let mut summary = json!({"params": base_params, "total_bits": bits, "bits_per_param": bits as f64 / base_params.max(1) as f64, "file_bytes": file_bytes});
+    let mut summary = json!(s);
     if let Some(text) = &ppl_text {
         let tp = std::time::Instant::now();
-        anyhow::ensure!(a.ppl_window >= 2, "--ppl-window must be at least 2 tokens");
-        let (ppl, k) = quant::perplexity(&m, text, a.ppl_windows, a.ppl_window)?;
+        // The disjoint protocol of `eval --ppl-protocol disjoint`, one window per forward.
+        let lm = eval::lm::Lm::new(m.causal()?, &m.tokenizer, 1, a.ppl_window, false);
+        let p = eval::tasks::wikitext::disjoint_perplexity(
+            &lm,
+            text,
+            Some(a.ppl_windows),
+            "perplexity",
+        )?;
+        let (k, window) = (p.windows_scored, lm.max_length);
         println!(
-            "perplexity {:.3} on the first {k} × {}-token windows of {} ({:.1}s)",
-            ppl,
-            a.ppl_window,
+            "perplexity {:.3} on the first {k} × {window}-token windows of {} ({:.1}s)",
+            p.ppl,
             ppl_path.display(),
             tp.elapsed().as_secs_f64()
         );
-        summary["perplexity"] = json!({"ppl": ppl, "windows": k, "window": a.ppl_window, "data": ppl_path.display().to_string()});
+        summary["perplexity"] = json!({"ppl": p.ppl, "windows": k, "window": window, "data": ppl_path.display().to_string()});
     }
     if let Some(prompt) = &a.prompt {
         let ids = m.tokenizer.encode(prompt, false)?;
@@ -312,7 +248,7 @@ pub fn run(a: QuantizeArgs, lo: &models::LoadOptions, rep: &mut Report) -> Resul
             seed: 0,
             stop_ids: vec![],
         };
-        let (toks, st) = models::generate::generate(m.llama()?, &ids, &sp, |_| {})?;
+        let (toks, st) = models::generate::generate(m.causal()?, &ids, &sp, |_| {})?;
         let text = m.tokenizer.decode(&toks, true)?;
         println!("{prompt}{text}");
         summary["generation"] = json!({"prompt": prompt, "text": text, "stats": st});

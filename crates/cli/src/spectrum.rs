@@ -1,10 +1,11 @@
-//! `mpolm spectrum`: decompose each chosen weight matrix of a model into an exact MPO and report
-//! what a user needs to choose bonds — factor shapes, full bonds, per-bond Schmidt spectra and
-//! entanglement entropies, and the error-bound-vs-parameters curve — with a PNG plot.
+//! `mpolm spectrum`: printing, the JSON report and the PNG plot of
+//! `methods::spectrum::analyse` (factor shapes, full bonds, per-bond Schmidt spectra and
+//! entanglement entropies, the error-bound-vs-parameters curve).
 
 use anyhow::{Context, Result};
+use methods::mpop::{self, Shapes};
+use methods::spectrum::MatrixSpectrum;
 use models::Model;
-use mpo::{Mpo, MpoShape};
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -15,28 +16,10 @@ pub struct Options<'a> {
     pub plot: Option<&'a Path>,
 }
 
-use methods::mpop::matches;
-
-pub struct MatrixSpectrum {
-    pub name: String,
-    pub component: String,
-    pub mpo: Mpo<f32>,
-    pub fro: f64,
-    pub full_rel_error: f64,
-    /// (parameter ratio, relative error bound) for a sweep of uniform bond caps.
-    pub curve: Vec<(f64, f64)>,
-    /// The sweep point nearest below half the dense parameters: (ratio, bound, exact error).
-    pub half_budget: Option<(f64, f64, f64)>,
-}
-
 pub fn analyse(m: &Model, o: &Options) -> Result<Vec<MatrixSpectrum>> {
-    let chosen: Vec<_> = m
-        .linears()
-        .into_iter()
-        .filter(|(name, _)| o.patterns.is_empty() || o.patterns.iter().any(|p| matches(p, name)))
-        .collect();
+    let names = mpop::select(m, &o.patterns, true);
     anyhow::ensure!(
-        !chosen.is_empty(),
+        !names.is_empty(),
         "--matrices {:?} matches no weight matrix of {} (names look like {})",
         o.patterns.join(","),
         m.source.name,
@@ -45,79 +28,12 @@ pub fn analyse(m: &Model, o: &Options) -> Result<Vec<MatrixSpectrum>> {
             .map(|(n, _)| n.clone())
             .unwrap_or_default()
     );
-    let pb = indicatif::ProgressBar::new(chosen.len() as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "decomposing {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let mut out = Vec::new();
-    for (name, l) in chosen {
-        pb.set_message(name.clone());
-        let w = l.weight()?;
-        let (rows, cols) = w.dims2()?;
-        let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
-        let shape = if o.paper_shapes {
-            MpoShape::from_table_or_auto(rows, cols, o.n)
-        } else {
-            MpoShape::auto(rows, cols, o.n)
-        }
-        .with_context(|| format!("{name}: no MPO shape for {rows}x{cols} with n = {}", o.n))?;
-        let mpo = Mpo::<f32>::decompose(&data, &shape)
-            .with_context(|| format!("{name}: decomposition failed"))?;
-        let fro = data
-            .iter()
-            .map(|x| (*x as f64) * (*x as f64))
-            .sum::<f64>()
-            .sqrt();
-        let full_rel_error = mpo.relative_error(&data)?;
-        let full = shape.full_bonds();
-        let maxb = *full.iter().max().unwrap_or(&1);
-        let mut caps: Vec<usize> = (0..=64)
-            .map(|i| ((maxb as f64).powf(i as f64 / 64.0)).round() as usize)
-            .collect();
-        caps.dedup();
-        let dense = shape.dense_params() as f64;
-        let curve: Vec<(f64, f64)> = caps
-            .iter()
-            .map(|&d| {
-                let b = shape.capped_bonds(d);
-                (
-                    shape.params_for(&b) as f64 / dense,
-                    mpo.error_bound_for(&b) / fro.max(1e-30),
-                )
-            })
-            .collect();
-        // The bound sums every bond's discarded weight; one exact point shows how loose it is.
-        let half_budget = match caps
-            .iter()
-            .rev()
-            .find(|&&d| shape.params_for(&shape.capped_bonds(d)) as f64 <= 0.5 * dense)
-        {
-            Some(&d) => {
-                let b = shape.capped_bonds(d);
-                let cut = mpo.truncate_to(&b)?;
-                Some((
-                    shape.params_for(&b) as f64 / dense,
-                    mpo.error_bound_for(&b) / fro.max(1e-30),
-                    cut.relative_error(&data)?,
-                ))
-            }
-            None => None,
-        };
-        out.push(MatrixSpectrum {
-            component: models::model::component(&name).to_string(),
-            name,
-            mpo,
-            fro,
-            full_rel_error,
-            curve,
-            half_budget,
-        });
-        pb.inc(1);
-    }
-    pb.finish_and_clear();
+    let shapes = if o.paper_shapes {
+        Shapes::Paper
+    } else {
+        Shapes::Auto
+    };
+    let out = methods::spectrum::analyse(m, &names, o.n, shapes, true)?;
     if let Some(p) = o.plot {
         plot(&out, p).with_context(|| format!("{}: drawing the plot failed (it needs a system TTF font, e.g. Debian's fonts-dejavu-core)", p.display()))?;
     }

@@ -702,6 +702,18 @@ fn disjoint_perplexity_matches_independent_windows() {
     let got = out.results[0].metric("token_perplexity").unwrap();
     assert!((got - want).abs() / want < 1e-4, "{got} vs {want}");
     assert_eq!(out.results[0].n_samples, Some((ids.len() / 16, 3)));
+    // The function `quantize --ppl-windows` calls, two windows per forward here.
+    let lm2 = Lm::new(m.llama().unwrap(), &m.tokenizer, 2, 16, false);
+    let d = wikitext::disjoint_perplexity(&lm2, &text, Some(3), "perplexity").unwrap();
+    assert!((d.ppl - want).abs() / want < 1e-4, "{} vs {want}", d.ppl);
+    assert_eq!(
+        (d.windows, d.windows_scored, d.tokens_predicted),
+        (ids.len() / 16, 3, n)
+    );
+    let e = wikitext::disjoint_perplexity(&lm, "the cat", None, "perplexity")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs one window of 16 tokens"), "{e}");
     // The rolling protocol predicts every token, so the two numbers differ on the same text.
     o.ppl_protocol = eval::PplProtocol::Rolling;
     let roll = tasks::run_task(&m, &TaskSpec::Wikitext2, &o).unwrap();

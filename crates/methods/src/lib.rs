@@ -6,5 +6,6 @@ pub mod lora;
 pub mod mpop;
 pub mod open;
 pub mod quant;
+pub mod spectrum;
 pub mod squeeze;
 pub use open::{open, Kind};

@@ -195,6 +195,53 @@ pub struct LayerReport {
     pub rel_error_bound: f64,
 }
 
+/// The Linear layers (the embedding among them) whose names match one of `patterns` (all
+/// when empty), in model order; a classification head only with `with_head` (it is never
+/// compressed, but its spectrum can be looked at).
+pub fn select(m: &Model, patterns: &[String], with_head: bool) -> Vec<String> {
+    m.linears()
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| with_head || n != "classifier")
+        .filter(|n| patterns.is_empty() || patterns.iter().any(|p| matches(p, n)))
+        .collect()
+}
+
+/// A layer's effective weight as row-major entries and its (rows, cols).
+pub fn weight_matrix(l: &models::Linear) -> Result<(Vec<f32>, usize, usize)> {
+    let w = l.weight()?;
+    let (rows, cols) = w.dims2()?;
+    Ok((w.flatten_all()?.to_vec1()?, rows, cols))
+}
+
+/// The factor shape of a rows × cols matrix split over `n` sites.
+pub fn mpo_shape(shapes: Shapes, rows: usize, cols: usize, n: usize) -> Result<MpoShape> {
+    Ok(match shapes {
+        Shapes::Paper => MpoShape::from_table_or_auto(rows, cols, n)?,
+        Shapes::Auto => MpoShape::auto(rows, cols, n)?,
+    })
+}
+
+pub fn frobenius(data: &[f32]) -> f64 {
+    data.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+/// A bar over matrices, named by the one being decomposed (hidden unless `show`).
+pub(crate) fn matrix_bar(what: &str, len: usize, show: bool) -> indicatif::ProgressBar {
+    let pb = if show {
+        indicatif::ProgressBar::new(len as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed}}<{{eta}}]"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb
+}
+
 fn truncation(b: &Budget, shape: &MpoShape) -> Truncation {
     match b {
         Budget::Full => Truncation::Full,
@@ -225,52 +272,26 @@ pub fn compress(m: &mut Model, o: &CompressOptions, progress: bool) -> Result<Ve
             )));
         }
     }
-    let chosen: Vec<String> = m
-        .linears()
-        .into_iter()
-        .map(|(n, _)| n)
-        .filter(|n| n != "classifier")
-        .filter(|n| o.patterns.is_empty() || o.patterns.iter().any(|p| matches(p, n)))
-        .collect();
+    let chosen = select(m, &o.patterns, false);
     if chosen.is_empty() {
         return Err(Error::Msg(format!(
             "--matrices {:?} matches no weight matrix of this model",
             o.patterns.join(",")
         )));
     }
-    let pb = if progress {
-        indicatif::ProgressBar::new(chosen.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "compressing {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let pb = matrix_bar("compressing", chosen.len(), progress);
     let mut reports = Vec::new();
     for (name, lin) in m.linears_mut() {
         if !chosen.contains(&name) {
             continue;
         }
         pb.set_message(name.clone());
-        let w = lin.weight()?;
-        let (rows, cols) = w.dims2()?;
-        let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
-        let shape = match o.shapes {
-            Shapes::Paper => MpoShape::from_table_or_auto(rows, cols, o.n)?,
-            Shapes::Auto => MpoShape::auto(rows, cols, o.n)?,
-        };
+        let (data, rows, cols) = weight_matrix(lin)?;
+        let shape = mpo_shape(o.shapes, rows, cols, o.n)?;
         let full = Mpo::<f32>::decompose(&data, &shape)?;
         let cut = full.truncate(&truncation(&o.budget, &shape))?;
         let rel_error = cut.relative_error(&data)?;
-        let fro = data
-            .iter()
-            .map(|x| (*x as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
-            .max(1e-30);
+        let fro = frobenius(&data).max(1e-30);
         reports.push(LayerReport {
             name: name.clone(),
             rows,

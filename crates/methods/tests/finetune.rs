@@ -691,10 +691,17 @@ fn share_up_proj(m: &mut Model, copy: bool) {
 fn grads(m: &Model, ps: &[finetune::Param]) -> std::collections::BTreeMap<String, Vec<f32>> {
     use candle_core::{Device, Tensor};
     let ids: Vec<u32> = vec![5, 77, 12, 200, 3, 9, 41, 8];
-    let x = Tensor::new(&ids[..7], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(&ids[..7], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let y = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
     let lm = m.causal().unwrap();
-    let h = lm.forward_hidden(&x, None, None).unwrap().squeeze(0).unwrap();
+    let h = lm
+        .forward_hidden(&x, None, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     let loss = lm.head_loss(&h, &y).unwrap();
     let g = loss.backward().unwrap();
     ps.iter()
@@ -751,5 +758,8 @@ fn a_tensor_shared_by_two_layers_trains_as_one_parameter() {
         .map(|(s, (a, b))| (s - (a + b)).abs())
         .fold(0f32, f32::max);
     let scale = s.iter().map(|v| v.abs()).fold(0f32, f32::max);
-    assert!(scale > 0.0 && worst <= 1e-5 * scale.max(1.0), "{worst} vs {scale}");
+    assert!(
+        scale > 0.0 && worst <= 1e-5 * scale.max(1.0),
+        "{worst} vs {scale}"
+    );
 }

@@ -18,10 +18,7 @@ use rayon::prelude::*;
 
 /// Types this module computes.
 pub fn supports(t: GgmlDType) -> bool {
-    matches!(
-        t,
-        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q8_0
-    ) && avx2()
+    crate::gguf::types::of(t).int8_dot && avx2()
 }
 
 fn avx2() -> bool {
@@ -76,12 +73,7 @@ pub fn quantize_act(x: &[f32]) -> Q8Act {
 }
 
 fn block_bytes(t: GgmlDType) -> usize {
-    match t {
-        GgmlDType::Q4_0 => 18,
-        GgmlDType::Q4_1 => 20,
-        GgmlDType::Q5_0 => 22,
-        _ => 34,
-    }
+    crate::gguf::types::of(t).bytes
 }
 
 /// y[r·n + i] = <x_r, W_i> for the m rows of x [m, k] and the n rows of W (raw blocks).

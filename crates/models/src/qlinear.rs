@@ -72,19 +72,11 @@ impl std::fmt::Debug for QLinear {
 
 /// GGUF-style name of a block type ("Q4_K"), as llama.cpp and the `gguf` package print it.
 pub fn type_name(t: GgmlDType) -> String {
-    let s = format!("{t:?}").to_uppercase();
-    match s.strip_suffix('K') {
-        Some(p) if !p.ends_with('_') => format!("{p}_K"),
-        _ => s,
-    }
+    crate::gguf::types::of(t).upper_name()
 }
 
 pub fn is_supported(t: GgmlDType) -> bool {
-    use GgmlDType::*;
-    matches!(
-        t,
-        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K
-    )
+    crate::gguf::types::of(t).linear
 }
 
 impl QLinear {

@@ -91,7 +91,55 @@ pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
     })
 }
 
-/// Token perplexity under [`PplProtocol::Disjoint`] (the number `quantize --ppl-windows` and the
+/// Token perplexity under [`PplProtocol::Disjoint`] and what it was computed from.
+#[derive(Debug, Clone, Copy)]
+pub struct DisjointPerplexity {
+    pub ppl: f64,
+    /// Complete windows in the text.
+    pub windows: usize,
+    /// Windows scored (the first ones; all unless limited).
+    pub windows_scored: usize,
+    pub loglikelihood: f64,
+    /// Tokens predicted: `window − 1` per scored window.
+    pub tokens_predicted: usize,
+}
+
+/// The disjoint protocol on `text`: windows of `lm.max_length` tokens, the first `limit` of
+/// them (all when None), every token but each window's first predicted from its left context
+/// inside the window; ppl = exp(−Σll / tokens predicted). `label` names the progress bar and
+/// the task in errors.
+pub fn disjoint_perplexity(
+    lm: &Lm,
+    text: &str,
+    limit: Option<usize>,
+    label: &str,
+) -> Result<DisjointPerplexity> {
+    let tokens = lm.encode(text)?;
+    let window = lm.max_length;
+    let windows = tokens.len() / window;
+    if windows == 0 {
+        return Err(Error::unsupported(
+            label,
+            format!(
+                "the disjoint protocol needs one window of {window} tokens; the text has {}",
+                tokens.len()
+            ),
+        ));
+    }
+    let rows = disjoint_rows(&tokens, window, limit);
+    let scores = lm.score_rows(&rows, label)?;
+    let loglikelihood: f64 = scores.iter().map(|s| s.logprob).sum();
+    let tokens_predicted: usize = rows.iter().map(|r| r.targets.len()).sum();
+    Ok(DisjointPerplexity {
+        ppl: (-loglikelihood / tokens_predicted as f64).exp(),
+        windows,
+        windows_scored: rows.len(),
+        loglikelihood,
+        tokens_predicted,
+    })
+}
+
+/// [`disjoint_perplexity`] as the wikitext2 task (the number `quantize --ppl-windows` and the
 /// GPTQ papers report). Word and byte perplexities are not defined for it: each window's first
 /// token is never predicted.
 fn run_disjoint(
@@ -100,36 +148,20 @@ fn run_disjoint(
     path: &std::path::Path,
     opts: &EvalOptions,
 ) -> Result<TaskOutput> {
-    let tokens = lm.encode(text)?;
-    let window = lm.max_length;
-    let n_windows = tokens.len() / window;
-    if n_windows == 0 {
-        return Err(Error::unsupported(
-            "wikitext2",
-            format!(
-                "the disjoint protocol needs one window of {window} tokens; the text has {}",
-                tokens.len()
-            ),
-        ));
-    }
-    let rows = disjoint_rows(&tokens, window, opts.limit);
-    let scores = lm.score_rows(&rows, "wikitext2")?;
-    let ll: f64 = scores.iter().map(|s| s.logprob).sum();
-    let scored: usize = rows.iter().map(|r| r.targets.len()).sum();
-    let ppl = (-ll / scored as f64).exp();
+    let d = disjoint_perplexity(lm, text, opts.limit, "wikitext2")?;
     let mut r = TaskResult::new("wikitext2", "wikitext2");
     r.metrics
-        .push(Metric::new("token_perplexity", ppl, None).lower_better());
+        .push(Metric::new("token_perplexity", d.ppl, None).lower_better());
     r.n_shot = Some(0);
-    r.n_samples = Some((n_windows, rows.len()));
+    r.n_samples = Some((d.windows, d.windows_scored));
     Ok(TaskOutput {
         task: "wikitext2".into(),
         results: vec![r],
         seconds: 0.0,
         config: json!({
-            "file": path, "protocol": "disjoint", "max_length": window, "windows": n_windows,
-            "windows_scored": rows.len(), "batch_size": lm.batch, "loglikelihood": ll,
-            "tokens_predicted": scored,
+            "file": path, "protocol": "disjoint", "max_length": lm.max_length, "windows": d.windows,
+            "windows_scored": d.windows_scored, "batch_size": lm.batch, "loglikelihood": d.loglikelihood,
+            "tokens_predicted": d.tokens_predicted,
         }),
         samples: vec![],
     })

@@ -2,7 +2,7 @@
 //! written as a llama.cpp GGUF v3 file (`llama` architecture, or `qwen2` for qwen2 models).
 //!
 //! * Weights are each Linear's effective dense weight (`LinearLayer::weight`: MPOs contracted,
-//!   packed integers dequantized), renamed to llama.cpp names (`models::gguf::gguf_name`), with
+//!   packed integers dequantized), renamed to llama.cpp names (`models::gguf::names`), with
 //!   the q/k rows of llama-arch models permuted the way `convert_hf_to_gguf.py` does.
 //! * Blocks come from candle's GGML quantizers (`QTensor::quantize`), which produce the block
 //!   layouts of ggml's `block_q8_0`, `block_q4_K`, … (the k-quant scale search is ggml's older
@@ -28,6 +28,7 @@
 //!   `general.file_type`, `general.quantization_version = 2`, and the tokenizer: copied verbatim
 //!   (`tokenizer.*`) from the source GGUF when the model was loaded from one, otherwise built
 //!   from the model's tokenizer.json (byte-level BPE → `tokenizer.ggml.model = gpt2`).
+//! * The bytes are laid out by `models::gguf::write` (this module decides only what goes in).
 //! * The file is written to a temporary file next to `out` and renamed into place; an existing
 //!   `out` is refused, as `export --dense` refuses a non-empty directory.
 
@@ -35,11 +36,12 @@ use super::{Error, Result};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
+use models::gguf::names::{self, NameTable};
+use models::gguf::{types, write};
 use models::hub::Format;
 use models::{Arch, Linear, Model};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
-use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 
 /// The recipes `--type` offers (llama.cpp `llama_ftype` names).
@@ -119,51 +121,8 @@ impl GgufType {
     }
 }
 
-/// ggml's id of a type (`enum ggml_type`).
-pub fn ggml_type_id(t: GgmlDType) -> u32 {
-    match t {
-        GgmlDType::F32 => 0,
-        GgmlDType::F16 => 1,
-        GgmlDType::Q4_0 => 2,
-        GgmlDType::Q4_1 => 3,
-        GgmlDType::Q5_0 => 6,
-        GgmlDType::Q5_1 => 7,
-        GgmlDType::Q8_0 => 8,
-        GgmlDType::Q8_1 => 9,
-        GgmlDType::Q2K => 10,
-        GgmlDType::Q3K => 11,
-        GgmlDType::Q4K => 12,
-        GgmlDType::Q5K => 13,
-        GgmlDType::Q6K => 14,
-        GgmlDType::Q8K => 15,
-        GgmlDType::BF16 => 30,
-    }
-}
-
-/// ggml's name of a type (`ggml_type_name`): `f32`, `q8_0`, `q4_K`, …
-pub fn ggml_type_name(t: GgmlDType) -> &'static str {
-    match t {
-        GgmlDType::F32 => "f32",
-        GgmlDType::F16 => "f16",
-        GgmlDType::BF16 => "bf16",
-        GgmlDType::Q4_0 => "q4_0",
-        GgmlDType::Q4_1 => "q4_1",
-        GgmlDType::Q5_0 => "q5_0",
-        GgmlDType::Q5_1 => "q5_1",
-        GgmlDType::Q8_0 => "q8_0",
-        GgmlDType::Q8_1 => "q8_1",
-        GgmlDType::Q2K => "q2_K",
-        GgmlDType::Q3K => "q3_K",
-        GgmlDType::Q4K => "q4_K",
-        GgmlDType::Q5K => "q5_K",
-        GgmlDType::Q6K => "q6_K",
-        GgmlDType::Q8K => "q8_K",
-    }
-}
-
-/// Bytes taken by `n` elements of type `t` (n a multiple of its block size).
-pub fn type_bytes(t: GgmlDType, n: usize) -> usize {
-    n / t.block_size() * t.type_size()
+fn type_name(t: GgmlDType) -> &'static str {
+    types::of(t).name
 }
 
 /// What [`tensor_type`] chose for one tensor.
@@ -366,6 +325,7 @@ impl Item<'_> {
 }
 
 struct Ctx {
+    names: &'static NameTable,
     ftype: GgufType,
     permute: bool,
     n_heads: usize,
@@ -376,7 +336,9 @@ struct Ctx {
 }
 
 fn make_item<'a>(ctx: &Ctx, hf: &str, shape: Vec<usize>, src: Src<'a>) -> Result<Item<'a>> {
-    let gguf = models::gguf::gguf_name(hf)
+    let gguf = ctx
+        .names
+        .gguf_name(hf)
         .ok_or_else(|| Error::Msg(format!("tensor '{hf}' has no llama.cpp name")))?;
     let permute = if !ctx.permute {
         None
@@ -391,7 +353,7 @@ fn make_item<'a>(ctx: &Ctx, hf: &str, shape: Vec<usize>, src: Src<'a>) -> Result
         name: &gguf,
         n_dims: shape.len(),
         n_cols: *shape.last().unwrap_or(&1),
-        layer: layer_of(&gguf),
+        layer: names::layer_of(&gguf),
         n_layers: ctx.n_layers,
         n_gqa: ctx.n_gqa,
         has_output: ctx.has_output,
@@ -404,40 +366,6 @@ fn make_item<'a>(ctx: &Ctx, hf: &str, shape: Vec<usize>, src: Src<'a>) -> Result
         choice,
         permute,
     })
-}
-
-/// Order in which llama.cpp's converter writes a layer's tensors.
-fn order_key(gguf: &str) -> (usize, usize, usize) {
-    const MODS: &[&str] = &[
-        "attn_norm",
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_norm",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ];
-    match gguf {
-        "token_embd.weight" => return (0, 0, 0),
-        "output_norm.weight" => return (2, 0, 0),
-        "output.weight" => return (2, 1, 0),
-        _ => {}
-    }
-    let rest = gguf.strip_prefix("blk.").unwrap_or(gguf);
-    let (idx, tail) = rest.split_once('.').unwrap_or(("0", rest));
-    let (module, kind) = tail.rsplit_once('.').unwrap_or((tail, ""));
-    let m = MODS.iter().position(|x| *x == module).unwrap_or(MODS.len());
-    (
-        1,
-        idx.parse::<usize>().unwrap_or(usize::MAX) * 100 + m,
-        usize::from(kind != "weight"),
-    )
-}
-
-fn layer_of(gguf: &str) -> Option<usize> {
-    gguf.strip_prefix("blk.")?.split_once('.')?.0.parse().ok()
 }
 
 /// `QTensor::quantize` reads the tensor's storage from its start, ignoring a view's offset
@@ -498,6 +426,8 @@ pub fn export_gguf(m: &Model, out: &Path, opts: &ExportOptions) -> Result<Export
 
     // Tensors, lazily: shapes now, values when written.
     let ctx = Ctx {
+        names: names::table(arch)
+            .ok_or_else(|| Error::Msg(format!("no GGUF tensor names for {arch}")))?,
         ftype: opts.ftype,
         permute,
         n_heads: cfg.num_attention_heads,
@@ -525,7 +455,7 @@ pub fn export_gguf(m: &Model, out: &Path, opts: &ExportOptions) -> Result<Export
     for (name, t) in m.other_tensors() {
         items.push(push(&name, t.dims().to_vec(), Src::Plain(t))?);
     }
-    items.sort_by_key(|it| order_key(&it.gguf));
+    items.sort_by_key(|it| ctx.names.order_key(&it.gguf));
 
     // Metadata.
     let vocab_rows = llama.embed_tokens.out_features();
@@ -545,35 +475,16 @@ pub fn export_gguf(m: &Model, out: &Path, opts: &ExportOptions) -> Result<Export
     let tmp = models::tmp::file_in(&parent)
         .map_err(|e| Error::Msg(format!("{}: {e}", parent.display())))?;
     let io = |e: std::io::Error| Error::Msg(format!("{}: {e}", out.display()));
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file());
-    const ALIGN: usize = 32;
-    w.write_all(b"GGUF").map_err(io)?;
-    w.write_all(&3u32.to_le_bytes()).map_err(io)?;
-    w.write_all(&(items.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(&(meta.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    for (k, v) in &meta {
-        write_str(&mut w, k).map_err(io)?;
-        w.write_all(&value_type(v).to_le_bytes()).map_err(io)?;
-        write_value(&mut w, v).map_err(io)?;
-    }
-    let mut offset = 0usize;
-    for it in &items {
-        write_str(&mut w, &it.gguf).map_err(io)?;
-        w.write_all(&(it.shape.len() as u32).to_le_bytes())
-            .map_err(io)?;
-        for d in it.shape.iter().rev() {
-            w.write_all(&(*d as u64).to_le_bytes()).map_err(io)?;
-        }
-        w.write_all(&ggml_type_id(it.choice.ty).to_le_bytes())
-            .map_err(io)?;
-        w.write_all(&(offset as u64).to_le_bytes()).map_err(io)?;
-        offset += type_bytes(it.choice.ty, it.elems()).div_ceil(ALIGN) * ALIGN;
-    }
-    let pos = w.stream_position().map_err(io)? as usize;
-    w.write_all(&vec![0u8; pos.div_ceil(ALIGN) * ALIGN - pos])
-        .map_err(io)?;
+    let infos = items
+        .iter()
+        .map(|it| write::TensorInfo {
+            name: it.gguf.clone(),
+            shape: it.shape.clone(),
+            dtype: it.choice.ty,
+        })
+        .collect();
+    let buf = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file());
+    let mut w = write::Writer::new(buf, &meta, infos).map_err(io)?;
 
     let pb = if opts.progress {
         let pb = indicatif::ProgressBar::new(items.len() as u64);
@@ -607,7 +518,7 @@ pub fn export_gguf(m: &Model, out: &Path, opts: &ExportOptions) -> Result<Export
         }
         let bytes = quantize_bytes(&t, it.choice.ty)
             .map_err(|e| Error::Msg(format!("quantizing {}: {e}", it.gguf)))?;
-        let want = type_bytes(it.choice.ty, it.elems());
+        let want = types::of(it.choice.ty).bytes_for(it.elems());
         if bytes.len() != want {
             return Err(Error::Msg(format!(
                 "{}: {} bytes quantized, expected {want}",
@@ -615,12 +526,10 @@ pub fn export_gguf(m: &Model, out: &Path, opts: &ExportOptions) -> Result<Export
                 bytes.len()
             )));
         }
-        w.write_all(&bytes).map_err(io)?;
-        w.write_all(&vec![0u8; want.div_ceil(ALIGN) * ALIGN - want])
-            .map_err(io)?;
+        w.write_tensor(&bytes).map_err(io)?;
         let ne: Vec<usize> = it.shape.iter().rev().cloned().collect();
-        let tname = ggml_type_name(it.choice.ty);
-        let fb = it.choice.fallback_from.map(ggml_type_name);
+        let tname = type_name(it.choice.ty);
+        let fb = it.choice.fallback_from.map(type_name);
         if let Some(f) = fb {
             fallbacks.push(format!(
                 "{}: {f} needs rows of a multiple of {}, has {}; using {tname}",
@@ -665,8 +574,7 @@ pub fn export_gguf(m: &Model, out: &Path, opts: &ExportOptions) -> Result<Export
             pb.inc(1);
         }
     }
-    w.flush().map_err(io)?;
-    drop(w);
+    w.finish().map_err(io)?;
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
@@ -906,63 +814,6 @@ fn tokenizer_meta(m: &Model, vocab_rows: usize) -> Result<Meta> {
     Ok(meta)
 }
 
-/// GGUF value type ids (`enum gguf_type`).
-fn value_type(v: &Value) -> u32 {
-    match v {
-        Value::U8(_) => 0,
-        Value::I8(_) => 1,
-        Value::U16(_) => 2,
-        Value::I16(_) => 3,
-        Value::U32(_) => 4,
-        Value::I32(_) => 5,
-        Value::F32(_) => 6,
-        Value::Bool(_) => 7,
-        Value::String(_) => 8,
-        Value::Array(_) => 9,
-        Value::U64(_) => 10,
-        Value::I64(_) => 11,
-        Value::F64(_) => 12,
-    }
-}
-
-fn write_str<W: Write>(w: &mut W, s: &str) -> std::io::Result<()> {
-    w.write_all(&(s.len() as u64).to_le_bytes())?;
-    w.write_all(s.as_bytes())
-}
-
-fn write_value<W: Write>(w: &mut W, v: &Value) -> std::io::Result<()> {
-    match v {
-        Value::U8(x) => w.write_all(&x.to_le_bytes()),
-        Value::I8(x) => w.write_all(&x.to_le_bytes()),
-        Value::U16(x) => w.write_all(&x.to_le_bytes()),
-        Value::I16(x) => w.write_all(&x.to_le_bytes()),
-        Value::U32(x) => w.write_all(&x.to_le_bytes()),
-        Value::I32(x) => w.write_all(&x.to_le_bytes()),
-        Value::U64(x) => w.write_all(&x.to_le_bytes()),
-        Value::I64(x) => w.write_all(&x.to_le_bytes()),
-        Value::F32(x) => w.write_all(&x.to_le_bytes()),
-        Value::F64(x) => w.write_all(&x.to_le_bytes()),
-        Value::Bool(x) => w.write_all(&[u8::from(*x)]),
-        Value::String(s) => write_str(w, s),
-        Value::Array(a) => {
-            // Element type of the first element (arrays are homogeneous); empty → string.
-            let et = a.first().map_or(8, value_type);
-            if a.iter().any(|x| value_type(x) != et) {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "GGUF arrays must be homogeneous",
-                ));
-            }
-            w.write_all(&et.to_le_bytes())?;
-            w.write_all(&(a.len() as u64).to_le_bytes())?;
-            for x in a {
-                write_value(w, x)?;
-            }
-            Ok(())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -976,6 +827,30 @@ mod tests {
             n_layers: 16,
             n_gqa: 2,
             has_output,
+        }
+    }
+
+    /// Whatever a recipe picks for any tensor, fallbacks included, the writer can store.
+    #[test]
+    fn every_choice_is_writable() {
+        for r in TYPE_NAMES {
+            let ft = GgufType::parse(r).unwrap();
+            for name in [
+                "blk.3.attn_v.weight",
+                "blk.3.ffn_down.weight",
+                "blk.3.attn_output.weight",
+                "blk.3.attn_q.weight",
+                "output.weight",
+                "token_embd.weight",
+            ] {
+                for cols in [256, 96, 33] {
+                    for out in [true, false] {
+                        let c = tensor_type(ft, &site(name, cols, Some(3), out));
+                        assert!(types::of(c.ty).write, "{r} {name} {cols}: {:?}", c.ty);
+                        assert_eq!(cols % types::of(c.ty).block, 0, "{r} {name} {cols}");
+                    }
+                }
+            }
         }
     }
 

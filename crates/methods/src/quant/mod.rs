@@ -9,6 +9,7 @@
 //!   layer-by-layer driver ([`quantize_model`]).
 //! * [`io`] — AutoGPTQ-layout checkpoints ([`save_quantized`], [`load_quantized`]).
 //! * [`actquant`] — INT8 activations with outlier dimensions kept (LLM.int8-style).
+//! * [`pipeline`] — `mpolm quantize` end to end: outliers, quantization, checkpoint, summary.
 
 pub mod actquant;
 pub mod calib;
@@ -18,12 +19,12 @@ pub mod io;
 pub mod kernels;
 pub mod layer;
 pub mod pack;
+pub mod pipeline;
 
 pub use calib::{quantize_model, LayerReport, QuantOptions};
 pub use io::{is_quantized_dir, load_quantized, save_quantized, QuantizeConfig};
 pub use layer::QuantLinear;
 
-use candle_core::{Device, Tensor};
 use models::Model;
 use std::path::Path;
 
@@ -123,35 +124,6 @@ pub fn dir_size(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
-}
-
-/// Perplexity protocol used in RESULTS.md: the text encoded without special tokens, the first
-/// `windows` non-overlapping windows of `window` tokens, every token but each window's first
-/// predicted from its left context inside the window; ppl = exp(mean NLL).
-pub fn perplexity(m: &Model, text: &str, windows: usize, window: usize) -> Result<(f64, usize)> {
-    let llama = m.causal()?;
-    let ids = m.tokenizer.encode(text, false)?;
-    let avail = ids.len() / window;
-    if avail == 0 || windows == 0 {
-        return Err(Error::Msg(format!(
-            "perplexity needs at least one window of {window} tokens (text has {})",
-            ids.len()
-        )));
-    }
-    let k = windows.min(avail);
-    let (mut nll, mut n) = (0f64, 0usize);
-    for w in 0..k {
-        let chunk = &ids[w * window..(w + 1) * window];
-        let t = Tensor::new(chunk, &Device::Cpu)?.unsqueeze(0)?;
-        let logits = llama.forward(&t, None)?.squeeze(0)?; // [T, V]
-        let lsm = candle_nn::ops::log_softmax(&logits, 1)?;
-        let rows: Vec<Vec<f32>> = lsm.to_vec2()?;
-        for p in 0..window - 1 {
-            nll -= rows[p][chunk[p + 1] as usize] as f64;
-            n += 1;
-        }
-    }
-    Ok(((nll / n as f64).exp(), k))
 }
 
 /// Read a text file (calibration or evaluation data) with an error naming it and its role.

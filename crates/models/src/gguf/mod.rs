@@ -3,6 +3,13 @@
 //! block-typed weight matrices stay as stored (for `qlinear::QLinear`). For the llama
 //! architecture the q/k rows that llama.cpp's converter permuted for its interleaved RoPE are
 //! put back in HF order (whole quantized rows are moved; blocks never span rows).
+//!
+//! The format's other facts live beside the reader: [`names`] (the HF ↔ GGUF tensor names,
+//! both directions), [`types`] (the ggml type table) and [`write`] (the v3 file writer).
+
+pub mod names;
+pub mod types;
+pub mod write;
 
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::untrusted::{self, escape};
@@ -162,81 +169,10 @@ impl GgufFile {
 }
 
 /// The first NaN/infinite number of a tensor's raw data: every value of a float type, or
-/// the f16 (f32 for Q8_K) scale fields of each block of a quantized one (its integer codes
-/// cannot be non-finite, so finite scales give finite weights). None when all are finite.
+/// the scale fields of each block of a quantized one (its integer codes cannot be
+/// non-finite, so finite scales give finite weights). None when all are finite.
 pub(crate) fn nonfinite(t: candle_core::quantized::GgmlDType, data: &[u8]) -> Option<&'static str> {
-    use candle_core::quantized::GgmlDType as T;
-    let h16 = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) & 0x7c00 == 0x7c00;
-    let (block, fields): (usize, &[usize]) = match t {
-        T::F32 => {
-            return data
-                .chunks_exact(4)
-                .any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
-                .then_some("value")
-        }
-        T::F16 => return data.chunks_exact(2).any(|c| h16(c, 0)).then_some("value"),
-        T::BF16 => {
-            return data
-                .chunks_exact(2)
-                .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80)
-                .then_some("value")
-        }
-        T::Q8K => {
-            return data
-                .chunks_exact(t.type_size())
-                .any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
-                .then_some("block scale")
-        }
-        T::Q4_0 | T::Q5_0 | T::Q8_0 => (t.type_size(), &[0]),
-        T::Q4_1 | T::Q5_1 | T::Q8_1 | T::Q4K | T::Q5K => (t.type_size(), &[0, 2]),
-        T::Q2K => (t.type_size(), &[80, 82]),
-        T::Q3K => (t.type_size(), &[108]),
-        T::Q6K => (t.type_size(), &[208]),
-    };
-    data.chunks_exact(block)
-        .any(|b| fields.iter().any(|&o| h16(b, o)))
-        .then_some("block scale")
-}
-
-/// ggml type id → (name, elements per block, bytes per block), for the types candle reads.
-fn ggml_type(id: u32) -> Option<(&'static str, u64, u64)> {
-    use candle_core::quantized::GgmlDType as T;
-    let t = match id {
-        0 => T::F32,
-        1 => T::F16,
-        2 => T::Q4_0,
-        3 => T::Q4_1,
-        6 => T::Q5_0,
-        7 => T::Q5_1,
-        8 => T::Q8_0,
-        9 => T::Q8_1,
-        10 => T::Q2K,
-        11 => T::Q3K,
-        12 => T::Q4K,
-        13 => T::Q5K,
-        14 => T::Q6K,
-        15 => T::Q8K,
-        30 => T::BF16,
-        _ => return None,
-    };
-    let name = match id {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        6 => "Q5_0",
-        7 => "Q5_1",
-        8 => "Q8_0",
-        9 => "Q8_1",
-        10 => "Q2_K",
-        11 => "Q3_K",
-        12 => "Q4_K",
-        13 => "Q5_K",
-        14 => "Q6_K",
-        15 => "Q8_K",
-        _ => "BF16",
-    };
-    Some((name, t.block_size() as u64, t.type_size() as u64))
+    types::of(t).first_nonfinite(data)
 }
 
 /// A reader that knows its position and how many bytes the file has left, so every length
@@ -457,9 +393,10 @@ pub fn check_layout<R: Read>(r: &mut R, size: u64) -> std::result::Result<u64, S
         }
         let type_id = s.u32(&what)?;
         let offset = s.u64(&what)?;
-        let Some((tname, block, type_size)) = ggml_type(type_id) else {
+        let Some(ty) = types::by_id(type_id) else {
             return Err(format!("{what} has unknown ggml type {type_id}"));
         };
+        let (tname, block, type_size) = (ty.upper_name(), ty.block as u64, ty.bytes as u64);
         if dims.contains(&0) {
             return Err(format!("{what} has a zero dimension {dims:?}"));
         }
@@ -537,56 +474,14 @@ pub fn permute(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
         .reshape(dims)
 }
 
-/// llama.cpp tensor name → HF name.
+/// llama.cpp tensor name → HF name (llama, qwen2, mistral).
 pub fn hf_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (idx, tail) = rest.split_once('.')?;
-    let (module, kind) = tail.rsplit_once('.')?;
-    let m = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{idx}.{m}.{kind}"))
+    names::LLAMA.hf_name(gguf)
 }
 
 /// HF name → llama.cpp tensor name (inverse of [`hf_name`]).
 pub fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (idx, tail) = rest.split_once('.')?;
-    let (module, kind) = tail.rsplit_once('.')?;
-    let m = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{idx}.{m}.{kind}"))
+    names::LLAMA.gguf_name(hf)
 }
 
 pub fn as_u64(v: &Value) -> Option<u64> {
