@@ -5,10 +5,6 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A data file or folder the task needs is not there.
-    #[error("{path}: not found ({hint})")]
-    MissingData { path: PathBuf, hint: String },
-
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -33,6 +29,9 @@ pub enum Error {
 
     #[error("{0}")]
     Msg(String),
+
+    #[error(transparent)]
+    Data(#[from] data::Error),
 
     #[error(transparent)]
     Model(#[from] models::Error),

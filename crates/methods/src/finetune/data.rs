@@ -51,7 +51,7 @@ fn parse_err(path: &Path, line: usize, msg: impl std::fmt::Display) -> Error {
     Error::Msg(format!("{}:{line}: {msg}", path.display()))
 }
 
-fn from_eval(e: eval::Error) -> Error {
+fn from_data(e: ::data::Error) -> Error {
     Error::Msg(e.to_string())
 }
 
@@ -72,7 +72,7 @@ fn read_labelled(path: &Path) -> Result<Vec<(String, u32, usize)>> {
     }
     let mut out = Vec::new();
     if is_jsonl(path) {
-        for (line, v) in eval::data::read_jsonl(path).map_err(from_eval)? {
+        for (line, v) in ::data::read_jsonl(path).map_err(from_data)? {
             let text = v
                 .get("sentence")
                 .or_else(|| v.get("text"))
@@ -86,7 +86,7 @@ fn read_labelled(path: &Path) -> Result<Vec<(String, u32, usize)>> {
             out.push((text.to_string(), binary_label(path, line, label)?, line));
         }
     } else {
-        let (header, rows) = eval::data::read_tsv(path).map_err(from_eval)?;
+        let (header, rows) = ::data::read_tsv(path).map_err(from_data)?;
         let col = |name: &str| {
             header.iter().position(|h| h.trim() == name).ok_or_else(|| {
                 parse_err(
@@ -207,8 +207,8 @@ fn read_docs(path: &Path) -> Result<Vec<String>> {
         )));
     }
     if is_jsonl(path) {
-        eval::data::read_jsonl(path)
-            .map_err(from_eval)?
+        ::data::read_jsonl(path)
+            .map_err(from_data)?
             .into_iter()
             .map(|(line, v)| {
                 v.get("text")
