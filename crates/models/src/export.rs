@@ -77,10 +77,7 @@ pub fn write_hf_dir(
             ),
         ));
     }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
+    let parent = crate::tmp::parent_of(dir);
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     let tmp = crate::tmp::dir_in(&parent).map_err(|e| Error::io(&parent, e))?;
     let t = tmp.path();

@@ -480,11 +480,7 @@ pub struct FinetuneReport {
 
 fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = models::tmp::file_in(dir).map_err(|e| io_err(dir, e))?;
-    std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(|e| io_err(path, e))?;
-    tmp.persist(path).map_err(|e| io_err(path, e.error))?;
-    Ok(())
+    models::tmp::write_file(path, text.as_bytes()).map_err(|e| io_err(path, e))
 }
 
 fn io_err(p: &Path, e: std::io::Error) -> Error {
