@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 /// What went wrong reading the data, naming the file (and line) at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A data file or folder is not there; `hint` says where data is looked for.
+    /// A data file or folder is not there; `hint` says where data is looked for, naming the
+    /// option that chooses the folder as `data_dir`.
     #[error("{path}: not found ({hint})")]
     MissingData { path: PathBuf, hint: String },
 
@@ -45,6 +46,14 @@ impl Error {
             path: path.into(),
             line,
             msg: msg.into(),
+        }
+    }
+    /// The option this error is about, if any: a missing file is fixed by choosing the data
+    /// folder.
+    pub fn invalid_option(&self) -> Option<&'static str> {
+        match self {
+            Error::MissingData { .. } => Some("data_dir"),
+            _ => None,
         }
     }
 }
@@ -193,7 +202,7 @@ pub fn require(path: &Path) -> Result<PathBuf> {
         Err(Error::MissingData {
             path: absolute(path),
             hint: format!(
-                "pass --data-dir DIR or set {DATA_ENV} to a folder laid out as the project's data/ (wikitext2/, mmlu/, gsm8k/, ifeval/, glue/)"
+                "pass another `data_dir` or set {DATA_ENV} to a folder laid out as the project's data/ (wikitext2/, mmlu/, gsm8k/, ifeval/, glue/)"
             ),
         })
     }
@@ -340,6 +349,6 @@ mod tests {
             e.starts_with("/nonexistent/data/mmlu/test: not found"),
             "{e}"
         );
-        assert!(e.contains("--data-dir"), "{e}");
+        assert!(e.contains("pass another `data_dir`"), "{e}");
     }
 }

@@ -32,7 +32,8 @@
 //! Masks are a pure function of (seed, layer index, step, call number within the step):
 //! [`set_step`] sets the step and resets the call counter, so a resumed run draws the same masks.
 
-use crate::mpop::{matches, Error, Result};
+use crate::mpop::matches;
+use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use models::linear::{matmul_t, Dense};
 use models::untrusted;

@@ -69,11 +69,11 @@ pub fn write_hf_dir(
             .map(|mut d| d.next().is_some())
             .unwrap_or(true)
     {
-        return Err(Error::io(
-            dir,
-            std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "output directory exists and is not empty; choose a new --out",
+        return Err(Error::option(
+            "out",
+            format!(
+                "{}: output directory exists and is not empty; choose a new `out`",
+                dir.display()
             ),
         ));
     }
