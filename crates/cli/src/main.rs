@@ -6,6 +6,7 @@ mod bench;
 mod data_cmd;
 mod eval_cmd;
 mod finetune_cmd;
+mod flags;
 mod quant_cmd;
 mod range;
 mod report;
@@ -524,11 +525,15 @@ pub(crate) fn load(model: &str, lo: &models::LoadOptions) -> Result<Model> {
 /// `--verbose` prints everything.
 fn error_text(e: &anyhow::Error, verbose: bool) -> String {
     if verbose {
-        return format!("{e:?}");
+        let s = format!("{e:?}");
+        return match flags::names_options(e) {
+            true => flags::with_flags(&s),
+            false => s,
+        };
     }
     e.chain()
         .map(|c| {
-            let s = c.to_string();
+            let s = flags::cause_text(c);
             s.lines().next().unwrap_or("").trim_end().to_string()
         })
         .collect::<Vec<_>>()

@@ -1,9 +1,8 @@
 //! JSON reports: every command collects the numbers it printed and writes them atomically
-//! (temp file + rename) so a crash never leaves a half-written report.
+//! (`models::tmp::write_file`) so a crash never leaves a half-written report.
 
 use anyhow::{Context, Result};
 use serde_json::{Map, Value};
-use std::io::Write;
 use std::path::Path;
 
 pub struct Report {
@@ -33,17 +32,10 @@ impl Report {
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("{}: cannot create directory", dir.display()))?;
-    let mut tmp =
-        models::tmp::file_in(&dir).with_context(|| format!("{}: cannot write", dir.display()))?;
-    tmp.write_all(bytes)
-        .with_context(|| format!("{}: write failed", path.display()))?;
-    tmp.persist(path)
-        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.error))?;
-    Ok(())
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create directory", dir.display()))?;
+    }
+    models::tmp::write_file(path, bytes)
+        .with_context(|| format!("{}: cannot write", path.display()))
 }

@@ -77,9 +77,11 @@ pub fn to_json(s: &MatrixSpectrum) -> Value {
 /// relative error bound against the parameter ratio, one line per matrix coloured by component.
 fn plot(specs: &[MatrixSpectrum], path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let tmp = path.with_extension("tmp.png");
+    // The encoder goes by the extension: the temp name ends in .png, whatever `path` is called.
+    let tmp = models::tmp::file_beside(path, ".png")
+        .with_context(|| format!("{}: cannot write plot", path.display()))?;
     {
-        let root = BitMapBackend::new(&tmp, (1400, 600)).into_drawing_area();
+        let root = BitMapBackend::new(tmp.path(), (1400, 600)).into_drawing_area();
         root.fill(&WHITE)?;
         let (left, right) = root.split_horizontally(700);
         let comps: Vec<String> = {
@@ -165,7 +167,8 @@ fn plot(specs: &[MatrixSpectrum], path: &Path) -> Result<()> {
             .draw()?;
         root.present()?;
     }
-    std::fs::rename(&tmp, path)
+    tmp.persist(path)
+        .map_err(|e| e.error)
         .with_context(|| format!("{}: cannot write plot", path.display()))?;
     Ok(())
 }

@@ -147,7 +147,7 @@ impl RequestCache {
         std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
         let about_path = folder.join("about.json");
         if !about_path.exists() {
-            let _ = std::fs::write(&about_path, format!("{about:#}\n"));
+            let _ = models::tmp::write_file(&about_path, format!("{about:#}\n").as_bytes());
         }
         Self::open_file(&folder.join("requests.jsonl"))
     }

@@ -5,10 +5,6 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A data file or folder the task needs is not there.
-    #[error("{path}: not found ({hint})")]
-    MissingData { path: PathBuf, hint: String },
-
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -28,11 +24,24 @@ pub enum Error {
     UnknownTask { name: String, known: String },
 
     /// The task cannot run on this model (wrong architecture, no classification head, …).
+    /// `option` names the [`crate::EvalOptions`] field at fault, if one is.
     #[error("task {task}: {msg}")]
-    Unsupported { task: String, msg: String },
+    Unsupported {
+        task: String,
+        msg: String,
+        option: Option<&'static str>,
+    },
 
     #[error("{0}")]
     Msg(String),
+
+    /// An option value the task cannot use; `option` is the [`crate::EvalOptions`] field at
+    /// fault and the text names options as `field_name`.
+    #[error("{msg}")]
+    InvalidOption { option: &'static str, msg: String },
+
+    #[error(transparent)]
+    Data(#[from] data::Error),
 
     #[error(transparent)]
     Model(#[from] models::Error),
@@ -61,6 +70,31 @@ impl Error {
         Error::Unsupported {
             task: task.into(),
             msg: msg.into(),
+            option: None,
+        }
+    }
+    /// The task cannot run with this value of `option` (the text names it as `option`).
+    pub fn unsupported_option(task: &str, option: &'static str, msg: impl Into<String>) -> Self {
+        Error::Unsupported {
+            task: task.into(),
+            msg: msg.into(),
+            option: Some(option),
+        }
+    }
+    pub fn option(option: &'static str, msg: impl Into<String>) -> Self {
+        Error::InvalidOption {
+            option,
+            msg: msg.into(),
+        }
+    }
+    /// The option this error is about, if any.
+    pub fn invalid_option(&self) -> Option<&'static str> {
+        match self {
+            Error::InvalidOption { option, .. } => Some(option),
+            Error::Unsupported { option, .. } => *option,
+            Error::Data(e) => e.invalid_option(),
+            Error::Model(e) => e.invalid_option(),
+            _ => None,
         }
     }
 }

@@ -15,7 +15,8 @@
 //! generation. Tasks only build requests and aggregate.
 
 pub mod cache;
-pub mod data;
+/// The data readers, shared with the training code (`mpolm-data`).
+pub use data;
 pub mod error;
 pub mod ifeval;
 pub mod lm;

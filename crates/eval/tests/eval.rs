@@ -406,7 +406,7 @@ fn missing_data_gives_one_line_error_naming_the_path() {
     ] {
         let e = tasks::run_task(&m, &spec, &o).unwrap_err().to_string();
         assert!(e.starts_with(&format!("{file}: not found")), "{e}");
-        assert!(e.contains("--data-dir") && !e.contains('\n'), "{e}");
+        assert!(e.contains("`data_dir`") && !e.contains('\n'), "{e}");
     }
     // A subject file missing inside an existing data dir names that file.
     let e = mmlu::load(&fixtures().join("data"), "virology", "test")

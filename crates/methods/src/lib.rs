@@ -1,6 +1,7 @@
 //! The papers' methods, one file (or folder) per method, all working on `models::Model`
 //! through its pluggable Linear layers.
 
+pub mod error;
 pub mod finetune;
 pub mod lora;
 pub mod mpop;
@@ -9,3 +10,5 @@ pub mod quant;
 pub mod spectrum;
 pub mod squeeze;
 pub use open::{open, Kind};
+
+pub use error::{Error, Result};

@@ -32,7 +32,8 @@
 //! Masks are a pure function of (seed, layer index, step, call number within the step):
 //! [`set_step`] sets the step and resets the call counter, so a resumed run draws the same masks.
 
-use crate::mpop::{matches, Error, Result};
+use crate::mpop::matches;
+use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use models::linear::{matmul_t, Dense};
 use models::untrusted;
@@ -467,16 +468,9 @@ fn io_err(p: &Path, e: impl std::fmt::Display) -> Error {
     Error::Msg(format!("{}: {e}", p.display()))
 }
 
-/// Write `bytes` to `dir/name` through a temporary file in `dir` and a rename.
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut tmp = models::tmp::file_in(dir).map_err(|e| io_err(dir, e))?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .map_err(|e| io_err(tmp.path(), e))?;
     let dst = dir.join(name);
-    tmp.persist(&dst).map_err(|e| io_err(&dst, e.error))?;
-    Ok(())
+    models::tmp::write_file(&dst, bytes).map_err(|e| io_err(&dst, e))
 }
 
 /// Write the model's LoRA layers (and `modules_to_save` tensors, named like

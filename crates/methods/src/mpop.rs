@@ -7,6 +7,7 @@
 //! `<module>.mpo.core_<k>` (bias as `<module>.bias`), and `mpo_manifest.json` describing each
 //! MPO layer (factors, bonds, spectra) so loading can check every tensor against it.
 
+use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use models::{LinearLayer, Model};
 use mpo::{ForwardMode, Mpo, MpoLinear, MpoManifest, MpoShape, Truncation};
@@ -16,19 +17,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 pub const MANIFEST: &str = "mpo_manifest.json";
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Model(#[from] models::Error),
-    #[error(transparent)]
-    Mpo(#[from] mpo::Error),
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-    #[error("{0}")]
-    Msg(String),
-}
-pub type Result<T> = std::result::Result<T, Error>;
 
 /// An MPO weight behind the model's pluggable Linear. For inference the contracted matrix is
 /// built once and kept (rebuilding it per call made decoding ~40x slower); while training
@@ -256,28 +244,36 @@ fn truncation(b: &Budget, shape: &MpoShape) -> Truncation {
 /// Replace the chosen layers of `m` with MPOs; returns one report per compressed layer.
 pub fn compress(m: &mut Model, o: &CompressOptions, progress: bool) -> Result<Vec<LayerReport>> {
     if o.n == 0 {
-        return Err(Error::Msg(
-            "--n (number of MPO sites) must be at least 1".into(),
+        return Err(Error::option(
+            "n",
+            "`n` (number of MPO sites) must be at least 1",
         ));
     }
     if let Budget::ParamsRatio(r) = o.budget {
         if !(r > 0.0) {
-            return Err(Error::Msg(format!("--params-ratio must be > 0, got {r}")));
+            return Err(Error::option(
+                "params_ratio",
+                format!("`params_ratio` must be > 0, got {r}"),
+            ));
         }
     }
     if let Budget::RelError(e) = o.budget {
         if !(0.0..1.0).contains(&e) {
-            return Err(Error::Msg(format!(
-                "--rel-error must be in [0, 1), got {e}"
-            )));
+            return Err(Error::option(
+                "rel_error",
+                format!("`rel_error` must be in [0, 1), got {e}"),
+            ));
         }
     }
     let chosen = select(m, &o.patterns, false);
     if chosen.is_empty() {
-        return Err(Error::Msg(format!(
-            "--matrices {:?} matches no weight matrix of this model",
-            o.patterns.join(",")
-        )));
+        return Err(Error::option(
+            "patterns",
+            format!(
+                "`patterns` {:?} matches no weight matrix of this model",
+                o.patterns.join(",")
+            ),
+        ));
     }
     let pb = matrix_bar("compressing", chosen.len(), progress);
     let mut reports = Vec::new();

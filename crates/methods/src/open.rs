@@ -2,7 +2,7 @@
 //! directory, a GGUF file, or a checkpoint a method wrote (MPO, quantized, PEFT adapter).
 //! No global state: how GGUF weights are held comes in [`LoadOptions`].
 
-use crate::mpop::Result;
+use crate::Result;
 use crate::{lora, mpop, quant};
 use models::{LoadOptions, Model};
 use std::path::Path;

@@ -2,7 +2,8 @@
 //! decomposed exactly as [`crate::mpop::compress`] would (same selection, shapes and
 //! decomposition), with its per-bond Schmidt spectra and the error-bound-vs-parameters curve.
 
-use crate::mpop::{self, Result, Shapes};
+use crate::mpop::{self, Shapes};
+use crate::{Error, Result};
 use models::Model;
 use mpo::Mpo;
 
@@ -38,12 +39,12 @@ pub fn analyse(
         pb.set_message(name.clone());
         let (data, rows, cols) = mpop::weight_matrix(l)?;
         let shape = mpop::mpo_shape(shapes, rows, cols, n).map_err(|e| {
-            mpop::Error::Msg(format!(
+            Error::Msg(format!(
                 "{name}: no MPO shape for {rows}x{cols} with n = {n}: {e}"
             ))
         })?;
         let mpo = Mpo::<f32>::decompose(&data, &shape)
-            .map_err(|e| mpop::Error::Msg(format!("{name}: decomposition failed: {e}")))?;
+            .map_err(|e| Error::Msg(format!("{name}: decomposition failed: {e}")))?;
         let fro = mpop::frobenius(&data);
         let full_rel_error = mpo.relative_error(&data)?;
         let full = shape.full_bonds();

@@ -15,12 +15,49 @@
 //!   must stay below its starting value + `threshold` for `patience` steps before the next cut)
 //!   is available as [`Trigger::Window`]; [`Trigger::Delta`] is the paper's fixed recovery.
 
-use crate::finetune::{Method, Trainer};
-use crate::mpop::{Error, MpoLayer, Result};
-use candle_core::Device;
+use crate::mpop::MpoLayer;
+use crate::{Error, Result};
+use candle_core::{Device, Var};
+use models::Model;
 use mpo::{Mpo, MpoLinear};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// What squeezing needs from the training engine that runs it: the model, its trainable
+/// tensors, recovery steps and evaluation. The fine-tuning `Trainer` implements it, and calls
+/// [`squeeze`] after training; squeezing itself does not know how training is done, so the
+/// dependency runs one way (finetune → squeeze), as for the other methods it trains.
+pub trait Recovery {
+    fn model(&self) -> &Model;
+    fn model_mut(&mut self) -> &mut Model;
+    /// Whether the run trains MPO layers (an mpo-* method), the only ones squeezing cuts.
+    fn trains_mpo(&self) -> bool;
+    /// Whether there is held-out data to compute the evaluation loss on.
+    fn has_eval_data(&self) -> bool;
+    /// From now on train the auxiliary MPO tensors only (central tensors frozen), at a
+    /// constant learning-rate multiplier `lr_factor`.
+    fn start_recovery(&mut self, lr_factor: f64) -> Result<()>;
+    /// Back to the run's own learning-rate schedule.
+    fn end_recovery(&mut self);
+    /// Collect the trainable tensors again after layers were replaced (moments kept for the
+    /// tensors that are still the same variable).
+    fn layers_replaced(&mut self) -> Result<()>;
+    /// The trainable tensors by name.
+    fn trainable(&self) -> Vec<(String, Var)>;
+    /// One optimizer step on the batch of global step `step`, recorded by the host; returns
+    /// the training loss.
+    fn recovery_step(&mut self, step: usize) -> Result<f64>;
+    /// The evaluation after `step` steps, None without evaluation data.
+    fn score(&mut self, step: usize) -> Result<Option<Score>>;
+}
+
+/// An evaluation: the loss squeezing compares and the task's metric.
+#[derive(Debug, Clone)]
+pub struct Score {
+    pub loss: f64,
+    pub metric: String,
+    pub value: f64,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -46,7 +83,7 @@ pub struct SqueezeOptions {
     pub window: usize,
     pub threshold: f64,
     pub patience: usize,
-    /// Constant learning-rate multiplier (of --lr / --mpo-lr) during recovery.
+    /// Constant learning-rate multiplier (of `lr` / `mpo_lr`) during recovery.
     pub lr_factor: f64,
 }
 
@@ -109,9 +146,9 @@ struct Layer {
 }
 
 /// Canonical MPOs (fresh spectra) of every MPO layer.
-fn canonical_layers(tr: &Trainer) -> Result<Vec<Layer>> {
+fn canonical_layers(tr: &impl Recovery) -> Result<Vec<Layer>> {
     let mut out = Vec::new();
-    for (name, l) in tr.model.linears() {
+    for (name, l) in tr.model().linears() {
         let Some(mp) = l.inner().as_any().downcast_ref::<MpoLayer>() else {
             continue;
         };
@@ -184,10 +221,10 @@ fn choose_cuts(layers: &mut [Layer], want: usize) -> usize {
 }
 
 /// Swap in the truncated layers whose bonds changed; returns how many were replaced.
-fn apply(tr: &mut Trainer, layers: &[Layer]) -> Result<usize> {
+fn apply(tr: &mut impl Recovery, layers: &[Layer]) -> Result<usize> {
     let by_name: BTreeMap<&str, &Layer> = layers.iter().map(|l| (l.name.as_str(), l)).collect();
     let mut n = 0;
-    for (name, lin) in tr.model.linears_mut() {
+    for (name, lin) in tr.model_mut().linears_mut() {
         let Some(l) = by_name.get(name.as_str()) else {
             continue;
         };
@@ -199,7 +236,7 @@ fn apply(tr: &mut Trainer, layers: &[Layer]) -> Result<usize> {
         lin.replace(Box::new(MpoLayer::new(layer)));
         n += 1;
     }
-    tr.rebuild_optimizer()?;
+    tr.layers_replaced()?;
     Ok(n)
 }
 
@@ -209,9 +246,9 @@ struct Snapshot {
     others: Vec<(String, candle_core::Tensor)>,
 }
 
-fn snapshot(tr: &Trainer) -> Result<Snapshot> {
+fn snapshot(tr: &impl Recovery) -> Result<Snapshot> {
     let mut layers = Vec::new();
-    for (name, l) in tr.model.linears() {
+    for (name, l) in tr.model().linears() {
         if let Some(mp) = l.inner().as_any().downcast_ref::<MpoLayer>() {
             let bias = match mp.inner.bias() {
                 Some(b) => Some(b.as_tensor().to_vec1::<f32>()?),
@@ -221,92 +258,89 @@ fn snapshot(tr: &Trainer) -> Result<Snapshot> {
         }
     }
     let others = tr
-        .opt
-        .slots
-        .iter()
-        .filter(|s| !s.name.contains(".mpo.core_"))
-        .map(|s| Ok((s.name.clone(), s.var.as_tensor().copy()?)))
+        .trainable()
+        .into_iter()
+        .filter(|(name, _)| !name.contains(".mpo.core_"))
+        .map(|(name, var)| Ok((name, var.as_tensor().copy()?)))
         .collect::<Result<_>>()?;
     Ok(Snapshot { layers, others })
 }
 
-fn restore(tr: &mut Trainer, s: &Snapshot) -> Result<()> {
+fn restore(tr: &mut impl Recovery, s: &Snapshot) -> Result<()> {
     let by_name: BTreeMap<&str, _> = s
         .layers
         .iter()
         .map(|(n, m, b)| (n.as_str(), (m, b)))
         .collect();
-    for (name, lin) in tr.model.linears_mut() {
+    for (name, lin) in tr.model_mut().linears_mut() {
         if let Some((m, b)) = by_name.get(name.as_str()) {
             let layer = MpoLinear::from_mpo(m, b.as_deref(), &Device::Cpu)?;
             lin.replace(Box::new(MpoLayer::new(layer)));
         }
     }
-    tr.rebuild_optimizer()?;
+    tr.layers_replaced()?;
+    let vars: BTreeMap<String, Var> = tr.trainable().into_iter().collect();
     for (name, t) in &s.others {
-        if let Some(sl) = tr.opt.slots.iter().find(|sl| &sl.name == name) {
-            sl.var.set(t)?;
+        if let Some(var) = vars.get(name) {
+            var.set(t)?;
         }
     }
     Ok(())
 }
 
 /// Dense parameter count of the model (MPO layers counted as the matrices they stand for).
-fn dense_params(tr: &Trainer) -> usize {
+fn dense_params(tr: &impl Recovery) -> usize {
     let mut n = 0;
-    for (_, l) in tr.model.linears() {
+    for (_, l) in tr.model().linears() {
         n += l.in_features() * l.out_features() + l.bias().map_or(0, |b| b.elem_count());
     }
     n + tr
-        .model
+        .model()
         .other_tensors()
         .iter()
         .map(|(_, t)| t.elem_count())
         .sum::<usize>()
 }
 
-/// Run the squeezing loop on a trainer whose model already has MPO layers (mpo-* methods).
-/// `first_step` is the global step counter to continue from (batches keep their order).
-/// What squeezing needs, checked before fine-tuning starts so a bad flag does not cost a run.
-pub fn check(tr: &Trainer, o: &SqueezeOptions) -> Result<()> {
-    if !matches!(
-        tr.opts.method,
-        Method::MpoAux | Method::MpoCentral | Method::MpoAll
-    ) {
-        return Err(Error::Msg(
-            "--squeeze needs an MPO method (--method mpo-aux)".into(),
+/// What squeezing needs, checked before fine-tuning starts so a bad option does not cost a run.
+pub fn check(tr: &impl Recovery, o: &SqueezeOptions) -> Result<()> {
+    if !tr.trains_mpo() {
+        return Err(Error::option(
+            "squeeze",
+            "`squeeze` needs an MPO method (`method` mpo-aux)",
         ));
     }
     if !(o.target_params > 0.0 && o.target_params <= 1.0) {
-        return Err(Error::Msg(format!(
-            "--target-params must be in (0, 1], got {}",
-            o.target_params
-        )));
+        return Err(Error::option(
+            "target_params",
+            format!("`target_params` must be in (0, 1], got {}", o.target_params),
+        ));
     }
-    if tr.data.eval.is_empty() {
-        return Err(Error::Msg(
-            "squeezing compares evaluation losses; give --eval-data (or a GLUE folder with dev.tsv)".into(),
+    if !tr.has_eval_data() {
+        return Err(Error::option(
+            "eval_data",
+            "squeezing compares evaluation losses; give `eval_data` (or a GLUE folder with dev.tsv)",
         ));
     }
     Ok(())
 }
 
+/// Run the squeezing loop on a host whose model already has MPO layers (mpo-* methods).
+/// `first_step` is the global step counter to continue from (batches keep their order).
 pub fn squeeze(
-    tr: &mut Trainer,
+    tr: &mut impl Recovery,
     o: &SqueezeOptions,
     first_step: usize,
     progress: bool,
 ) -> Result<SqueezeReport> {
     check(tr, o)?;
     // Recovery trains auxiliary tensors only, whatever the method trained before.
-    tr.opts.method = Method::MpoAux;
-    tr.lr_factor_override = Some(o.lr_factor);
-    tr.rebuild_optimizer()?;
+    tr.start_recovery(o.lr_factor)?;
     let dense = dense_params(tr);
-    let start = tr.model.total_params();
+    let start = tr.model().total_params();
     let target = (o.target_params * dense as f64) as usize;
     let p = tr
-        .evaluate(first_step)?
+        .score(first_step)?
         .ok_or_else(|| Error::Msg("no evaluation data".into()))?;
     let mut step = first_step;
     let mut iters = Vec::new();
@@ -322,7 +356,7 @@ pub fn squeeze(
     });
     let mut stop_reason = format!("iteration limit ({})", o.max_iters);
     for it in 0..o.max_iters {
-        let now = tr.model.total_params();
+        let now = tr.model().total_params();
         if now <= target {
             stop_reason = format!("reached the target of {target} parameters");
             break;
@@ -350,8 +384,7 @@ pub fn squeeze(
         match o.trigger {
             Trigger::Delta => {
                 for _ in 0..o.recover_steps {
-                    let s = tr.train_step(step)?;
-                    tr.log.steps.push(s);
+                    tr.recovery_step(step)?;
                     step += 1;
                 }
             }
@@ -361,9 +394,7 @@ pub fn squeeze(
                 let mut good = 0;
                 ok = false;
                 for _ in 0..o.recover_steps.max(o.window + o.patience) {
-                    let s = tr.train_step(step)?;
-                    hist.push(s.loss);
-                    tr.log.steps.push(s);
+                    hist.push(tr.recovery_step(step)?);
                     step += 1;
                     if hist.len() < o.window {
                         continue;
@@ -382,12 +413,12 @@ pub fn squeeze(
             }
         }
         let e = tr
-            .evaluate(step)?
+            .score(step)?
             .ok_or_else(|| Error::Msg("no evaluation data".into()))?;
         if o.trigger == Trigger::Delta {
             ok = (e.loss - p.loss).abs() <= o.delta;
         }
-        let params = tr.model.total_params();
+        let params = tr.model().total_params();
         iters.push(SqueezeIter {
             iter: it + 1,
             cuts,
@@ -431,8 +462,8 @@ pub fn squeeze(
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    tr.lr_factor_override = None;
-    let final_params = tr.model.total_params();
+    tr.end_recovery();
+    let final_params = tr.model().total_params();
     Ok(SqueezeReport {
         reference_loss: p.loss,
         dense_params: dense,

@@ -265,11 +265,11 @@ fn resume_continues_with_the_identical_loss_curve() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("different run") && e.contains("lr"), "{e}");
-    // Starting over in a used directory without --resume is refused.
+    // Starting over in a used directory without `resume` is refused.
     let e = finetune::finetune(&mut load(), &o, &split, &quiet())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("--resume"), "{e}");
+    assert!(e.contains("pass `resume`"), "{e}");
     finetune::finetune(&mut load(), &o, &split, &resume).unwrap();
     let curve = |d: &Path| -> Vec<f64> {
         let l: finetune::FinetuneLog =
@@ -322,7 +322,7 @@ fn bad_input_is_reported_with_its_line() {
     let e = finetune::finetune(&mut m, &opts(Task::Lm, Method::Full, &bad), &out, &quiet())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("--task sst2"), "{e}");
+    assert!(e.contains("`task` sst2"), "{e}");
     // Resume without a checkpoint.
     let resume = RunControl {
         resume: true,
@@ -390,7 +390,7 @@ fn squeezing_cuts_bonds_and_keeps_the_loss_within_delta() {
     assert_eq!(back.total_params(), r.total_params);
 }
 
-/// Each squeeze precondition fails before training, with its flag named and nothing written.
+/// Each squeeze precondition fails before training, with its option named and nothing written.
 #[test]
 fn squeeze_flags_are_checked_before_training() {
     let t = tempfile::tempdir().unwrap();
@@ -428,7 +428,7 @@ fn squeeze_flags_are_checked_before_training() {
             },
             "ratio",
         );
-        assert!(e.contains("--target-params must be in (0, 1]"), "{e}");
+        assert!(e.contains("`target_params` must be in (0, 1]"), "{e}");
     }
     // Training rows only (a TSV file, not a GLUE folder with dev.tsv): no evaluation set.
     let e = run(
@@ -438,7 +438,7 @@ fn squeeze_flags_are_checked_before_training() {
         },
         "noeval",
     );
-    assert!(e.contains("--eval-data"), "{e}");
+    assert!(e.contains("give `eval_data`"), "{e}");
 }
 
 /// Issue #6's compensation: LoRA trained over frozen packed 4-bit weights, saved as an adapter
@@ -497,7 +497,7 @@ fn lora_over_a_quantized_model() {
     .err()
     .unwrap()
     .to_string();
-    assert!(e.contains("--method lora"), "{e}");
+    assert!(e.contains("`method` lora"), "{e}");
     let codes_before: Vec<Vec<u32>> = q
         .linears()
         .iter()

@@ -487,7 +487,7 @@ fn bad_inputs_give_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("--group-size 24 does not divide in_features 32"),
+        err.contains("`group_size` 24 does not divide in_features 32"),
         "{err}"
     );
     let o = QuantOptions {

@@ -54,6 +54,11 @@ pub enum Error {
     #[error("{0}")]
     Msg(String),
 
+    /// An option value (or combination) that cannot be used; `option` is the field at fault and
+    /// the text names options as `field_name`, so a front end can show its own names for them.
+    #[error("{msg}")]
+    InvalidOption { option: &'static str, msg: String },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -71,6 +76,19 @@ impl Error {
         Error::Config {
             path: path.into(),
             msg: msg.into(),
+        }
+    }
+    pub fn option(option: &'static str, msg: impl Into<String>) -> Self {
+        Error::InvalidOption {
+            option,
+            msg: msg.into(),
+        }
+    }
+    /// The option this error is about, if any.
+    pub fn invalid_option(&self) -> Option<&'static str> {
+        match self {
+            Error::InvalidOption { option, .. } => Some(option),
+            _ => None,
         }
     }
 }

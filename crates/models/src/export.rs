@@ -54,18 +54,15 @@ pub fn write_hf_dir(
             .map(|mut d| d.next().is_some())
             .unwrap_or(true)
     {
-        return Err(Error::io(
-            dir,
-            std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "output directory exists and is not empty; choose a new --out",
+        return Err(Error::option(
+            "out",
+            format!(
+                "{}: output directory exists and is not empty; choose a new `out`",
+                dir.display()
             ),
         ));
     }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
+    let parent = crate::tmp::parent_of(dir);
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     let tmp = crate::tmp::dir_in(&parent).map_err(|e| Error::io(&parent, e))?;
     let t = tmp.path();

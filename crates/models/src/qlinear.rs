@@ -87,7 +87,7 @@ impl QLinear {
         if !is_supported(t) {
             bail!(
                 "GGUF type {} cannot back a quantized linear layer (supported: {SUPPORTED}); \
-                 load with --gguf-weights f32",
+                 load with `gguf_weights` f32",
                 type_name(t)
             );
         }

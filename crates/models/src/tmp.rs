@@ -1,5 +1,7 @@
 //! Temporary files and directories for atomic writes (assemble under a temp name, then
-//! rename into place), made safe against runs that are killed half-way.
+//! rename into place), made safe against runs that are killed half-way. Every output mpolm
+//! writes goes through here: [`write_file`] for a file written in one piece, [`file_in`] /
+//! [`file_beside`] for one written as a stream, [`dir_in`] for a directory.
 //!
 //! Every temp entry is named `.mpolm-tmp-<pid>-…` and holds an advisory lock (`flock`) on
 //! itself for as long as it lives; the kernel drops the lock when its process dies, however it
@@ -8,7 +10,7 @@
 //! process. Nothing without the prefix is ever touched.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 use std::time::SystemTime;
@@ -125,10 +127,39 @@ pub fn dir_in(parent: &Path) -> io::Result<TempDir> {
 /// A new temp file in `parent` (persist it to its final name), after removing stale leftovers
 /// there. The file's own descriptor holds its lock.
 pub fn file_in(parent: &Path) -> io::Result<tempfile::NamedTempFile> {
+    file_with_suffix(parent, "")
+}
+
+/// The directory a file at `path` lands in ("." for a bare file name).
+pub fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A new temp file in the directory of `path`, to be persisted to `path`; its name ends in
+/// `suffix`, for writers that choose the format by the extension (image encoders).
+pub fn file_beside(path: &Path, suffix: &str) -> io::Result<tempfile::NamedTempFile> {
+    file_with_suffix(&parent_of(path), suffix)
+}
+
+/// Write `bytes` to `path` atomically: a temp file beside it, synced, then renamed over
+/// `path`, so a reader (or a run killed half-way) sees the old file or the new one, never part
+/// of one. The directory must exist.
+pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = file_beside(path, "")?;
+    f.write_all(bytes)?;
+    f.as_file().sync_all()?;
+    f.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+fn file_with_suffix(parent: &Path, suffix: &str) -> io::Result<tempfile::NamedTempFile> {
     clean_stale(parent);
     let name = prefix();
     let mut b = tempfile::Builder::new();
-    b.prefix(&name);
+    b.prefix(&name).suffix(suffix);
     // Outputs are shared artefacts (models, adapters, reports), not secrets: tempfile's private
     // 0600 would survive the rename and hide them from other users and tools.
     #[cfg(unix)]
@@ -191,6 +222,28 @@ mod tests {
         let kept = live.keep();
         assert_eq!(clean_stale(root), 1);
         assert!(!kept.exists());
+    }
+
+    #[test]
+    fn written_file_replaces_the_old_one_whole_with_the_output_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("r.json");
+        std::fs::write(&p, b"old contents, longer than the new").unwrap();
+        write_file(&p, b"new").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, OUTPUT_MODE, "{mode:o}");
+        }
+        // No temp file stays behind, and a missing directory is an error, not a partial file.
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(write_file(&d.path().join("no/r.json"), b"x").is_err());
+        let f = file_beside(&p, ".png").unwrap();
+        assert!(f.path().to_string_lossy().ends_with(".png"));
+        assert_eq!(f.path().parent(), Some(d.path()));
     }
 
     #[test]

@@ -279,7 +279,10 @@ impl Tokenizer {
         add_generation_prompt: bool,
     ) -> Result<String> {
         let tpl = self.chat_template.as_deref().ok_or_else(|| {
-            Error::Template("this model has no chat template; run without --chat".into())
+            Error::option(
+                "chat",
+                "chat template: this model has no chat template; run without `chat`",
+            )
         })?;
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
@@ -315,13 +318,13 @@ impl Tokenizer {
         )
         .map_err(|e| {
             if e.kind() == minijinja::ErrorKind::OutOfFuel {
-                Error::Template(format!(
-                    "the model's chat template did not finish within {} instructions; run without --chat",
+                Error::option("chat", format!(
+                    "chat template: the model's chat template did not finish within {} instructions; run without `chat`",
                     untrusted::TEMPLATE_FUEL
                 ))
             } else if out.overflow {
-                Error::Template(format!(
-                    "the model's chat template produced more than {} MiB; run without --chat",
+                Error::option("chat", format!(
+                    "chat template: the model's chat template produced more than {} MiB; run without `chat`",
                     untrusted::MAX_TEMPLATE_OUTPUT >> 20
                 ))
             } else {

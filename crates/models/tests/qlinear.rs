@@ -207,7 +207,7 @@ fn unsupported_types_are_one_line_errors() {
         // itself must be complete on its first line.
         let first = e.lines().next().unwrap();
         assert!(
-            first.starts_with(want) && first.ends_with("--gguf-weights f32"),
+            first.starts_with(want) && first.ends_with("load with `gguf_weights` f32"),
             "{e}"
         );
     }

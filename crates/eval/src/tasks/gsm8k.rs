@@ -118,10 +118,11 @@ pub fn exact_match(pred: &str, gold: &str) -> bool {
 pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
     let k = opts.shots.unwrap_or(8);
     if k > EXEMPLARS.len() {
-        return Err(Error::unsupported(
+        return Err(Error::unsupported_option(
             "gsm8k",
+            "shots",
             format!(
-                "--shots {k}: gsm8k_cot has {} standard exemplars",
+                "`shots` {k}: gsm8k_cot has {} standard exemplars",
                 EXEMPLARS.len()
             ),
         ));

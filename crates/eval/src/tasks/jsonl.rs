@@ -303,10 +303,11 @@ pub fn run(lm: &Lm, path: &Path, opts: &EvalOptions) -> Result<TaskOutput> {
     let n = all.len();
     let k = opts.shots.unwrap_or(0);
     if k >= n && k > 0 {
-        return Err(Error::unsupported(
+        return Err(Error::unsupported_option(
             &name,
+            "shots",
             format!(
-                "--shots {k} needs more than {k} lines in {}",
+                "`shots` {k} needs more than {k} lines in {}",
                 path.display()
             ),
         ));

@@ -188,9 +188,10 @@ pub fn load(data_dir: &Path, subject: &str, split: &str) -> Result<Vec<Doc>> {
 pub fn run(lm: &Lm, subjects: &[&'static str], opts: &EvalOptions) -> Result<TaskOutput> {
     let k = opts.shots.unwrap_or(0);
     if k > MAX_SHOTS {
-        return Err(Error::unsupported(
+        return Err(Error::unsupported_option(
             "mmlu",
-            format!("--shots {k}: the dev split has {MAX_SHOTS} examples per subject"),
+            "shots",
+            format!("`shots` {k}: the dev split has {MAX_SHOTS} examples per subject"),
         ));
     }
     data::require(&opts.data_dir.join("mmlu"))?;
@@ -204,10 +205,13 @@ pub fn run(lm: &Lm, subjects: &[&'static str], opts: &EvalOptions) -> Result<Tas
             vec![]
         };
         if shots.len() < k {
-            return Err(Error::Msg(format!(
-                "mmlu/dev/{subject}_dev.csv has {} examples, fewer than --shots {k}",
-                shots.len()
-            )));
+            return Err(Error::option(
+                "shots",
+                format!(
+                    "mmlu/dev/{subject}_dev.csv has {} examples, fewer than `shots` {k}",
+                    shots.len()
+                ),
+            ));
         }
         let all = load(&opts.data_dir, subject, "test")?;
         let n = all.len();

@@ -166,9 +166,10 @@ pub(crate) fn causal<'a>(
         .max_length
         .unwrap_or_else(|| default_max.unwrap_or(ctx).min(ctx));
     if max_length > ctx {
-        return Err(Error::unsupported(
+        return Err(Error::unsupported_option(
             task,
-            format!("--max-length {max_length} exceeds the model's context of {ctx}"),
+            "max_length",
+            format!("`max_length` {max_length} exceeds the model's context of {ctx}"),
         ));
     }
     let mut lm = Lm::new(

@@ -58,9 +58,10 @@ pub fn run(lm: &Lm, opts: &EvalOptions) -> Result<TaskOutput> {
     let text = data::read_text(&path)?;
     let stride = opts.stride.unwrap_or(lm.max_length);
     if stride == 0 || stride > lm.max_length {
-        return Err(Error::unsupported(
+        return Err(Error::unsupported_option(
             "wikitext2",
-            format!("--stride must be in 1..={} (the max length)", lm.max_length),
+            "stride",
+            format!("`stride` must be in 1..={} (the max length)", lm.max_length),
         ));
     }
     if opts.ppl_protocol == PplProtocol::Disjoint {

@@ -51,10 +51,6 @@ fn parse_err(path: &Path, line: usize, msg: impl std::fmt::Display) -> Error {
     Error::Msg(format!("{}:{line}: {msg}", path.display()))
 }
 
-fn from_eval(e: eval::Error) -> Error {
-    Error::Msg(e.to_string())
-}
-
 fn is_jsonl(p: &Path) -> bool {
     matches!(
         p.extension().and_then(|e| e.to_str()),
@@ -65,14 +61,14 @@ fn is_jsonl(p: &Path) -> bool {
 /// (sentence, label, line) rows from a TSV with `sentence` and `label` columns or a JSONL file.
 fn read_labelled(path: &Path) -> Result<Vec<(String, u32, usize)>> {
     if !path.exists() {
-        return Err(Error::Msg(format!(
-            "{}: not found; pass --data with a TSV (sentence<TAB>label) or JSONL file, or a GLUE task folder holding train.tsv and dev.tsv",
+        return Err(Error::option("data", format!(
+            "{}: not found; pass `data` with a TSV (sentence<TAB>label) or JSONL file, or a GLUE task folder holding train.tsv and dev.tsv",
             path.display()
         )));
     }
     let mut out = Vec::new();
     if is_jsonl(path) {
-        for (line, v) in eval::data::read_jsonl(path).map_err(from_eval)? {
+        for (line, v) in ::data::read_jsonl(path)? {
             let text = v
                 .get("sentence")
                 .or_else(|| v.get("text"))
@@ -86,7 +82,7 @@ fn read_labelled(path: &Path) -> Result<Vec<(String, u32, usize)>> {
             out.push((text.to_string(), binary_label(path, line, label)?, line));
         }
     } else {
-        let (header, rows) = eval::data::read_tsv(path).map_err(from_eval)?;
+        let (header, rows) = ::data::read_tsv(path)?;
         let col = |name: &str| {
             header.iter().position(|h| h.trim() == name).ok_or_else(|| {
                 parse_err(
@@ -201,14 +197,13 @@ pub fn load_classification(spec: &Spec, tok: &Tokenizer) -> Result<Dataset> {
 /// or of a JSONL file (field `text`, one document a line).
 fn read_docs(path: &Path) -> Result<Vec<String>> {
     if !path.exists() {
-        return Err(Error::Msg(format!(
-            "{}: not found; pass --data with a .txt file or a .jsonl file of {{\"text\": ...}} lines",
+        return Err(Error::option("data", format!(
+            "{}: not found; pass `data` with a .txt file or a .jsonl file of {{\"text\": ...}} lines",
             path.display()
         )));
     }
     if is_jsonl(path) {
-        eval::data::read_jsonl(path)
-            .map_err(from_eval)?
+        ::data::read_jsonl(path)?
             .into_iter()
             .map(|(line, v)| {
                 v.get("text")
@@ -254,8 +249,9 @@ pub fn load_lm(spec: &Spec, tok: &Tokenizer) -> Result<Dataset> {
         eval_limit,
     } = *spec;
     if max_len < 2 {
-        return Err(Error::Msg(
-            "--max-len must be at least 2 for language modelling".into(),
+        return Err(Error::option(
+            "max_len",
+            "`max_len` must be at least 2 for language modelling",
         ));
     }
     let mut train = blocks(tok, &read_docs(data)?, max_len)?;
@@ -264,8 +260,8 @@ pub fn load_lm(spec: &Spec, tok: &Tokenizer) -> Result<Dataset> {
         None => {
             let k = (train.len() / 20).max(1);
             if train.len() <= k {
-                return Err(Error::Msg(format!(
-                    "{}: too little text for one training block of {max_len} tokens plus a held-out block; lower --max-len or pass more text",
+                return Err(Error::option("max_len", format!(
+                    "{}: too little text for one training block of {max_len} tokens plus a held-out block; lower `max_len` or pass more text",
                     data.display()
                 )));
             }
@@ -273,10 +269,13 @@ pub fn load_lm(spec: &Spec, tok: &Tokenizer) -> Result<Dataset> {
         }
     };
     if train.is_empty() {
-        return Err(Error::Msg(format!(
-            "{}: shorter than one block of {max_len} tokens; lower --max-len",
-            data.display()
-        )));
+        return Err(Error::option(
+            "max_len",
+            format!(
+                "{}: shorter than one block of {max_len} tokens; lower `max_len`",
+                data.display()
+            ),
+        ));
     }
     if let Some(n) = limit {
         train.truncate(n);

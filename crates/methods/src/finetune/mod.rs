@@ -14,7 +14,8 @@
 pub mod data;
 pub mod optim;
 
-use crate::mpop::{self, Error, MpoLayer, Result};
+use crate::mpop::{self, MpoLayer};
+use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use data::{Batch, Dataset, Example};
 use models::linear::Dense;
@@ -311,8 +312,8 @@ pub fn prepare(m: &mut Model, o: &FinetuneOptions, progress: bool) -> Result<Vec
         .iter()
         .any(|(_, l)| l.inner().as_any().is::<crate::quant::layer::QuantLinear>());
     if is_quant && o.method != Method::Lora {
-        return Err(Error::Msg(format!(
-            "{}: a quantized model's packed weights cannot be trained with --method {}; use --method lora (adapters over the frozen quantized weights)",
+        return Err(Error::option("method", format!(
+            "{}: a quantized model's packed weights cannot be trained with `method` {}; use `method` lora (adapters over the frozen quantized weights)",
             o.model,
             serde_json::to_value(o.method).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
         )));
@@ -499,11 +500,7 @@ pub struct FinetuneReport {
 
 fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = models::tmp::file_in(dir).map_err(|e| io_err(dir, e))?;
-    std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(|e| io_err(path, e))?;
-    tmp.persist(path).map_err(|e| io_err(path, e.error))?;
-    Ok(())
+    models::tmp::write_file(path, text.as_bytes()).map_err(|e| io_err(path, e))
 }
 
 fn io_err(p: &Path, e: std::io::Error) -> Error {
@@ -603,11 +600,14 @@ fn load_checkpoint(out: &Path, opt: &mut AdamW, o: &FinetuneOptions) -> Result<F
     let dir = checkpoint_dir(out).unwrap_or_else(|| out.join(CHECKPOINT_DIR));
     let sp = dir.join("state.json");
     let text = std::fs::read_to_string(&sp).map_err(|_| {
-        Error::Msg(format!(
-            "{}: no checkpoint to resume from (expected {}); run without --resume to start",
-            out.display(),
-            sp.display()
-        ))
+        Error::option(
+            "resume",
+            format!(
+                "{}: no checkpoint to resume from (expected {}); run without `resume` to start",
+                out.display(),
+                sp.display()
+            ),
+        )
     })?;
     let state: Value = serde_json::from_str(&text)
         .map_err(|e| Error::Msg(format!("{}: invalid checkpoint state: {e}", sp.display())))?;
@@ -629,8 +629,8 @@ fn load_checkpoint(out: &Path, opt: &mut AdamW, o: &FinetuneOptions) -> Result<F
                 .collect(),
             _ => vec![],
         };
-        return Err(Error::Msg(format!(
-            "{}: the checkpoint belongs to a different run ({}); resume with the same options or choose a new --out",
+        return Err(Error::option("out", format!(
+            "{}: the checkpoint belongs to a different run ({}); resume with the same options or choose a new `out`",
             out.display(),
             diff.join(", ")
         )));
@@ -727,13 +727,13 @@ fn load_data(m: &Model, o: &FinetuneOptions) -> Result<Dataset> {
     match (o.task, &m.arch) {
         (Task::Sst2, Arch::Encoder(_)) => data::load_classification(&spec, &m.tokenizer),
         (Task::Lm, Arch::Causal(_)) => data::load_lm(&spec, &m.tokenizer),
-        (Task::Sst2, _) => Err(Error::Msg(format!(
-            "--task sst2 fine-tunes an encoder classifier, but {} is a {} model; use --task lm for causal models",
+        (Task::Sst2, _) => Err(Error::option("task", format!(
+            "`task` sst2 fine-tunes an encoder classifier, but {} is a {} model; use `task` lm for causal models",
             o.model,
             m.arch_name()
         ))),
-        (Task::Lm, _) => Err(Error::Msg(format!(
-            "--task lm needs a causal model, but {} is a {} encoder; use --task sst2",
+        (Task::Lm, _) => Err(Error::option("task", format!(
+            "`task` lm needs a causal model, but {} is a {} encoder; use `task` sst2",
             o.model,
             m.arch_name()
         ))),
@@ -741,65 +741,74 @@ fn load_data(m: &Model, o: &FinetuneOptions) -> Result<Dataset> {
 }
 
 fn check_options(o: &FinetuneOptions) -> Result<()> {
-    let bad = |s: String| Err(Error::Msg(s));
+    let bad = |option: &'static str, s: String| Err(Error::option(option, s));
     if o.batch == 0 {
-        return bad("--batch must be at least 1".into());
+        return bad("batch", "`batch` must be at least 1".into());
     }
     if o.epochs == 0 && o.max_steps.is_none() {
-        return bad("--epochs must be at least 1".into());
+        return bad("epochs", "`epochs` must be at least 1".into());
     }
     if !(o.lr > 0.0) || !o.lr.is_finite() {
-        return bad(format!("--lr must be a positive number, got {}", o.lr));
+        return bad(
+            "lr",
+            format!("`lr` must be a positive number, got {}", o.lr),
+        );
     }
     if let Some(l) = o.mpo_lr {
         if !(l >= 0.0) || !l.is_finite() {
-            return bad(format!("--mpo-lr must be >= 0, got {l}"));
+            return bad("mpo_lr", format!("`mpo_lr` must be >= 0, got {l}"));
         }
     }
     if !(0.0..1.0).contains(&o.lora_dropout) {
-        return bad(format!(
-            "--lora-dropout must be in [0, 1), got {}",
-            o.lora_dropout
-        ));
+        return bad(
+            "lora_dropout",
+            format!("`lora_dropout` must be in [0, 1), got {}", o.lora_dropout),
+        );
     }
     if o.method == Method::Lora && o.lora_r == 0 {
-        return bad("--lora-r must be at least 1".into());
+        return bad("lora_r", "`lora_r` must be at least 1".into());
     }
     if o.max_len < 2 {
-        return bad("--max-len must be at least 2".into());
+        return bad("max_len", "`max_len` must be at least 2".into());
     }
     // Zero counts would finish "successfully" with an untrained model.
     for (name, v) in [
-        ("--max-steps", o.max_steps),
-        ("--limit", o.limit),
-        ("--eval-limit", o.eval_limit),
+        ("max_steps", o.max_steps),
+        ("limit", o.limit),
+        ("eval_limit", o.eval_limit),
     ] {
         if v == Some(0) {
-            return bad(format!("{name} must be at least 1"));
+            return bad(name, format!("`{name}` must be at least 1"));
         }
     }
     if o.eval_batch == 0 {
-        return bad("--eval-batch must be at least 1".into());
+        return bad("eval_batch", "`eval_batch` must be at least 1".into());
     }
     if !(0.0..=1.0).contains(&o.warmup_ratio) {
-        return bad(format!(
-            "--warmup-ratio must be in [0, 1], got {}",
-            o.warmup_ratio
-        ));
+        return bad(
+            "warmup_ratio",
+            format!("`warmup_ratio` must be in [0, 1], got {}", o.warmup_ratio),
+        );
     }
     for (name, v) in [
-        ("--max-grad-norm", o.max_grad_norm),
-        ("--weight-decay", o.weight_decay),
+        ("max_grad_norm", o.max_grad_norm),
+        ("weight_decay", o.weight_decay),
     ] {
         if !(v >= 0.0) || !v.is_finite() {
-            return bad(format!("{name} must be a finite number >= 0, got {v}"));
+            return bad(
+                name,
+                format!("`{name}` must be a finite number >= 0, got {v}"),
+            );
         }
     }
     if o.method == Method::Lora && (!(o.lora_alpha > 0.0) || !o.lora_alpha.is_finite()) {
-        return bad(format!(
-            "--lora-alpha must be a positive number, got {}",
-            o.lora_alpha
-        ));
+        return bad(
+            "lora_alpha",
+            format!(
+                "`lora_alpha` must be a positive number, got {}",
+                o.lora_alpha
+            ),
+        );
     }
     Ok(())
 }
@@ -818,8 +827,8 @@ fn check_lora_rank(m: &Model, o: &FinetuneOptions) -> Result<()> {
         .map(|(name, l)| (l.in_features().min(l.out_features()), name))
         .min();
     match smallest {
-        Some((dim, name)) if o.lora_r > dim => Err(Error::Msg(format!(
-            "--lora-r {} is out of range: the targeted matrix {name} has {dim} as its smaller dimension (use 1..={dim})",
+        Some((dim, name)) if o.lora_r > dim => Err(Error::option("lora_r", format!(
+            "`lora_r` {} is out of range: the targeted matrix {name} has {dim} as its smaller dimension (use 1..={dim})",
             o.lora_r
         ))),
         _ => Ok(()),
@@ -969,9 +978,12 @@ impl<'a> Trainer<'a> {
         let loss = batch_loss(self.model, &b)?;
         let lv = loss.to_scalar::<f32>()? as f64;
         if !lv.is_finite() {
-            return Err(Error::Msg(format!(
-                "the loss became {lv} at step {step}; lower --lr or enable --max-grad-norm"
-            )));
+            return Err(Error::option(
+                "lr",
+                format!(
+                    "the loss became {lv} at step {step}; lower `lr` or enable `max_grad_norm`"
+                ),
+            ));
         }
         let grads = loss.backward()?;
         let norm = self.opt.grad_norm(&grads)?;
@@ -1006,6 +1018,53 @@ impl<'a> Trainer<'a> {
     }
 }
 
+/// The trainer runs squeezing's recovery phases.
+impl crate::squeeze::Recovery for Trainer<'_> {
+    fn model(&self) -> &Model {
+        self.model
+    }
+    fn model_mut(&mut self) -> &mut Model {
+        self.model
+    }
+    fn trains_mpo(&self) -> bool {
+        self.opts.method.is_mpo()
+    }
+    fn has_eval_data(&self) -> bool {
+        !self.data.eval.is_empty()
+    }
+    fn start_recovery(&mut self, lr_factor: f64) -> Result<()> {
+        self.opts.method = Method::MpoAux;
+        self.lr_factor_override = Some(lr_factor);
+        self.rebuild_optimizer()
+    }
+    fn end_recovery(&mut self) {
+        self.lr_factor_override = None;
+    }
+    fn layers_replaced(&mut self) -> Result<()> {
+        self.rebuild_optimizer()
+    }
+    fn trainable(&self) -> Vec<(String, Var)> {
+        self.opt
+            .slots
+            .iter()
+            .map(|s| (s.name.clone(), s.var.clone()))
+            .collect()
+    }
+    fn recovery_step(&mut self, step: usize) -> Result<f64> {
+        let s = self.train_step(step)?;
+        let loss = s.loss;
+        self.log.steps.push(s);
+        Ok(loss)
+    }
+    fn score(&mut self, step: usize) -> Result<Option<crate::squeeze::Score>> {
+        Ok(self.evaluate(step)?.map(|e| crate::squeeze::Score {
+            loss: e.loss,
+            metric: e.metric,
+            value: e.value,
+        }))
+    }
+}
+
 fn prepare_out(out: &Path, resume: bool) -> Result<()> {
     if !resume
         && out.exists()
@@ -1013,8 +1072,8 @@ fn prepare_out(out: &Path, resume: bool) -> Result<()> {
             .map(|mut d| d.next().is_some())
             .unwrap_or(true)
     {
-        return Err(Error::Msg(format!(
-            "{}: exists and is not empty; choose a new --out, or pass --resume to continue the run saved there",
+        return Err(Error::option("out", format!(
+            "{}: exists and is not empty; choose a new `out`, or pass `resume` to continue the run saved there",
             out.display()
         )));
     }
@@ -1029,10 +1088,13 @@ pub fn finetune(
     ctl: &RunControl,
 ) -> Result<FinetuneReport> {
     if ctl.resume && checkpoint_dir(out).is_none() {
-        return Err(Error::Msg(format!(
-            "{}: no checkpoint to resume from; run without --resume to start a new run there",
-            out.display()
-        )));
+        return Err(Error::option(
+            "resume",
+            format!(
+                "{}: no checkpoint to resume from; run without `resume` to start a new run there",
+                out.display()
+            ),
+        ));
     }
     let mut tr = Trainer::new(m, o, ctl.progress)?;
     if let Some(so) = &o.squeeze {

@@ -33,9 +33,10 @@ impl KeepOutliers {
         match s.trim() {
             "all" => Ok(KeepOutliers::All),
             t => t.parse().map(KeepOutliers::Top).map_err(|_| {
-                Error::Msg(format!(
-                    "--keep-outliers takes 'all' or a number of dimensions, got '{s}'"
-                ))
+                Error::option(
+                    "keep_outliers",
+                    format!("`keep_outliers` takes 'all' or a number of dimensions, got '{s}'"),
+                )
             }),
         }
     }
@@ -238,7 +239,7 @@ mod tests {
         assert!(KeepOutliers::parse("three")
             .unwrap_err()
             .to_string()
-            .contains("--keep-outliers"));
+            .contains("`keep_outliers` takes 'all'"));
     }
 
     #[test]

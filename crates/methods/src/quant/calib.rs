@@ -109,18 +109,21 @@ pub fn validate(m: &Model, o: &QuantOptions) -> Result<()> {
     super::pack::check_bits(o.bits)?;
     m.causal()?;
     if !(0.0..1.0).contains(&o.damp) {
-        return Err(Error::Msg(format!(
-            "--damp must be in [0, 1), got {}",
-            o.damp
-        )));
+        return Err(Error::option(
+            "damp",
+            format!("`damp` must be in [0, 1), got {}", o.damp),
+        ));
     }
     let b = o.bits as usize;
     for (n, i, out) in targets(m) {
         if o.group_size != 0 && i % o.group_size != 0 {
-            return Err(Error::Msg(format!(
-                "--group-size {} does not divide in_features {i} of {n}",
-                o.group_size
-            )));
+            return Err(Error::option(
+                "group_size",
+                format!(
+                    "`group_size` {} does not divide in_features {i} of {n}",
+                    o.group_size
+                ),
+            ));
         }
         if (i * b) % 32 != 0 || (out * b) % 32 != 0 {
             return Err(Error::Msg(format!("{n} ({out}×{i}) cannot be packed in {} bits: in and out features × bits must be multiples of 32", o.bits)));
@@ -139,14 +142,20 @@ pub fn calibration_samples(
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
     if nsamples == 0 || seqlen < 2 {
-        return Err(Error::Msg("--nsamples must be ≥ 1 and --seqlen ≥ 2".into()));
+        return Err(Error::option(
+            "nsamples",
+            "`nsamples` must be ≥ 1 and `seqlen` ≥ 2",
+        ));
     }
     let ids = m.tokenizer.encode(text, false)?;
     if ids.len() <= seqlen {
-        return Err(Error::Msg(format!(
-            "calibration text has {} tokens, fewer than --seqlen {seqlen}",
-            ids.len()
-        )));
+        return Err(Error::option(
+            "seqlen",
+            format!(
+                "calibration text has {} tokens, fewer than `seqlen` {seqlen}",
+                ids.len()
+            ),
+        ));
     }
     let mut s = seed
         .wrapping_mul(6364136223846793005)
@@ -307,7 +316,7 @@ pub fn quantize_model(
         Method::Gptq => {
             let calib = calib
                 .filter(|c| !c.is_empty())
-                .ok_or_else(|| Error::Msg("GPTQ needs calibration data (--calib PATH)".into()))?;
+                .ok_or_else(|| Error::option("calib", "GPTQ needs calibration data (`calib`)"))?;
             let lm = m.causal()?;
             // X_0: the residual stream entering layer 0 for every calibration batch.
             let mut xs: Vec<Tensor> = calib

@@ -408,10 +408,13 @@ pub fn export_gguf(m: &Model, out: &Path, opts: &ExportOptions) -> Result<Export
         }
     };
     if out.exists() {
-        return Err(Error::Msg(format!(
-            "{}: output file exists; choose a new --out (nothing is overwritten)",
-            out.display()
-        )));
+        return Err(Error::option(
+            "out",
+            format!(
+                "{}: output file exists; choose a new `out` (nothing is overwritten)",
+                out.display()
+            ),
+        ));
     }
     let cfg = &llama.cfg;
     let arch = if cfg.model_type == "qwen2" {

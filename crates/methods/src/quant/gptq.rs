@@ -210,7 +210,10 @@ fn inverse_upper_factor(h: &[f64], n: usize) -> Result<Vec<f32>> {
     use faer::{Mat, MatRef, Side};
     let hv = MatRef::from_row_major_slice(h, n, n);
     let llt = hv.reverse_rows_and_cols().llt(Side::Lower).map_err(|_| {
-        Error::Msg("Hessian is not positive definite even after damping; raise --damp".into())
+        Error::option(
+            "damp",
+            "Hessian is not positive definite even after damping; raise `damp`",
+        )
     })?;
     let mut li = Mat::<f64>::zeros(n, n);
     faer::linalg::triangular_inverse::invert_lower_triangular(
@@ -224,8 +227,9 @@ fn inverse_upper_factor(h: &[f64], n: usize) -> Result<Vec<f32>> {
         for b in a..n {
             let v = u[(a, b)];
             if !v.is_finite() {
-                return Err(Error::Msg(
-                    "inverse Hessian is not finite; raise --damp".into(),
+                return Err(Error::option(
+                    "damp",
+                    "inverse Hessian is not finite; raise `damp`",
                 ));
             }
             out[a * n + b] = v as f32;

@@ -28,8 +28,8 @@ pub use layer::QuantLinear;
 use models::Model;
 use std::path::Path;
 
-// One error type for the crate.
-pub use crate::mpop::{Error, Result};
+// The crate's error type, under the path quantization code has always used.
+pub use crate::error::{Error, Result};
 
 /// Which projections stay in fp16.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -51,7 +51,10 @@ impl KeepFp16 {
         }
         if let Some(n) = s.strip_prefix("crucial:") {
             let n: usize = n.parse().map_err(|_| {
-                Error::Msg(format!("--keep-fp16 crucial:N needs a count, got '{s}'"))
+                Error::option(
+                    "keep_fp16",
+                    format!("`keep_fp16` crucial:N needs a count, got '{s}'"),
+                )
             })?;
             return Ok(KeepFp16::Crucial(n));
         }
@@ -62,7 +65,7 @@ impl KeepFp16 {
                 "attn" => &["q_proj", "k_proj", "v_proj", "o_proj"],
                 "ffn" | "mlp" => &["gate_proj", "up_proj", "down_proj"],
                 "q" | "k" | "v" | "o" | "gate" | "up" | "down" => &[],
-                _ => return Err(Error::Msg(format!("--keep-fp16: unknown part '{p}' (use attn, ffn, q,k,v,o,gate,up,down or crucial:N)"))),
+                _ => return Err(Error::option("keep_fp16", format!("`keep_fp16`: unknown part '{p}' (use attn, ffn, q,k,v,o,gate,up,down or crucial:N)"))),
             };
             if names.is_empty() {
                 v.push(format!("{p}_proj"));

@@ -1,10 +1,62 @@
-//! Finding and reading the benchmark data: the data folder (`--data-dir`, else `$MPOLM_DATA`,
-//! else the project's own `data/`), the datasets it should hold, a small RFC 4180 CSV reader
-//! (MMLU), TSV (GLUE) and JSONL with line numbers.
+//! Finding and reading the benchmark and training data: the data folder (the caller's choice,
+//! else `$MPOLM_DATA`, else the project's own `data/`), the datasets it should hold, a small
+//! RFC 4180 CSV reader (MMLU), TSV (GLUE) and JSONL with line numbers.
+//!
+//! Below both the evaluation harness and the training code, so that neither depends on the
+//! other to read a file.
 
-use crate::{Error, Result};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+
+/// What went wrong reading the data, naming the file (and line) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A data file or folder is not there; `hint` says where data is looked for, naming the
+    /// option that chooses the folder as `data_dir`.
+    #[error("{path}: not found ({hint})")]
+    MissingData { path: PathBuf, hint: String },
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Malformed input: file and 1-based line number.
+    #[error("{path}:{line}: {msg}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+    pub fn parse(path: impl Into<PathBuf>, line: usize, msg: impl Into<String>) -> Self {
+        Error::Parse {
+            path: path.into(),
+            line,
+            msg: msg.into(),
+        }
+    }
+    /// The option this error is about, if any: a missing file is fixed by choosing the data
+    /// folder.
+    pub fn invalid_option(&self) -> Option<&'static str> {
+        match self {
+            Error::MissingData { .. } => Some("data_dir"),
+            _ => None,
+        }
+    }
+}
 
 pub const DATA_ENV: &str = "MPOLM_DATA";
 
@@ -12,7 +64,7 @@ pub const DATA_ENV: &str = "MPOLM_DATA";
 /// checkout must find the data it ships with from any working directory; a binary copied away
 /// from its checkout uses `--data-dir` or `$MPOLM_DATA` instead.
 pub fn project_data_dir() -> PathBuf {
-    // crates/eval → the workspace root.
+    // crates/data → the workspace root.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2);
     root.unwrap_or(Path::new(".")).join("data")
 }
@@ -20,7 +72,7 @@ pub fn project_data_dir() -> PathBuf {
 /// Where the data folder in effect came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataOrigin {
-    /// The caller named it (the CLI's `--data-dir`).
+    /// The caller named it.
     Flag,
     /// `$MPOLM_DATA`.
     Env,
@@ -64,23 +116,20 @@ pub fn resolve_data_dir(flag: Option<&Path>) -> PathBuf {
     resolve(flag).0
 }
 
-/// A dataset the project carries: its folder under the data dir, the files commands read and
-/// what reads them.
+/// A dataset the project carries: its folder under the data dir and the files read from it.
 pub struct Dataset {
     pub name: &'static str,
     pub folder: &'static str,
     pub files: &'static [&'static str],
-    pub used_by: &'static str,
 }
 
-/// The datasets commands read by default (MMLU lists one subject per split here; the task
+/// The datasets read by default (MMLU lists one subject per split here; the task
 /// checks all 57 when it runs).
 pub const DATASETS: &[Dataset] = &[
     Dataset {
         name: "wikitext2",
         folder: "wikitext2",
         files: &["test.txt", "valid.txt"],
-        used_by: "eval --task wikitext2; GPTQ calibration and quantize perplexity",
     },
     Dataset {
         name: "mmlu",
@@ -90,31 +139,26 @@ pub const DATASETS: &[Dataset] = &[
             "val/abstract_algebra_val.csv",
             "test/abstract_algebra_test.csv",
         ],
-        used_by: "eval --task mmlu, mmlu_<subject>, mmlu_<category>",
     },
     Dataset {
         name: "gsm8k",
         folder: "gsm8k",
         files: &["test.jsonl", "train.jsonl"],
-        used_by: "eval --task gsm8k",
     },
     Dataset {
         name: "ifeval",
         folder: "ifeval",
         files: &["input_data.jsonl"],
-        used_by: "eval --task ifeval",
     },
     Dataset {
         name: "sst2",
         folder: "glue/SST-2",
         files: &["train.tsv", "dev.tsv", "test.tsv"],
-        used_by: "eval --task sst2; finetune --task sst2",
     },
     Dataset {
         name: "tinyshakespeare",
         folder: "tinyshakespeare",
         files: &["input.txt"],
-        used_by: "finetune --task lm examples",
     },
 ];
 
@@ -158,7 +202,7 @@ pub fn require(path: &Path) -> Result<PathBuf> {
         Err(Error::MissingData {
             path: absolute(path),
             hint: format!(
-                "pass --data-dir DIR or set {DATA_ENV} to a folder laid out as the project's data/ (wikitext2/, mmlu/, gsm8k/, ifeval/, glue/)"
+                "pass another `data_dir` or set {DATA_ENV} to a folder laid out as the project's data/ (wikitext2/, mmlu/, gsm8k/, ifeval/, glue/)"
             ),
         })
     }
@@ -305,6 +349,6 @@ mod tests {
             e.starts_with("/nonexistent/data/mmlu/test: not found"),
             "{e}"
         );
-        assert!(e.contains("--data-dir"), "{e}");
+        assert!(e.contains("pass another `data_dir`"), "{e}");
     }
 }
