@@ -682,6 +682,27 @@ fn cmd_inspect(m: &Model, rep: &mut Report) -> Result<()> {
             );
             serde_json::to_value(c)?
         }
+        models::Arch::Gemma3(g) => {
+            let c = &g.cfg;
+            let sliding = (0..c.num_hidden_layers)
+                .filter(|&i| c.is_sliding(i))
+                .count();
+            println!(
+                "layers {} ({} sliding, window {})  hidden {}  heads {} (kv {})  head_dim {}  ffn {}  vocab {}  ctx {}  tied {}",
+                c.num_hidden_layers,
+                sliding,
+                c.sliding_window,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.num_kv_heads(),
+                c.head_dim(),
+                c.intermediate_size,
+                c.vocab_size,
+                c.max_position_embeddings,
+                g.lm_head.is_none()
+            );
+            serde_json::to_value(c)?
+        }
     };
     println!(
         "stored as:    {}",
@@ -764,7 +785,7 @@ fn cmd_generate(
     mut p: SamplingParams,
     rep: &mut Report,
 ) -> Result<()> {
-    let llama = m.llama()?;
+    let lm = m.causal()?;
     let tok = &m.tokenizer;
     let text = if chat {
         let mut msgs = vec![];
@@ -794,7 +815,7 @@ fn cmd_generate(
     }
     let mut shown = String::new();
     let mut all = Vec::new();
-    let (out, st) = generate(llama, &ids, &p, |id| {
+    let (out, st) = generate(lm, &ids, &p, |id| {
         all.push(id);
         // Decode the whole continuation each time so multi-byte characters print correctly.
         if let Ok(s) = tok.decode(&all, true) {

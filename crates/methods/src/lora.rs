@@ -70,7 +70,7 @@ impl LoraConfig {
     /// PEFT's defaults: llama family q_proj, v_proj; bert query, value.
     pub fn default_targets(arch: &Model) -> Vec<String> {
         let t: &[&str] = match &arch.arch {
-            Arch::Llama(_) => &["q_proj", "v_proj"],
+            Arch::Llama(_) | Arch::Gemma3(_) => &["q_proj", "v_proj"],
             Arch::Bert(_) => &["query", "value"],
         };
         t.iter().map(|s| s.to_string()).collect()
@@ -436,7 +436,7 @@ fn peft_path(model: &Model, name: &str, task_type: &str) -> String {
                 name.strip_prefix("bert.").unwrap_or(name).to_string()
             }
         }
-        Arch::Llama(_) => name.to_string(),
+        Arch::Llama(_) | Arch::Gemma3(_) => name.to_string(),
     }
 }
 
@@ -837,6 +837,7 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
                 let h = match &model.arch {
                     Arch::Bert(bt) => bt.cfg.hidden_size,
                     Arch::Llama(l) => l.cfg.hidden_size,
+                    Arch::Gemma3(g) => g.cfg.hidden_size,
                 };
                 let n = w.dims().first().copied().unwrap_or(0);
                 if w.dims() != [n, h] || n == 0 {

@@ -30,6 +30,7 @@ pub fn config_json(m: &Model) -> Result<serde_json::Value> {
     let mut v = match &m.arch {
         Arch::Llama(l) => serde_json::to_value(&l.cfg).map_err(|e| Error::Msg(e.to_string()))?,
         Arch::Bert(b) => serde_json::to_value(&b.cfg).map_err(|e| Error::Msg(e.to_string()))?,
+        Arch::Gemma3(g) => serde_json::to_value(&g.cfg).map_err(|e| Error::Msg(e.to_string()))?,
     };
     let obj = v
         .as_object_mut()
@@ -39,6 +40,7 @@ pub fn config_json(m: &Model) -> Result<serde_json::Value> {
         Arch::Llama(_) => "LlamaForCausalLM",
         Arch::Bert(b) if b.classifier.is_some() => "BertForSequenceClassification",
         Arch::Bert(_) => "BertModel",
+        Arch::Gemma3(_) => "Gemma3ForCausalLM",
     };
     obj.insert("architectures".into(), json!([arch]));
     obj.insert("torch_dtype".into(), json!("float32"));

@@ -2,7 +2,7 @@
 //! Greedy at temperature 0 (argmax, first index on ties as torch does), else temperature +
 //! nucleus (top-p) sampling from a seeded RNG so runs are reproducible.
 
-use crate::llama::Llama;
+use crate::llama::{Cache, Llama};
 use crate::Result;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -104,9 +104,41 @@ pub fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
+/// What generation needs of a causal LM (llama-family and gemma3 decoders).
+pub trait Decode {
+    fn new_cache(&self) -> Cache;
+    /// Logits of the last position [b, vocab], appending the new positions to `cache`.
+    fn forward_last(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor>;
+    fn max_positions(&self) -> usize;
+}
+
+impl Decode for Llama {
+    fn new_cache(&self) -> Cache {
+        Llama::new_cache(self)
+    }
+    fn forward_last(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        Llama::forward_last(self, ids, cache)
+    }
+    fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+}
+
+impl Decode for crate::gemma3::Gemma3 {
+    fn new_cache(&self) -> Cache {
+        crate::gemma3::Gemma3::new_cache(self)
+    }
+    fn forward_last(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        crate::gemma3::Gemma3::forward_last(self, ids, cache)
+    }
+    fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+}
+
 /// Generate up to `max_new_tokens` after `prompt`, calling `on_token` for each new id.
 pub fn generate(
-    model: &Llama,
+    model: &dyn Decode,
     prompt: &[u32],
     p: &SamplingParams,
     mut on_token: impl FnMut(u32),
@@ -146,7 +178,7 @@ pub fn generate(
         if out.len() >= p.max_new_tokens {
             break;
         }
-        if cache.seq_len + 1 > model.cfg.max_position_embeddings {
+        if cache.seq_len + 1 > model.max_positions() {
             st.stopped_by = "context_length".into();
             break;
         }

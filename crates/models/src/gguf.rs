@@ -267,6 +267,152 @@ impl GgufFile {
         }
         Ok((Weights::new(out, &self.path), quantized))
     }
+
+    /// Gemma 3 config from `gemma3.*` metadata. What the file does not say takes the values
+    /// transformers and llama.cpp assume for gemma3: local RoPE base 10000, every 6th layer
+    /// global, query_pre_attn_scalar = head_dim (llama.cpp's rule for all sizes but 27B).
+    pub fn gemma3_config(&self) -> Result<crate::gemma3::Gemma3Config> {
+        let arch = self.architecture()?;
+        if arch != "gemma3" {
+            return Err(Error::UnsupportedArch {
+                path: self.path.clone(),
+                arch: escape(&arch),
+                supported: "gemma3".into(),
+            });
+        }
+        let k = |s: &str| format!("gemma3.{s}");
+        let hidden = self.meta_usize(&k("embedding_length"))?;
+        let n_heads = self.meta_usize(&k("attention.head_count"))?;
+        let n_kv = match self.meta(&k("attention.head_count_kv")) {
+            None => n_heads,
+            Some(_) => self.meta_usize(&k("attention.head_count_kv"))?,
+        };
+        let head_dim = match self.meta(&k("attention.key_length")) {
+            Some(_) => self.meta_usize(&k("attention.key_length"))?,
+            None => hidden.checked_div(n_heads).unwrap_or(0),
+        };
+        let vocab = match self.content.tensor_infos.get("token_embd.weight") {
+            Some(t) => t.shape.dims().first().copied().unwrap_or(0),
+            None => return Err(self.err("missing tensor 'token_embd.weight'".into())),
+        };
+        let id = |key: &str| -> Result<Option<u32>> {
+            match self.meta(key) {
+                None => Ok(None),
+                Some(v) => Ok(Some(
+                    as_u64(v)
+                        .and_then(|x| u32::try_from(x).ok())
+                        .ok_or_else(|| self.err(format!("{key} is not a token id")))?,
+                )),
+            }
+        };
+        let rope_scaling = match self.meta(&k("rope.scaling.type")) {
+            Some(Value::String(t)) if t != "none" => Some(RopeScaling {
+                rope_type: Some(t.clone()),
+                factor: self.meta_f64(&k("rope.scaling.factor")),
+                low_freq_factor: None,
+                high_freq_factor: None,
+                original_max_position_embeddings: self
+                    .meta_usize(&k("rope.scaling.original_context_length"))
+                    .ok(),
+            }),
+            _ => None,
+        };
+        let cfg = crate::gemma3::Gemma3Config {
+            model_type: "gemma3_text".into(),
+            hidden_size: hidden,
+            intermediate_size: self.meta_usize(&k("feed_forward_length"))?,
+            num_hidden_layers: self.meta_usize(&k("block_count"))?,
+            num_attention_heads: n_heads,
+            num_key_value_heads: Some(n_kv),
+            head_dim,
+            rms_norm_eps: self
+                .meta_f64(&k("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-6),
+            rope_theta: self.meta_f64(&k("rope.freq_base")).unwrap_or(1_000_000.0),
+            rope_local_base_freq: 10_000.0,
+            rope_scaling,
+            max_position_embeddings: self.meta_usize(&k("context_length")).unwrap_or(32768),
+            vocab_size: vocab,
+            query_pre_attn_scalar: head_dim as f64,
+            sliding_window: self
+                .meta_usize(&k("attention.sliding_window"))
+                .unwrap_or(4096),
+            sliding_window_pattern: 6,
+            layer_types: None,
+            final_logit_softcapping: self.meta_f64(&k("final_logit_softcapping")),
+            attn_logit_softcapping: self.meta_f64(&k("attn_logit_softcapping")),
+            hidden_activation: "gelu_pytorch_tanh".into(),
+            tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
+            bos_token_id: id("tokenizer.ggml.bos_token_id")?,
+            eos_token_id: id("tokenizer.ggml.eos_token_id")?.map(|e| serde_json::json!(e)),
+        };
+        cfg.validate(&self.path)?;
+        Ok(cfg)
+    }
+
+    /// Gemma 3 tensors under their HF names (see [`gemma3_hf_name`]), dequantized to f32 or,
+    /// with `keep_quantized`, the block-typed matrices kept as stored (as
+    /// [`Self::load_llama_quantized`]). llama.cpp's converter stores Gemma's zero-centred norm
+    /// weights as 1 + w; they are put back to w, as transformers' GGUF loader does. Gemma's
+    /// q/k rows are not permuted by the converter, so none are moved.
+    pub fn load_gemma3(
+        &self,
+        progress: Option<&indicatif::ProgressBar>,
+        keep_quantized: bool,
+    ) -> Result<(Weights, HashMap<String, QTensor>)> {
+        let mut f = std::fs::File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
+        names.sort();
+        if let Some(pb) = progress {
+            pb.set_length(names.len() as u64);
+        }
+        let mut out = HashMap::new();
+        let mut quantized = HashMap::new();
+        for name in names {
+            let terr =
+                |e: &dyn std::fmt::Display| self.err(format!("tensor '{}': {e}", escape(name)));
+            let q = self
+                .content
+                .tensor(&mut f, name, &Device::Cpu)
+                .map_err(|e| terr(&e))?;
+            let data = q.data().map_err(|e| terr(&e))?;
+            if let Some(what) = nonfinite(q.dtype(), &data) {
+                return Err(self.err(format!(
+                    "tensor '{}' holds a NaN or infinite {what} (corrupt file?)",
+                    escape(name)
+                )));
+            }
+            drop(data);
+            let hf = gemma3_hf_name(name).unwrap_or_else(|| name.clone());
+            if out.contains_key(&hf) {
+                return Err(self.err(format!(
+                    "tensor '{}' and another tensor both give '{}'",
+                    escape(name),
+                    escape(&hf)
+                )));
+            }
+            let is_matrix = hf.ends_with("_proj.weight")
+                || hf == "lm_head.weight"
+                || hf == "model.embed_tokens.weight";
+            if keep_quantized && is_matrix && crate::qlinear::is_supported(q.dtype()) {
+                let (rows, cols) = q.shape().dims2().map_err(|e| terr(&e))?;
+                let placeholder =
+                    Tensor::zeros((), DType::F32, &Device::Cpu)?.broadcast_as((rows, cols))?;
+                out.insert(hf.clone(), placeholder);
+                quantized.insert(hf, q);
+            } else {
+                let mut t = q.dequantize(&Device::Cpu).map_err(|e| terr(&e))?;
+                if name.ends_with("norm.weight") {
+                    t = (t - 1.0)?;
+                }
+                out.insert(hf, t);
+            }
+            if let Some(pb) = progress {
+                pb.inc(1);
+            }
+        }
+        Ok((Weights::new(out, &self.path), quantized))
+    }
 }
 
 /// The first NaN/infinite number of a tensor's raw data: every value of a float type, or
@@ -659,6 +805,36 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     let m = match module {
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{idx}.{m}.{kind}"))
+}
+
+/// llama.cpp gemma3 tensor name → HF name (`ffn_norm` is gemma's pre-feedforward norm).
+pub fn gemma3_hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (idx, tail) = rest.split_once('.')?;
+    let (module, kind) = tail.rsplit_once('.')?;
+    let m = match module {
+        "attn_norm" => "input_layernorm",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "post_attention_norm" => "post_attention_layernorm",
+        "ffn_norm" => "pre_feedforward_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",

@@ -3,6 +3,7 @@
 
 use crate::bert::Bert;
 use crate::config::{self, BertConfig, LlamaConfig};
+use crate::gemma3::Gemma3;
 use crate::gguf::GgufFile;
 use crate::hub::{self, Format, ModelSource};
 use crate::linear::Linear;
@@ -19,6 +20,7 @@ use std::path::Path;
 pub enum Arch {
     Llama(Llama),
     Bert(Bert),
+    Gemma3(Gemma3),
 }
 
 #[derive(Debug)]
@@ -31,7 +33,7 @@ pub struct Model {
     pub load_secs: f64,
 }
 
-const SUPPORTED: &str = "llama, qwen2, mistral, bert";
+const SUPPORTED: &str = "llama, qwen2, mistral, bert (gemma3 from GGUF)";
 
 /// How a GGUF checkpoint's block-quantized weight matrices are held in memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -102,6 +104,7 @@ impl Model {
         match &self.arch {
             Arch::Llama(m) => &m.cfg.model_type,
             Arch::Bert(m) => &m.cfg.model_type,
+            Arch::Gemma3(m) => &m.cfg.model_type,
         }
     }
 
@@ -112,13 +115,29 @@ impl Model {
                 "{} is an encoder (bert); this command needs a causal LM such as smollm2-135m",
                 self.source.name
             ),
+            Arch::Gemma3(_) => crate::bail!(
+                "{} is a gemma3 model; this command supports only llama-family causal LMs so far (gemma3 runs with inspect and generate)",
+                self.source.name
+            ),
+        }
+    }
+
+    /// The causal LM behind any decoder architecture, for generation.
+    pub fn causal(&self) -> Result<&dyn crate::generate::Decode> {
+        match &self.arch {
+            Arch::Llama(m) => Ok(m),
+            Arch::Gemma3(m) => Ok(m),
+            Arch::Bert(_) => crate::bail!(
+                "{} is an encoder (bert); this command needs a causal LM such as smollm2-135m",
+                self.source.name
+            ),
         }
     }
 
     pub fn bert(&self) -> Result<&Bert> {
         match &self.arch {
             Arch::Bert(m) => Ok(m),
-            Arch::Llama(_) => crate::bail!(
+            Arch::Llama(_) | Arch::Gemma3(_) => crate::bail!(
                 "{} is a causal LM; this command needs an encoder such as minilm-l6",
                 self.source.name
             ),
@@ -129,6 +148,7 @@ impl Model {
         match &self.arch {
             Arch::Llama(m) => m.linears(),
             Arch::Bert(m) => m.linears(),
+            Arch::Gemma3(m) => m.linears(),
         }
     }
 
@@ -136,6 +156,7 @@ impl Model {
         match &mut self.arch {
             Arch::Llama(m) => m.linears_mut(),
             Arch::Bert(m) => m.linears_mut(),
+            Arch::Gemma3(m) => m.linears_mut(),
         }
     }
 
@@ -144,6 +165,7 @@ impl Model {
         match &self.arch {
             Arch::Llama(m) => m.norms(),
             Arch::Bert(m) => m.other_tensors(),
+            Arch::Gemma3(m) => m.norms(),
         }
     }
 
@@ -151,6 +173,7 @@ impl Model {
         match &mut self.arch {
             Arch::Llama(m) => m.norms_mut(),
             Arch::Bert(m) => m.other_tensors_mut(),
+            Arch::Gemma3(m) => m.norms_mut(),
         }
     }
 
@@ -220,6 +243,9 @@ fn load_gguf(
     mode: GgufWeights,
 ) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)> {
     let g = GgufFile::open(path)?;
+    if g.architecture()? == "gemma3" {
+        return load_gemma3_gguf(&g, progress, mode);
+    }
     let cfg = g.llama_config()?;
     let tokenizer = Tokenizer::from_gguf(&g)?;
     tokenizer.check_fits(cfg.vocab_size, path)?;
@@ -270,6 +296,53 @@ fn load_gguf(
         });
     }
     Ok((arch, tokenizer, types))
+}
+
+/// [`load_gguf`] for gemma3 files (its own config and tensor names).
+fn load_gemma3_gguf(
+    g: &GgufFile,
+    progress: bool,
+    mode: GgufWeights,
+) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)> {
+    let cfg = g.gemma3_config()?;
+    let tokenizer = Tokenizer::from_gguf(g)?;
+    tokenizer.check_fits(cfg.vocab_size, &g.path)?;
+    let pb = progress.then(|| {
+        let pb = indicatif::ProgressBar::new(0);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "loading {bar:30} {pos}/{len} tensors {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb
+    });
+    let (w, mut quantized) = g.load_gemma3(pb.as_ref(), mode == GgufWeights::Quantized)?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let mut types = BTreeMap::new();
+    for t in g.tensor_types().values() {
+        *types.entry(t.clone()).or_insert(0) += 1;
+    }
+    let mut m = Gemma3::new(cfg, &w)?;
+    drop(w);
+    for (name, lin) in m.linears_mut() {
+        if let Some(q) = quantized.remove(&format!("{name}.weight")) {
+            let ql = QLinear::new(q, None).map_err(|e| Error::Gguf {
+                path: g.path.clone(),
+                msg: format!("{name}: {e}"),
+            })?;
+            lin.replace(Box::new(ql));
+        }
+    }
+    if let Some(name) = quantized.keys().next() {
+        return Err(Error::Gguf {
+            path: g.path.clone(),
+            msg: format!("quantized tensor '{name}' belongs to no linear layer"),
+        });
+    }
+    Ok((Arch::Gemma3(m), tokenizer, types))
 }
 
 fn load_hf_dir(dir: &Path) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)> {

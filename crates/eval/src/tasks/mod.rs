@@ -159,6 +159,15 @@ pub(crate) fn causal<'a>(
                 ),
             ))
         }
+        Arch::Gemma3(_) => {
+            return Err(Error::unsupported(
+                task,
+                format!(
+                    "does not run gemma3 models yet ({}); it needs a llama-family causal LM",
+                    model.source.name
+                ),
+            ))
+        }
     };
     let ctx = llama.cfg.max_position_embeddings;
     let max_length = opts
@@ -201,7 +210,9 @@ pub fn run_task(model: &Model, spec: &TaskSpec, opts: &EvalOptions) -> Result<Ta
         TaskSpec::Ifeval => ifeval::run(&causal(model, "ifeval", opts, None)?, opts)?,
         TaskSpec::Sst2 => match &model.arch {
             Arch::Bert(b) => sst2::run_classifier(b, &model.tokenizer, opts)?,
-            Arch::Llama(_) => sst2::run_prompted(&causal(model, "sst2", opts, None)?, opts)?,
+            Arch::Llama(_) | Arch::Gemma3(_) => {
+                sst2::run_prompted(&causal(model, "sst2", opts, None)?, opts)?
+            }
         },
         TaskSpec::ZeroShot { tasks, group } => zeroshot::run(
             &causal(model, &spec.name(), opts, None)?,

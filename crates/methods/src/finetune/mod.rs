@@ -411,6 +411,14 @@ pub fn batch_loss(m: &Model, b: &Batch) -> Result<Tensor> {
             let target = b.ids.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?;
             Ok(l.head_loss(&h, &target)?)
         }
+        Arch::Gemma3(l) => {
+            let (bs, t) = b.ids.dims2()?;
+            let h = l.forward_hidden(&b.ids.narrow(1, 0, t - 1)?, None, None)?;
+            let d = h.dim(2)?;
+            let h = h.contiguous()?.reshape((bs * (t - 1), d))?;
+            let target = b.ids.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?;
+            Ok(l.head_loss(&h, &target)?)
+        }
     }
 }
 
@@ -440,7 +448,7 @@ pub fn evaluate(m: &mut Model, ds: &[Example], batch: usize) -> Result<(f64, f64
                 correct += pred.iter().zip(&gold).filter(|(a, b)| a == b).count();
                 n += b.rows;
             }
-            Arch::Llama(_) => {
+            Arch::Llama(_) | Arch::Gemma3(_) => {
                 let l = batch_loss(m, &b)?.to_scalar::<f32>()? as f64;
                 let (bs, t) = b.ids.dims2()?;
                 let k = bs * (t - 1);
@@ -456,7 +464,7 @@ pub fn evaluate(m: &mut Model, ds: &[Example], batch: usize) -> Result<(f64, f64
             correct as f64 / n.max(1) as f64,
             "accuracy",
         ),
-        Arch::Llama(_) => {
+        Arch::Llama(_) | Arch::Gemma3(_) => {
             let l = loss_sum / tokens.max(1) as f64;
             (l, l.exp(), "perplexity")
         }

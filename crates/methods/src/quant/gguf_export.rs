@@ -477,6 +477,12 @@ pub fn export_gguf(m: &Model, out: &Path, opts: &ExportOptions) -> Result<Export
                 m.source.name
             )))
         }
+        Arch::Gemma3(_) => {
+            return Err(Error::Msg(format!(
+                "{} is a gemma3 model; GGUF export writes llama-family models only (llama, qwen2, mistral)",
+                m.source.name
+            )))
+        }
     };
     if out.exists() {
         return Err(Error::Msg(format!(
