@@ -53,7 +53,7 @@ pub fn bench_generate(
     new_tokens: usize,
     repeats: usize,
 ) -> Result<Value> {
-    let l = m.llama()?;
+    let l = m.causal()?;
     let ids = prompt_ids(m, prompt_tokens)?;
     let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
     let run = || -> Result<(f64, f64, Vec<u32>)> {

@@ -283,7 +283,7 @@ fn run(cli: Cli) -> Result<()> {
                 "--prompt-tokens, --new-tokens (>1) and --repeats must be positive"
             );
             let m = load(&model)?;
-            let ctx = m.llama()?.cfg.max_position_embeddings;
+            let ctx = m.causal()?.max_positions();
             anyhow::ensure!(
                 prompt_tokens.saturating_add(new_tokens) <= ctx,
                 "--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the model's context of {ctx} tokens"

@@ -136,6 +136,15 @@ impl Tokenizer {
             _ => return Err(err("missing tokenizer.ggml.tokens".into())),
         };
         if model == "llama" {
+            // Other SentencePiece GGUFs rank merges by score and add a prefix space, which this
+            // builder (Gemma's rules) does not; they stay refused rather than tokenized wrong.
+            let arch = g.architecture().unwrap_or_default();
+            if !matches!(arch.as_str(), "gemma3") {
+                return Err(err(format!(
+                    "SentencePiece ('llama') tokenizers are supported for gemma3 GGUF files only, not '{}'; use an HF directory with tokenizer.json",
+                    untrusted::escape(&arch)
+                )));
+            }
             return Self::spm_from_gguf(g, tokens);
         }
         let merges: Vec<String> = match g.meta("tokenizer.ggml.merges") {
