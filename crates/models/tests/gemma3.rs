@@ -143,8 +143,27 @@ fn rope(x: &mut [f32], pos: usize, theta: f64) {
     }
 }
 
+/// What differs between the tiny config and the one a gemma3 GGUF implies.
+struct Kind {
+    local_theta: f64,
+    scalar: f32,
+    /// Every `pattern`-th layer (1-based) is global.
+    pattern: usize,
+}
+
+const TINY: Kind = Kind {
+    local_theta: 50.0,
+    scalar: 6.0,
+    pattern: 2,
+};
+
 /// Logits [t][vocab] of the whole sequence, one position and one head at a time.
-fn naive_logits(w: &HashMap<String, Vec<f32>>, ids: &[u32], softcap: bool) -> Vec<Vec<f32>> {
+fn naive_logits(
+    w: &HashMap<String, Vec<f32>>,
+    ids: &[u32],
+    softcap: bool,
+    kind: &Kind,
+) -> Vec<Vec<f32>> {
     let cap = |x: f32, c: f32| if softcap { (x / c).tanh() * c } else { x };
     let emb = &w["model.embed_tokens.weight"];
     let scale = (H as f32).sqrt();
@@ -160,8 +179,8 @@ fn naive_logits(w: &HashMap<String, Vec<f32>>, ids: &[u32], softcap: bool) -> Ve
     let t = ids.len();
     for l in 0..LAYERS {
         let g = |n: &str| &w[&format!("model.layers.{l}.{n}.weight")];
-        let sliding = l % 2 == 0; // pattern 2: layers 1, 3, … (1-based) slide
-        let theta = if sliding { 50.0 } else { 10000.0 };
+        let sliding = (l + 1) % kind.pattern != 0;
+        let theta = if sliding { kind.local_theta } else { 10000.0 };
         let mut qs = vec![];
         let mut ks = vec![];
         let mut vs = vec![];
@@ -193,7 +212,7 @@ fn naive_logits(w: &HashMap<String, Vec<f32>>, ids: &[u32], softcap: bool) -> Ve
                     .iter()
                     .map(|&j| {
                         let d: f32 = qs[p][hh].iter().zip(&ks[j][kv]).map(|(a, b)| a * b).sum();
-                        cap(d / 6f32.sqrt(), 2.0)
+                        cap(d / kind.scalar.sqrt(), 2.0)
                     })
                     .collect();
                 let m = s.iter().cloned().fold(f32::MIN, f32::max);
@@ -233,7 +252,7 @@ fn naive_logits(w: &HashMap<String, Vec<f32>>, ids: &[u32], softcap: bool) -> Ve
 const IDS: [u32; 11] = [3, 17, 5, 29, 0, 8, 8, 21, 13, 2, 31];
 
 fn want(raw: &HashMap<String, Vec<f32>>, softcap: bool) -> Tensor {
-    let rows = naive_logits(raw, &IDS, softcap);
+    let rows = naive_logits(raw, &IDS, softcap, &TINY);
     Tensor::from_vec(rows.concat(), (IDS.len(), VOCAB), &Device::Cpu).unwrap()
 }
 
@@ -352,6 +371,149 @@ fn gemma3_config_refuses_bad_values() {
     let mut c = tiny_cfg(false);
     c.hidden_activation = "relu".into();
     assert!(c.validate(p).is_err());
+}
+
+/// The tiny weights as a gemma3 GGUF the way llama.cpp writes one: llama.cpp tensor names,
+/// norm weights stored as 1 + w, and a SentencePiece vocabulary with control, user-defined
+/// (including a run of spaces, which the loader must respell) and byte tokens.
+fn tiny_gguf() -> Vec<u8> {
+    use models::testing::gguf_bytes::{Meta, RawGguf};
+    let mut g = RawGguf::new();
+    g.set("general.architecture", Meta::Str("gemma3".into()));
+    for (k, v) in [
+        ("embedding_length", H),
+        ("feed_forward_length", FF),
+        ("block_count", LAYERS),
+        ("attention.head_count", NH),
+        ("attention.head_count_kv", NKV),
+        ("attention.key_length", HD),
+        ("attention.sliding_window", WINDOW),
+        ("context_length", 64),
+    ] {
+        g.set(&format!("gemma3.{k}"), Meta::U32(v as u32));
+    }
+    g.set("gemma3.attention.layer_norm_rms_epsilon", Meta::F32(1e-6));
+    g.set("gemma3.rope.freq_base", Meta::F32(10000.0));
+    let mut tokens: Vec<String> = [
+        "<pad>",
+        "<eos>",
+        "<bos>",
+        "<unk>",
+        "<start_of_turn>",
+        "<end_of_turn>",
+        "\n",
+        "  ",
+        "\u{2581}",
+        "a",
+        "b",
+        "c",
+        "ab",
+        "abc",
+        "\u{2581}a",
+        "\u{2581}ab",
+        "bc",
+        "<0x7A>",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut types = vec![3, 3, 3, 3, 3, 3, 4, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 6];
+    while tokens.len() < VOCAB {
+        tokens.push(format!("<unused{}>", tokens.len()));
+        types.push(3);
+    }
+    g.set("tokenizer.ggml.model", Meta::Str("llama".into()));
+    g.set("tokenizer.ggml.pre", Meta::Str("default".into()));
+    g.set("tokenizer.ggml.scores", Meta::I32s(vec![0; VOCAB]));
+    g.set("tokenizer.ggml.tokens", Meta::Strs(tokens));
+    g.set("tokenizer.ggml.token_type", Meta::I32s(types));
+    g.set("tokenizer.ggml.bos_token_id", Meta::U32(2));
+    g.set("tokenizer.ggml.eos_token_id", Meta::U32(1));
+    g.set("tokenizer.ggml.unknown_token_id", Meta::U32(3));
+    g.set("tokenizer.ggml.add_bos_token", Meta::Bool(true));
+    let mut raw: Vec<(String, Vec<f32>)> = tiny_weights().into_iter().collect();
+    raw.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, v) in raw {
+        let gname = name
+            .replace("model.embed_tokens.weight", "token_embd.weight")
+            .replace("model.norm.weight", "output_norm.weight")
+            .replace("model.layers.", "blk.");
+        let gname = [
+            ("input_layernorm", "attn_norm"),
+            ("self_attn.q_norm", "attn_q_norm"),
+            ("self_attn.k_norm", "attn_k_norm"),
+            ("post_attention_layernorm", "post_attention_norm"),
+            ("pre_feedforward_layernorm", "ffn_norm"),
+            ("post_feedforward_layernorm", "post_ffw_norm"),
+            ("self_attn.q_proj", "attn_q"),
+            ("self_attn.k_proj", "attn_k"),
+            ("self_attn.v_proj", "attn_v"),
+            ("self_attn.o_proj", "attn_output"),
+            ("mlp.gate_proj", "ffn_gate"),
+            ("mlp.up_proj", "ffn_up"),
+            ("mlp.down_proj", "ffn_down"),
+        ]
+        .iter()
+        .fold(gname, |n, (a, b)| n.replace(a, b));
+        let is_norm = name.ends_with("norm.weight");
+        let cols = if is_norm {
+            v.len()
+        } else if name.contains("o_proj") {
+            NH * HD
+        } else if name.contains("down_proj") {
+            FF
+        } else {
+            H
+        };
+        let dims = if is_norm {
+            vec![cols as u64]
+        } else {
+            vec![cols as u64, (v.len() / cols) as u64]
+        };
+        let data: Vec<u8> = v
+            .iter()
+            .flat_map(|x| (if is_norm { x + 1.0 } else { *x }).to_le_bytes())
+            .collect();
+        g.push(&gname, dims, 0, data);
+    }
+    g.to_bytes()
+}
+
+#[test]
+fn tiny_gemma3_gguf_loads_to_the_reference_model_and_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    std::fs::write(&path, tiny_gguf()).unwrap();
+    let m = Model::load(path.to_str().unwrap(), false).unwrap();
+    let g = gemma(&m);
+    // The GGUF implies local base 10000, scale head_dim^-½ and every 6th layer global (none
+    // of 3): the reference with those, fed the norms the file stores minus 1.
+    let kind = Kind {
+        local_theta: 10000.0,
+        scalar: HD as f32,
+        pattern: 6,
+    };
+    let rows = naive_logits(&tiny_weights(), &IDS, false, &kind);
+    let want = Tensor::from_vec(rows.concat(), (IDS.len(), VOCAB), &Device::Cpu).unwrap();
+    let got = g.forward(&row(&IDS), None).unwrap().i(0).unwrap();
+    let d = max_abs(&got, &want);
+    assert!(d < 1e-4, "tiny GGUF forward vs naive: {d}");
+    // Merges ranked by token order: a+b (12), then ab+c before a+bc (13), then ▁a+b before
+    // ▁+ab (15); "  " is respelled ▁▁ and splits as ▁ ▁ (no ▁▁ merge partner beyond it).
+    let tok = &m.tokenizer;
+    assert_eq!(tok.encode("abc ab", true).unwrap(), vec![2, 13, 15]);
+    assert_eq!(tok.encode("abc ab", false).unwrap(), vec![13, 15]);
+    assert_eq!(tok.decode(&[13, 15], false).unwrap(), "abc ab");
+    assert_eq!(tok.encode("  a", false).unwrap(), vec![7, 9]);
+    // Control and user-defined tokens whole; z by byte fallback, y (no byte token) as <unk>.
+    assert_eq!(
+        tok.encode("<start_of_turn>ab<end_of_turn>\nz", false)
+            .unwrap(),
+        vec![4, 12, 5, 6, 17]
+    );
+    assert_eq!(tok.decode(&[17, 9], false).unwrap(), "za");
+    assert_eq!(tok.encode("y", false).unwrap(), vec![3]);
+    assert_eq!(tok.decode(&[2, 9, 1], true).unwrap(), "a");
 }
 
 // ---------------------------------------------------------------------------------------------
