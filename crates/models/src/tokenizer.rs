@@ -373,7 +373,7 @@ impl Tokenizer {
         let added = |want: u64, special: bool| -> Vec<tokenizers::AddedToken> {
             orig.iter()
                 .zip(&types)
-                .filter(|(t, &ty)| ty == want && in_vocab.contains(t.as_str()))
+                .filter(|(t, &ty)| ty == want && !t.is_empty() && in_vocab.contains(t.as_str()))
                 .map(|(t, _)| tokenizers::AddedToken::from(t.clone(), special).normalized(false))
                 .collect()
         };

@@ -376,7 +376,7 @@ fn gemma3_config_refuses_bad_values() {
 /// The tiny weights as a gemma3 GGUF the way llama.cpp writes one: llama.cpp tensor names,
 /// norm weights stored as 1 + w, and a SentencePiece vocabulary with control, user-defined
 /// (including a run of spaces, which the loader must respell) and byte tokens.
-fn tiny_gguf() -> Vec<u8> {
+fn tiny_gguf() -> models::testing::gguf_bytes::RawGguf {
     use models::testing::gguf_bytes::{Meta, RawGguf};
     let mut g = RawGguf::new();
     g.set("general.architecture", Meta::Str("gemma3".into()));
@@ -476,14 +476,14 @@ fn tiny_gguf() -> Vec<u8> {
             .collect();
         g.push(&gname, dims, 0, data);
     }
-    g.to_bytes()
+    g
 }
 
 #[test]
 fn tiny_gemma3_gguf_loads_to_the_reference_model_and_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    std::fs::write(&path, tiny_gguf()).unwrap();
+    std::fs::write(&path, tiny_gguf().to_bytes()).unwrap();
     let m = Model::load(path.to_str().unwrap(), false).unwrap();
     let g = gemma(&m);
     // The GGUF implies local base 10000, scale head_dim^-½ and every 6th layer global (none
@@ -514,6 +514,88 @@ fn tiny_gemma3_gguf_loads_to_the_reference_model_and_tokenizer() {
     assert_eq!(tok.decode(&[17, 9], false).unwrap(), "za");
     assert_eq!(tok.encode("y", false).unwrap(), vec![3]);
     assert_eq!(tok.decode(&[2, 9, 1], true).unwrap(), "a");
+}
+
+#[test]
+fn bad_gemma3_gguf_files_give_one_error() {
+    use models::testing::gguf_bytes::{Meta, RawGguf};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.gguf");
+    let err = |edit: &dyn Fn(&mut RawGguf)| -> String {
+        let mut g = tiny_gguf();
+        edit(&mut g);
+        std::fs::write(&path, g.to_bytes()).unwrap();
+        match Model::load(path.to_str().unwrap(), false) {
+            Ok(_) => panic!("a bad gemma3 GGUF loaded"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let tokens = |g: &mut RawGguf, f: &dyn Fn(&mut Vec<String>)| {
+        if let Some((_, Meta::Strs(t))) = g
+            .meta
+            .iter_mut()
+            .find(|(k, _)| k == "tokenizer.ggml.tokens")
+        {
+            f(t);
+        }
+    };
+    for (edit, want) in [
+        (
+            &(|g: &mut RawGguf| g.set("gemma3.attention.sliding_window", Meta::U32(0)))
+                as &dyn Fn(&mut RawGguf),
+            "sliding_window",
+        ),
+        (
+            &|g| g.set("gemma3.attention.key_length", Meta::U32(7)),
+            "head_dim",
+        ),
+        (
+            &|g| g.set("gemma3.attention.head_count", Meta::U32(0)),
+            "num_attention_heads",
+        ),
+        (
+            &|g| g.set("gemma3.context_length", Meta::U32(u32::MAX)),
+            "max_position_embeddings",
+        ),
+        (
+            &|g| g.set("tokenizer.ggml.unknown_token_id", Meta::U32(999)),
+            "unknown_token_id",
+        ),
+        (
+            &|g| g.set("tokenizer.ggml.bos_token_id", Meta::U32(32)),
+            "bos",
+        ),
+        (
+            &|g| g.tensors.retain(|t| t.name != "blk.1.post_ffw_norm.weight"),
+            "post_feedforward_layernorm",
+        ),
+        (&|g| tokens(g, &|t| t.truncate(2)), "vocabulary"),
+    ] {
+        let e = err(edit);
+        assert!(
+            e.contains(want) && !e.contains('\n'),
+            "want '{want}' in one line: {e}"
+        );
+    }
+    // Only gemma3 gets the SentencePiece builder (others rank merges by score).
+    let mut g = models::testing::tiny_llama_gguf().unwrap();
+    g.set("tokenizer.ggml.model", Meta::Str("llama".into()));
+    std::fs::write(&path, g.to_bytes()).unwrap();
+    let e = Model::load(path.to_str().unwrap(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gemma3 GGUF files only"), "{e}");
+    // Empty or repeated token strings are odd but not fatal: the file still loads or errors.
+    for f in [
+        &(|t: &mut Vec<String>| t[10] = String::new()) as &dyn Fn(&mut Vec<String>),
+        &|t| t[20] = "a".into(),
+        &|t| t[4] = String::new(),
+    ] {
+        let mut g = tiny_gguf();
+        tokens(&mut g, f);
+        std::fs::write(&path, g.to_bytes()).unwrap();
+        let _ = Model::load(path.to_str().unwrap(), false);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
