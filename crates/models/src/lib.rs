@@ -10,6 +10,7 @@ pub mod error;
 pub mod export;
 pub mod frozen;
 pub mod fused;
+pub mod gemma3;
 pub mod generate;
 pub mod gguf;
 pub mod half;

@@ -93,11 +93,27 @@ pub struct Llama {
 
 /// cos/sin tables [max_pos, head_dim/2] with the configured frequency scaling.
 fn rope_tables(cfg: &LlamaConfig, dev: &Device) -> Result<(Tensor, Tensor)> {
-    let hd = cfg.head_dim();
+    rope_tables_for(
+        cfg.rope_theta,
+        cfg.rope_scaling.as_ref(),
+        cfg.head_dim(),
+        cfg.max_position_embeddings,
+        dev,
+    )
+}
+
+/// [`rope_tables`] from the parts (gemma3 builds one table per base frequency).
+pub(crate) fn rope_tables_for(
+    theta: f64,
+    scaling: Option<&crate::config::RopeScaling>,
+    hd: usize,
+    max_pos: usize,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
     let mut inv: Vec<f64> = (0..hd / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64))
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64))
         .collect();
-    if let Some(rs) = &cfg.rope_scaling {
+    if let Some(rs) = scaling {
         let factor = rs.factor.unwrap_or(1.0);
         match rs.rope_type.as_deref().unwrap_or("default") {
             "linear" => inv.iter_mut().for_each(|f| *f /= factor),
@@ -121,7 +137,7 @@ fn rope_tables(cfg: &LlamaConfig, dev: &Device) -> Result<(Tensor, Tensor)> {
             _ => {}
         }
     }
-    let n = cfg.max_position_embeddings.max(1);
+    let n = max_pos.max(1);
     let mut cos = Vec::with_capacity(n * hd / 2);
     let mut sin = Vec::with_capacity(n * hd / 2);
     for p in 0..n {

@@ -4,6 +4,7 @@
 use crate::arch::{CausalLm, Encoder};
 use crate::bert::Bert;
 use crate::config::{self, BertConfig, LlamaConfig};
+use crate::gemma3::{Gemma3, Gemma3Config};
 use crate::gguf::GgufFile;
 use crate::hub::{self, Format, ModelSource};
 use crate::linear::Linear;
@@ -40,6 +41,7 @@ pub struct Model {
 type Build = fn(&Path, &str, &Tokenizer, &dyn WeightSource) -> Result<Arch>;
 const REGISTRY: &[(&[&str], Build)] = &[
     (&["llama", "qwen2", "mistral"], build_llama),
+    (&["gemma3_text"], build_gemma3),
     (&["bert"], build_bert),
 ];
 
@@ -58,6 +60,14 @@ fn build_llama(cfg_path: &Path, mt: &str, tok: &Tokenizer, w: &dyn WeightSource)
     cfg.validate(cfg_path)?;
     tok.check_fits(cfg.vocab_size, &cfg_path.with_file_name("tokenizer.json"))?;
     Ok(Arch::Causal(Box::new(Llama::new(cfg, w)?)))
+}
+
+fn build_gemma3(cfg_path: &Path, mt: &str, tok: &Tokenizer, w: &dyn WeightSource) -> Result<Arch> {
+    let mut cfg: Gemma3Config = config::read_json(cfg_path)?;
+    cfg.model_type = mt.to_string();
+    cfg.validate(cfg_path)?;
+    tok.check_fits(cfg.vocab_size, &cfg_path.with_file_name("tokenizer.json"))?;
+    Ok(Arch::Causal(Box::new(Gemma3::new(cfg, w)?)))
 }
 
 fn build_bert(cfg_path: &Path, _mt: &str, tok: &Tokenizer, w: &dyn WeightSource) -> Result<Arch> {
@@ -344,15 +354,24 @@ pub fn component(name: &str) -> &'static str {
     }
 }
 
+/// The architectures mpolm reads from GGUF files, by `general.architecture`.
+enum GgufConfig {
+    Llama(LlamaConfig),
+    Gemma3(Gemma3Config),
+}
+
 fn load_gguf(
     path: &Path,
     progress: bool,
     mode: GgufWeights,
 ) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)> {
     let g = GgufFile::open(path)?;
-    let cfg = g.llama_config()?;
+    // The config first: an architecture mpolm lacks is the message, whatever its tokenizer.
+    let cfg = match g.architecture()?.as_str() {
+        "gemma3" => GgufConfig::Gemma3(g.gemma3_config()?),
+        _ => GgufConfig::Llama(g.llama_config()?),
+    };
     let tokenizer = Tokenizer::from_gguf(&g)?;
-    tokenizer.check_fits(cfg.vocab_size, path)?;
     let pb = progress.then(|| {
         let pb = indicatif::ProgressBar::new(0);
         pb.set_style(
@@ -364,12 +383,31 @@ fn load_gguf(
         );
         pb
     });
-    // llama.cpp interleaves llama's q/k rows for its RoPE; the source puts them back.
-    let heads = (cfg.model_type == "llama").then(|| (cfg.num_attention_heads, cfg.num_kv_heads()));
-    let src = GgufSource::new(&g, heads, mode == GgufWeights::Quantized, pb)?;
-    let arch = Arch::Causal(Box::new(Llama::new(cfg, &src)?));
-    let types = src.stored_types();
-    src.finish();
+    let keep = mode == GgufWeights::Quantized;
+    let (arch, types) = match cfg {
+        GgufConfig::Gemma3(cfg) => {
+            tokenizer.check_fits(cfg.vocab_size, path)?;
+            // llama.cpp's converter stores Gemma's zero-centred norm weights as 1 + w; they
+            // are put back to w, as transformers' GGUF loader does. No q/k permutation.
+            let src = GgufSource::new(&g, &crate::gguf::names::GEMMA3, None, keep, pb)?
+                .with_norms_shifted(-1.0);
+            let arch = Arch::Causal(Box::new(Gemma3::new(cfg, &src)?));
+            let types = src.stored_types();
+            src.finish();
+            (arch, types)
+        }
+        GgufConfig::Llama(cfg) => {
+            tokenizer.check_fits(cfg.vocab_size, path)?;
+            // llama.cpp interleaves llama's q/k rows for its RoPE; the source puts them back.
+            let heads =
+                (cfg.model_type == "llama").then(|| (cfg.num_attention_heads, cfg.num_kv_heads()));
+            let src = GgufSource::new(&g, &crate::gguf::names::LLAMA, heads, keep, pb)?;
+            let arch = Arch::Causal(Box::new(Llama::new(cfg, &src)?));
+            let types = src.stored_types();
+            src.finish();
+            (arch, types)
+        }
+    };
     Ok((arch, tokenizer, types))
 }
 

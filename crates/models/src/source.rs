@@ -101,6 +101,8 @@ impl WeightSource for Weights {
 /// [`QLinear`]: crate::qlinear::QLinear
 pub struct GgufSource<'a> {
     file: &'a GgufFile,
+    /// Added to every norm weight as read (Gemma's converter stores 1 + w).
+    norm_shift: f64,
     reader: Mutex<std::fs::File>,
     /// HF name → GGUF name.
     names: HashMap<String, String>,
@@ -111,8 +113,11 @@ pub struct GgufSource<'a> {
 }
 
 impl<'a> GgufSource<'a> {
+    /// `table`: the architecture's GGUF ↔ HF names; `heads`: query and key-value head counts
+    /// when llama.cpp interleaved the q/k rows for its RoPE (llama only).
     pub fn new(
         file: &'a GgufFile,
+        table: &gguf::names::NameTable,
         heads: Option<(usize, usize)>,
         keep_quantized: bool,
         progress: Option<indicatif::ProgressBar>,
@@ -122,7 +127,7 @@ impl<'a> GgufSource<'a> {
         gnames.sort();
         for g in gnames {
             // Tensors we do not model (e.g. rope_freqs) keep their GGUF name.
-            let hf = gguf::hf_name(g).unwrap_or_else(|| g.clone());
+            let hf = table.hf_name(g).unwrap_or_else(|| g.clone());
             if let Some(other) = names.insert(hf.clone(), g.clone()) {
                 return Err(file.err(format!(
                     "tensors '{}' and '{}' both give '{}'",
@@ -139,12 +144,19 @@ impl<'a> GgufSource<'a> {
             Mutex::new(std::fs::File::open(&file.path).map_err(|e| Error::io(&file.path, e))?);
         Ok(GgufSource {
             file,
+            norm_shift: 0.0,
             reader,
             names,
             heads,
             keep_quantized,
             progress,
         })
+    }
+
+    /// Norm weights read with `by` added (Gemma's norms are stored as 1 + w).
+    pub fn with_norms_shifted(mut self, by: f64) -> Self {
+        self.norm_shift = by;
+        self
     }
 
     /// Read one tensor as stored, its block scales or values checked for NaN/Inf.
@@ -230,7 +242,7 @@ impl<'a> GgufSource<'a> {
         let cfg = file.llama_config()?;
         let heads =
             (cfg.model_type == "llama").then(|| (cfg.num_attention_heads, cfg.num_kv_heads()));
-        Self::new(file, heads, keep_quantized, None)
+        Self::new(file, &gguf::names::LLAMA, heads, keep_quantized, None)
     }
 
     pub fn finish(self) {
@@ -259,6 +271,9 @@ impl WeightSource for GgufSource<'_> {
             .map_err(|e| self.file.err(format!("tensor '{shown}': {e}")))?;
         if let Some(n) = self.permuted_heads(name) {
             t = gguf::unpermute(&t, n)?;
+        }
+        if self.norm_shift != 0.0 && name.ends_with("norm.weight") {
+            t = (t + self.norm_shift)?;
         }
         Ok(t)
     }

@@ -122,9 +122,9 @@ impl Tokenizer {
         let model = g
             .meta_str("tokenizer.ggml.model")
             .map_err(|e| err(e.to_string()))?;
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(err(format!(
-                "tokenizer model '{}' is not supported yet (only byte-level BPE, 'gpt2'); use an HF directory with tokenizer.json",
+                "tokenizer model '{}' is not supported yet (byte-level BPE 'gpt2' and SentencePiece 'llama'); use an HF directory with tokenizer.json",
                 untrusted::escape(&model)
             )));
         }
@@ -135,6 +135,18 @@ impl Tokenizer {
                 .collect::<Result<Vec<_>>>()?,
             _ => return Err(err("missing tokenizer.ggml.tokens".into())),
         };
+        if model == "llama" {
+            // Other SentencePiece GGUFs rank merges by score and add a prefix space, which this
+            // builder (Gemma's rules) does not; they stay refused rather than tokenized wrong.
+            let arch = g.architecture().unwrap_or_default();
+            if !matches!(arch.as_str(), "gemma3") {
+                return Err(err(format!(
+                    "SentencePiece ('llama') tokenizers are supported for gemma3 GGUF files only, not '{}'; use an HF directory with tokenizer.json",
+                    untrusted::escape(&arch)
+                )));
+            }
+            return Self::spm_from_gguf(g, tokens);
+        }
         let merges: Vec<String> = match g.meta("tokenizer.ggml.merges") {
             Some(Value::Array(a)) => a
                 .iter()
@@ -222,6 +234,160 @@ impl Tokenizer {
             chat_template,
             bos_token: bos_id.and_then(|b| tokens.get(b as usize).cloned()),
             eos_token: eos_id.and_then(|e| tokens.get(e as usize).cloned()),
+        })
+    }
+
+    /// A SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`) rebuilt as BPE the way
+    /// transformers' GGUF converter does for Gemma (`gemma_tokenizer` in its
+    /// gguf_tokenizer_mapping): tokens of two or more spaces respelled with ▁, merges derived
+    /// from the vocabulary and ranked by the tokens' order in the file (Gemma's scores do not
+    /// follow its merge order), byte fallback, spaces normalized to ▁, control tokens as special
+    /// added tokens and user-defined ones (`\n`, `<start_of_turn>`'s neighbours) as plain added
+    /// tokens, BOS prepended unless the file says not to.
+    fn spm_from_gguf(g: &GgufFile, tokens: Vec<String>) -> Result<Self> {
+        let err = |m: String| Error::Tokenizer(format!("{}: {m}", g.path.display()));
+        let n = tokens.len();
+        // Python's str.isspace, which the converter's strip() uses.
+        let blank = |t: &str| {
+            t.chars()
+                .all(|c| c.is_whitespace() || ('\x1c'..='\x1f').contains(&c))
+        };
+        let orig = tokens;
+        let tokens: Vec<String> = orig
+            .iter()
+            .cloned()
+            .map(|t| {
+                if t.contains(' ') && blank(&t) {
+                    "\u{2581}".repeat(t.chars().count())
+                } else {
+                    t
+                }
+            })
+            .collect();
+        let types: Vec<u64> = match g.meta("tokenizer.ggml.token_type") {
+            Some(Value::Array(a)) => a.iter().map(|v| as_u64(v).unwrap_or(1)).collect(),
+            _ => vec![1; n],
+        };
+        let id = |k: &str| {
+            g.meta(k)
+                .and_then(as_u64)
+                .map(|x| u32::try_from(x).unwrap_or(u32::MAX))
+        };
+        let bos_id = id("tokenizer.ggml.bos_token_id");
+        let eos_id = id("tokenizer.ggml.eos_token_id");
+        let unk_id = id("tokenizer.ggml.unknown_token_id");
+        for (key, v) in [("bos", bos_id), ("eos", eos_id), ("unknown", unk_id)] {
+            if let Some(v) = v.filter(|&v| v as usize >= n) {
+                return Err(err(format!(
+                    "tokenizer.ggml.{key}_token_id {v} is outside the {n}-token vocabulary"
+                )));
+            }
+        }
+        // A missing flag means BOS for SentencePiece vocabularies (llama.cpp, transformers).
+        let add_bos = !matches!(
+            g.meta("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(false))
+        );
+
+        // Python dict semantics: a repeated token keeps its last id, first place in the order.
+        let mut vocab: std::collections::HashMap<String, u32> =
+            std::collections::HashMap::with_capacity(n);
+        let mut order: Vec<&str> = Vec::with_capacity(n);
+        for (i, t) in tokens.iter().enumerate() {
+            if vocab.insert(t.clone(), i as u32).is_none() {
+                order.push(t);
+            }
+        }
+        // Every split of a token into two tokens is a merge, ranked by the token's position,
+        // then longer left, then longer right (transformers' generate_merges, stable sorts).
+        let mut merges: Vec<(u32, usize, usize, &str, &str)> = Vec::new();
+        for t in order {
+            let rank = vocab[t];
+            let mut local: Vec<(u32, u32, &str, &str)> = Vec::new();
+            for (pos, _) in t.char_indices().skip(1) {
+                let (l, r) = t.split_at(pos);
+                if let (Some(&il), Some(&ir)) = (vocab.get(l), vocab.get(r)) {
+                    local.push((il, ir, l, r));
+                }
+            }
+            local.sort_by_key(|m| (m.0, m.1));
+            merges.extend(
+                local
+                    .into_iter()
+                    .map(|(_, _, l, r)| (rank, l.chars().count(), r.chars().count(), l, r)),
+            );
+        }
+        merges.sort_by(|a, b| (a.0, b.1, b.2).cmp(&(b.0, a.1, a.2)));
+        let merges: Vec<(String, String)> = merges
+            .into_iter()
+            .map(|(_, _, _, l, r)| (l.to_string(), r.to_string()))
+            .collect();
+        let mut bpe = tokenizers::models::bpe::BPE::builder()
+            .vocab_and_merges(
+                vocab
+                    .into_iter()
+                    .collect::<tokenizers::models::bpe::Vocab>(),
+                merges,
+            )
+            .fuse_unk(true)
+            .byte_fallback(true);
+        if let Some(u) = unk_id {
+            bpe = bpe.unk_token(tokens[u as usize].clone());
+        }
+        let bpe = bpe
+            .build()
+            .map_err(|e| err(format!("cannot build tokenizer from GGUF metadata: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let normalizer: tokenizers::NormalizerWrapper = serde_json::from_value(
+            json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
+        )
+        .map_err(|e| err(e.to_string()))?;
+        let pre: tokenizers::PreTokenizerWrapper = serde_json::from_value(json!(
+            {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false}
+        ))
+        .map_err(|e| err(e.to_string()))?;
+        let decoder: tokenizers::DecoderWrapper = serde_json::from_value(json!(
+            {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]}
+        ))
+        .map_err(|e| err(e.to_string()))?;
+        inner.with_normalizer(Some(normalizer));
+        inner.with_pre_tokenizer(Some(pre));
+        inner.with_decoder(Some(decoder));
+        if let (true, Some(b)) = (add_bos, bos_id) {
+            let bos = &tokens[b as usize];
+            let post: tokenizers::PostProcessorWrapper = serde_json::from_value(json!(
+                {"type": "TemplateProcessing",
+                 "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                 "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                          {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                 "special_tokens": {bos.clone(): {"id": bos, "ids": [b], "tokens": [bos]}}}
+            ))
+            .map_err(|e| err(e.to_string()))?;
+            inner.with_post_processor(Some(post));
+        }
+        // Added tokens keep the file's spelling; a respelled run of spaces is then no longer
+        // in the vocabulary and is left to BPE, as in transformers.
+        let in_vocab: std::collections::HashSet<&str> = tokens.iter().map(|t| t.as_str()).collect();
+        let added = |want: u64, special: bool| -> Vec<tokenizers::AddedToken> {
+            orig.iter()
+                .zip(&types)
+                .filter(|(t, &ty)| ty == want && !t.is_empty() && in_vocab.contains(t.as_str()))
+                .map(|(t, _)| tokenizers::AddedToken::from(t.clone(), special).normalized(false))
+                .collect()
+        };
+        // Control (3) tokens are special; user-defined (4) ones are matched whole but are text.
+        inner.add_special_tokens(&added(3, true));
+        inner.add_tokens(&added(4, false));
+        let chat_template = g.meta_str("tokenizer.chat_template").ok();
+        Ok(Tokenizer {
+            inner,
+            bos_id,
+            eos_ids: eos_id.into_iter().collect(),
+            chat_template,
+            bos_token: bos_id.and_then(|b| orig.get(b as usize).cloned()),
+            eos_token: eos_id.and_then(|e| orig.get(e as usize).cloned()),
         })
     }
 

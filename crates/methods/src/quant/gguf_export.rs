@@ -398,7 +398,13 @@ fn quantize_bytes(t: &Tensor, ty: GgmlDType) -> Result<Vec<u8>> {
 pub fn export_gguf(m: &Model, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
     let t0 = std::time::Instant::now();
     let llama = match &m.arch {
-        Arch::Causal(_) => m.llama()?,
+        Arch::Causal(c) => m.llama().map_err(|_| {
+            Error::Msg(format!(
+                "{} is a {} model; GGUF export writes llama-family models only (llama, qwen2, mistral)",
+                m.source.name,
+                c.model_type()
+            ))
+        })?,
         Arch::Encoder(_) => {
             return Err(Error::Msg(format!(
                 "{} is an encoder ({}); GGUF export needs a causal LM (llama, qwen2, mistral)",

@@ -166,6 +166,88 @@ impl GgufFile {
         cfg.validate(&self.path)?;
         Ok(cfg)
     }
+
+    /// Gemma 3 config from `gemma3.*` metadata. What the file does not say takes the values
+    /// transformers and llama.cpp assume for gemma3: local RoPE base 10000, every 6th layer
+    /// global, query_pre_attn_scalar = head_dim (llama.cpp's rule for all sizes but 27B).
+    pub fn gemma3_config(&self) -> Result<crate::gemma3::Gemma3Config> {
+        let arch = self.architecture()?;
+        if arch != "gemma3" {
+            return Err(Error::UnsupportedArch {
+                path: self.path.clone(),
+                arch: escape(&arch),
+                supported: "gemma3".into(),
+            });
+        }
+        let k = |s: &str| format!("gemma3.{s}");
+        let hidden = self.meta_usize(&k("embedding_length"))?;
+        let n_heads = self.meta_usize(&k("attention.head_count"))?;
+        let n_kv = match self.meta(&k("attention.head_count_kv")) {
+            None => n_heads,
+            Some(_) => self.meta_usize(&k("attention.head_count_kv"))?,
+        };
+        let head_dim = match self.meta(&k("attention.key_length")) {
+            Some(_) => self.meta_usize(&k("attention.key_length"))?,
+            None => hidden.checked_div(n_heads).unwrap_or(0),
+        };
+        let vocab = match self.content.tensor_infos.get("token_embd.weight") {
+            Some(t) => t.shape.dims().first().copied().unwrap_or(0),
+            None => return Err(self.err("missing tensor 'token_embd.weight'".into())),
+        };
+        let id = |key: &str| -> Result<Option<u32>> {
+            match self.meta(key) {
+                None => Ok(None),
+                Some(v) => Ok(Some(
+                    as_u64(v)
+                        .and_then(|x| u32::try_from(x).ok())
+                        .ok_or_else(|| self.err(format!("{key} is not a token id")))?,
+                )),
+            }
+        };
+        let rope_scaling = match self.meta(&k("rope.scaling.type")) {
+            Some(Value::String(t)) if t != "none" => Some(RopeScaling {
+                rope_type: Some(t.clone()),
+                factor: self.meta_f64(&k("rope.scaling.factor")),
+                low_freq_factor: None,
+                high_freq_factor: None,
+                original_max_position_embeddings: self
+                    .meta_usize(&k("rope.scaling.original_context_length"))
+                    .ok(),
+            }),
+            _ => None,
+        };
+        let cfg = crate::gemma3::Gemma3Config {
+            model_type: "gemma3_text".into(),
+            hidden_size: hidden,
+            intermediate_size: self.meta_usize(&k("feed_forward_length"))?,
+            num_hidden_layers: self.meta_usize(&k("block_count"))?,
+            num_attention_heads: n_heads,
+            num_key_value_heads: Some(n_kv),
+            head_dim,
+            rms_norm_eps: self
+                .meta_f64(&k("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-6),
+            rope_theta: self.meta_f64(&k("rope.freq_base")).unwrap_or(1_000_000.0),
+            rope_local_base_freq: 10_000.0,
+            rope_scaling,
+            max_position_embeddings: self.meta_usize(&k("context_length")).unwrap_or(32768),
+            vocab_size: vocab,
+            query_pre_attn_scalar: head_dim as f64,
+            sliding_window: self
+                .meta_usize(&k("attention.sliding_window"))
+                .unwrap_or(4096),
+            sliding_window_pattern: 6,
+            layer_types: None,
+            final_logit_softcapping: self.meta_f64(&k("final_logit_softcapping")),
+            attn_logit_softcapping: self.meta_f64(&k("attn_logit_softcapping")),
+            hidden_activation: "gelu_pytorch_tanh".into(),
+            tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
+            bos_token_id: id("tokenizer.ggml.bos_token_id")?,
+            eos_token_id: id("tokenizer.ggml.eos_token_id")?.map(|e| serde_json::json!(e)),
+        };
+        cfg.validate(&self.path)?;
+        Ok(cfg)
+    }
 }
 
 /// The first NaN/infinite number of a tensor's raw data: every value of a float type, or

@@ -31,11 +31,37 @@ pub const LLAMA: NameTable = NameTable {
     ],
 };
 
+/// gemma3: four norms per layer and q/k norms; llama.cpp's `ffn_norm` is Gemma's
+/// pre-feedforward norm, not llama's post-attention one.
+pub const GEMMA3: NameTable = NameTable {
+    global: &[
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
+    ],
+    layer: &[
+        ("attn_norm", "input_layernorm"),
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("attn_q_norm", "self_attn.q_norm"),
+        ("attn_k_norm", "self_attn.k_norm"),
+        ("post_attention_norm", "post_attention_layernorm"),
+        ("ffn_norm", "pre_feedforward_layernorm"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("ffn_up", "mlp.up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+        ("post_ffw_norm", "post_feedforward_layernorm"),
+    ],
+};
+
 /// The table of a GGUF `general.architecture` (or HF `model_type`); None when mpolm has no
 /// names for it.
 pub fn table(arch: &str) -> Option<&'static NameTable> {
     match arch {
         "llama" | "qwen2" | "mistral" => Some(&LLAMA),
+        "gemma3" | "gemma3_text" => Some(&GEMMA3),
         _ => None,
     }
 }
