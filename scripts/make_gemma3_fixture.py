@@ -155,6 +155,8 @@ def main():
         ids_ns = tok(text, add_special_tokens=False).input_ids
         cases.append({"text": text, "ids": ids, "ids_no_special": ids_ns, "decoded": tok.decode(ids_ns)})
 
+    config = jsonable(model.config.to_dict())
+    config.pop("_name_or_path", None)  # the temporary directory the GGUF was linked into
     fixture = {
         "alias": ALIAS,
         "generator": gen_versions,
@@ -163,7 +165,7 @@ def main():
         "tokenizer_cases": cases,
         "chat_template": tok.chat_template,
         "logits": {"top_k": TOP_K, "spread_stride": STRIDE, "spread_count": len(spread)},
-        "config": jsonable(model.config.to_dict()),
+        "config": config,
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,
         "pad_token_id": tok.pad_token_id,
