@@ -322,13 +322,6 @@ fn as_lora(l: &dyn LinearLayer) -> Option<&LoraLinear> {
     l.as_any().downcast_ref::<LoraLinear>()
 }
 
-fn placeholder() -> Box<dyn LinearLayer> {
-    Box::new(Dense {
-        weight: Tensor::zeros((0, 0), DType::F32, &Device::Cpu).expect("empty tensor"),
-        bias: None,
-    })
-}
-
 fn some_names(model: &Model) -> String {
     let names: Vec<String> = model.linears().into_iter().map(|(n, _)| n).collect();
     let mut s = names.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
@@ -377,16 +370,17 @@ pub fn apply(model: &mut Model, cfg: &LoraConfig) -> Result<Vec<(String, Var)>> 
         let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
         out.push((format!("{name}.lora_A.weight"), a.clone()));
         out.push((format!("{name}.lora_B.weight"), b.clone()));
-        let base = lin.replace(placeholder());
-        lin.replace(Box::new(LoraLinear::build(
-            base,
-            a,
-            b,
-            cfg.alpha,
-            cfg.dropout,
-            cfg.seed,
-            idx as u64,
-        )));
+        lin.wrap(|base| {
+            Box::new(LoraLinear::build(
+                base,
+                a,
+                b,
+                cfg.alpha,
+                cfg.dropout,
+                cfg.seed,
+                idx as u64,
+            ))
+        });
     }
     Ok(out)
 }
@@ -954,16 +948,12 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<LoraConfig> {
             lin.replace(Box::new(Dense { weight, bias }));
         }
         if let Some((a, b)) = loras.remove(&idx) {
-            let base = lin.replace(placeholder());
-            lin.replace(Box::new(LoraLinear::build(
-                base,
-                Var::from_tensor(&a)?,
-                Var::from_tensor(&b)?,
-                alpha,
-                dropout,
-                seed,
-                idx as u64,
-            )));
+            let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+            lin.wrap(|base| {
+                Box::new(LoraLinear::build(
+                    base, a, b, alpha, dropout, seed, idx as u64,
+                ))
+            });
         }
     }
     Ok(LoraConfig {

@@ -215,3 +215,83 @@ fn one_pass_loading_asks_the_source_for_each_linear_once() {
         .unwrap();
     assert_eq!(zero, 0.0, "the source's layer is the one the model holds");
 }
+
+/// An attention block that keeps the original's Linears but contributes nothing.
+#[derive(Debug)]
+struct Silent(Box<dyn models::SelfAttention>);
+
+impl models::SelfAttention for Silent {
+    fn forward(
+        &self,
+        x: &Tensor,
+        at: &models::arch::AttnInputs,
+        kv: Option<&mut models::cache::KvSlot>,
+    ) -> models::Result<Tensor> {
+        Ok(self.0.forward(x, at, kv)?.zeros_like()?)
+    }
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        self.0.linears()
+    }
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        self.0.linears_mut()
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Holds a block's place for an instant while its wrapper takes it.
+#[derive(Debug)]
+struct Hole;
+
+impl models::SelfAttention for Hole {
+    fn forward(
+        &self,
+        _: &Tensor,
+        _: &models::arch::AttnInputs,
+        _: Option<&mut models::cache::KvSlot>,
+    ) -> models::Result<Tensor> {
+        Err(models::Error::Msg("hole".into()))
+    }
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        Vec::new()
+    }
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        Vec::new()
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+#[test]
+fn an_attention_block_is_replaced_through_the_trait() {
+    // Silencing every attention block equals zeroing every o_proj.
+    let (_d, mut silent) = tiny_llama();
+    let models::Arch::Causal(lm) = &mut silent.arch else {
+        panic!("tiny llama is causal")
+    };
+    let mut n = 0;
+    for (prefix, block) in lm.attentions_mut() {
+        assert!(prefix.ends_with(".self_attn"));
+        let old = std::mem::replace(block, Box::new(Hole));
+        *block = Box::new(Silent(old));
+        n += 1;
+    }
+    assert!(n > 0);
+    let (_e, mut zeroed) = tiny_llama();
+    for (name, lin) in zeroed.linears_mut() {
+        if name.ends_with("o_proj") {
+            let w = lin.weight().unwrap().zeros_like().unwrap();
+            *lin = Linear::dense(w, None);
+        }
+    }
+    let d = max_abs_diff(&logits(&silent), &logits(&zeroed));
+    assert!(d < 1e-5, "{d}");
+    // The wrapper's Linears are still the model's, under the same names.
+    assert_eq!(silent.linears().len(), zeroed.linears().len());
+    assert_ne!(
+        max_abs_diff(&logits(&silent), &logits(&tiny_llama().1)),
+        0.0
+    );
+}

@@ -188,13 +188,6 @@ fn weight_vec(l: &dyn LinearLayer) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
-fn placeholder() -> Box<dyn LinearLayer> {
-    Box::new(Dense {
-        weight: Tensor::zeros((0, 0), DType::F32, &Device::Cpu).expect("empty tensor"),
-        bias: None,
-    })
-}
-
 /// Quantize one Linear (already validated), returning the packed layer and its report.
 fn quantize_one(
     name: &str,
@@ -446,18 +439,17 @@ impl LinearLayer for Tap {
 
 /// Wraps `lin` in a [`Tap`] calling `record`.
 pub(crate) fn tap(lin: &mut models::Linear, record: Record) {
-    let inner = lin.replace(placeholder());
-    lin.replace(Box::new(Tap { inner, record }));
+    lin.wrap(|inner| Box::new(Tap { inner, record }));
 }
 
 /// Puts back the layer of every [`Tap`] in the model.
 pub(crate) fn untap_all(m: &mut Model) {
     for (_, lin) in m.linears_mut() {
         if lin.inner().as_any().downcast_ref::<Tap>().is_some() {
-            let mut b = lin.replace(placeholder());
-            if let Some(t) = b.as_any_mut().downcast_mut::<Tap>() {
-                lin.replace(std::mem::replace(&mut t.inner, placeholder()));
-            }
+            lin.wrap(|mut b| match b.as_any_mut().downcast_mut::<Tap>() {
+                Some(t) => std::mem::replace(&mut t.inner, models::linear::empty()),
+                None => b,
+            });
         }
     }
 }

@@ -358,6 +358,13 @@ impl CausalLm for Llama {
             .map(|(i, l)| (format!("model.layers.{i}.mlp"), &mut l.mlp))
             .collect()
     }
+    fn attentions_mut(&mut self) -> Vec<(String, &mut Box<dyn SelfAttention>)> {
+        self.layers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, l)| (format!("model.layers.{i}.self_attn"), &mut l.attn))
+            .collect()
+    }
     fn tied_head(&self) -> bool {
         self.lm_head.is_none()
     }

@@ -92,6 +92,13 @@ pub trait CausalLm: std::fmt::Debug + Send + Sync {
     /// Each layer's feed-forward block with its HF prefix (`model.layers.N.mlp`).
     fn feed_forwards_mut(&mut self) -> Vec<(String, &mut Box<dyn FeedForward>)>;
 
+    /// Each layer's self-attention block with its HF prefix (`model.layers.N.self_attn`),
+    /// for architectures whose attention is a plain [`SelfAttention`] (empty otherwise:
+    /// gemma3's layers pick their own RoPE table and window).
+    fn attentions_mut(&mut self) -> Vec<(String, &mut Box<dyn SelfAttention>)> {
+        Vec::new()
+    }
+
     /// Whether the head is the embedding (no separate `lm_head`).
     fn tied_head(&self) -> bool;
 

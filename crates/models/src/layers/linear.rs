@@ -145,6 +145,15 @@ impl Int8Input {
     }
 }
 
+/// A 0×0 layer that holds a Linear's place for an instant while a wrapper takes the old one.
+pub fn empty() -> Box<dyn LinearLayer> {
+    Box::new(Dense {
+        weight: Tensor::zeros((0, 0), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .expect("an empty tensor allocates nothing"),
+        bias: None,
+    })
+}
+
 /// The swap point held by architectures.
 #[derive(Debug)]
 pub struct Linear {
@@ -175,6 +184,12 @@ impl Linear {
     /// Replace the implementation, returning the old one.
     pub fn replace(&mut self, new: Box<dyn LinearLayer>) -> Box<dyn LinearLayer> {
         std::mem::replace(&mut self.inner, new)
+    }
+    /// Replace the layer by `f(old)`: how a wrapper (a LoRA adapter, a calibration tap) takes
+    /// ownership of the layer it wraps.
+    pub fn wrap(&mut self, f: impl FnOnce(Box<dyn LinearLayer>) -> Box<dyn LinearLayer>) {
+        let old = std::mem::replace(&mut self.inner, empty());
+        self.inner = f(old);
     }
     pub fn inner(&self) -> &dyn LinearLayer {
         self.inner.as_ref()
