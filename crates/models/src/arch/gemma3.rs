@@ -316,54 +316,6 @@ fn softcap(x: &Tensor, cap: Option<f64>) -> candle_core::Result<Tensor> {
     }
 }
 
-/// Additive mask [b or 1, 1, t, T] for queries at cache positions `offset..offset + t`:
-/// causal, optionally limited to the last `window` keys (the query itself included, as
-/// transformers' sliding-window mask: key j is visible from i when i − j < window), plus key
-/// padding. None when nothing is masked.
-fn attention_mask(
-    b: usize,
-    t: usize,
-    offset: usize,
-    window: Option<usize>,
-    key_mask: Option<&Tensor>,
-    dev: &Device,
-) -> Result<Option<Tensor>> {
-    let total = offset + t;
-    let cuts = window.is_some_and(|w| total > w);
-    let causal = if t > 1 || cuts {
-        let w = window.unwrap_or(usize::MAX);
-        let m: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..total).map(move |j| {
-                    let q = i + offset;
-                    if j > q || q - j >= w {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        Some(Tensor::from_vec(m, (1, 1, t, total), dev)?)
-    } else {
-        None
-    };
-    let pad = match key_mask {
-        Some(km) => {
-            let km = km.to_dtype(DType::F32)?;
-            // 1 → 0, 0 → a large negative, so rows with every key padded stay finite.
-            Some(((km - 1.0)? * 1e30)?.reshape((b, 1, 1, total))?)
-        }
-        None => None,
-    };
-    Ok(match (causal, pad) {
-        (Some(c), Some(p)) => Some(c.broadcast_add(&p)?),
-        (Some(c), None) => Some(c),
-        (None, Some(p)) => Some(p),
-        (None, None) => None,
-    })
-}
-
 /// What one forward over `t` new positions after `offset` cached ones needs per layer kind.
 struct Masks {
     /// Whether the global / sliding layers take the generic path, and its additive mask.
@@ -452,10 +404,10 @@ impl Gemma3 {
         let dev = x.device();
         Ok(Masks {
             global: (!fused_ok)
-                .then(|| attention_mask(b, t, offset, None, key_mask, dev))
+                .then(|| crate::arch::attention_mask(b, t, offset, None, key_mask, dev))
                 .transpose()?,
             local: (!fused_ok || cuts)
-                .then(|| attention_mask(b, t, offset, Some(w), key_mask, dev))
+                .then(|| crate::arch::attention_mask(b, t, offset, Some(w), key_mask, dev))
                 .transpose()?,
         })
     }

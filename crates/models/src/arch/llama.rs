@@ -472,48 +472,7 @@ fn generic_attention_mask(
     if crate::fused::usable(inputs) {
         return Ok(None);
     }
-    attention_mask(b, t, offset, key_mask, inputs[0].device())
-}
-
-/// Additive mask [b or 1, 1, t, T]: causal over the new positions plus optional key padding.
-fn attention_mask(
-    b: usize,
-    t: usize,
-    offset: usize,
-    key_mask: Option<&Tensor>,
-    dev: &Device,
-) -> Result<Option<Tensor>> {
-    let total = offset + t;
-    let causal = if t > 1 {
-        let m: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..total).map(move |j| {
-                    if j > i + offset {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        Some(Tensor::from_vec(m, (1, 1, t, total), dev)?)
-    } else {
-        None
-    };
-    let pad = match key_mask {
-        Some(km) => {
-            let km = km.to_dtype(DType::F32)?;
-            // 1 → 0, 0 → -inf (as a large negative so fully masked rows stay finite).
-            Some(((km - 1.0)? * 1e30)?.reshape((b, 1, 1, total))?)
-        }
-        None => None,
-    };
-    Ok(match (causal, pad) {
-        (Some(c), Some(p)) => Some(c.broadcast_add(&p)?),
-        (Some(c), None) => Some(c),
-        (None, Some(p)) => Some(p),
-        (None, None) => None,
-    })
+    crate::arch::attention_mask(b, t, offset, None, key_mask, inputs[0].device())
 }
 
 impl SelfAttention for Attention {
