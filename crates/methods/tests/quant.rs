@@ -323,6 +323,33 @@ fn tiny_model_gptq_save_load_generate() {
             .unwrap();
     assert_eq!(qc["quant_method"], "gptq");
     assert_eq!(qc["desc_act"], true);
+    // config.json tells transformers/GPTQModel the same format, and the dtype actually stored.
+    let hc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let q = &hc["quantization_config"];
+    for k in [
+        "quant_method",
+        "bits",
+        "group_size",
+        "desc_act",
+        "sym",
+        "damp_percent",
+        "true_sequential",
+        "checkpoint_format",
+    ] {
+        assert_eq!(q[k], qc[k], "quantization_config.{k}");
+    }
+    assert_eq!(hc["torch_dtype"], "float16");
+    let raw =
+        candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    for (name, t) in &raw {
+        assert!(
+            matches!(t.dtype(), candle_core::DType::F16 | candle_core::DType::I32),
+            "{name} is {:?}",
+            t.dtype()
+        );
+    }
     let st = models::weights::load_safetensors(&out.join("model.safetensors")).unwrap();
     assert_eq!(
         st["model.layers.0.self_attn.q_proj.qweight"].dims(),

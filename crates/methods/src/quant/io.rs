@@ -146,8 +146,30 @@ pub fn save_quantized(m: &Model, dir: &Path, cfg: &QuantizeConfig) -> Result<()>
         tensors.insert(name, f16(t)?);
     }
     let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
-    models::export::write_hf_dir(m, dir, &tensors, &[(QUANT_CONFIG, text)])?;
+    models::export::write_hf_dir_with(m, dir, &tensors, &[(QUANT_CONFIG, text)], hf_config(&cfg))?;
     Ok(())
+}
+
+/// What transformers (and GPTQModel) read from config.json: `quantization_config` with the
+/// fields of quantize_config.json that describe the format, and `torch_dtype` float16, the
+/// dtype of every stored float tensor.
+pub fn hf_config(cfg: &QuantizeConfig) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert(
+        "quantization_config".into(),
+        serde_json::json!({
+            "quant_method": cfg.quant_method,
+            "bits": cfg.bits,
+            "group_size": cfg.group_size,
+            "desc_act": cfg.desc_act,
+            "sym": cfg.sym,
+            "damp_percent": cfg.damp_percent,
+            "true_sequential": cfg.true_sequential,
+            "checkpoint_format": cfg.checkpoint_format,
+        }),
+    );
+    m.insert("torch_dtype".into(), serde_json::json!("float16"));
+    m
 }
 
 /// Load a checkpoint written by [`save_quantized`] (or any AutoGPTQ v1 checkpoint of a llama-

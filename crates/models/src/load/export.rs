@@ -49,6 +49,18 @@ pub fn write_hf_dir(
     tensors: &HashMap<String, Tensor>,
     extra_files: &[(&str, String)],
 ) -> Result<()> {
+    write_hf_dir_with(m, dir, tensors, extra_files, serde_json::Map::new())
+}
+
+/// [`write_hf_dir`] with `config` keys set over the architecture's config.json (what a
+/// method's checkpoint tells other tools: `quantization_config`, the stored `torch_dtype`).
+pub fn write_hf_dir_with(
+    m: &Model,
+    dir: &Path,
+    tensors: &HashMap<String, Tensor>,
+    extra_files: &[(&str, String)],
+    config: serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
     if dir.exists()
         && std::fs::read_dir(dir)
             .map(|mut d| d.next().is_some())
@@ -71,7 +83,14 @@ pub fn write_hf_dir(
     };
     w(
         "config.json",
-        serde_json::to_string_pretty(&config_json(m)?).unwrap_or_default(),
+        serde_json::to_string_pretty(&{
+            let mut c = config_json(m)?;
+            if let Some(obj) = c.as_object_mut() {
+                obj.extend(config);
+            }
+            c
+        })
+        .unwrap_or_default(),
     )?;
     m.tokenizer
         .inner
