@@ -543,7 +543,8 @@ pub fn save_peft(
     let config = json!({
         "alpha_pattern": {},
         "auto_mapping": null,
-        "base_model_name_or_path": base_model,
+        "base_model_name_or_path": peft_base(model, base_model),
+        "mpolm_base_model": base_model,
         "bias": "none",
         "exclude_modules": null,
         "fan_in_fan_out": false,
@@ -599,13 +600,31 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
     dir.join(ADAPTER_CONFIG).exists()
 }
 
-/// The `base_model_name_or_path` of the adapter `dir`.
+/// What PEFT's `AutoPeftModel` is told the base is: the directory the base model was read
+/// from when it is a plain HF directory (an alias means nothing to PEFT), else the name as
+/// given (a GGUF file, a method checkpoint, another adapter: mpolm resolves those itself).
+fn peft_base(model: &Model, base_model: &str) -> String {
+    let plain_dir = crate::Kind::of(base_model) == crate::Kind::Plain
+        && model.source.format == models::hub::Format::HfDir;
+    match plain_dir.then(|| std::fs::canonicalize(&model.source.path)) {
+        Some(Ok(p)) => p.display().to_string(),
+        _ => base_model.to_string(),
+    }
+}
+
+/// The base model of the adapter `dir` as mpolm names it: `mpolm_base_model` (the alias or
+/// path given when mpolm wrote it, portable across machines), else PEFT's
+/// `base_model_name_or_path`.
 pub fn adapter_base(dir: &Path) -> Result<String> {
     let cpath = dir.join(ADAPTER_CONFIG);
     let text = untrusted::read_text(&cpath, untrusted::MAX_JSON_BYTES)?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| io_err(&cpath, format!("invalid JSON: {e}")))?;
-    match v.get("base_model_name_or_path").and_then(|b| b.as_str()) {
+    let named = v
+        .get("mpolm_base_model")
+        .and_then(|b| b.as_str())
+        .filter(|b| !b.is_empty());
+    match named.or_else(|| v.get("base_model_name_or_path").and_then(|b| b.as_str())) {
         // It becomes a path or alias, and part of messages: no control characters.
         Some(b) if b.chars().any(char::is_control) => err(format!(
             "{}: base_model_name_or_path '{}' contains control characters",

@@ -324,6 +324,14 @@ fn save_load_round_trip_and_refusals() {
         serde_json::from_str(&std::fs::read_to_string(adir.join("adapter_config.json")).unwrap())
             .unwrap();
     assert_eq!(cj["peft_type"], "LORA");
+    // PEFT gets the directory it can load; mpolm keeps the name it was given.
+    let base_dir = std::fs::canonicalize(&m.source.path).unwrap();
+    assert_eq!(
+        cj["base_model_name_or_path"],
+        base_dir.display().to_string()
+    );
+    assert_eq!(cj["mpolm_base_model"], "tiny-llama");
+    assert_eq!(lora::adapter_base(&adir).unwrap(), "tiny-llama");
     assert_eq!(cj["r"], 4);
     assert_eq!(cj["lora_alpha"], 16.0);
     assert_eq!(
