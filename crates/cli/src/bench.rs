@@ -2,12 +2,72 @@
 //! same deterministic prompt as `scripts/bench_torch_generate.py` so the two can be compared
 //! as a ratio in one run (`scripts/bench_generate.sh`).
 
+use crate::report::Report;
+use crate::{held_as, load, range};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use models::generate::argmax;
+use models::hub;
 use models::Model;
 use serde_json::{json, Value};
 use std::time::Instant;
+
+#[derive(clap::Subcommand)]
+pub enum BenchCmd {
+    /// Prefill and decode tokens/s and peak RSS of a causal model (greedy, KV cache).
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    #[arg(default_value = hub::DEFAULT_CAUSAL)]
+    pub model: String,
+    #[arg(long, default_value_t = 128, value_parser = range::count, allow_negative_numbers = true)]
+    pub prompt_tokens: usize,
+    /// New tokens per run (>= 2: the first comes from the prefill).
+    #[arg(long, default_value_t = 64, value_parser = range::len2, allow_negative_numbers = true)]
+    pub new_tokens: usize,
+    #[arg(long, default_value_t = 3, value_parser = range::count, allow_negative_numbers = true)]
+    pub repeats: usize,
+}
+
+pub fn run(cmd: BenchCmd, lo: &models::LoadOptions, rep: &mut Report) -> Result<()> {
+    match cmd {
+        BenchCmd::Generate(a) => run_generate(a, lo, rep),
+    }
+}
+
+fn run_generate(a: GenerateArgs, lo: &models::LoadOptions, rep: &mut Report) -> Result<()> {
+    let GenerateArgs {
+        model,
+        prompt_tokens,
+        new_tokens,
+        repeats,
+    } = a;
+    anyhow::ensure!(
+        prompt_tokens > 0 && new_tokens > 1 && repeats > 0,
+        "--prompt-tokens, --new-tokens (>1) and --repeats must be positive"
+    );
+    let m = load(&model, lo)?;
+    let ctx = m.causal()?.max_positions();
+    anyhow::ensure!(
+        prompt_tokens.saturating_add(new_tokens) <= ctx,
+        "--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the model's context of {ctx} tokens"
+    );
+    let r = bench_generate(&m, prompt_tokens, new_tokens, repeats)?;
+    println!(
+        "{}: prefill {:.1} tok/s, decode {:.1} tok/s, peak RSS {:.0} MiB, weights {:.1} MiB ({}, {} threads)",
+        model,
+        r["prefill_tok_s"].as_f64().unwrap_or(0.0),
+        r["decode_tok_s"].as_f64().unwrap_or(0.0),
+        r["peak_rss_mb"].as_f64().unwrap_or(0.0),
+        r["weight_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0),
+        held_as(&m),
+        r["threads"]
+    );
+    rep.set("bench_generate", r);
+    Ok(())
+}
 
 /// The same paragraph as the peer scripts (`scripts/bench_prompt.py`), repeated, then cut at
 /// the id level.

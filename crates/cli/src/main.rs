@@ -3,24 +3,27 @@
 //! with `--report`. Exit codes: 0 success, 2 error (printed as one line).
 
 mod bench;
+mod compress_cmd;
 mod data_cmd;
 mod eval_cmd;
+mod export_cmd;
+mod fetch_cmd;
 mod finetune_cmd;
 mod flags;
+mod generate_cmd;
+mod inspect_cmd;
 mod quant_cmd;
 mod range;
 mod report;
+mod run_cmd;
 mod spectrum;
 mod target;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use models::generate::{generate, SamplingParams};
 use models::hub;
 use models::Model;
 use report::Report;
-use serde_json::json;
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -71,100 +74,21 @@ pub(crate) fn held_as(m: &models::Model) -> String {
 #[derive(Subcommand)]
 enum Cmd {
     /// Download a model by alias into the cache (no-op when cached); list aliases without MODEL.
-    Fetch {
-        model: Option<String>,
-        /// Re-hash the cached files (sha256) even when their size and time are unchanged;
-        /// a corrupted file is fetched again.
-        #[arg(long)]
-        verify: bool,
-    },
+    Fetch(fetch_cmd::FetchArgs),
     /// Architecture, parameters per component, storage types and memory of a model.
-    Inspect { model: String },
+    Inspect(inspect_cmd::InspectArgs),
     /// Generate text with a causal model (KV cache; greedy at --temperature 0).
-    Generate {
-        model: String,
-        #[arg(long)]
-        prompt: String,
-        #[arg(long, default_value_t = 64, value_parser = range::count, allow_negative_numbers = true)]
-        max_new_tokens: usize,
-        /// Sampling temperature (finite, >= 0; 0 = greedy).
-        #[arg(long, default_value_t = 0.0, value_parser = range::nonneg, allow_negative_numbers = true)]
-        temperature: f64,
-        /// Nucleus sampling mass, in (0, 1].
-        #[arg(long, default_value_t = 1.0, value_parser = range::fraction, allow_negative_numbers = true)]
-        top_p: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Wrap the prompt in the model's chat template as a user message.
-        #[arg(long)]
-        chat: bool,
-        /// Optional system message for --chat.
-        #[arg(long)]
-        system: Option<String>,
-    },
+    Generate(generate_cmd::GenerateArgs),
     /// Decompose weight matrices into exact MPOs: bonds, spectra, entropies, error-vs-params curves.
-    Spectrum {
-        model: String,
-        /// Comma-separated substrings or globs of module names (e.g. "layers.0.*,lm_head"); default all.
-        #[arg(long, value_delimiter = ',')]
-        matrices: Vec<String>,
-        /// Number of MPO sites (cores), 1..=12.
-        #[arg(long, default_value_t = 5, value_parser = range::sites, allow_negative_numbers = true)]
-        n: usize,
-        /// Factor shapes: `auto` (balanced) or `paper` (the papers' tables where they apply).
-        #[arg(long, default_value = "auto", value_parser = ["auto", "paper"])]
-        shapes: String,
-        /// Write a PNG plot of the spectra and error curves.
-        #[arg(long)]
-        plot: Option<PathBuf>,
-    },
+    Spectrum(spectrum::SpectrumArgs),
     /// Compress a model's weight matrices (MPO decomposition) into a checkpoint other commands load.
-    Compress {
-        model: String,
-        #[arg(long, default_value = "mpo", value_parser = ["mpo"])]
-        method: String,
-        /// Factor shapes: `auto` (balanced) or `paper` (the papers' tables where they apply).
-        #[arg(long, default_value = "auto", value_parser = ["auto", "paper"])]
-        shapes: String,
-        /// Number of MPO sites (cores), 1..=12; the central tensor is index n/2.
-        #[arg(long, default_value_t = 5, value_parser = range::sites, allow_negative_numbers = true)]
-        n: usize,
-        /// Cap every bond at D (>= 1).
-        #[arg(long, conflicts_with_all = ["rel_error", "params_ratio"], value_parser = range::count, allow_negative_numbers = true)]
-        bond: Option<usize>,
-        /// Smallest bonds whose error bound is within this relative Frobenius error, in [0, 1].
-        #[arg(long, conflicts_with = "params_ratio", value_parser = range::fraction0, allow_negative_numbers = true)]
-        rel_error: Option<f64>,
-        /// Keep about this fraction of each matrix's parameters, in (0, 1].
-        #[arg(long, value_parser = range::fraction, allow_negative_numbers = true)]
-        params_ratio: Option<f64>,
-        /// Comma-separated substrings/globs of module names (default: every Linear and the embedding).
-        #[arg(long, value_delimiter = ',')]
-        matrices: Vec<String>,
-        #[arg(long)]
-        out: PathBuf,
-    },
+    Compress(compress_cmd::CompressArgs),
     /// Export a (compressed/quantized) model as a plain dense HF directory that transformers
     /// loads (--dense), or as a llama.cpp GGUF file (--gguf --type …).
-    #[command(group(clap::ArgGroup::new("format").required(true).args(["dense", "gguf"])))]
-    Export {
-        model: String,
-        /// Contract every factored layer back to a dense matrix (HF directory).
-        #[arg(long)]
-        dense: bool,
-        /// Write a llama.cpp GGUF v3 file (llama or qwen2 architecture).
-        #[arg(long)]
-        gguf: bool,
-        /// GGUF recipe (llama.cpp names; q4_k_m mixes Q4_K/Q6_K like llama-quantize).
-        #[arg(long = "type", value_name = "TYPE", default_value = "f16", conflicts_with = "dense",
-              value_parser = clap::builder::PossibleValuesParser::new(methods::quant::gguf_export::TYPE_NAMES))]
-        gguf_type: String,
-        #[arg(long)]
-        out: PathBuf,
-    },
+    Export(export_cmd::ExportArgs),
     /// Benchmarks (see BENCHMARKS.md for the peer comparisons).
     #[command(subcommand)]
-    Bench(BenchCmd),
+    Bench(bench::BenchCmd),
     /// Evaluate a model on benchmark tasks (wikitext2, mmlu, gsm8k, ifeval, sst2, zeroshot, .jsonl files).
     Eval(eval_cmd::EvalArgs),
     /// The data folder in effect (--data-dir, else $MPOLM_DATA, else the project's data/) and
@@ -175,26 +99,7 @@ enum Cmd {
     /// Fine-tune (full, LoRA, MPO auxiliary/central/all) on sentence classification or text.
     Finetune(finetune_cmd::FinetuneArgs),
     /// The main job on a model: fetch, inspect and a greedy chat generation.
-    Run {
-        #[arg(default_value = hub::DEFAULT_CAUSAL)]
-        model: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchCmd {
-    /// Prefill and decode tokens/s and peak RSS of a causal model (greedy, KV cache).
-    Generate {
-        #[arg(default_value = hub::DEFAULT_CAUSAL)]
-        model: String,
-        #[arg(long, default_value_t = 128, value_parser = range::count, allow_negative_numbers = true)]
-        prompt_tokens: usize,
-        /// New tokens per run (>= 2: the first comes from the prefill).
-        #[arg(long, default_value_t = 64, value_parser = range::len2, allow_negative_numbers = true)]
-        new_tokens: usize,
-        #[arg(long, default_value_t = 3, value_parser = range::count, allow_negative_numbers = true)]
-        repeats: usize,
-    },
+    Run(run_cmd::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -246,266 +151,21 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(cmd) = &cli.cmd {
         check_outputs(cmd)?;
     }
-    match cli.cmd.unwrap_or(Cmd::Run {
+    match cli.cmd.unwrap_or(Cmd::Run(run_cmd::RunArgs {
         model: hub::DEFAULT_CAUSAL.into(),
-    }) {
-        Cmd::Fetch { model, verify } => cmd_fetch(model, verify, &mut rep)?,
-        Cmd::Inspect { model } => {
-            let m = load(&model, &lo)?;
-            cmd_inspect(&m, &mut rep)?;
-        }
-        Cmd::Generate {
-            model,
-            prompt,
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed,
-            chat,
-            system,
-        } => {
-            let m = load(&model, &lo)?;
-            let p = SamplingParams {
-                max_new_tokens,
-                temperature,
-                top_p,
-                seed,
-                stop_ids: vec![],
-            };
-            cmd_generate(&m, &prompt, system.as_deref(), chat, p, &mut rep)?;
-        }
-        Cmd::Bench(BenchCmd::Generate {
-            model,
-            prompt_tokens,
-            new_tokens,
-            repeats,
-        }) => {
-            anyhow::ensure!(
-                prompt_tokens > 0 && new_tokens > 1 && repeats > 0,
-                "--prompt-tokens, --new-tokens (>1) and --repeats must be positive"
-            );
-            let m = load(&model, &lo)?;
-            let ctx = m.causal()?.max_positions();
-            anyhow::ensure!(
-                prompt_tokens.saturating_add(new_tokens) <= ctx,
-                "--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the model's context of {ctx} tokens"
-            );
-            let r = bench::bench_generate(&m, prompt_tokens, new_tokens, repeats)?;
-            println!(
-                "{}: prefill {:.1} tok/s, decode {:.1} tok/s, peak RSS {:.0} MiB, weights {:.1} MiB ({}, {} threads)",
-                model,
-                r["prefill_tok_s"].as_f64().unwrap_or(0.0),
-                r["decode_tok_s"].as_f64().unwrap_or(0.0),
-                r["peak_rss_mb"].as_f64().unwrap_or(0.0),
-                r["weight_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0),
-                held_as(&m),
-                r["threads"]
-            );
-            rep.set("bench_generate", r);
-        }
-        Cmd::Spectrum {
-            model,
-            matrices,
-            n,
-            shapes,
-            plot,
-        } => {
-            anyhow::ensure!(n >= 1, "--n must be at least 1");
-            let m = load(&model, &lo)?;
-            let o = spectrum::Options {
-                patterns: matrices,
-                n,
-                paper_shapes: shapes == "paper",
-                plot: plot.as_deref(),
-            };
-            let specs = spectrum::analyse(&m, &o)?;
-            println!(
-                "{:<40} {:>11} {:>22} {:>10} {:>7} {:>9} {:>10}",
-                "matrix", "shape", "full bonds", "params", "ratio", "C share", "max S"
-            );
-            for s in &specs {
-                let mp = &s.mpo;
-                let maxs = mp.entropies().iter().cloned().fold(0.0f64, f64::max);
-                println!(
-                    "{:<40} {:>11} {:>22} {:>10} {:>7.3} {:>8.1}% {:>10.3}",
-                    s.name,
-                    format!("{}x{}", mp.orig_rows, mp.orig_cols),
-                    format!("{:?}", &mp.bond_dims[1..mp.bond_dims.len() - 1]),
-                    mp.num_params(),
-                    mp.ratio(),
-                    100.0 * mp.central_share(),
-                    maxs
-                );
-                // Where a 50% parameter budget lands on the bound curve, as a quick guide.
-                if let Some((r, b, e)) = s.half_budget {
-                    println!(
-                        "{:<40}   at {:.0}% params: relative error {:.4} (bound {:.4})",
-                        "",
-                        100.0 * r,
-                        e,
-                        b
-                    );
-                }
-            }
-            if let Some(p) = &plot {
-                println!("plot written to {}", p.display());
-            }
-            rep.set("command", json!("spectrum"));
-            rep.set("model", json!(model));
-            rep.set("n", json!(n));
-            rep.set("shapes", json!(shapes));
-            rep.set(
-                "matrices",
-                json!(specs.iter().map(spectrum::to_json).collect::<Vec<_>>()),
-            );
-        }
+    })) {
+        Cmd::Fetch(args) => fetch_cmd::run(args, &mut rep)?,
+        Cmd::Inspect(args) => inspect_cmd::run(args, &lo, &mut rep)?,
+        Cmd::Generate(args) => generate_cmd::run(args, &lo, &mut rep)?,
+        Cmd::Bench(cmd) => bench::run(cmd, &lo, &mut rep)?,
+        Cmd::Spectrum(args) => spectrum::run(args, &lo, &mut rep)?,
         Cmd::Eval(args) => eval_cmd::run(args, &lo, &mut rep)?,
         Cmd::Data(args) => data_cmd::run(args, &mut rep)?,
         Cmd::Quantize(args) => quant_cmd::run(args, &lo, &mut rep)?,
         Cmd::Finetune(args) => finetune_cmd::run(args, &lo, &mut rep)?,
-        Cmd::Compress {
-            model,
-            method: _,
-            shapes,
-            n,
-            bond,
-            rel_error,
-            params_ratio,
-            matrices,
-            out,
-        } => {
-            use methods::mpop::{self, Budget, CompressOptions, Shapes};
-            let mut m = load(&model, &lo)?;
-            let before = m.total_params();
-            let budget = match (bond, rel_error, params_ratio) {
-                (Some(d), _, _) => Budget::Bond(d),
-                (_, Some(e), _) => Budget::RelError(e),
-                (_, _, Some(r)) => Budget::ParamsRatio(r),
-                _ => Budget::Full,
-            };
-            if let Budget::Bond(0) = budget {
-                anyhow::bail!("--bond must be at least 1");
-            }
-            let o = CompressOptions {
-                shapes: if shapes == "paper" {
-                    Shapes::Paper
-                } else {
-                    Shapes::Auto
-                },
-                n,
-                budget,
-                patterns: matrices,
-            };
-            let t0 = std::time::Instant::now();
-            let layers = mpop::compress(&mut m, &o, true)?;
-            println!(
-                "{:<40} {:>22} {:>11} {:>11} {:>9}",
-                "matrix", "bonds", "dense", "mpo", "rel err"
-            );
-            for l in &layers {
-                println!(
-                    "{:<40} {:>22} {:>11} {:>11} {:>9.5}",
-                    l.name,
-                    format!("{:?}", &l.bonds[1..l.bonds.len() - 1]),
-                    l.dense_params,
-                    l.mpo_params,
-                    l.rel_error
-                );
-            }
-            let after = m.total_params();
-            println!(
-                "total params {} -> {} ({:.1}%), {:.1} s",
-                fmt_int(before),
-                fmt_int(after),
-                100.0 * after as f64 / before as f64,
-                t0.elapsed().as_secs_f64()
-            );
-            mpop::save(&m, &out)?;
-            println!("MPO checkpoint written to {}", out.display());
-            rep.set("command", json!("compress"));
-            rep.set("model", json!(model));
-            rep.set("out", json!(out));
-            rep.set("total_params_before", json!(before));
-            rep.set("total_params_after", json!(after));
-            rep.set("layers", json!(layers));
-        }
-        Cmd::Export {
-            model,
-            dense: _,
-            gguf: true,
-            gguf_type,
-            out,
-        } => {
-            use methods::quant::gguf_export as ge;
-            let m = load(&model, &lo)?;
-            let mut o = ge::ExportOptions::new(ge::GgufType::parse(&gguf_type)?);
-            (o.progress, o.print_tensors) = (true, true);
-            let r = ge::export_gguf(&m, &out, &o)?;
-            println!(
-                "GGUF {} ({} arch) written to {}: {} params, {:.2} MiB, {:.2} bits/weight, types {:?}, {} fallback(s), {:.1} s",
-                r.recipe, r.arch, out.display(), fmt_int(r.n_params), r.file_bytes as f64 / 1048576.0,
-                r.bits_per_weight, r.type_counts, r.fallbacks.len(), r.seconds
-            );
-            rep.set("command", json!("export"));
-            rep.set("format", json!("gguf"));
-            for (k, v) in [
-                ("out", json!(out)),
-                ("type", json!(r.recipe)),
-                ("arch", json!(r.arch)),
-                ("file_bytes", json!(r.file_bytes)),
-                ("n_params", json!(r.n_params)),
-                ("bits_per_weight", json!(r.bits_per_weight)),
-                ("type_counts", json!(r.type_counts)),
-                ("fallbacks", json!(r.fallbacks)),
-                ("tensors", json!(r.tensors)),
-                ("tokenizer_from", json!(r.tokenizer_from)),
-                ("seconds", json!(r.seconds)),
-            ] {
-                rep.set(k, v);
-            }
-        }
-        Cmd::Export {
-            model,
-            dense: _,
-            out,
-            ..
-        } => {
-            let m = load(&model, &lo)?;
-            let t = models::export::dense_state_dict(&m)?;
-            models::export::write_hf_dir(&m, &out, &t, &[])?;
-            // What was written, not the source's count: a full-bond MPO holds more
-            // parameters than the dense matrices it contracts to.
-            let written: usize = t.values().map(|x| x.elem_count()).sum();
-            println!(
-                "dense HF directory ({} params) written to {}",
-                fmt_int(written),
-                out.display()
-            );
-            rep.set("command", json!("export"));
-            rep.set("out", json!(out));
-            rep.set("tensors", json!(t.len()));
-            rep.set("parameters_written", json!(written));
-            rep.set("source_parameters", json!(m.total_params()));
-        }
-        Cmd::Run { model } => {
-            rep.set("command", json!("run"));
-            let m = load(&model, &lo)?;
-            cmd_inspect(&m, &mut rep)?;
-            println!();
-            let p = SamplingParams {
-                max_new_tokens: 48,
-                ..Default::default()
-            };
-            let chat = m.tokenizer.chat_template.is_some();
-            cmd_generate(
-                &m,
-                "What is the capital of France? Answer in one sentence.",
-                None,
-                chat,
-                p,
-                &mut rep,
-            )?;
-        }
+        Cmd::Compress(args) => compress_cmd::run(args, &lo, &mut rep)?,
+        Cmd::Export(args) => export_cmd::run(args, &lo, &mut rep)?,
+        Cmd::Run(args) => run_cmd::run(args, &lo, &mut rep)?,
     }
     if let Some(path) = &cli.report {
         rep.write(path)?;
@@ -544,12 +204,13 @@ fn error_text(e: &anyhow::Error, verbose: bool) -> String {
 fn check_outputs(cmd: &Cmd) -> Result<()> {
     use target::{check, Target};
     match cmd {
-        Cmd::Compress { out, .. } => check("--out", out, Target::NewDir),
-        Cmd::Export {
-            gguf: true, out, ..
-        } => check("--out", out, Target::NewFile),
-        Cmd::Export { out, .. } => check("--out", out, Target::NewDir),
-        Cmd::Spectrum { plot: Some(p), .. } => check("--plot", p, Target::File),
+        Cmd::Compress(a) => check("--out", &a.out, Target::NewDir),
+        Cmd::Export(a) if a.gguf => check("--out", &a.out, Target::NewFile),
+        Cmd::Export(a) => check("--out", &a.out, Target::NewDir),
+        Cmd::Spectrum(a) => match &a.plot {
+            Some(p) => check("--plot", p, Target::File),
+            None => Ok(()),
+        },
         Cmd::Quantize(a) => match &a.out {
             Some(o) if a.method != "none" => check("--out", o, Target::NewDir),
             _ => Ok(()),
@@ -569,135 +230,6 @@ fn check_outputs(cmd: &Cmd) -> Result<()> {
     }
 }
 
-fn cmd_fetch(model: Option<String>, verify: bool, rep: &mut Report) -> Result<()> {
-    let Some(model) = model else {
-        println!("{:<14} {:<7} {}", "alias", "format", "description");
-        for s in hub::MODELS {
-            println!(
-                "{:<14} {:<7} {}",
-                s.alias,
-                format!("{:?}", s.format).to_lowercase(),
-                s.description
-            );
-        }
-        rep.set(
-            "aliases",
-            json!(hub::MODELS.iter().map(|s| s.alias).collect::<Vec<_>>()),
-        );
-        return Ok(());
-    };
-    let t0 = std::time::Instant::now();
-    let src = match hub::spec(&model) {
-        Some(s) if verify => hub::fetch_with_options(
-            s,
-            &hub::cache_dir(),
-            &hub::FetchOptions {
-                verify: true,
-                ..Default::default()
-            },
-        )?,
-        _ => hub::resolve(&model, true)?,
-    };
-    let size = dir_size(&src.path);
-    println!(
-        "{} -> {} ({:.1} MB)",
-        model,
-        src.path.display(),
-        size as f64 / 1e6
-    );
-    rep.set("command", json!("fetch"));
-    rep.set("model", json!(model));
-    rep.set("path", json!(src.path));
-    rep.set("format", json!(src.format));
-    rep.set("bytes", json!(size));
-    rep.set("seconds", json!(t0.elapsed().as_secs_f64()));
-    Ok(())
-}
-
-fn dir_size(p: &std::path::Path) -> u64 {
-    if p.is_file() {
-        return p.metadata().map(|m| m.len()).unwrap_or(0);
-    }
-    std::fs::read_dir(p)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| dir_size(&e.path())).sum())
-        .unwrap_or(0)
-}
-
-fn cmd_inspect(m: &Model, rep: &mut Report) -> Result<()> {
-    let counts = m.param_counts();
-    let total: usize = counts.values().sum();
-    println!(
-        "model:        {} ({})",
-        m.source.name,
-        m.source.path.display()
-    );
-    println!("architecture: {}", m.arch_name());
-    let (summary, cfg_json) = match &m.arch {
-        models::Arch::Causal(l) => (l.summary(), l.hf_config()?),
-        models::Arch::Encoder(e) => (e.summary(), e.hf_config()?),
-    };
-    println!("{summary}");
-    println!(
-        "stored as:    {}",
-        m.stored_types
-            .iter()
-            .map(|(k, v)| format!("{k}×{v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    // The GGUF weight mode only exists for GGUF sources; other formats hold what they store.
-    match m.source.format {
-        models::hub::Format::Gguf => println!(
-            "compute:      f32 (GGUF weights: {})",
-            gguf_weights(m).name()
-        ),
-        models::hub::Format::HfDir => println!("compute:      f32 (weights held as stored)"),
-    }
-    println!("{:<20} {:>14} {:>7}", "component", "params", "share");
-    for (k, v) in &counts {
-        println!(
-            "{:<20} {:>14} {:>6.2}%",
-            k,
-            fmt_int(*v),
-            100.0 * *v as f64 / total.max(1) as f64
-        );
-    }
-    println!("{:<20} {:>14}", "total", fmt_int(total));
-    println!(
-        "memory (f32):        {:.1} MiB",
-        total as f64 * 4.0 / (1024.0 * 1024.0)
-    );
-    println!(
-        "weights as held:     {:.1} MiB",
-        m.weight_bytes() as f64 / (1024.0 * 1024.0)
-    );
-    let kinds: std::collections::BTreeMap<String, usize> =
-        m.linears()
-            .iter()
-            .fold(Default::default(), |mut acc, (_, l)| {
-                *acc.entry(l.kind()).or_insert(0) += 1;
-                acc
-            });
-    rep.set(
-        "inspect",
-        json!({
-            "model": m.source.name,
-            "path": m.source.path,
-            "architecture": m.arch_name(),
-            "config": cfg_json,
-            "stored_types": m.stored_types,
-            "linear_kinds": kinds,
-            "params": counts,
-            "total_params": total,
-            "memory_f32_bytes": total * 4,
-            "weight_bytes": m.weight_bytes(),
-            "gguf_weights": gguf_weights(m).name(),
-            "load_seconds": m.load_secs,
-        }),
-    );
-    Ok(())
-}
-
 pub(crate) fn fmt_int(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
@@ -708,79 +240,6 @@ pub(crate) fn fmt_int(n: usize) -> String {
         out.push(c);
     }
     out
-}
-
-fn cmd_generate(
-    m: &Model,
-    prompt: &str,
-    system: Option<&str>,
-    chat: bool,
-    mut p: SamplingParams,
-    rep: &mut Report,
-) -> Result<()> {
-    let llama = m.causal()?;
-    let tok = &m.tokenizer;
-    let text = if chat {
-        let mut msgs = vec![];
-        if let Some(s) = system {
-            msgs.push(json!({"role": "system", "content": s}));
-        }
-        msgs.push(json!({"role": "user", "content": prompt}));
-        tok.apply_chat_template(&json!(msgs), true)?
-    } else {
-        prompt.to_string()
-    };
-    // The chat template already carries any BOS it wants.
-    let ids = tok.encode(&text, !chat)?;
-    let mut stops = tok.eos_ids.clone();
-    if chat {
-        for &s in llama.end_of_turn_tokens() {
-            if let Some(id) = tok.token_to_id(s) {
-                stops.push(id);
-            }
-        }
-    }
-    p.stop_ids = stops;
-    if chat {
-        println!("[chat] {prompt}");
-    } else {
-        print!("{prompt}");
-    }
-    let mut shown = String::new();
-    let mut all = Vec::new();
-    let (out, st) = generate(llama, &ids, &p, |id| {
-        all.push(id);
-        // Decode the whole continuation each time so multi-byte characters print correctly.
-        if let Ok(s) = tok.decode(&all, true) {
-            if s.len() > shown.len() && s.starts_with(&shown) {
-                print!("{}", &s[shown.len()..]);
-                let _ = std::io::stdout().flush();
-                shown = s;
-            }
-        }
-    })?;
-    println!();
-    let text_out = tok.decode(&out, true)?;
-    println!(
-        "[{} prompt tokens at {:.1} tok/s, {} new tokens at {:.1} tok/s, stop: {}]",
-        st.prompt_tokens, st.prompt_tok_per_s, st.new_tokens, st.decode_tok_per_s, st.stopped_by
-    );
-    rep.set(
-        "generate",
-        json!({
-            "prompt": prompt,
-            "chat": chat,
-            "rendered_prompt": text,
-            "prompt_ids": ids,
-            "output_ids": out,
-            "output": text_out,
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "seed": p.seed,
-            "stats": st,
-        }),
-    );
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,13 +1,91 @@
-//! `mpolm spectrum`: printing, the JSON report and the PNG plot of
+//! `mpolm spectrum`: its flags, printing, the JSON report and the PNG plot of
 //! `methods::spectrum::analyse` (factor shapes, full bonds, per-bond Schmidt spectra and
 //! entanglement entropies, the error-bound-vs-parameters curve).
 
+use crate::report::Report;
+use crate::{load, range};
 use anyhow::{Context, Result};
 use methods::mpop::{self, Shapes};
 use methods::spectrum::MatrixSpectrum;
 use models::Model;
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct SpectrumArgs {
+    pub model: String,
+    /// Comma-separated substrings or globs of module names (e.g. "layers.0.*,lm_head"); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub matrices: Vec<String>,
+    /// Number of MPO sites (cores), 1..=12.
+    #[arg(long, default_value_t = 5, value_parser = range::sites, allow_negative_numbers = true)]
+    pub n: usize,
+    /// Factor shapes: `auto` (balanced) or `paper` (the papers' tables where they apply).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "paper"])]
+    pub shapes: String,
+    /// Write a PNG plot of the spectra and error curves.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+pub fn run(a: SpectrumArgs, lo: &models::LoadOptions, rep: &mut Report) -> Result<()> {
+    let SpectrumArgs {
+        model,
+        matrices,
+        n,
+        shapes,
+        plot,
+    } = a;
+    anyhow::ensure!(n >= 1, "--n must be at least 1");
+    let m = load(&model, lo)?;
+    let o = Options {
+        patterns: matrices,
+        n,
+        paper_shapes: shapes == "paper",
+        plot: plot.as_deref(),
+    };
+    let specs = analyse(&m, &o)?;
+    println!(
+        "{:<40} {:>11} {:>22} {:>10} {:>7} {:>9} {:>10}",
+        "matrix", "shape", "full bonds", "params", "ratio", "C share", "max S"
+    );
+    for s in &specs {
+        let mp = &s.mpo;
+        let maxs = mp.entropies().iter().cloned().fold(0.0f64, f64::max);
+        println!(
+            "{:<40} {:>11} {:>22} {:>10} {:>7.3} {:>8.1}% {:>10.3}",
+            s.name,
+            format!("{}x{}", mp.orig_rows, mp.orig_cols),
+            format!("{:?}", &mp.bond_dims[1..mp.bond_dims.len() - 1]),
+            mp.num_params(),
+            mp.ratio(),
+            100.0 * mp.central_share(),
+            maxs
+        );
+        // Where a 50% parameter budget lands on the bound curve, as a quick guide.
+        if let Some((r, b, e)) = s.half_budget {
+            println!(
+                "{:<40}   at {:.0}% params: relative error {:.4} (bound {:.4})",
+                "",
+                100.0 * r,
+                e,
+                b
+            );
+        }
+    }
+    if let Some(p) = &plot {
+        println!("plot written to {}", p.display());
+    }
+    rep.set("command", json!("spectrum"));
+    rep.set("model", json!(model));
+    rep.set("n", json!(n));
+    rep.set("shapes", json!(shapes));
+    rep.set(
+        "matrices",
+        json!(specs.iter().map(to_json).collect::<Vec<_>>()),
+    );
+    Ok(())
+}
 
 pub struct Options<'a> {
     pub patterns: Vec<String>,
