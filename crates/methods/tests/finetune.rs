@@ -763,3 +763,46 @@ fn a_tensor_shared_by_two_layers_trains_as_one_parameter() {
         "{worst} vs {scale}"
     );
 }
+
+#[test]
+fn a_shared_tensor_is_one_optimizer_slot_and_both_layers_see_its_update() {
+    let t = tempfile::tempdir().unwrap();
+    let mut m = tiny_llama(&t.path().join("m"));
+    share_up_proj(&mut m, false);
+    let data = t.path().join("train.txt");
+    std::fs::write(
+        &data,
+        "the quick brown fox jumps over the lazy dog. ".repeat(40),
+    )
+    .unwrap();
+    let o = FinetuneOptions {
+        max_len: 16,
+        ..opts(Task::Lm, Method::Full, &data)
+    };
+    let before = m.linears()[0].1.num_params();
+    let mut tr = finetune::Trainer::new(&mut m, &o, false).unwrap();
+    let names: Vec<&str> = tr.opt.slots.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"model.layers.0.mlp.up_proj.weight"));
+    // Checkpoints save the optimizer's slots: the shared tensor is saved (and counted) once.
+    assert!(
+        !names.contains(&"model.layers.1.mlp.up_proj.weight"),
+        "{names:?}"
+    );
+    let w0 = |m: &Model, l: usize| {
+        m.linears()
+            .into_iter()
+            .find(|(n, _)| n == &format!("model.layers.{l}.mlp.up_proj"))
+            .unwrap()
+            .1
+            .weight()
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    let start = w0(tr.model, 0);
+    tr.train_step(1).unwrap();
+    let (a, b) = (w0(tr.model, 0), w0(tr.model, 1));
+    assert_ne!(a, start, "the step changed the shared weight");
+    assert_eq!(a, b, "both layers hold the updated tensor");
+    assert_eq!(tr.model.linears()[0].1.num_params(), before);
+}
