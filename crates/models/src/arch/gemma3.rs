@@ -511,37 +511,10 @@ impl CausalLm for Gemma3 {
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.seq_len);
-        let last = match start {
-            Some(s) if s.len() != b => {
-                crate::bail!("{} start positions for a batch of {b} rows", s.len())
-            }
-            Some(s) => s.iter().max().copied().unwrap_or(0),
-            None => offset,
-        };
-        if last + t > self.cfg.max_position_embeddings {
-            crate::bail!(
-                "sequence of {} tokens exceeds the model's max_position_embeddings {}",
-                last + t,
-                self.cfg.max_position_embeddings
-            );
-        }
+        // Both RoPE tables (global and sliding layers) at the same positions.
+        let global = crate::llama::positions(&self.cos, &self.sin, b, t, offset, start)?;
+        let local = crate::llama::positions(&self.cos_local, &self.sin_local, b, t, offset, start)?;
         let x = self.embed(ids)?;
-        let pick = |table: &Tensor| -> Result<Tensor> {
-            Ok(match start {
-                None => table.narrow(0, offset, t)?,
-                Some(s) => {
-                    let pos: Vec<u32> = s
-                        .iter()
-                        .flat_map(|&p| (p..p + t).map(|q| q as u32))
-                        .collect();
-                    let idx = Tensor::new(pos, &Device::Cpu)?;
-                    let half = table.dim(1)?;
-                    table.index_select(&idx, 0)?.reshape((b, t, half))?
-                }
-            })
-        };
-        let global = (pick(&self.cos)?, pick(&self.sin)?);
-        let local = (pick(&self.cos_local)?, pick(&self.sin_local)?);
         let kv = cache.as_mut().map(|c| &mut c.kv);
         let x = self.run(
             x,
