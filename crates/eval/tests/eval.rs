@@ -3,7 +3,10 @@
 //! forwards, generation against models::generate, golden prompts, every task end to end,
 //! and the error paths (JSONL line numbers, missing data).
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::naive;
 use eval::lm::{rolling_rows, GenRequest, Lm, Row};
 use eval::tasks::{self, gsm8k, jsonl, mmlu, sst2, wikitext};
 use eval::{EvalOptions, TaskSpec};
@@ -27,31 +30,6 @@ fn opts() -> EvalOptions {
         data_dir: fixtures().join("data"),
         ..Default::default()
     }
-}
-
-/// log p(target | input) summed over `row`'s targets, from one plain forward (no cache, no batch).
-fn naive(lm: &Lm, row: &Row) -> f64 {
-    let x = Tensor::new(row.input.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits = lm
-        .model
-        .forward(&x, None)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    let start = row.input.len() - row.targets.len();
-    let mut s = 0.0;
-    for (k, &t) in row.targets.iter().enumerate() {
-        let l = &logits[start + k];
-        let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max + l.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
-        s += l[t as usize] as f64 - lse;
-    }
-    s
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //! hand-computed metric answers, the suite end to end on a tiny synthetic model against plain
 //! forwards, and the error paths.
 
-use candle_core::{Device, Tensor};
+mod common;
+
 use eval::lm::{Lm, Score};
 use eval::tasks::zeroshot::{self, judge, Doc, Task};
 use eval::{EvalOptions, TaskSpec};
@@ -175,28 +176,7 @@ fn metric_known_answers() {
 /// log p(continuation | context) from one plain forward of lm-eval's encoding.
 fn naive(lm: &Lm, ctx: &str, cont: &str) -> f64 {
     let (ce, xe) = lm.encode_pair(ctx, cont).unwrap();
-    let row = lm.pair_row(&ce, &xe);
-    let x = Tensor::new(row.input.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits = lm
-        .model
-        .forward(&x, None)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    let start = row.input.len() - row.targets.len();
-    let mut s = 0.0;
-    for (k, &t) in row.targets.iter().enumerate() {
-        let l = &logits[start + k];
-        let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max + l.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
-        s += l[t as usize] as f64 - lse;
-    }
-    s
+    common::naive(lm, &lm.pair_row(&ce, &xe))
 }
 
 #[test]
