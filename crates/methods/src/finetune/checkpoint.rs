@@ -40,6 +40,9 @@ pub struct FinetuneLog {
     pub finished: bool,
     #[serde(default)]
     pub squeeze: Option<Value>,
+    /// What each in-training method ([`TrainHook`]) did and needs to resume, by its name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub hooks: std::collections::BTreeMap<String, Value>,
 }
 
 pub(crate) fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
@@ -135,12 +138,8 @@ pub(crate) fn remove_checkpoints(out: &Path) {
     }
 }
 
-/// Restore a checkpoint into `opt` (same parameter names and shapes required).
-pub(crate) fn load_checkpoint(
-    out: &Path,
-    opt: &mut AdamW,
-    o: &FinetuneOptions,
-) -> Result<FinetuneLog> {
+/// The log saved with the checkpoint in `out`, checked to belong to a run with options `o`.
+pub(crate) fn checkpoint_log(out: &Path, o: &FinetuneOptions) -> Result<(FinetuneLog, u64)> {
     let dir = checkpoint_dir(out).unwrap_or_else(|| out.join(CHECKPOINT_DIR));
     let sp = dir.join("state.json");
     let text = std::fs::read_to_string(&sp).map_err(|_| {
@@ -179,6 +178,17 @@ pub(crate) fn load_checkpoint(
             diff.join(", ")
         )));
     }
+    Ok((log, state["optimizer_step"].as_u64().unwrap_or(0)))
+}
+
+/// Restore a checkpoint into `opt` (same parameter names and shapes required).
+pub(crate) fn load_checkpoint(
+    out: &Path,
+    opt: &mut AdamW,
+    o: &FinetuneOptions,
+) -> Result<FinetuneLog> {
+    let (log, step) = checkpoint_log(out, o)?;
+    let dir = checkpoint_dir(out).unwrap_or_else(|| out.join(CHECKPOINT_DIR));
     let params = candle_core::safetensors::load(dir.join("params.safetensors"), &Device::Cpu)?;
     let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
     if params.len() != opt.slots.len() {
@@ -215,7 +225,7 @@ pub(crate) fn load_checkpoint(
             .flatten_all()?
             .to_vec1()?;
     }
-    opt.step = state["optimizer_step"].as_u64().unwrap_or(0);
+    opt.step = step;
     Ok(log)
 }
 

@@ -13,12 +13,14 @@
 
 mod checkpoint;
 pub mod data;
+mod hooks;
 pub mod optim;
 mod options;
 mod params;
 mod trainer;
 
 pub use checkpoint::*;
+pub use hooks::TrainHook;
 pub use options::*;
 pub use params::*;
 pub use trainer::*;

@@ -126,6 +126,8 @@ pub struct Trainer<'a> {
     pub lora: bool,
     /// Replaces the schedule's lr multiplier (squeezing's recovery phases train at a constant lr).
     pub lr_factor_override: Option<f64>,
+    /// Methods acting between steps ([`TrainHook`]).
+    pub hooks: Vec<Box<dyn TrainHook>>,
 }
 
 impl<'a> Trainer<'a> {
@@ -176,6 +178,7 @@ impl<'a> Trainer<'a> {
             train_secs: 0.0,
             finished: false,
             squeeze: None,
+            hooks: Default::default(),
         };
         Ok(Trainer {
             model,
@@ -187,6 +190,7 @@ impl<'a> Trainer<'a> {
             warmup,
             lora: o.method == Method::Lora,
             lr_factor_override: None,
+            hooks: hooks::for_options(o)?,
         })
     }
 
@@ -248,8 +252,9 @@ impl<'a> Trainer<'a> {
 
     /// One optimizer step on the batch of global step `step`; returns the loss.
     pub fn train_step(&mut self, step: usize) -> Result<StepLog> {
-        let b = self.batch_at(step)?;
         let t0 = Instant::now();
+        self.each_hook(|h, tr| h.before_step(tr, step))?;
+        let b = self.batch_at(step)?;
         models::ops::set_training(true);
         if self.lora {
             crate::lora::set_step(self.model, step as u64);
@@ -264,7 +269,8 @@ impl<'a> Trainer<'a> {
                 ),
             ));
         }
-        let grads = loss.backward()?;
+        let mut grads = loss.backward()?;
+        self.each_hook(|h, tr| h.after_backward(tr, &mut grads, step))?;
         let norm = self.opt.grad_norm(&grads)?;
         let scale = optim::clip_scale(norm, self.opts.max_grad_norm);
         let f = self
@@ -367,6 +373,12 @@ pub fn finetune(
     prepare_out(out, ctl.resume)?;
     let mut start = 0usize;
     if ctl.resume {
+        // Hooks that changed the model re-apply it first, so the checkpoint's names match.
+        let (saved, _) = checkpoint_log(out, o)?;
+        tr.each_hook(|h, tr| match saved.hooks.get(h.name()) {
+            Some(s) => h.restore(tr, s),
+            None => Ok(()),
+        })?;
         tr.log = load_checkpoint(out, &mut tr.opt, o)?;
         start = tr.opt.step as usize;
         refresh(tr.model);
@@ -424,6 +436,7 @@ pub fn finetune(
             || (epoch_end && step < total)
             || stop_now
         {
+            tr.record_hooks();
             save_checkpoint(out, &tr.opt, &tr.log)?;
             write_json(&out.join(LOG_FILE), &tr.log)?;
         }
@@ -435,6 +448,10 @@ pub fn finetune(
     if let Some(pb) = &pb {
         pb.finish_and_clear();
     }
+    if !stopped {
+        tr.each_hook(|h, tr| h.finish(tr))?;
+    }
+    tr.record_hooks();
     if let (false, Some(so)) = (stopped, tr.opts.squeeze.clone()) {
         let t1 = Instant::now();
         let r = crate::squeeze::squeeze(&mut tr, &so, step, ctl.progress)?;
