@@ -31,6 +31,10 @@ pub struct QuantizeArgs {
     /// Symmetric grid (zero at 2^(bits-1)).
     #[arg(long)]
     pub sym: bool,
+    /// How the checkpoint stores zero points: gptq (AutoGPTQ v1, zero − 1; what transformers
+    /// and most loaders read) or gptq_v2 (GPTQModel: the zero itself, so a zero of 0 survives).
+    #[arg(long, default_value = "gptq", value_parser = ["gptq", "gptq_v2"])]
+    pub checkpoint_format: String,
     /// Calibration text file (default: the WikiText-2 validation split; its test split is never used).
     #[arg(long)]
     pub calib: Option<PathBuf>,
@@ -160,6 +164,7 @@ pub fn run(a: QuantizeArgs, lo: &models::LoadOptions, rep: &mut Report) -> Resul
             keep: keep_outliers,
         }),
         out: a.out.clone(),
+        checkpoint_format: quant::ZeroFormat::parse(&a.checkpoint_format).unwrap_or_default(),
         progress: true,
     };
     let (m, r) = pipeline::run(m, &o)?;

@@ -350,6 +350,20 @@ fn quantize_gptq_end_to_end_and_bad_inputs() {
     assert!(v["model_summary"]["bits_per_param"].as_f64().unwrap() < 32.0);
     // A used output directory is refused.
     assert_clean_error(&mpolm(&gptq), "already exists and is not empty");
+    // GPTQModel's gptq_v2: the same quantization, zero points stored as themselves; the
+    // checkpoint says so and reloads to what the run scored.
+    let v2 = d.path().join("q2");
+    let v2s = v2.to_str().unwrap();
+    let mut gptq2 = gptq.to_vec();
+    let n = gptq2.len();
+    gptq2[n - 1] = v2s;
+    gptq2.extend(["--checkpoint-format", "gptq_v2"]);
+    let (q2, _) = ppl_of(&gptq2);
+    assert!((q2 / q - 1.0).abs() < 1e-2, "{q2} vs {q}");
+    let qc = read_json(&v2.join("quantize_config.json"));
+    assert_eq!(qc["checkpoint_format"], "gptq_v2");
+    let (again2, _) = ppl_of(&["quantize", v2s, "--method", "none"]);
+    assert!((again2 / q2 - 1.0).abs() < 1e-6, "{again2} vs {q2}");
 
     // Bad input: one-line error, exit code 2, no output directory left behind.
     let bad = d.path().join("bad");

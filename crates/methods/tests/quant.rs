@@ -116,6 +116,66 @@ fn packing_matches_autogptq_reference() {
         let wt = ql.dequant_t(); // [in, out]
         assert_eq!(wt, flat_f(&c["dequant"]), "dequant, {bits} bits");
         assert_eq!(ql.codes(), q);
+        // The same zeros in GPTQModel's gptq_v2 encoding, both ways.
+        assert_eq!(
+            ql.qzeros_as(quant::ZeroFormat::V2).unwrap(),
+            flat_u(&c["qzeros_v2"]),
+            "v1 -> v2 qzeros, {bits} bits"
+        );
+        let v2 = QuantLinear::from_packed_as(
+            quant::ZeroFormat::V2,
+            bits,
+            n_in,
+            n_out,
+            flat_u(&c["qweight"]),
+            flat_u(&c["qzeros_v2"]),
+            flat_f(&c["scales"]),
+            ql.g_idx.clone(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(v2.dequant_t(), wt, "v2 dequant, {bits} bits");
+        assert_eq!(
+            v2.qzeros_as(quant::ZeroFormat::V1).unwrap(),
+            flat_u(&c["qzeros"]),
+            "v2 -> v1 qzeros, {bits} bits"
+        );
+    }
+    // Zeros that include 0: only v2 holds them; converting to v1 is refused, not wrapped.
+    let v2_cases = v["v2_cases"].as_array().unwrap();
+    assert_eq!(v2_cases.len(), 4);
+    for c in v2_cases {
+        let bits = c["bits"].as_u64().unwrap() as u32;
+        let (n_in, n_out) = (
+            c["in"].as_u64().unwrap() as usize,
+            c["out"].as_u64().unwrap() as usize,
+        );
+        assert!(flat_u(&c["zeros"]).contains(&0));
+        let g_idx: Vec<u32> = c["g_idx"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_u64().unwrap() as u32)
+            .collect();
+        let ql = QuantLinear::from_packed_as(
+            quant::ZeroFormat::V2,
+            bits,
+            n_in,
+            n_out,
+            flat_u(&c["qweight"]),
+            flat_u(&c["qzeros_v2"]),
+            flat_f(&c["scales"]),
+            g_idx,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            ql.dequant_t(),
+            flat_f(&c["dequant"]),
+            "v2 dequant, {bits} bits"
+        );
+        let e = ql.qzeros_as(quant::ZeroFormat::V1).unwrap_err().to_string();
+        assert!(e.contains("gptq_v2"), "{e}");
     }
 }
 
@@ -409,6 +469,73 @@ fn tiny_model_gptq_save_load_generate() {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(diff2 < 2e-2, "reloaded logits differ by {diff2}");
+    // GPTQModel's gptq_v2 (the zero itself): v1 -> v2 -> v1 gives the same dequantized weights
+    // in every layer and the v1 file's words again.
+    let v2 = d.path().join("q4v2");
+    let cfg2 = quant::QuantizeConfig {
+        checkpoint_format: "gptq_v2".into(),
+        ..cfg.clone()
+    };
+    quant::save_quantized(&m2, &v2, &cfg2).unwrap();
+    let hc2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(v2.join("config.json")).unwrap()).unwrap();
+    assert_eq!(hc2["quantization_config"]["checkpoint_format"], "gptq_v2");
+    let m3 = quant::load_quantized(&v2).unwrap();
+    let back = d.path().join("q4v1");
+    quant::save_quantized(&m3, &back, &cfg).unwrap();
+    let (f1, f2, f3) = (
+        models::weights::load_safetensors(&out.join("model.safetensors")).unwrap(),
+        models::weights::load_safetensors(&v2.join("model.safetensors")).unwrap(),
+        models::weights::load_safetensors(&back.join("model.safetensors")).unwrap(),
+    );
+    let ints = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<i32>().unwrap();
+    let mut zeros_seen = 0;
+    for (name, t) in &f1 {
+        if name.ends_with(".qzeros") {
+            let (a, b) = (ints(t), ints(&f2[name]));
+            assert_ne!(a, b, "{name}: v2 must not store v1's words");
+            // 4 bits: eight zeros per word, each one larger in v2 (no v1 zero here wraps).
+            let un = |w: &[i32]| -> Vec<u32> {
+                w.iter()
+                    .flat_map(|&x| (0..8).map(move |k| ((x as u32) >> (4 * k)) & 15))
+                    .collect()
+            };
+            for (z1, z2) in un(&a).iter().zip(un(&b)) {
+                assert_eq!(z1 + 1, z2, "{name}");
+            }
+            zeros_seen += 1;
+        }
+        assert_eq!(t.dtype(), f3[name].dtype(), "{name}");
+        assert_eq!(
+            t.to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            f3[name]
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            "{name} after v1 -> v2 -> v1"
+        );
+    }
+    assert_eq!(zeros_seen, 14);
+    for ((n, a), (_, b)) in m2.linears().into_iter().zip(m3.linears()) {
+        if let (Some(a), Some(b)) = (
+            a.inner().as_any().downcast_ref::<QuantLinear>(),
+            b.inner().as_any().downcast_ref::<QuantLinear>(),
+        ) {
+            assert_eq!(
+                a.dequant_t(),
+                b.dequant_t(),
+                "{n}: v1 and v2 dequantize alike"
+            );
+        }
+    }
     let sp = models::generate::SamplingParams {
         max_new_tokens: 5,
         temperature: 0.0,

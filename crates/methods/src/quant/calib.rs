@@ -46,6 +46,8 @@ pub struct QuantOptions {
     pub block: usize,
     /// Calibration sequences per forward pass.
     pub batch: usize,
+    /// How the layers encode their zero points (the checkpoint format they will be saved in).
+    pub zero_format: super::ZeroFormat,
 }
 
 impl Default for QuantOptions {
@@ -60,6 +62,7 @@ impl Default for QuantOptions {
             keep: KeepFp16::None,
             block: 128,
             batch: 4,
+            zero_format: super::ZeroFormat::V1,
         }
     }
 }
@@ -206,7 +209,7 @@ fn quantize_one(
         Some(b) => Some(b.to_dtype(DType::F16)?.to_dtype(DType::F32)?),
         None => None,
     };
-    let ql = QuantLinear::from_quantized(&q, o.bits, bias)?;
+    let ql = QuantLinear::from_quantized_as(o.zero_format, &q, o.bits, bias)?;
     let kind = format!(
         "{}{}",
         if o.method == Method::Gptq {

@@ -1,10 +1,11 @@
 //! Quantized checkpoints in the AutoGPTQ layout: config.json + tokenizer of the base model,
 //! `model.safetensors` with every quantized Linear as `<module>.qweight` (int32 [in·bits/32, out]),
-//! `<module>.qzeros` (int32 [groups, out·bits/32], zero − 1), `<module>.scales` (f16 [groups, out]),
+//! `<module>.qzeros` (int32 [groups, out·bits/32]: zero − 1 in AutoGPTQ's `checkpoint_format`
+//! "gptq" (v1), the zero itself in GPTQModel's "gptq_v2"), `<module>.scales` (f16 [groups, out]),
 //! `<module>.g_idx` (int32 [in]) and `<module>.bias` (f16); every other tensor (embedding, norms,
 //! head, fp16-kept layers) in f16; and `quantize_config.json`.
 
-use super::layer::QuantLinear;
+use super::layer::{QuantLinear, ZeroFormat};
 use super::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use models::Model;
@@ -60,9 +61,9 @@ impl QuantizeConfig {
                 escape(&self.quant_method)
             ));
         }
-        if self.checkpoint_format != "gptq" {
+        if ZeroFormat::parse(&self.checkpoint_format).is_none() {
             return Err(format!(
-                "checkpoint_format '{}' is not supported (only 'gptq' v1)",
+                "checkpoint_format '{}' is not supported (only 'gptq' (v1) and 'gptq_v2')",
                 escape(&self.checkpoint_format)
             ));
         }
@@ -76,6 +77,11 @@ impl QuantizeConfig {
     }
 
     /// Quantization groups along the input of a layer with `in_f` features.
+    /// How `qzeros` are encoded (after [`QuantizeConfig::validate`]; v1 otherwise).
+    pub fn zero_format(&self) -> ZeroFormat {
+        ZeroFormat::parse(&self.checkpoint_format).unwrap_or_default()
+    }
+
     pub fn groups(&self, in_f: usize) -> usize {
         if self.group_size <= 0 {
             1
@@ -102,7 +108,9 @@ fn f16(t: &Tensor) -> Result<Tensor> {
 pub fn save_quantized(m: &Model, dir: &Path, cfg: &QuantizeConfig) -> Result<()> {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut cfg = cfg.clone();
+    cfg.validate().map_err(Error::Msg)?;
     cfg.mpolm_fp16_modules.clear();
+    let fmt = cfg.zero_format();
     for (name, l) in m.linears() {
         if let Some(q) = l.inner().as_any().downcast_ref::<QuantLinear>() {
             if q.bits != cfg.bits {
@@ -118,7 +126,11 @@ pub fn save_quantized(m: &Model, dir: &Path, cfg: &QuantizeConfig) -> Result<()>
             );
             tensors.insert(
                 format!("{name}.qzeros"),
-                i32_tensor(&q.qzeros, (q.groups(), q.out_f * b / 32))?,
+                i32_tensor(
+                    &q.qzeros_as(fmt)
+                        .map_err(|e| Error::Msg(format!("{name}: {e}")))?,
+                    (q.groups(), q.out_f * b / 32),
+                )?,
             );
             tensors.insert(
                 format!("{name}.scales"),
@@ -172,7 +184,7 @@ pub fn hf_config(cfg: &QuantizeConfig) -> serde_json::Map<String, serde_json::Va
     m
 }
 
-/// Load a checkpoint written by [`save_quantized`] (or any AutoGPTQ v1 checkpoint of a llama-
+/// Load a checkpoint written by [`save_quantized`] (or any AutoGPTQ v1 / GPTQModel v2 checkpoint of a llama-
 /// family model with the same tensor names) in one pass: the packed modules are checked, then
 /// the architecture asks for its layers and gets `QuantLinear`s (no f32 copy is ever made),
 /// f16 matrices as `HalfDense`, and the rest from the safetensors.
@@ -266,7 +278,8 @@ pub fn load_quantized(dir: &Path) -> Result<Model> {
                 )));
             }
         }
-        let q = QuantLinear::from_packed(
+        let q = QuantLinear::from_packed_as(
+            cfg.zero_format(),
             cfg.bits,
             in_f,
             out_f,

@@ -43,6 +43,42 @@ pub fn qmode() -> QMode {
 /// (crates/methods/examples/bench_qmatmul.rs, BENCHMARKS.md "#8 quantized kernels").
 pub const INT8_MAX_ROWS: usize = 8;
 
+/// How a checkpoint's `qzeros` encode each zero point. AutoGPTQ's format (`checkpoint_format`
+/// "gptq", v1) stores zero − 1, so a zero of 0 wraps to 2^bits − 1 and reads back as 2^bits (v1's
+/// known quirk, which every v1 kernel shares); GPTQModel's "gptq_v2" stores the zero itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ZeroFormat {
+    #[default]
+    V1,
+    V2,
+}
+
+impl ZeroFormat {
+    /// The `checkpoint_format` value of quantize_config.json / config.json.
+    pub fn name(self) -> &'static str {
+        match self {
+            ZeroFormat::V1 => "gptq",
+            ZeroFormat::V2 => "gptq_v2",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "gptq" => Some(ZeroFormat::V1),
+            "gptq_v2" => Some(ZeroFormat::V2),
+            _ => None,
+        }
+    }
+
+    /// What is added to a stored value to get the zero point.
+    fn offset(self) -> f32 {
+        match self {
+            ZeroFormat::V1 => 1.0,
+            ZeroFormat::V2 => 0.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct QuantLinear {
     pub bits: u32,
@@ -51,8 +87,9 @@ pub struct QuantLinear {
     /// [in·bits/32, out] words (stored as int32 in checkpoints); empty when `kern` holds the
     /// codes (see [`QuantLinear::qweight`]).
     qweight: Vec<u32>,
-    /// [groups, out·bits/32] words holding zero − 1.
+    /// [groups, out·bits/32] words holding the zero points as `zero_format` encodes them.
     pub qzeros: Vec<u32>,
+    pub zero_format: ZeroFormat,
     /// [groups, out] (f16 values).
     pub scales: Vec<f32>,
     /// [in]
@@ -69,15 +106,24 @@ impl QuantLinear {
         self.scales.len() / self.out_f.max(1)
     }
 
-    pub fn from_quantized(q: &Quantized, bits: u32, bias: Option<Tensor>) -> Result<Self> {
+    /// The layer of a quantization result, its zeros encoded as `fmt`: in v1 a zero of 0 takes
+    /// AutoGPTQ's wrapped encoding, so the layer computes what the saved v1 file will (v1's
+    /// quirk); in v2 every zero is kept.
+    pub fn from_quantized_as(
+        fmt: ZeroFormat,
+        q: &Quantized,
+        bits: u32,
+        bias: Option<Tensor>,
+    ) -> Result<Self> {
         let qweight = pack::pack_rows(&q.q, q.in_f, q.out_f, bits)?;
-        let zm1: Vec<u32> = q
-            .zeros
-            .iter()
-            .map(|&z| z.wrapping_sub(1) & ((1u32 << bits) - 1))
-            .collect();
-        let qzeros = pack::pack_cols(&zm1, q.groups(), q.out_f, bits)?;
-        Self::from_packed(
+        let mask = (1u32 << bits) - 1;
+        let stored: Vec<u32> = match fmt {
+            ZeroFormat::V1 => q.zeros.iter().map(|&z| z.wrapping_sub(1) & mask).collect(),
+            ZeroFormat::V2 => q.zeros.iter().map(|&z| z & mask).collect(),
+        };
+        let qzeros = pack::pack_cols(&stored, q.groups(), q.out_f, bits)?;
+        Self::from_packed_as(
+            fmt,
             bits,
             q.in_f,
             q.out_f,
@@ -89,8 +135,39 @@ impl QuantLinear {
         )
     }
 
+    pub fn from_quantized(q: &Quantized, bits: u32, bias: Option<Tensor>) -> Result<Self> {
+        Self::from_quantized_as(ZeroFormat::V1, q, bits, bias)
+    }
+
+    /// A layer from AutoGPTQ v1 words (`qzeros` holding zero − 1).
     #[allow(clippy::too_many_arguments)]
     pub fn from_packed(
+        bits: u32,
+        in_f: usize,
+        out_f: usize,
+        qweight: Vec<u32>,
+        qzeros: Vec<u32>,
+        scales: Vec<f32>,
+        g_idx: Vec<u32>,
+        bias: Option<Tensor>,
+    ) -> Result<Self> {
+        Self::from_packed_as(
+            ZeroFormat::V1,
+            bits,
+            in_f,
+            out_f,
+            qweight,
+            qzeros,
+            scales,
+            g_idx,
+            bias,
+        )
+    }
+
+    /// A layer from packed words whose `qzeros` are encoded as `fmt` says.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_packed_as(
+        fmt: ZeroFormat,
         bits: u32,
         in_f: usize,
         out_f: usize,
@@ -126,7 +203,7 @@ impl QuantLinear {
         }
         let zeros_f: Vec<f32> = pack::unpack_cols(&qzeros, groups, out_f, bits)?
             .into_iter()
-            .map(|z| z as f32 + 1.0)
+            .map(|z| z as f32 + fmt.offset())
             .collect();
         let kern = if qmode() == QMode::Legacy {
             None
@@ -139,6 +216,7 @@ impl QuantLinear {
             out_f,
             qweight: if kern.is_some() { Vec::new() } else { qweight },
             qzeros,
+            zero_format: fmt,
             scales,
             g_idx,
             bias,
@@ -157,11 +235,45 @@ impl QuantLinear {
             q.zeros_f = pack::unpack_cols(&self.qzeros, self.groups(), self.out_f, self.bits)
                 .expect("qzeros were validated at construction")
                 .into_iter()
-                .map(|z| z as f32 + 1.0)
+                .map(|z| z as f32 + self.zero_format.offset())
                 .collect();
         }
         q.kern = None;
         q
+    }
+
+    /// `qzeros` encoded as `fmt` (the same zero points). Fails for the zeros `fmt` cannot hold:
+    /// 0 in v1 (it would read back as 2^bits) and 2^bits (v1's wrapped 0) in v2.
+    pub fn qzeros_as(&self, fmt: ZeroFormat) -> Result<Vec<u32>> {
+        if fmt == self.zero_format {
+            return Ok(self.qzeros.clone());
+        }
+        let (groups, mask) = (self.groups(), (1u32 << self.bits) - 1);
+        let vals = pack::unpack_cols(&self.qzeros, groups, self.out_f, self.bits)?;
+        let conv: Vec<u32> = match fmt {
+            ZeroFormat::V1 => vals
+                .iter()
+                .map(|&z| match z {
+                    0 => Err(Error::Msg(format!(
+                        "a zero point of 0 has no gptq (v1) encoding (v1 stores zero − 1, and 0 would read back as {}); save as gptq_v2",
+                        1u32 << self.bits
+                    ))),
+                    z => Ok(z - 1),
+                })
+                .collect::<Result<_>>()?,
+            ZeroFormat::V2 => vals
+                .iter()
+                .map(|&s| match s {
+                    s if s == mask => Err(Error::Msg(format!(
+                        "a v1 zero point of {} (a wrapped 0) does not fit {} bits of gptq_v2",
+                        mask + 1,
+                        self.bits
+                    ))),
+                    s => Ok(s + 1),
+                })
+                .collect::<Result<_>>()?,
+        };
+        Ok(pack::pack_cols(&conv, groups, self.out_f, self.bits)?)
     }
 
     /// The repacked kernel weights, when this layer uses them.

@@ -23,7 +23,7 @@ pub mod pipeline;
 
 pub use calib::{quantize_model, LayerReport, QuantOptions};
 pub use io::{is_quantized_dir, load_quantized, save_quantized, QuantizeConfig};
-pub use layer::QuantLinear;
+pub use layer::{QuantLinear, ZeroFormat};
 
 use models::Model;
 use std::path::Path;

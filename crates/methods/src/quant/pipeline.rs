@@ -46,6 +46,8 @@ pub struct PipelineOptions {
     pub int8: Option<Int8Options>,
     /// The checkpoint directory (required with a method).
     pub out: Option<PathBuf>,
+    /// AutoGPTQ's v1 (`gptq`, what most loaders expect) or GPTQModel's `gptq_v2`.
+    pub checkpoint_format: super::ZeroFormat,
     pub progress: bool,
 }
 
@@ -172,6 +174,7 @@ pub fn run(mut m: Model, o: &PipelineOptions) -> Result<(Model, PipelineReport)>
             damp: o.damp,
             sym: o.sym,
             keep: o.keep.clone(),
+            zero_format: o.checkpoint_format,
             ..Default::default()
         };
         calib::validate(&m, &qo)?;
@@ -191,7 +194,7 @@ pub fn run(mut m: Model, o: &PipelineOptions) -> Result<(Model, PipelineReport)>
             sym: o.sym,
             true_sequential: true,
             quant_method: "gptq".into(),
-            checkpoint_format: "gptq".into(),
+            checkpoint_format: o.checkpoint_format.name().into(),
             mpolm_method: method.name().into(),
             mpolm_fp16_modules: vec![],
             mpolm_int8_activations: plan.as_ref().map(|(p, _)| p.config.clone()),
