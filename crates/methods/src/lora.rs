@@ -601,13 +601,19 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
 }
 
 /// What PEFT's `AutoPeftModel` is told the base is: the directory the base model was read
-/// from when it is a plain HF directory (an alias means nothing to PEFT), else the name as
-/// given (a GGUF file, a method checkpoint, another adapter: mpolm resolves those itself).
+/// from when it is a plain HF directory (an alias means nothing to PEFT), the upstream
+/// repository id for an alias cached as GGUF, else the name as given (a GGUF file, a method
+/// checkpoint, another adapter: mpolm resolves those itself).
 fn peft_base(model: &Model, base_model: &str) -> String {
     let plain_dir = crate::Kind::of(base_model) == crate::Kind::Plain
         && model.source.format == models::hub::Format::HfDir;
-    match plain_dir.then(|| std::fs::canonicalize(&model.source.path)) {
-        Some(Ok(p)) => p.display().to_string(),
+    if let Some(Ok(p)) = plain_dir.then(|| std::fs::canonicalize(&model.source.path)) {
+        return p.display().to_string();
+    }
+    // An alias cached as GGUF: PEFT cannot load that file, but it resolves the upstream
+    // repository the GGUF was converted from (the alias stays in `mpolm_base_model`).
+    match models::hub::spec(base_model) {
+        Some(s) if !Path::new(base_model).exists() => s.upstream.to_string(),
         _ => base_model.to_string(),
     }
 }

@@ -332,6 +332,21 @@ fn save_load_round_trip_and_refusals() {
     );
     assert_eq!(cj["mpolm_base_model"], "tiny-llama");
     assert_eq!(lora::adapter_base(&adir).unwrap(), "tiny-llama");
+    // An alias cached as GGUF: PEFT gets the upstream repository (it cannot load the GGUF),
+    // mpolm keeps the alias.
+    let format = m.source.format;
+    m.source.format = models::hub::Format::Gguf;
+    let gdir = out.path().join("adapter-gguf");
+    lora::save_peft(&m, &c, "smollm2-135m", "CAUSAL_LM", &[], &gdir).unwrap();
+    m.source.format = format;
+    let gj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(gdir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        gj["base_model_name_or_path"],
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    );
+    assert_eq!(lora::adapter_base(&gdir).unwrap(), "smollm2-135m");
     assert_eq!(cj["r"], 4);
     assert_eq!(cj["lora_alpha"], 16.0);
     assert_eq!(

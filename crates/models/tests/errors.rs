@@ -168,6 +168,7 @@ static BOGUS_SPEC: ModelSpec = ModelSpec {
     packages: BOGUS,
     sha256: "00",
     hashed_file: None,
+    upstream: "",
 };
 
 #[test]

