@@ -4,6 +4,7 @@
 use crate::report::Report;
 use anyhow::{Context, Result};
 use methods::finetune::{self, FinetuneOptions, Method, RunControl, Task};
+use methods::opf::{OpfOptions, Score, Select};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -21,8 +22,9 @@ pub struct FinetuneArgs {
     /// Evaluation file (default: dev.tsv beside the training data, or 5% of the LM blocks).
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
-    /// full, lora, mpo-aux (MPOP: central tensors frozen), mpo-central, mpo-all.
-    #[arg(long, default_value = "full", value_parser = ["full", "lora", "mpo-aux", "mpo-central", "mpo-all"])]
+    /// full, lora, mpo-aux (MPOP: central tensors frozen), mpo-central, mpo-all, opf (the most
+    /// important matrices train as long exact MPO chains, contracted back to dense at the end).
+    #[arg(long, default_value = "full", value_parser = ["full", "lora", "mpo-aux", "mpo-central", "mpo-all", "opf"])]
     pub method: String,
     /// Learning rate (finite, > 0).
     #[arg(long, default_value_t = 2e-5, value_parser = crate::range::positive, allow_negative_numbers = true)]
@@ -100,6 +102,29 @@ pub struct FinetuneArgs {
     /// moving-average trigger (window 10, +0.03, 10 steps).
     #[arg(long, default_value = "delta", value_parser = ["delta", "window"], requires = "squeeze")]
     pub squeeze_trigger: String,
+    /// OPF: decompose the top-N of each module group once before training (static) or
+    /// --opf-per-round of them every --opf-every steps until N (dynamic).
+    #[arg(long, value_parser = ["static", "dynamic"])]
+    pub opf_select: Option<String>,
+    /// OPF importance: ablation |L - L(W=0)| (static default), taylor sum|g*W| (dynamic
+    /// default), fisher sum of mean(g^2) (the released code).
+    #[arg(long, value_parser = ["ablation", "taylor", "fisher"])]
+    pub opf_score: Option<String>,
+    /// OPF: matrices decomposed per module group (Q, K, V, attention-out, FFN-in, FFN-out).
+    #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
+    pub opf_top_n: Option<usize>,
+    /// OPF dynamic: steps between rounds (default: the run split evenly over the rounds).
+    #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
+    pub opf_every: Option<usize>,
+    /// OPF dynamic: matrices added per group each round (default 1).
+    #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
+    pub opf_per_round: Option<usize>,
+    /// OPF chain length: 2 (OPF-SVD) to 64; 11 is the paper's, 15 the released code's.
+    #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
+    pub opf_sites: Option<usize>,
+    /// OPF: training batches the importance scores are computed on (default 4).
+    #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
+    pub opf_score_batches: Option<usize>,
     /// Save a checkpoint every N steps (always at epoch ends).
     #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub save_every: Option<usize>,
@@ -122,6 +147,7 @@ pub fn options(a: &FinetuneArgs) -> FinetuneOptions {
             "mpo-aux" => Method::MpoAux,
             "mpo-central" => Method::MpoCentral,
             "mpo-all" => Method::MpoAll,
+            "opf" => Method::Opf,
             _ => Method::Full,
         },
         data: a.data.clone(),
@@ -159,7 +185,42 @@ pub fn options(a: &FinetuneArgs) -> FinetuneOptions {
             },
             ..Default::default()
         }),
+        opf: opf_options(a),
     }
+}
+
+/// OPF's options when `--method opf` or any `--opf-*` flag is given (the library refuses the
+/// flags with another method).
+fn opf_options(a: &FinetuneArgs) -> Option<OpfOptions> {
+    let any = a.opf_select.is_some()
+        || a.opf_score.is_some()
+        || a.opf_top_n.is_some()
+        || a.opf_every.is_some()
+        || a.opf_per_round.is_some()
+        || a.opf_sites.is_some()
+        || a.opf_score_batches.is_some();
+    if a.method != "opf" && !any {
+        return None;
+    }
+    let d = OpfOptions::default();
+    let select = match a.opf_select.as_deref() {
+        Some("dynamic") => Select::Dynamic,
+        _ => Select::Static,
+    };
+    Some(OpfOptions {
+        select,
+        score: match (a.opf_score.as_deref(), select) {
+            (Some("ablation"), _) | (None, Select::Static) => Score::Ablation,
+            (Some("fisher"), _) => Score::Fisher,
+            _ => Score::Taylor,
+        },
+        // 0 is refused by the library with a message naming the flag.
+        top_n: a.opf_top_n.unwrap_or(0),
+        every: a.opf_every,
+        per_round: a.opf_per_round.unwrap_or(d.per_round),
+        sites: a.opf_sites.unwrap_or(d.sites),
+        score_batches: a.opf_score_batches.unwrap_or(d.score_batches),
+    })
 }
 
 pub fn run(a: FinetuneArgs, lo: &models::LoadOptions, rep: &mut Report) -> Result<()> {
@@ -195,6 +256,29 @@ pub fn run(a: FinetuneArgs, lo: &models::LoadOptions, rep: &mut Report) -> Resul
             "eval: loss {:.4}, {} {:.4} ({} examples)",
             e.loss, e.metric, e.value, e.examples
         );
+    }
+    if let Some(s) = r.hooks.get("opf") {
+        let n = |k: &str| s[k].as_u64().unwrap_or(0) as usize;
+        let chosen: usize = s["rounds"].as_array().map_or(0, |v| {
+            v.iter()
+                .map(|r| r["chosen"].as_array().map_or(0, Vec::len))
+                .sum()
+        });
+        println!(
+            "opf: {chosen} matrices trained as chains; parameters {} while training, {} deployed",
+            crate::fmt_int(n("train_params")),
+            crate::fmt_int(n("deploy_params"))
+        );
+        if let (Some(d), Some(o), Some(x)) = (
+            s["dense_pass_secs"].as_f64(),
+            s["opf_pass_secs"].as_f64(),
+            s["step_overhead"].as_f64(),
+        ) {
+            println!(
+                "opf step time: forward+backward {:.3} s with the chains vs {:.3} s dense ({x:.2}x)",
+                o, d
+            );
+        }
     }
     if r.finished {
         println!("model written to {}", a.out.display());

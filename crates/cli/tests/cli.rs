@@ -1083,3 +1083,143 @@ fn dense_export_reports_what_it_wrote() {
         "{v}"
     );
 }
+
+/// OPF from the CLI on a tiny llama: a dense model of the original size comes out, with the
+/// train- and deploy-time parameter counts reported; every bad OPF input is one error line
+/// before any training (the output directory is not even created).
+#[test]
+fn finetune_opf_end_to_end_and_bad_inputs() {
+    let (d, m) = tiny_llama();
+    let data = d.path().join("train.txt");
+    std::fs::write(&data, "a small text about a cat and a dog. ".repeat(50)).unwrap();
+    let (ms, ds) = (m.to_str().unwrap(), data.to_str().unwrap());
+    let out = d.path().join("ft");
+    let rep = d.path().join("ft.json");
+    let base = [
+        "finetune",
+        ms,
+        "--task",
+        "lm",
+        "--data",
+        ds,
+        "--lr",
+        "1e-3",
+        "--max-steps",
+        "3",
+        "--batch",
+        "2",
+        "--max-len",
+        "16",
+    ];
+    let mut ok = base.to_vec();
+    ok.extend([
+        "--method",
+        "opf",
+        "--opf-top-n",
+        "1",
+        "--opf-sites",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
+    let o = mpolm_ok(&ok);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("deployed"), "{stdout}");
+    let v = read_json(&rep);
+    let st = &v["result"]["hooks"]["opf"];
+    let total = |model: &str| -> u64 {
+        let r = d.path().join("inspect.json");
+        mpolm_ok(&["inspect", model, "--report", r.to_str().unwrap()]);
+        read_json(&r)["inspect"]["total_params"].as_u64().unwrap()
+    };
+    let dense = total(ms);
+    assert_eq!(st["deploy_params"].as_u64(), Some(dense));
+    assert!(st["train_params"].as_u64().unwrap() > dense);
+    assert_eq!(total(out.to_str().unwrap()), dense);
+    assert!(!out.join("mpo_manifest.json").exists());
+
+    let never = d.path().join("never");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--method", "opf"], "--opf-top-n"),
+        (
+            &["--method", "opf", "--opf-top-n", "3"],
+            "larger than the module group",
+        ),
+        (
+            &["--method", "full", "--opf-top-n", "1"],
+            "only with --method opf",
+        ),
+        (&["--opf-score", "fisher"], "only with --method opf"),
+        (
+            &["--method", "opf", "--opf-top-n", "1", "--opf-sites", "1"],
+            "--opf-sites 1 is out of range",
+        ),
+        (
+            &["--method", "opf", "--opf-top-n", "1", "--opf-sites", "65"],
+            "--opf-sites 65 is out of range",
+        ),
+        (
+            &["--method", "opf", "--opf-top-n", "1", "--opf-every", "2"],
+            "only with --opf-select dynamic",
+        ),
+        (
+            &[
+                "--method",
+                "opf",
+                "--opf-select",
+                "dynamic",
+                "--opf-top-n",
+                "1",
+                "--opf-per-round",
+                "2",
+            ],
+            "--opf-per-round 2 is out of range",
+        ),
+        (&["--method", "opf", "--opf-top-n", "0"], "--opf-top-n"),
+        (
+            &[
+                "--method",
+                "opf",
+                "--opf-top-n",
+                "1",
+                "--opf-select",
+                "sometimes",
+            ],
+            "--opf-select",
+        ),
+        (
+            &[
+                "--method",
+                "opf",
+                "--opf-top-n",
+                "1",
+                "--opf-score",
+                "guess",
+            ],
+            "--opf-score",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        a.extend(["--out", never.to_str().unwrap()]);
+        assert_clean_error(&mpolm(&a), needle);
+        assert!(!never.exists(), "{extra:?} created the output directory");
+    }
+    // An MPO checkpoint is not what OPF decomposes.
+    let mpo = d.path().join("mpo");
+    mpolm_ok(&["compress", ms, "--out", mpo.to_str().unwrap()]);
+    let mut a = base.to_vec();
+    a[1] = mpo.to_str().unwrap();
+    a.extend([
+        "--method",
+        "opf",
+        "--opf-top-n",
+        "1",
+        "--out",
+        never.to_str().unwrap(),
+    ]);
+    assert_clean_error(&mpolm(&a), "MPO checkpoint");
+}

@@ -6,6 +6,7 @@ pub mod finetune;
 pub mod lora;
 pub mod mpop;
 pub mod open;
+pub mod opf;
 pub mod quant;
 pub mod spectrum;
 pub mod squeeze;

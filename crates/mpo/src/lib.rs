@@ -33,6 +33,7 @@ pub use layer::{ForwardMode, MpoCores, MpoEmbedding, MpoLinear};
 pub use mpo::{entropy, Mpo, MpoManifest};
 pub use scalar::Scalar;
 pub use shapes::{
-    balanced_factors, factor_or_pad, preset, presets, table_factors, MpoShape, Preset,
+    balanced_factors, factor_or_pad, opf_split, preset, presets, table_factors, MpoShape, Preset,
+    OPF_MAX_SITES,
 };
 pub use truncate::{error_bound, select_bonds, Truncation};

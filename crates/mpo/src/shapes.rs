@@ -172,6 +172,11 @@ impl MpoShape {
         self.params_for(&self.full_bonds())
     }
 
+    /// The exact MPO's parameters over the dense matrix's (OPF's per-matrix factor).
+    pub fn full_ratio(&self) -> f64 {
+        self.full_params() as f64 / self.dense_params().max(1) as f64
+    }
+
     /// Parameters of the original dense matrix (before padding).
     pub fn dense_params(&self) -> usize {
         self.orig_rows * self.orig_cols
@@ -253,6 +258,27 @@ impl MpoShape {
         Self::exact(pad(rows)?, pad(cols)?)
     }
 
+    /// OPF's chain for a `rows × cols` matrix over `sites` sites (methods.md §3): each size is
+    /// split into two factors by [`opf_split`], and for `sites > 2` the chain is stretched with
+    /// 1s between them ([`MpoShape::one_padded_chain`]); `sites == 2` is OPF-SVD. BERT-base
+    /// 3072×768 over 11 sites gives the paper's [64,1×9,48] × [32,1×9,24].
+    pub fn opf_chain(rows: usize, cols: usize, sites: usize) -> Result<Self> {
+        if !(2..=OPF_MAX_SITES).contains(&sites) {
+            return Err(Error::Shape(format!(
+                "an OPF chain needs 2..={OPF_MAX_SITES} sites, got {sites}"
+            )));
+        }
+        let split = |d: usize| -> Result<[usize; 2]> {
+            match opf_split(d) {
+                Some((a, b)) => Ok([a, b]),
+                None => Err(Error::Shape(format!(
+                    "{d} has no split into two factors > 1, so no OPF chain factors the {rows}×{cols} matrix"
+                ))),
+            }
+        };
+        Self::one_padded_chain(&split(rows)?, &split(cols)?, sites)
+    }
+
     /// Shape from the per-dimension factor table of the papers' code when both sizes are listed
     /// for this n (see [`table_factors`]), otherwise [`MpoShape::auto`].
     pub fn from_table_or_auto(rows: usize, cols: usize, n: usize) -> Result<Self> {
@@ -265,6 +291,27 @@ impl MpoShape {
 
 fn product(f: &[usize]) -> usize {
     f.iter().product()
+}
+
+/// Longest OPF chain accepted: every inner site holds a d×d matrix, so the chain's size grows
+/// linearly with the sites (the released code's longest has 15).
+pub const OPF_MAX_SITES: usize = 64;
+
+/// OPF's two-factor split of a size: the smallest divisor a ≥ √d and b = d / a (3072 → 64·48,
+/// 768 → 32·24, 1024 → 32·32, the paper's factors). `None` when d has no divisor between 1 and
+/// d (a prime, or d < 4): the chain would then not factor that side.
+pub fn opf_split(d: usize) -> Option<(usize, usize)> {
+    if d < 4 {
+        return None;
+    }
+    let mut a = (d as f64).sqrt().floor() as usize;
+    while a * a < d {
+        a += 1;
+    }
+    while a < d && d % a != 0 {
+        a += 1;
+    }
+    (a < d).then(|| (a, d / a))
 }
 
 /// The most even split of `value` into exactly n factors (1s allowed), sorted ascending:
@@ -652,6 +699,46 @@ pub fn presets() -> Vec<Preset> {
             "opf-15site-768x768",
             "OPF released code 15-site chain [32,1×13,24] (8.9×)",
             ex(chain(32, 13, &[24]), chain(32, 13, &[24])),
+        ),
+        p(
+            "opf-15site-3072x768",
+            "OPF released code 15-site FFN chain [64,1×13,48] × [32,1×13,24]",
+            ex(chain(64, 13, &[48]), chain(32, 13, &[24])),
+        ),
+        p(
+            "opf-svd-768x768",
+            "OPF-SVD attention, n = 2",
+            ex(vec![32, 24], vec![32, 24]),
+        ),
+        p(
+            "opf-minilm-attn-384x384",
+            "OPF 11-site chain for MiniLM attention: [24,1×9,16] × [24,1×9,16], bonds 256",
+            ex(chain(24, 9, &[16]), chain(24, 9, &[16])),
+        ),
+        p(
+            "opf-minilm-ffn-in-1536x384",
+            "OPF 11-site chain for MiniLM FFN-in: [48,1×9,32] × [24,1×9,16], bonds 512",
+            ex(chain(48, 9, &[32]), chain(24, 9, &[16])),
+        ),
+        p(
+            "opf-smollm2-attn-576x576",
+            "OPF 11-site chain for SmolLM2 q/o: [24,1×9,24] × [24,1×9,24], bonds 576",
+            ex(chain(24, 9, &[24]), chain(24, 9, &[24])),
+        ),
+        p(
+            "opf-smollm2-ffn-in-1536x576",
+            "OPF 11-site chain for SmolLM2 gate/up: [48,1×9,32] × [24,1×9,24], bonds 768",
+            ex(chain(48, 9, &[32]), chain(24, 9, &[24])),
+        ),
+        p(
+            "opf-qwen-attn-896x896",
+            "OPF 11-site chain for Qwen2.5-0.5B q/o: [32,1×9,28] × [32,1×9,28], bonds 784",
+            ex(chain(32, 9, &[28]), chain(32, 9, &[28])),
+        ),
+        p(
+            "opf-qwen-ffn-in-4864x896",
+            "OPF 11-site chain for Qwen2.5-0.5B gate/up: [76,1×9,64] × [32,1×9,28], bonds 1792",
+            ex(chain(76, 9, &[64]), chain(32, 9, &[28])),
         ),
         p(
             "opf-bart-768x768",

@@ -48,8 +48,12 @@ pub trait TrainHook {
 }
 
 /// The hooks the options ask for, in the order they run.
-pub(crate) fn for_options(_o: &FinetuneOptions) -> Result<Vec<Box<dyn TrainHook>>> {
-    Ok(Vec::new())
+pub(crate) fn for_options(o: &FinetuneOptions) -> Result<Vec<Box<dyn TrainHook>>> {
+    let mut v: Vec<Box<dyn TrainHook>> = Vec::new();
+    if o.method == Method::Opf {
+        v.push(Box::new(crate::opf::OpfHook::new(o)));
+    }
+    Ok(v)
 }
 
 impl Trainer<'_> {

@@ -22,6 +22,9 @@ pub enum Method {
     /// Only the central tensors train (MPOP's `CT_learn`).
     MpoCentral,
     MpoAll,
+    /// OPF: the most important matrices train as long exact MPO chains, contracted back at
+    /// the end ([`crate::opf`]).
+    Opf,
 }
 
 impl Method {
@@ -68,6 +71,9 @@ pub struct FinetuneOptions {
     /// Batch examples of similar length together ([`data::grouped_epoch_order`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub group_by_length: bool,
+    /// OPF's selection, scores and chains (with `method` opf; its defaults when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opf: Option<crate::opf::OpfOptions>,
 }
 
 impl Default for FinetuneOptions {
@@ -99,6 +105,7 @@ impl Default for FinetuneOptions {
             mpo_n: 5,
             squeeze: None,
             group_by_length: false,
+            opf: None,
         }
     }
 }
@@ -188,7 +195,7 @@ pub(crate) fn check_options(o: &FinetuneOptions) -> Result<()> {
             ),
         );
     }
-    Ok(())
+    crate::opf::check_options(o)
 }
 
 /// A LoRA rank above a targeted matrix's smaller side adds parameters without adding rank

@@ -71,7 +71,7 @@ pub(crate) fn mpo_vars(name: &str, mp: &mut MpoLayer, method: Method, out: &mut 
     match method {
         Method::MpoAux => cores.freeze_central(),
         Method::MpoCentral => cores.train_only_central(),
-        Method::MpoAll | Method::Full => cores.set_all_trainable(true),
+        Method::MpoAll | Method::Full | Method::Opf => cores.set_all_trainable(true),
         Method::Lora => cores.set_all_trainable(false),
     }
     for k in 0..cores.n() {
@@ -174,7 +174,8 @@ pub fn prepare(m: &mut Model, o: &FinetuneOptions, progress: bool) -> Result<Vec
         }
         return Ok(dedup(ps));
     }
-    let full = o.method == Method::Full;
+    // OPF trains every tensor, as full fine-tuning, its chains included.
+    let full = matches!(o.method, Method::Full | Method::Opf);
     for (name, lin) in m.linears_mut() {
         if let Some(mp) = lin.inner_mut().as_any_mut().downcast_mut::<MpoLayer>() {
             mpo_vars(&name, mp, o.method, &mut ps);

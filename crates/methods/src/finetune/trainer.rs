@@ -88,6 +88,9 @@ pub struct FinetuneReport {
     pub train_secs: f64,
     pub examples_per_sec: f64,
     pub finished: bool,
+    /// What in-training methods recorded ([`TrainHook::state`]), by name.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub hooks: std::collections::BTreeMap<String, Value>,
 }
 
 pub(crate) fn load_data(m: &Model, o: &FinetuneOptions) -> Result<Dataset> {
@@ -134,6 +137,7 @@ impl<'a> Trainer<'a> {
     pub fn new(model: &'a mut Model, o: &FinetuneOptions, progress: bool) -> Result<Self> {
         check_options(o)?;
         check_lora_rank(model, o)?;
+        crate::opf::check_model(model, o)?;
         let data = load_data(model, o)?;
         if o.task == Task::Sst2 {
             ensure_head(model, data.num_labels, o.seed)?;
@@ -236,7 +240,7 @@ impl<'a> Trainer<'a> {
     }
 
     /// The examples of global step `step` (epoch order from the seed).
-    fn batch_at(&self, step: usize) -> Result<Batch> {
+    pub(crate) fn batch_at(&self, step: usize) -> Result<Batch> {
         let epoch = step / self.steps_per_epoch;
         let k = step % self.steps_per_epoch;
         let order = if self.opts.group_by_length {
@@ -496,5 +500,6 @@ pub fn finetune(
         train_secs: tr.log.train_secs,
         examples_per_sec: examples as f64 / secs.max(1e-9),
         finished: !stopped,
+        hooks: tr.log.hooks.clone(),
     })
 }
