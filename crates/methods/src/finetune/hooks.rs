@@ -48,8 +48,14 @@ pub trait TrainHook {
 }
 
 /// The hooks the options ask for, in the order they run.
-pub(crate) fn for_options(_o: &FinetuneOptions) -> Result<Vec<Box<dyn TrainHook>>> {
-    Ok(Vec::new())
+pub(crate) fn for_options(o: &FinetuneOptions) -> Result<Vec<Box<dyn TrainHook>>> {
+    let mut hooks: Vec<Box<dyn TrainHook>> = Vec::new();
+    // Idle on a model without experts (unless asked to mask, which it then refuses).
+    hooks.push(Box::new(crate::mpoe::MoeHook::new(
+        o.central_mask_p,
+        o.seed,
+    )?));
+    Ok(hooks)
 }
 
 impl Trainer<'_> {

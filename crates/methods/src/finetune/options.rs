@@ -68,6 +68,10 @@ pub struct FinetuneOptions {
     /// Batch examples of similar length together ([`data::grouped_epoch_order`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub group_by_length: bool,
+    /// MPOE: probability p_b that a step leaves the experts' shared central tensors unchanged
+    /// (1 freezes them); None = never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub central_mask_p: Option<f64>,
 }
 
 impl Default for FinetuneOptions {
@@ -99,6 +103,7 @@ impl Default for FinetuneOptions {
             mpo_n: 5,
             squeeze: None,
             group_by_length: false,
+            central_mask_p: None,
         }
     }
 }
