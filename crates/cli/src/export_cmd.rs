@@ -41,6 +41,10 @@ fn gguf(a: ExportArgs, lo: &models::LoadOptions, rep: &mut Report) -> Result<()>
         ..
     } = a;
     let m = load(&model, lo)?;
+    anyhow::ensure!(
+        !methods::mpoe::is_moe(&m),
+        "{model}: GGUF export of a mixture of experts is not supported yet; use --dense (a checkpoint with dense experts)"
+    );
     let mut o = ge::ExportOptions::new(ge::GgufType::parse(&gguf_type)?);
     (o.progress, o.print_tensors) = (true, true);
     let r = ge::export_gguf(&m, &out, &o)?;
@@ -72,6 +76,25 @@ fn gguf(a: ExportArgs, lo: &models::LoadOptions, rep: &mut Report) -> Result<()>
 fn dense(a: ExportArgs, lo: &models::LoadOptions, rep: &mut Report) -> Result<()> {
     let ExportArgs { model, out, .. } = a;
     let m = load(&model, lo)?;
+    if let Some(s) = methods::mpoe::summary(&m) {
+        // Dense experts, same routing: transformers has no layout for a subset of MoE layers
+        // with these routers, so this stays an mpolm mixture-of-experts checkpoint.
+        methods::mpoe::save(&m, &out, true)?;
+        let back = methods::open(out.to_str().unwrap_or_default(), lo)?;
+        let written = back.total_params();
+        println!(
+            "mixture of experts with dense experts ({} experts in {} layers, {} params) written to {}",
+            s.experts,
+            s.layers.len(),
+            fmt_int(written),
+            out.display()
+        );
+        rep.set("command", json!("export"));
+        rep.set("out", json!(out));
+        rep.set("parameters_written", json!(written));
+        rep.set("source_parameters", json!(m.total_params()));
+        return Ok(());
+    }
     let t = models::export::dense_state_dict(&m)?;
     models::export::write_hf_dir(&m, &out, &t, &[])?;
     // What was written, not the source's count: a full-bond MPO holds more

@@ -81,6 +81,10 @@ pub struct FinetuneArgs {
     /// batches, each sorted by length, as Hugging Face's group_by_length): much less padding.
     #[arg(long)]
     pub group_by_length: bool,
+    /// MPOE: probability p_b in [0, 1] that a step leaves the experts' shared central tensors
+    /// unchanged (1 freezes them); for checkpoints from `upcycle --mpo`.
+    #[arg(long, value_parser = crate::range::fraction0, allow_negative_numbers = true)]
+    pub central_mask_p: Option<f64>,
     /// After tuning, squeeze MPO bonds (MPOP Algorithm 2) with auxiliary-only recovery.
     #[arg(long)]
     pub squeeze: bool,
@@ -172,6 +176,7 @@ pub fn options(a: &FinetuneArgs) -> FinetuneOptions {
         lora_targets: a.lora_targets.clone(),
         mpo_n: a.mpo_n,
         group_by_length: a.group_by_length,
+        central_mask_p: a.central_mask_p,
         squeeze: a.squeeze.then(|| methods::squeeze::SqueezeOptions {
             target_params: a.target_params,
             delta: a.delta,

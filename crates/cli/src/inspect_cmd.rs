@@ -65,6 +65,25 @@ pub fn show(m: &Model, rep: &mut Report) -> Result<()> {
         "weights as held:     {:.1} MiB",
         m.weight_bytes() as f64 / (1024.0 * 1024.0)
     );
+    let moe = methods::mpoe::summary(m);
+    if let Some(s) = &moe {
+        println!(
+            "experts:      {} {} experts in layers {:?} ({} routing, capacity factor {}, token dropping {})",
+            s.experts,
+            s.expert_kind,
+            s.layers,
+            s.router,
+            s.capacity_factor,
+            if s.drop_tokens { "on" } else { "off" }
+        );
+        println!(
+            "              {} shared by experts, {} per-expert, {} router; {} active per token",
+            fmt_int(s.shared_params),
+            fmt_int(s.per_expert_params),
+            fmt_int(s.router_params),
+            fmt_int(s.active_params)
+        );
+    }
     let kinds: std::collections::BTreeMap<String, usize> =
         m.linears()
             .iter()
@@ -87,6 +106,7 @@ pub fn show(m: &Model, rep: &mut Report) -> Result<()> {
             "weight_bytes": m.weight_bytes(),
             "gguf_weights": gguf_weights(m).name(),
             "load_seconds": m.load_secs,
+            "moe": moe,
         }),
     );
     Ok(())

@@ -18,6 +18,7 @@ mod report;
 mod run_cmd;
 mod spectrum;
 mod target;
+mod upcycle_cmd;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -98,6 +99,9 @@ enum Cmd {
     Quantize(quant_cmd::QuantizeArgs),
     /// Fine-tune (full, LoRA, MPO auxiliary/central/all) on sentence classification or text.
     Finetune(finetune_cmd::FinetuneArgs),
+    /// Upcycle a dense causal model into a mixture of experts (dense or MPOE experts sharing a
+    /// central tensor) and write a checkpoint the other commands load.
+    Upcycle(upcycle_cmd::UpcycleArgs),
     /// The main job on a model: fetch, inspect and a greedy chat generation.
     Run(run_cmd::RunArgs),
 }
@@ -165,6 +169,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Finetune(args) => finetune_cmd::run(args, &lo, &mut rep)?,
         Cmd::Compress(args) => compress_cmd::run(args, &lo, &mut rep)?,
         Cmd::Export(args) => export_cmd::run(args, &lo, &mut rep)?,
+        Cmd::Upcycle(args) => upcycle_cmd::run(args, &lo, &mut rep)?,
         Cmd::Run(args) => run_cmd::run(args, &lo, &mut rep)?,
     }
     if let Some(path) = &cli.report {
@@ -205,6 +210,7 @@ fn check_outputs(cmd: &Cmd) -> Result<()> {
     use target::{check, Target};
     match cmd {
         Cmd::Compress(a) => check("--out", &a.out, Target::NewDir),
+        Cmd::Upcycle(a) => check("--out", &a.out, Target::NewDir),
         Cmd::Export(a) if a.gguf => check("--out", &a.out, Target::NewFile),
         Cmd::Export(a) => check("--out", &a.out, Target::NewDir),
         Cmd::Spectrum(a) => match &a.plot {

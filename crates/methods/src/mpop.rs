@@ -96,6 +96,17 @@ impl LinearLayer for MpoLayer {
     fn kind(&self) -> String {
         "mpo".into()
     }
+    /// The cores by id, so a core several layers hold (MPOE's shared central tensor) counts
+    /// and saves once.
+    fn param_ids(&self) -> Vec<(candle_core::TensorId, usize)> {
+        let mut v: Vec<_> = (self.inner.cores().vars().iter())
+            .map(|c| (c.as_tensor().id(), c.as_tensor().elem_count()))
+            .collect();
+        if let Some(b) = self.inner.bias() {
+            v.push((b.as_tensor().id(), b.as_tensor().elem_count()));
+        }
+        v
+    }
     fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         if models::ops::training() {
             // Rows straight from the cores avoid a vocab-sized table per step, but gather one

@@ -16,7 +16,7 @@ pub mod testing;
 
 pub use arch::{bert, cache, gemma3, llama};
 pub use compute::{fused, kernels, ops, qdot, simd};
-pub use layers::{frozen, half, linear, qlinear};
+pub use layers::{frozen, half, linear, moe, qlinear};
 pub use load::{config, export, hub, source, tmp, tokenizer, untrusted, weights};
 
 pub use arch::{CausalLm, Encoder, FeedForward, SelfAttention};

@@ -49,11 +49,16 @@ pub trait TrainHook {
 
 /// The hooks the options ask for, in the order they run.
 pub(crate) fn for_options(o: &FinetuneOptions) -> Result<Vec<Box<dyn TrainHook>>> {
-    let mut v: Vec<Box<dyn TrainHook>> = Vec::new();
+    let mut hooks: Vec<Box<dyn TrainHook>> = Vec::new();
     if o.method == Method::Opf {
-        v.push(Box::new(crate::opf::OpfHook::new(o)));
+        hooks.push(Box::new(crate::opf::OpfHook::new(o)));
     }
-    Ok(v)
+    // Idle on a model without experts (unless asked to mask, which it then refuses).
+    hooks.push(Box::new(crate::mpoe::MoeHook::new(
+        o.central_mask_p,
+        o.seed,
+    )?));
+    Ok(hooks)
 }
 
 impl Trainer<'_> {

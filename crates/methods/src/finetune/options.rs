@@ -74,6 +74,10 @@ pub struct FinetuneOptions {
     /// OPF's selection, scores and chains (with `method` opf; its defaults when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub opf: Option<crate::opf::OpfOptions>,
+    /// MPOE: probability p_b that a step leaves the experts' shared central tensors unchanged
+    /// (1 freezes them); None = never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub central_mask_p: Option<f64>,
 }
 
 impl Default for FinetuneOptions {
@@ -106,6 +110,7 @@ impl Default for FinetuneOptions {
             squeeze: None,
             group_by_length: false,
             opf: None,
+            central_mask_p: None,
         }
     }
 }

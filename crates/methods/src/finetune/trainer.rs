@@ -21,7 +21,12 @@ pub fn batch_loss(m: &Model, b: &Batch) -> Result<Tensor> {
             let d = h.dim(2)?;
             let h = h.contiguous()?.reshape((bs * (t - 1), d))?;
             let target = b.ids.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?;
-            Ok(l.head_loss(&h, &target)?)
+            let loss = l.head_loss(&h, &target)?;
+            // A router's balance loss (recorded only by training forwards) joins the loss.
+            match l.take_aux_loss()? {
+                Some(aux) => Ok((loss + aux)?),
+                None => Ok(loss),
+            }
         }
     }
 }

@@ -358,6 +358,13 @@ impl CausalLm for Llama {
             .map(|(i, l)| (format!("model.layers.{i}.mlp"), &mut l.mlp))
             .collect()
     }
+    fn feed_forwards(&self) -> Vec<(String, &dyn FeedForward)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (format!("model.layers.{i}.mlp"), l.mlp.as_ref()))
+            .collect()
+    }
     fn attentions_mut(&mut self) -> Vec<(String, &mut Box<dyn SelfAttention>)> {
         self.layers
             .iter_mut()

@@ -92,6 +92,27 @@ pub trait CausalLm: std::fmt::Debug + Send + Sync {
     /// Each layer's feed-forward block with its HF prefix (`model.layers.N.mlp`).
     fn feed_forwards_mut(&mut self) -> Vec<(String, &mut Box<dyn FeedForward>)>;
 
+    /// Each layer's feed-forward block, read-only (empty where an architecture does not list
+    /// them; a mixture of experts' auxiliary loss is then not collected).
+    fn feed_forwards(&self) -> Vec<(String, &dyn FeedForward)> {
+        Vec::new()
+    }
+
+    /// The auxiliary losses the blocks recorded in the last training forward (a router's
+    /// balance loss), summed and taken; None when no block has one.
+    fn take_aux_loss(&self) -> Result<Option<Tensor>> {
+        let mut sum: Option<Tensor> = None;
+        for (_, f) in self.feed_forwards() {
+            if let Some(a) = f.take_aux_loss() {
+                sum = Some(match sum {
+                    Some(s) => (s + a)?,
+                    None => a,
+                });
+            }
+        }
+        Ok(sum)
+    }
+
     /// Each layer's self-attention block with its HF prefix (`model.layers.N.self_attn`),
     /// for architectures whose attention is a plain [`SelfAttention`] (empty otherwise:
     /// gemma3's layers pick their own RoPE table and window).
@@ -171,6 +192,11 @@ pub trait FeedForward: std::fmt::Debug + Send + Sync {
     }
     fn other_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         Vec::new()
+    }
+    /// A loss term the block recorded in its last training forward (a router's balance loss),
+    /// taken so that each forward's term is added once.
+    fn take_aux_loss(&self) -> Option<Tensor> {
+        None
     }
     fn as_any(&self) -> &dyn Any;
 }

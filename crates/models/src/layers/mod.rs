@@ -4,4 +4,5 @@
 pub mod frozen;
 pub mod half;
 pub mod linear;
+pub mod moe;
 pub mod qlinear;
