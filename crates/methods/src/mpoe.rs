@@ -752,6 +752,21 @@ pub fn load(dir: &Path) -> Result<Model> {
         }
     };
     let mut built: BTreeMap<usize, MoeFfn> = BTreeMap::new();
+    let described: BTreeSet<String> = prefixes
+        .iter()
+        .flat_map(|p| MATRICES.iter().map(move |m| format!("{p}.{m}")))
+        .collect();
+    if let Some(k) = man.mpo.keys().find(|k| !described.contains(*k)) {
+        return Err(models::Error::config(
+            &mpath,
+            format!(
+                "MPO entry '{}' is not a matrix of the listed layers {:?}",
+                models::untrusted::escape(k),
+                man.layers
+            ),
+        )
+        .into());
+    }
     for (&li, prefix) in man.layers.iter().zip(&prefixes) {
         let router = store.take(&format!("{prefix}.gate.weight"), &[e, h])?;
         let mut per_matrix: Vec<Vec<Linear>> = Vec::new();
