@@ -4,6 +4,7 @@
 pub mod error;
 pub mod finetune;
 pub mod lora;
+pub mod mpobert;
 pub mod mpop;
 pub mod open;
 pub mod quant;

@@ -3,7 +3,7 @@
 //! No global state: how GGUF weights are held comes in [`LoadOptions`].
 
 use crate::Result;
-use crate::{lora, mpop, quant};
+use crate::{lora, mpobert, mpop, quant};
 use models::{LoadOptions, Model};
 use std::path::Path;
 
@@ -12,6 +12,8 @@ use std::path::Path;
 pub enum Kind {
     /// An MPO checkpoint (`mpo_manifest.json`).
     Mpo,
+    /// An MPOBERT checkpoint (`mpobert_manifest.json`).
+    MpoBert,
     /// A GPTQ/RTN checkpoint (`quantize_config.json`).
     Quantized,
     /// A PEFT LoRA adapter directory (`adapter_config.json`).
@@ -25,6 +27,8 @@ impl Kind {
         let p = Path::new(model);
         if p.join(mpop::MANIFEST).exists() {
             Kind::Mpo
+        } else if p.join(mpobert::MANIFEST).exists() {
+            Kind::MpoBert
         } else if quant::is_quantized_dir(p) {
             Kind::Quantized
         } else if p.join(lora::ADAPTER_CONFIG).exists() {
@@ -38,6 +42,7 @@ impl Kind {
     pub fn describe(self) -> &'static str {
         match self {
             Kind::Mpo => "MPO checkpoint",
+            Kind::MpoBert => "MPOBERT checkpoint",
             Kind::Quantized => "quantized checkpoint",
             Kind::Adapter => "LoRA adapter",
             Kind::Plain => "model",
@@ -52,6 +57,7 @@ pub fn open(model: &str, opts: &LoadOptions) -> Result<Model> {
     let p = Path::new(model);
     match Kind::of(model) {
         Kind::Mpo => mpop::load(p),
+        Kind::MpoBert => mpobert::load(p),
         Kind::Quantized => quant::load_quantized(p),
         Kind::Adapter => {
             let (base, chain) = lora::adapter_chain(p)?;
@@ -81,6 +87,7 @@ mod tests {
             p.to_str().unwrap().to_string()
         };
         assert_eq!(Kind::of(&dir("m", Some(mpop::MANIFEST))), Kind::Mpo);
+        assert_eq!(Kind::of(&dir("b", Some(mpobert::MANIFEST))), Kind::MpoBert);
         assert_eq!(
             Kind::of(&dir("a", Some(lora::ADAPTER_CONFIG))),
             Kind::Adapter

@@ -256,6 +256,8 @@ pub(crate) fn save_model(m: &Model, o: &FinetuneOptions, out: &Path) -> Result<(
         };
         std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
         crate::lora::save_peft(m, &cfg, &o.model, task_type, &head, &tmp)?;
+    } else if crate::mpobert::is_mpobert(m) {
+        crate::mpobert::save(m, &tmp, None)?;
     } else if has_mpo(m) {
         mpop::save(m, &tmp)?;
     } else {
