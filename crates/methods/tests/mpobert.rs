@@ -430,3 +430,50 @@ fn mlm_pretraining_learns_saves_and_resumes_identically() {
     let b: Vec<f64> = log2.steps.iter().map(|s| s.loss).collect();
     assert_eq!(a, b);
 }
+
+#[test]
+fn a_damaged_checkpoint_is_an_error_not_a_panic() {
+    let d = tempfile::tempdir().unwrap();
+    let (m, _) = mpobert::build(
+        tiny_bert(&d.path().join("b")),
+        &opts(Share::All, 2, Init::Copy, 0),
+        false,
+    )
+    .unwrap();
+    let out = d.path().join("mb");
+    mpobert::save(&m, &out, None).unwrap();
+    let man = out.join(mpobert::MANIFEST);
+    let good = std::fs::read_to_string(&man).unwrap();
+    let open = || {
+        methods::open(out.to_str().unwrap(), &Default::default())
+            .unwrap_err()
+            .to_string()
+    };
+    let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let (k, _) = v["aliases"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .next()
+        .map(|(k, x)| (k.clone(), x.clone()))
+        .unwrap();
+    v["aliases"][&k] = "no.such.tensor".into();
+    std::fs::write(&man, v.to_string()).unwrap();
+    assert!(open().contains("not in model.safetensors"), "{}", open());
+    let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    v["aliases"]["x"] = k.clone().into();
+    v["aliases"]["y"] = "x".into();
+    std::fs::write(&man, v.to_string()).unwrap();
+    assert!(open().contains("points to another alias"), "{}", open());
+    let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let first = v["layers"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    v["layers"][&first]["bond_dims"][1] = 1_000_000.into();
+    std::fs::write(&man, v.to_string()).unwrap();
+    assert!(open().contains("out of range"), "{}", open());
+}
