@@ -3,7 +3,7 @@
 # minilm-l6, give each model (and dense MiniLM-6) the same short masked-LM budget on WikiText-2
 # valid (test held out for the MLM eval), then the same SST-2 fine-tuning, scored on the full dev
 # set. `stability` instead runs the L = 24 MLM loss curves with scaled vs copy initialisation.
-#   [STEPS=40] [MLM_BATCH=8] [LIMIT=1024] [MPOLM_BIN=…] scripts/mpobert_experiment.sh OUTDIR main|stability [seed]
+#   [STEPS=40] [MLM_BATCH=8] [LIMIT=1024] [MPOLM_BIN=…] scripts/mpobert_experiment.sh OUTDIR main|sst|stability [seed]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$1; what=$2; seed=${3:-1}
@@ -32,6 +32,8 @@ case $what in
     build mb6 6 scaled; build mb12 12 scaled
     mlm dense minilm-l6; mlm mb6 "$out/mb6"; mlm mb12 "$out/mb12"
     for m in dense mb6 mb12; do sst $m; done ;;
+  sst) # the SST-2 step alone, for models whose MLM run is done
+    for m in ${NAMES:-dense mb6 mb12}; do sst $m; done ;;
   stability)
     build mb24s 24 scaled; build mb24c 24 copy
     mlm mb24s "$out/mb24s"; mlm mb24c "$out/mb24c" ;;
