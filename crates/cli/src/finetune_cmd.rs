@@ -13,8 +13,9 @@ pub struct FinetuneArgs {
     /// Model alias, HF directory, MPO checkpoint or quantized checkpoint (LoRA only).
     pub model: String,
     /// sst2: sentence classification with an encoder (GLUE TSV or JSONL with sentence/label);
-    /// lm: causal language modelling on a .txt or .jsonl ({"text": ...}) file.
-    #[arg(long, value_parser = ["sst2", "lm"])]
+    /// lm: causal language modelling on a .txt or .jsonl ({"text": ...}) file; mlm: masked-LM
+    /// pre-training of an encoder on such text (BERT's 15% / 80-10-10 masking).
+    #[arg(long, value_parser = ["sst2", "lm", "mlm"])]
     pub task: String,
     /// Training data: a file, or a GLUE task folder with train.tsv (+ dev.tsv for evaluation).
     #[arg(long)]
@@ -145,7 +146,11 @@ pub struct FinetuneArgs {
 pub fn options(a: &FinetuneArgs) -> FinetuneOptions {
     FinetuneOptions {
         model: a.model.clone(),
-        task: if a.task == "lm" { Task::Lm } else { Task::Sst2 },
+        task: match a.task.as_str() {
+            "lm" => Task::Lm,
+            "mlm" => Task::Mlm,
+            _ => Task::Sst2,
+        },
         method: match a.method.as_str() {
             "lora" => Method::Lora,
             "mpo-aux" => Method::MpoAux,

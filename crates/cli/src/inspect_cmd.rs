@@ -84,6 +84,19 @@ pub fn show(m: &Model, rep: &mut Report) -> Result<()> {
             fmt_int(s.active_params)
         );
     }
+    // Tensors held by several layers (MPOBERT's shared centrals) are counted once above.
+    let shared = methods::mpobert::is_mpobert(m).then(|| methods::mpobert::summary(m));
+    if let Some(s) = &shared {
+        println!(
+            "shared across layers: {} in {} tensors; per layer: {} over {} layers ({} each on average); other: {}",
+            fmt_int(s.shared),
+            s.shared_tensors,
+            fmt_int(s.per_layer),
+            s.layers,
+            fmt_int(s.per_layer / s.layers.max(1)),
+            fmt_int(s.other)
+        );
+    }
     let kinds: std::collections::BTreeMap<String, usize> =
         m.linears()
             .iter()
@@ -107,6 +120,7 @@ pub fn show(m: &Model, rep: &mut Report) -> Result<()> {
             "gguf_weights": gguf_weights(m).name(),
             "load_seconds": m.load_secs,
             "moe": moe,
+            "mpobert_params": shared,
         }),
     );
     Ok(())

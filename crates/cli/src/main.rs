@@ -12,6 +12,7 @@ mod finetune_cmd;
 mod flags;
 mod generate_cmd;
 mod inspect_cmd;
+mod mpobert_cmd;
 mod quant_cmd;
 mod range;
 mod report;
@@ -84,6 +85,8 @@ enum Cmd {
     Spectrum(spectrum::SpectrumArgs),
     /// Compress a model's weight matrices (MPO decomposition) into a checkpoint other commands load.
     Compress(compress_cmd::CompressArgs),
+    /// Build an MPOBERT encoder (central tensors shared across layers, deeper stacks) from a BERT model.
+    Mpobert(mpobert_cmd::MpoBertArgs),
     /// Export a (compressed/quantized) model as a plain dense HF directory that transformers
     /// loads (--dense), or as a llama.cpp GGUF file (--gguf --type …).
     Export(export_cmd::ExportArgs),
@@ -168,6 +171,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Quantize(args) => quant_cmd::run(args, &lo, &mut rep)?,
         Cmd::Finetune(args) => finetune_cmd::run(args, &lo, &mut rep)?,
         Cmd::Compress(args) => compress_cmd::run(args, &lo, &mut rep)?,
+        Cmd::Mpobert(args) => mpobert_cmd::run(args, &lo, &mut rep)?,
         Cmd::Export(args) => export_cmd::run(args, &lo, &mut rep)?,
         Cmd::Upcycle(args) => upcycle_cmd::run(args, &lo, &mut rep)?,
         Cmd::Run(args) => run_cmd::run(args, &lo, &mut rep)?,
@@ -211,6 +215,7 @@ fn check_outputs(cmd: &Cmd) -> Result<()> {
     match cmd {
         Cmd::Compress(a) => check("--out", &a.out, Target::NewDir),
         Cmd::Upcycle(a) => check("--out", &a.out, Target::NewDir),
+        Cmd::Mpobert(a) => check("--out", &a.out, Target::NewDir),
         Cmd::Export(a) if a.gguf => check("--out", &a.out, Target::NewFile),
         Cmd::Export(a) => check("--out", &a.out, Target::NewDir),
         Cmd::Spectrum(a) => match &a.plot {

@@ -1223,3 +1223,100 @@ fn finetune_opf_end_to_end_and_bad_inputs() {
     ]);
     assert_clean_error(&mpolm(&a), "MPO checkpoint");
 }
+
+#[test]
+fn mpobert_builds_a_checkpoint_every_command_loads_and_refuses_bad_options() {
+    let d = tempfile::tempdir().unwrap();
+    let b = d.path().join("bert");
+    models::testing::write_tiny_bert(&b).unwrap();
+    let bs = b.to_str().unwrap();
+    let out = d.path().join("mb");
+    let o = mpolm_ok(&[
+        "mpobert",
+        bs,
+        "--share",
+        "groups:2",
+        "--depth",
+        "4",
+        "--adapter-rank",
+        "2",
+        "--central-from",
+        "layer:1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("2 group(s) of 2 layers"), "{text}");
+    let mb = out.to_str().unwrap();
+    let o = mpolm_ok(&["inspect", mb]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("layers 4") && text.contains("shared across layers"),
+        "{text}"
+    );
+    let tsv = d.path().join("sst.tsv");
+    std::fs::write(
+        &tsv,
+        "sentence\tlabel\na good film\t1\na bad film\t0\nso good\t1\nso bad\t0\n",
+    )
+    .unwrap();
+    let tuned = d.path().join("tuned");
+    mpolm_ok(&[
+        "finetune",
+        mb,
+        "--task",
+        "sst2",
+        "--data",
+        tsv.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--out",
+        tuned.to_str().unwrap(),
+    ]);
+    assert!(tuned.join("mpobert_manifest.json").exists());
+    mpolm_ok(&[
+        "eval",
+        tuned.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--limit",
+        "4",
+    ]);
+    let dense = d.path().join("dense");
+    mpolm_ok(&["export", mb, "--dense", "--out", dense.to_str().unwrap()]);
+    let cfg = read_json(dense.join("config.json"));
+    assert_eq!(cfg["num_hidden_layers"], 4);
+    let bad = |args: &[&str], needle: &str| {
+        let mut v = vec!["mpobert", bs];
+        v.extend_from_slice(args);
+        let o = d.path().join(format!("bad{}", needle.len()));
+        v.extend_from_slice(&["--out", o.to_str().unwrap()]);
+        assert_clean_error(&mpolm(&v), needle);
+        assert!(!o.exists(), "nothing written for {args:?}");
+    };
+    bad(&["--depth", "1"], "--depth 1 is out of range");
+    bad(
+        &["--depth", "4", "--share", "groups:3"],
+        "3 groups do not divide the 4 layers",
+    );
+    bad(
+        &["--depth", "2", "--adapter-rank", "33"],
+        "--adapter-rank 33",
+    );
+    bad(
+        &["--depth", "2", "--central-from", "layer:2"],
+        "--central-from layer 2",
+    );
+    bad(&["--depth", "2", "--share", "groups:x"], "groups:G");
+    let l = d.path().join("llama");
+    models::testing::write_tiny_llama(&l, false).unwrap();
+    let o = mpolm(&[
+        "mpobert",
+        l.to_str().unwrap(),
+        "--depth",
+        "2",
+        "--out",
+        d.path().join("x").to_str().unwrap(),
+    ]);
+    assert_clean_error(&o, "built from a BERT encoder");
+}

@@ -5,6 +5,7 @@ pub mod error;
 pub mod finetune;
 pub mod lora;
 pub mod mpoe;
+pub mod mpobert;
 pub mod mpop;
 pub mod open;
 pub mod opf;

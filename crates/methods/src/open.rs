@@ -3,7 +3,7 @@
 //! No global state: how GGUF weights are held comes in [`LoadOptions`].
 
 use crate::Result;
-use crate::{lora, mpoe, mpop, quant};
+use crate::{lora, mpobert, mpoe, mpop, quant};
 use models::{LoadOptions, Model};
 use std::path::Path;
 
@@ -14,6 +14,8 @@ pub enum Kind {
     Mpo,
     /// A mixture of experts upcycled from a dense model (`moe_manifest.json`).
     Moe,
+    /// An MPOBERT checkpoint (`mpobert_manifest.json`).
+    MpoBert,
     /// A GPTQ/RTN checkpoint (`quantize_config.json`).
     Quantized,
     /// A PEFT LoRA adapter directory (`adapter_config.json`).
@@ -29,6 +31,8 @@ impl Kind {
             Kind::Mpo
         } else if p.join(mpoe::MANIFEST).exists() {
             Kind::Moe
+        } else if p.join(mpobert::MANIFEST).exists() {
+            Kind::MpoBert
         } else if quant::is_quantized_dir(p) {
             Kind::Quantized
         } else if p.join(lora::ADAPTER_CONFIG).exists() {
@@ -43,6 +47,7 @@ impl Kind {
         match self {
             Kind::Mpo => "MPO checkpoint",
             Kind::Moe => "mixture-of-experts checkpoint",
+            Kind::MpoBert => "MPOBERT checkpoint",
             Kind::Quantized => "quantized checkpoint",
             Kind::Adapter => "LoRA adapter",
             Kind::Plain => "model",
@@ -58,6 +63,7 @@ pub fn open(model: &str, opts: &LoadOptions) -> Result<Model> {
     match Kind::of(model) {
         Kind::Mpo => mpop::load(p),
         Kind::Moe => mpoe::load(p),
+        Kind::MpoBert => mpobert::load(p),
         Kind::Quantized => quant::load_quantized(p),
         Kind::Adapter => {
             let (base, chain) = lora::adapter_chain(p)?;
@@ -88,6 +94,7 @@ mod tests {
         };
         assert_eq!(Kind::of(&dir("m", Some(mpop::MANIFEST))), Kind::Mpo);
         assert_eq!(Kind::of(&dir("e", Some(mpoe::MANIFEST))), Kind::Moe);
+        assert_eq!(Kind::of(&dir("b", Some(mpobert::MANIFEST))), Kind::MpoBert);
         assert_eq!(
             Kind::of(&dir("a", Some(lora::ADAPTER_CONFIG))),
             Kind::Adapter

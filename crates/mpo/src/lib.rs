@@ -24,6 +24,7 @@ pub mod mpo;
 pub mod permute;
 pub mod scalar;
 pub mod shapes;
+pub mod shared;
 pub mod truncate;
 
 pub use contract::{apply_cores, dense_from_cores, dense_from_cores_with, embed_cores};

@@ -258,6 +258,8 @@ pub(crate) fn save_model(m: &Model, o: &FinetuneOptions, out: &Path) -> Result<(
         crate::lora::save_peft(m, &cfg, &o.model, task_type, &head, &tmp)?;
     } else if crate::mpoe::is_moe(m) {
         crate::mpoe::save(m, &tmp, false)?;
+    } else if crate::mpobert::is_mpobert(m) {
+        crate::mpobert::save(m, &tmp, None)?;
     } else if has_mpo(m) {
         mpop::save(m, &tmp)?;
     } else {

@@ -41,8 +41,10 @@ pub struct Batch {
     pub ids: Tensor,
     /// [b, t] 1 = token, 0 = padding (classification only).
     pub mask: Option<Tensor>,
-    /// Class labels [b] (classification only).
+    /// Class labels [b] (classification only), or the original ids of the masked tokens (MLM).
     pub labels: Option<Tensor>,
+    /// Masked-LM: positions (into the flattened [b·t] ids) whose token is to be predicted.
+    pub masked: Option<Tensor>,
     pub rows: usize,
     pub tokens: usize,
 }
@@ -361,7 +363,128 @@ pub fn make_batch(ex: &[&Example]) -> Result<Batch> {
         } else {
             None
         },
+        masked: None,
         rows: b,
         tokens,
     })
+}
+
+/// Masked-LM text: blocks of `max_len − 2` token ids, each wrapped as `[CLS] … [SEP]`; without
+/// an eval file the last 5% of the blocks (at least one) are held out.
+pub fn load_mlm(spec: &Spec, tok: &Tokenizer) -> Result<Dataset> {
+    let (cls, sep) = match (tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")) {
+        (Some(c), Some(s)) => (c, s),
+        _ => {
+            return Err(Error::option(
+                "task",
+                "`task` mlm needs a BERT tokenizer with [CLS], [SEP] and [MASK] tokens",
+            ))
+        }
+    };
+    if spec.max_len < 3 {
+        return Err(Error::option(
+            "max_len",
+            "`max_len` must be at least 3 for masked-LM blocks ([CLS] + text + [SEP])",
+        ));
+    }
+    let inner = Spec {
+        max_len: spec.max_len - 2,
+        ..*spec
+    };
+    let mut d = load_lm(&inner, tok)?;
+    let wrap = |e: &mut Example| {
+        if let Example::Lm { ids } = e {
+            ids.insert(0, cls);
+            ids.push(sep);
+        }
+    };
+    d.train.iter_mut().for_each(wrap);
+    d.eval.iter_mut().for_each(wrap);
+    Ok(d)
+}
+
+/// The token ids masking needs.
+#[derive(Debug, Clone)]
+pub struct MlmTokens {
+    pub mask: u32,
+    pub vocab: u32,
+    /// Never chosen for prediction ([CLS], [SEP], [PAD]).
+    pub special: Vec<u32>,
+}
+
+impl MlmTokens {
+    pub fn of(tok: &Tokenizer, vocab: usize) -> Result<Self> {
+        let mask = tok.token_to_id("[MASK]").ok_or_else(|| {
+            Error::option(
+                "task",
+                "`task` mlm needs a tokenizer with a [MASK] token (a BERT tokenizer)",
+            )
+        })?;
+        let special = ["[CLS]", "[SEP]", "[PAD]"]
+            .iter()
+            .filter_map(|t| tok.token_to_id(t))
+            .collect();
+        Ok(MlmTokens {
+            mask,
+            vocab: vocab as u32,
+            special,
+        })
+    }
+}
+
+/// Share of tokens chosen for prediction (BERT: 15%).
+pub const MLM_PROBABILITY: f64 = 0.15;
+
+/// BERT's masking of `ids` in place: each non-special token is chosen with probability 0.15;
+/// a chosen token becomes [MASK] with probability 0.8, a uniformly random token with 0.1, and
+/// stays with 0.1. Returns the chosen positions with their original ids. A sequence with no
+/// token chosen gets its first eligible one, so every batch has something to predict.
+pub fn mask_tokens(ids: &mut [u32], t: &MlmTokens, rng: &mut impl rand::Rng) -> Vec<(usize, u32)> {
+    let mut out = Vec::new();
+    for (i, id) in ids.iter_mut().enumerate() {
+        if t.special.contains(id) || rng.random::<f64>() >= MLM_PROBABILITY {
+            continue;
+        }
+        out.push((i, *id));
+        let r = rng.random::<f64>();
+        if r < 0.8 {
+            *id = t.mask;
+        } else if r < 0.9 {
+            *id = rng.random_range(0..t.vocab.max(1));
+        }
+    }
+    if out.is_empty() {
+        if let Some(i) = ids.iter().position(|id| !t.special.contains(id)) {
+            out.push((i, ids[i]));
+            ids[i] = t.mask;
+        }
+    }
+    out
+}
+
+/// Mask a batch of MLM blocks, seeded by (seed, step): a resumed run masks identically.
+pub fn mask_batch(b: &mut Batch, t: &MlmTokens, seed: u64, step: u64) -> Result<()> {
+    let (rows, len) = b.ids.dims2()?;
+    let mut ids = b.ids.flatten_all()?.to_vec1::<u32>()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        seed.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ step.wrapping_add(0x5EED),
+    );
+    let mut pos = Vec::new();
+    let mut gold = Vec::new();
+    for r in 0..rows {
+        for (i, id) in mask_tokens(&mut ids[r * len..(r + 1) * len], t, &mut rng) {
+            pos.push((r * len + i) as u32);
+            gold.push(id);
+        }
+    }
+    if pos.is_empty() {
+        return Err(Error::Msg(
+            "a masked-LM batch has no maskable token (only special tokens)".into(),
+        ));
+    }
+    let dev = Device::Cpu;
+    b.ids = Tensor::from_vec(ids, (rows, len), &dev)?;
+    b.masked = Some(Tensor::from_vec(pos.clone(), pos.len(), &dev)?);
+    b.labels = Some(Tensor::from_vec(gold, pos.len(), &dev)?);
+    Ok(())
 }

@@ -10,6 +10,8 @@ pub enum Task {
     Sst2,
     /// Causal language modelling on text.
     Lm,
+    /// Masked-LM (continued) pre-training of an encoder on text: BERT's 15% / 80-10-10 masking.
+    Mlm,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -99,16 +99,20 @@ pub(crate) fn mpo_vars(name: &str, mp: &mut MpoLayer, method: Method, out: &mut 
 /// Rebuild the cached dense matrices of MPO layers after their cores changed.
 pub fn refresh(m: &mut Model) {
     for (_, l) in m.linears_mut() {
-        if let Some(mp) = l.inner_mut().as_any_mut().downcast_mut::<MpoLayer>() {
+        let any = l.inner_mut().as_any_mut();
+        if let Some(mb) = any.downcast_mut::<crate::mpobert::MpoBertLinear>() {
+            mb.mpo.invalidate();
+        } else if let Some(mp) = any.downcast_mut::<MpoLayer>() {
             mp.invalidate();
         }
     }
 }
 
 pub(crate) fn has_mpo(m: &Model) -> bool {
-    m.linears()
-        .iter()
-        .any(|(_, l)| l.inner().as_any().downcast_ref::<MpoLayer>().is_some())
+    m.linears().iter().any(|(_, l)| {
+        let any = l.inner().as_any();
+        any.is::<MpoLayer>() || any.is::<crate::mpobert::MpoBertLinear>()
+    })
 }
 
 pub(crate) fn lora_config(m: &Model, o: &FinetuneOptions) -> crate::lora::LoraConfig {
@@ -177,12 +181,30 @@ pub fn prepare(m: &mut Model, o: &FinetuneOptions, progress: bool) -> Result<Vec
     // OPF trains every tensor, as full fine-tuning, its chains included.
     let full = matches!(o.method, Method::Full | Method::Opf);
     for (name, lin) in m.linears_mut() {
-        if let Some(mp) = lin.inner_mut().as_any_mut().downcast_mut::<MpoLayer>() {
+        if let Some(mb) = lin
+            .inner_mut()
+            .as_any_mut()
+            .downcast_mut::<crate::mpobert::MpoBertLinear>()
+        {
+            // Cores held by several layers are one Var: `dedup` keeps one slot for them.
+            mpo_vars(&name, &mut mb.mpo, o.method, &mut ps);
+            if let Some(a) = &mb.adapter {
+                for (part, v) in [("u", &a.u), ("d", &a.d)] {
+                    ps.push(Param {
+                        name: format!("{name}.adapter.{part}"),
+                        var: v.clone(),
+                        mpo: false,
+                        decay: true,
+                    });
+                }
+            }
+        } else if let Some(mp) = lin.inner_mut().as_any_mut().downcast_mut::<MpoLayer>() {
             mpo_vars(&name, mp, o.method, &mut ps);
         } else {
             // MPOP: non-MPO parameters (biases, the classifier) still train; dense weights that
             // were not decomposed train only in full fine-tuning.
-            dense_vars(&name, lin, full || name == "classifier", &mut ps, &mut vars)?;
+            let head = name == "classifier" || name.starts_with("cls.");
+            dense_vars(&name, lin, full || head, &mut ps, &mut vars)?;
         }
     }
     for (name, t) in m.other_tensors_mut() {
@@ -203,6 +225,44 @@ pub(crate) fn dedup(ps: Vec<Param>) -> Vec<Param> {
     ps.into_iter()
         .filter(|p| seen.insert(p.var.as_tensor().id()))
         .collect()
+}
+
+/// Attach a masked-LM head initialised as BERT does (transform N(0, 0.02²) with zero bias,
+/// LayerNorm 1/0, zero output bias) when the encoder has none: sentence-transformers
+/// checkpoints such as all-MiniLM-L6-v2 ship the bare BertModel.
+pub(crate) fn ensure_mlm_head(m: &mut Model, seed: u64) -> Result<()> {
+    let Arch::Encoder(b) = &mut m.arch else {
+        return Ok(());
+    };
+    if b.has_mlm_head() {
+        return Ok(());
+    }
+    let h = b.hidden_size();
+    let vocab = b
+        .linears()
+        .iter()
+        .find(|(n, _)| n.ends_with("word_embeddings"))
+        .map(|(_, l)| l.out_features())
+        .ok_or_else(|| {
+            Error::Msg("the encoder has no word embeddings to tie an MLM head to".into())
+        })?;
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x0317_4EAD);
+    let w: Vec<f32> = (0..h * h)
+        .map(|_| {
+            let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random::<f64>());
+            (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        })
+        .collect();
+    let dev = Device::Cpu;
+    b.set_mlm_head([
+        Tensor::from_vec(w, (h, h), &dev)?,
+        Tensor::zeros(h, DType::F32, &dev)?,
+        Tensor::ones(h, DType::F32, &dev)?,
+        Tensor::zeros(h, DType::F32, &dev)?,
+        Tensor::zeros(vocab, DType::F32, &dev)?,
+    ]);
+    Ok(())
 }
 
 /// Attach a new classification head (HF init: N(0, 0.02), zero bias) when the encoder has none.

@@ -6,6 +6,18 @@ use super::*;
 /// Mean cross-entropy of a batch: classification logits vs labels, or next-token prediction.
 pub fn batch_loss(m: &Model, b: &Batch) -> Result<Tensor> {
     match &m.arch {
+        Arch::Encoder(enc) if b.masked.is_some() => {
+            let h = enc.forward(&b.ids, None, b.mask.as_ref())?;
+            let (bs, t, d) = h.dims3()?;
+            let pos = b.masked.as_ref().expect("masked positions");
+            let hs = h.reshape((bs * t, d))?.index_select(pos, 0)?;
+            let logits = enc.mlm_logits(&hs)?;
+            let gold = b
+                .labels
+                .as_ref()
+                .ok_or_else(|| Error::Msg("masked-LM batch without targets".into()))?;
+            Ok(models::fused::cross_entropy(&logits, gold)?)
+        }
         Arch::Encoder(bert) => {
             let h = bert.forward(&b.ids, None, b.mask.as_ref())?;
             let logits = bert.classify(&bert.pool(&h)?)?;
@@ -31,7 +43,11 @@ pub fn batch_loss(m: &Model, b: &Batch) -> Result<Tensor> {
     }
 }
 
-/// Loss and task metric over the evaluation set, in inference mode.
+/// Seed of the masks of masked-LM evaluation.
+const EVAL_MASK_SEED: u64 = 0x3E7A_1;
+
+/// Loss and task metric over the evaluation set, in inference mode (masked-LM data: loss and
+/// perplexity of the masked tokens).
 pub fn evaluate(m: &mut Model, ds: &[Example], batch: usize) -> Result<(f64, f64, &'static str)> {
     models::ops::set_training(false);
     refresh(m);
@@ -42,10 +58,35 @@ pub fn evaluate(m: &mut Model, ds: &[Example], batch: usize) -> Result<(f64, f64
     // Loss and accuracy do not depend on the order, so batch by length: less padding.
     let mut by_len: Vec<&Example> = ds.iter().collect();
     by_len.sort_by_key(|e| e.n_tokens());
-    for chunk in by_len.chunks(batch.max(1)) {
+    let mlm = match (&m.arch, ds.first()) {
+        (Arch::Encoder(e), Some(Example::Lm { .. })) => {
+            let vocab = e
+                .linears()
+                .iter()
+                .find(|(n, _)| n.ends_with("word_embeddings"))
+                .map_or(0, |(_, l)| l.out_features());
+            Some(data::MlmTokens::of(&m.tokenizer, vocab)?)
+        }
+        _ => None,
+    };
+    for (ci, chunk) in by_len.chunks(batch.max(1)).enumerate() {
         let refs: Vec<&Example> = chunk.to_vec();
-        let b = data::make_batch(&refs)?;
+        let mut b = data::make_batch(&refs)?;
         match &m.arch {
+            Arch::Encoder(_) if mlm.is_some() => {
+                // The same masks at every evaluation, so evaluations compare.
+                data::mask_batch(
+                    &mut b,
+                    mlm.as_ref().expect("mlm"),
+                    EVAL_MASK_SEED,
+                    ci as u64,
+                )?;
+                let l = batch_loss(m, &b)?.to_scalar::<f32>()? as f64;
+                let k = b.masked.as_ref().map_or(0, |p| p.elem_count());
+                loss_sum += l * k as f64;
+                tokens += k;
+                n += b.rows;
+            }
             Arch::Encoder(bert) => {
                 let h = bert.forward(&b.ids, None, b.mask.as_ref())?;
                 let logits = bert.classify(&bert.pool(&h)?)?.detach();
@@ -68,6 +109,10 @@ pub fn evaluate(m: &mut Model, ds: &[Example], batch: usize) -> Result<(f64, f64
         }
     }
     Ok(match &m.arch {
+        Arch::Encoder(_) if mlm.is_some() => {
+            let l = loss_sum / tokens.max(1) as f64;
+            (l, l.exp(), "perplexity")
+        }
         Arch::Encoder(_) => (
             loss_sum / n.max(1) as f64,
             correct as f64 / n.max(1) as f64,
@@ -109,6 +154,12 @@ pub(crate) fn load_data(m: &Model, o: &FinetuneOptions) -> Result<Dataset> {
     match (o.task, &m.arch) {
         (Task::Sst2, Arch::Encoder(_)) => data::load_classification(&spec, &m.tokenizer),
         (Task::Lm, Arch::Causal(_)) => data::load_lm(&spec, &m.tokenizer),
+        (Task::Mlm, Arch::Encoder(_)) => data::load_mlm(&spec, &m.tokenizer),
+        (Task::Mlm, _) => Err(Error::option("task", format!(
+            "`task` mlm pre-trains an encoder, but {} is a {} model; use `task` lm for causal models",
+            o.model,
+            m.arch_name()
+        ))),
         (Task::Sst2, _) => Err(Error::option("task", format!(
             "`task` sst2 fine-tunes an encoder classifier, but {} is a {} model; use `task` lm for causal models",
             o.model,
@@ -136,6 +187,8 @@ pub struct Trainer<'a> {
     pub lr_factor_override: Option<f64>,
     /// Methods acting between steps ([`TrainHook`]).
     pub hooks: Vec<Box<dyn TrainHook>>,
+    /// Masked-LM: the tokens masking uses (None for other tasks).
+    pub mlm: Option<data::MlmTokens>,
 }
 
 impl<'a> Trainer<'a> {
@@ -147,6 +200,17 @@ impl<'a> Trainer<'a> {
         if o.task == Task::Sst2 {
             ensure_head(model, data.num_labels, o.seed)?;
         }
+        let mlm = if o.task == Task::Mlm {
+            ensure_mlm_head(model, o.seed)?;
+            let vocab = model
+                .linears()
+                .iter()
+                .find(|(n, _)| n.ends_with("word_embeddings"))
+                .map_or(0, |(_, l)| l.out_features());
+            Some(data::MlmTokens::of(&model.tokenizer, vocab)?)
+        } else {
+            None
+        };
         let params = prepare(model, o, progress)?;
         if params.is_empty() {
             return Err(Error::Msg("this method leaves no tensor to train".into()));
@@ -200,6 +264,7 @@ impl<'a> Trainer<'a> {
             lora: o.method == Method::Lora,
             lr_factor_override: None,
             hooks: hooks::for_options(o)?,
+            mlm,
         })
     }
 
@@ -256,7 +321,11 @@ impl<'a> Trainer<'a> {
         };
         let idx = &order[k * self.opts.batch..((k + 1) * self.opts.batch).min(order.len())];
         let ex: Vec<&Example> = idx.iter().map(|&i| &self.data.train[i]).collect();
-        data::make_batch(&ex)
+        let mut b = data::make_batch(&ex)?;
+        if let Some(t) = &self.mlm {
+            data::mask_batch(&mut b, t, self.opts.seed, step as u64)?;
+        }
+        Ok(b)
     }
 
     /// One optimizer step on the batch of global step `step`; returns the loss.

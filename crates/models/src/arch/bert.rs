@@ -62,6 +62,9 @@ macro_rules! linear_list {
         if let Some(x) = $s.classifier.$opt() {
             v.push(("classifier".into(), x));
         }
+        if let Some(h) = $s.mlm.$opt() {
+            v.push(("cls.predictions.transform.dense".into(), &$($m)? h.dense));
+        }
         v
     }};
 }
@@ -82,8 +85,22 @@ macro_rules! other_list {
             v.push((format!("{n}.output.LayerNorm.weight"), &$($m)? l.out_ln.w));
             v.push((format!("{n}.output.LayerNorm.bias"), &$($m)? l.out_ln.b));
         }
+        if let Some(h) = &$($m)? $s.mlm {
+            v.push(("cls.predictions.transform.LayerNorm.weight".into(), &$($m)? h.ln.w));
+            v.push(("cls.predictions.transform.LayerNorm.bias".into(), &$($m)? h.ln.b));
+            v.push(("cls.predictions.bias".into(), &$($m)? h.bias));
+        }
         v
     }};
+}
+
+/// BertForMaskedLM's head (`cls.predictions`): dense + activation + LayerNorm, then the decoder
+/// tied to the word embeddings plus an output bias over the vocabulary.
+#[derive(Debug)]
+struct MlmHead {
+    dense: Linear,
+    ln: LayerNorm,
+    bias: Tensor,
 }
 
 #[derive(Debug)]
@@ -98,6 +115,7 @@ pub struct Bert {
     layers: Vec<Layer>,
     pub pooler: Option<Linear>,
     pub classifier: Option<Linear>,
+    mlm: Option<MlmHead>,
 }
 
 fn lin(w: &dyn WeightSource, name: &str, out_f: usize, in_f: usize) -> Result<Linear> {
@@ -156,7 +174,17 @@ impl Bert {
             }
             _ => None,
         };
+        let mlm = if w.has_linear("cls.predictions.transform.dense") {
+            Some(MlmHead {
+                dense: lin(w, "cls.predictions.transform.dense", h, h)?,
+                ln: LayerNorm::load(w, "cls.predictions.transform.LayerNorm", h, eps)?,
+                bias: w.tensor("cls.predictions.bias", &[cfg.vocab_size])?,
+            })
+        } else {
+            None
+        };
         Ok(Bert {
+            mlm,
             cfg,
             prefix,
             word_embeddings,
@@ -172,6 +200,45 @@ impl Bert {
     /// Attach (or replace) a classification head [num_labels, hidden].
     pub fn set_classifier(&mut self, weight: Tensor, bias: Tensor) {
         self.classifier = Some(Linear::dense(weight, Some(bias)));
+    }
+
+    /// Attach (or replace) the masked-LM head: transform dense [h, h] with bias, its LayerNorm,
+    /// and the output bias [vocab] (the decoder is the word embedding matrix).
+    pub fn set_mlm_head(
+        &mut self,
+        dense_w: Tensor,
+        dense_b: Tensor,
+        ln_w: Tensor,
+        ln_b: Tensor,
+        bias: Tensor,
+    ) {
+        self.mlm = Some(MlmHead {
+            dense: Linear::dense(dense_w, Some(dense_b)),
+            ln: LayerNorm {
+                w: ln_w,
+                b: ln_b,
+                eps: self.cfg.layer_norm_eps,
+            },
+            bias,
+        });
+    }
+
+    /// Masked-LM logits [n, vocab] of hidden states [n, hidden].
+    pub fn mlm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let Some(h) = &self.mlm else {
+            crate::bail!("this model has no masked-LM head (cls.predictions.*)");
+        };
+        let x = self.act(&h.dense.forward(hidden)?)?;
+        let x = h.ln.forward(&x)?;
+        Ok(self.word_embeddings.forward(&x)?.broadcast_add(&h.bias)?)
+    }
+
+    fn act(&self, i: &Tensor) -> Result<Tensor> {
+        Ok(match self.cfg.hidden_act.as_str() {
+            "relu" => i.relu()?,
+            "gelu_new" | "gelu_pytorch_tanh" => i.gelu()?,
+            _ => ops::gelu_erf(i)?,
+        })
     }
 
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
@@ -276,12 +343,7 @@ impl Bert {
     /// Attention output projection + residual + LayerNorm, then the feed-forward block.
     fn ffn(&self, l: &Layer, o: &Tensor, x: &Tensor) -> Result<Tensor> {
         let a = l.attn_ln.forward(&(l.attn_out.forward(o)? + x)?)?;
-        let i = l.intermediate.forward(&a)?;
-        let i = match self.cfg.hidden_act.as_str() {
-            "relu" => i.relu()?,
-            "gelu_new" | "gelu_pytorch_tanh" => i.gelu()?,
-            _ => ops::gelu_erf(&i)?,
-        };
+        let i = self.act(&l.intermediate.forward(&a)?)?;
         l.out_ln.forward(&(l.output.forward(&i)? + &a)?)
     }
 
@@ -358,6 +420,16 @@ impl crate::arch::Encoder for Bert {
     }
     fn linears(&self) -> Vec<(String, &Linear)> {
         Bert::linears(self)
+    }
+    fn has_mlm_head(&self) -> bool {
+        self.mlm.is_some()
+    }
+    fn mlm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Bert::mlm_logits(self, hidden)
+    }
+    fn set_mlm_head(&mut self, t: [Tensor; 5]) {
+        let [dw, db, lw, lb, b] = t;
+        Bert::set_mlm_head(self, dw, db, lw, lb, b)
     }
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         Bert::linears_mut(self)

@@ -159,6 +159,17 @@ pub trait Encoder: std::fmt::Debug + Send + Sync {
     fn num_labels(&self) -> Option<usize>;
     /// Attach (or replace) a classification head [num_labels, hidden].
     fn set_classifier(&mut self, weight: Tensor, bias: Tensor);
+    /// Whether a masked-LM head is present.
+    fn has_mlm_head(&self) -> bool {
+        false
+    }
+    /// Masked-LM logits [n, vocab] of hidden states [n, hidden]; an error without a head.
+    fn mlm_logits(&self, _hidden: &Tensor) -> Result<Tensor> {
+        crate::bail!("{} has no masked-LM head", self.model_type())
+    }
+    /// Attach a masked-LM head: transform weight [h, h], its bias, LayerNorm weight and bias
+    /// [h], output bias [vocab]; ignored by encoders without one.
+    fn set_mlm_head(&mut self, _tensors: [Tensor; 5]) {}
     fn linears(&self) -> Vec<(String, &Linear)>;
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
     fn other_tensors(&self) -> Vec<(String, &Tensor)>;
