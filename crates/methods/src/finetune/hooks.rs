@@ -48,8 +48,12 @@ pub trait TrainHook {
 }
 
 /// The hooks the options ask for, in the order they run.
-pub(crate) fn for_options(_o: &FinetuneOptions) -> Result<Vec<Box<dyn TrainHook>>> {
-    Ok(Vec::new())
+pub(crate) fn for_options(o: &FinetuneOptions) -> Result<Vec<Box<dyn TrainHook>>> {
+    let mut hooks: Vec<Box<dyn TrainHook>> = Vec::new();
+    if let Some(c) = &o.calisr {
+        hooks.push(Box::new(crate::calisr::CalisrHook::new(c.clone())));
+    }
+    Ok(hooks)
 }
 
 impl Trainer<'_> {

@@ -68,6 +68,9 @@ pub struct FinetuneOptions {
     /// Batch examples of similar length together ([`data::grouped_epoch_order`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub group_by_length: bool,
+    /// Start in full fine-tuning and switch to `method` by stable rank ([`crate::calisr`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calisr: Option<crate::calisr::CalisrOptions>,
 }
 
 impl Default for FinetuneOptions {
@@ -99,6 +102,7 @@ impl Default for FinetuneOptions {
             mpo_n: 5,
             squeeze: None,
             group_by_length: false,
+            calisr: None,
         }
     }
 }
@@ -159,6 +163,7 @@ pub(crate) fn check_options(o: &FinetuneOptions) -> Result<()> {
             return bad(name, format!("`{name}` must be at least 1"));
         }
     }
+    crate::calisr::check(o)?;
     if o.eval_batch == 0 {
         return bad("eval_batch", "`eval_batch` must be at least 1".into());
     }
