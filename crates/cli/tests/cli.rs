@@ -800,7 +800,7 @@ fn numeric_flags_are_range_checked_before_any_work() {
         (
             &ft,
             &["--method", "lora", "--calisr-delta", "0.5"],
-            "--calisr",
+            "required arguments",
         ),
         (&quant, &["--nsamples", "0"], "--nsamples"),
         (&quant, &["--seqlen", "1"], "--seqlen"),
