@@ -130,6 +130,29 @@ pub struct FinetuneArgs {
     /// OPF: training batches the importance scores are computed on (default 4).
     #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub opf_score_batches: Option<usize>,
+    /// CaliSr: train fully first, then switch to --method (mpo-aux or lora) by stable rank:
+    /// d = the whole model at once (CaliSr-D), s = attention and FFN each on its own (CaliSr-S).
+    /// Writes calisr_srank.png beside the log.
+    #[arg(long, value_parser = ["d", "s"])]
+    pub calisr: Option<String>,
+    /// δ in (0, 1): a component switches once SRS_D, the fraction of its last n probes in which
+    /// the lightweight update gave the lower stable rank, exceeds it.
+    #[arg(long, default_value_t = 0.5, requires = "calisr", value_parser = crate::calisr_plot::open_unit, allow_negative_numbers = true)]
+    pub calisr_delta: f64,
+    /// n: the number of probes SRS_D is taken over.
+    #[arg(long, default_value_t = 3, requires = "calisr", value_parser = crate::range::count, allow_negative_numbers = true)]
+    pub calisr_probes: usize,
+    /// Probe every this many optimizer steps.
+    #[arg(long, default_value_t = 10, requires = "calisr", value_parser = crate::range::count, allow_negative_numbers = true)]
+    pub calisr_every: usize,
+    /// Switch everything at this fraction of the steps instead of by the rule (in [0, 1]; the
+    /// paper's Table 5 check); probes are still logged until then.
+    #[arg(long, requires = "calisr", value_parser = crate::range::fraction0, allow_negative_numbers = true)]
+    pub calisr_switch_at: Option<f64>,
+    /// Learning rate of what only the full phase trains (LoRA's base weights, MPO central
+    /// cores); default --lr (--mpo-lr for MPO cores).
+    #[arg(long, requires = "calisr", value_parser = crate::range::positive, allow_negative_numbers = true)]
+    pub calisr_fft_lr: Option<f64>,
     /// Save a checkpoint every N steps (always at epoch ends).
     #[arg(long, value_parser = crate::range::count, allow_negative_numbers = true)]
     pub save_every: Option<usize>,
@@ -196,6 +219,18 @@ pub fn options(a: &FinetuneArgs) -> FinetuneOptions {
             ..Default::default()
         }),
         opf: opf_options(a),
+        calisr: a.calisr.as_ref().map(|r| methods::calisr::CalisrOptions {
+            rule: if r == "d" {
+                methods::calisr::Rule::D
+            } else {
+                methods::calisr::Rule::S
+            },
+            delta: a.calisr_delta,
+            probes: a.calisr_probes,
+            every: a.calisr_every,
+            switch_at: a.calisr_switch_at,
+            fft_lr: a.calisr_fft_lr,
+        }),
     }
 }
 
@@ -235,6 +270,7 @@ fn opf_options(a: &FinetuneArgs) -> Option<OpfOptions> {
 
 pub fn run(a: FinetuneArgs, lo: &models::LoadOptions, rep: &mut Report) -> Result<()> {
     let o = options(&a);
+    methods::calisr::check(&o)?;
     let mut m = crate::load(&a.model, lo)?;
     let ctl = RunControl {
         resume: a.resume,
@@ -290,6 +326,9 @@ pub fn run(a: FinetuneArgs, lo: &models::LoadOptions, rep: &mut Report) -> Resul
             );
         }
     }
+    if o.calisr.is_some() {
+        calisr_summary(&a.out, r.total_steps, rep)?;
+    }
     if r.finished {
         println!("model written to {}", a.out.display());
     } else {
@@ -298,5 +337,36 @@ pub fn run(a: FinetuneArgs, lo: &models::LoadOptions, rep: &mut Report) -> Resul
     rep.set("command", json!("finetune"));
     rep.set("options", serde_json::to_value(&o)?);
     rep.set("result", serde_json::to_value(&r)?);
+    Ok(())
+}
+
+/// Each component's switch step from the log, printed and reported, and the stable-rank plot.
+fn calisr_summary(out: &std::path::Path, total: usize, rep: &mut Report) -> Result<()> {
+    let p = out.join(finetune::LOG_FILE);
+    let log: finetune::FinetuneLog = serde_json::from_str(
+        &std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?,
+    )
+    .with_context(|| format!("{}: invalid log", p.display()))?;
+    let Some(v) = log.hooks.get("calisr") else {
+        return Ok(());
+    };
+    let st: methods::calisr::CalisrState = serde_json::from_value(v.clone())?;
+    let last = st.probes.last();
+    for (g, s) in &st.switched {
+        println!("calisr: {g} switched to lightweight tuning at step {s} of {total}");
+    }
+    if st.switched.is_empty() {
+        println!(
+            "calisr: nothing switched in {total} steps ({} probes)",
+            st.probes.len()
+        );
+    }
+    let plot = out.join(crate::calisr_plot::PLOT_FILE);
+    crate::calisr_plot::plot(&st, total, &plot)?;
+    println!("calisr: stable-rank plot written to {}", plot.display());
+    rep.set(
+        "calisr",
+        json!({"switched": st.switched, "probes": st.probes.len(), "last_probe": last, "plot": plot}),
+    );
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! with `--report`. Exit codes: 0 success, 2 error (printed as one line).
 
 mod bench;
+mod calisr_plot;
 mod compress_cmd;
 mod data_cmd;
 mod eval_cmd;

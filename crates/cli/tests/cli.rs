@@ -286,6 +286,70 @@ fn finetune_lora_resume_and_evaluate_the_adapter() {
     assert_clean_error(&o, "bad.jsonl:2");
 }
 
+/// CaliSr from the command line on a causal model: both rules run, the log and report name
+/// each component's switch step, the plot is written, and LoRA's result (base weights trained in
+/// the full phase) is a whole model that loads.
+#[test]
+fn finetune_calisr_logs_switches_and_plots() {
+    let (d, m) = tiny_llama();
+    let data = d.path().join("train.txt");
+    std::fs::write(&data, "a small text about a cat and a dog. ".repeat(50)).unwrap();
+    for (method, rule) in [("lora", "s"), ("mpo-aux", "d")] {
+        let out = d.path().join(format!("ft-{method}"));
+        let rep = d.path().join(format!("ft-{method}.json"));
+        let o = mpolm_ok(&[
+            "finetune",
+            m.to_str().unwrap(),
+            "--task",
+            "lm",
+            "--data",
+            data.to_str().unwrap(),
+            "--method",
+            method,
+            "--calisr",
+            rule,
+            "--calisr-every",
+            "2",
+            "--calisr-switch-at",
+            "0.5",
+            "--lr",
+            "1e-2",
+            "--batch",
+            "2",
+            "--max-len",
+            "16",
+            "--max-steps",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+            "--report",
+            rep.to_str().unwrap(),
+        ]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        let v = read_json(&rep);
+        let sw = v["calisr"]["switched"].as_object().unwrap();
+        let groups: Vec<&str> = sw.keys().map(|k| k.as_str()).collect();
+        let want: &[&str] = if rule == "d" {
+            &["model"]
+        } else {
+            &["attention", "ffn"]
+        };
+        assert_eq!(groups, want, "{text}");
+        assert!(sw.values().all(|s| s == 4), "{sw:?}");
+        assert!(
+            text.contains("switched to lightweight tuning at step 4 of 8"),
+            "{text}"
+        );
+        // Probes at steps 1 and 3, before the switch.
+        assert_eq!(v["calisr"]["probes"], 2);
+        let log = read_json(out.join("finetune_log.json"));
+        assert_eq!(log["hooks"]["calisr"]["probes"][1]["step"], 3);
+        let png = std::fs::read(out.join("calisr_srank.png")).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+        mpolm_ok(&["inspect", out.to_str().unwrap()]);
+    }
+}
+
 #[test]
 fn quantize_gptq_end_to_end_and_bad_inputs() {
     let d = tempfile::tempdir().unwrap();
@@ -708,6 +772,50 @@ fn numeric_flags_are_range_checked_before_any_work() {
         (&ft, &["--lora-dropout", "1"], "--lora-dropout"),
         (&ft, &["--weight-decay", "nan"], "--weight-decay"),
         (&ft, &["--save-every", "0"], "--save-every"),
+        (&ft, &["--calisr", "s"], "--method"),
+        (&ft, &["--calisr", "x"], "--calisr"),
+        (
+            &ft,
+            &["--method", "lora", "--calisr", "d", "--calisr-delta", "1"],
+            "--calisr-delta",
+        ),
+        (
+            &ft,
+            &["--method", "lora", "--calisr", "d", "--calisr-delta", "0"],
+            "--calisr-delta",
+        ),
+        (
+            &ft,
+            &["--method", "lora", "--calisr", "d", "--calisr-probes", "0"],
+            "--calisr-probes",
+        ),
+        (
+            &ft,
+            &["--method", "lora", "--calisr", "d", "--calisr-every", "0"],
+            "--calisr-every",
+        ),
+        (
+            &ft,
+            &[
+                "--method",
+                "lora",
+                "--calisr",
+                "d",
+                "--calisr-switch-at",
+                "1.5",
+            ],
+            "--calisr-switch-at",
+        ),
+        (
+            &ft,
+            &["--method", "lora", "--calisr", "d", "--calisr-fft-lr", "0"],
+            "--calisr-fft-lr",
+        ),
+        (
+            &ft,
+            &["--method", "lora", "--calisr-delta", "0.5"],
+            "required arguments",
+        ),
         (&quant, &["--nsamples", "0"], "--nsamples"),
         (&quant, &["--seqlen", "1"], "--seqlen"),
         (&quant, &["--damp", "1"], "--damp"),

@@ -1,6 +1,7 @@
 //! The papers' methods, one file (or folder) per method, all working on `models::Model`
 //! through its pluggable Linear layers.
 
+pub mod calisr;
 pub mod error;
 pub mod finetune;
 pub mod lora;

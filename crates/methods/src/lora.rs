@@ -201,6 +201,10 @@ impl LoraLinear {
     pub fn base(&self) -> &dyn LinearLayer {
         self.base.as_ref()
     }
+    /// The base layer, to train it beside the adapter (CaliSr's full fine-tuning phase).
+    pub fn base_mut(&mut self) -> &mut dyn LinearLayer {
+        self.base.as_mut()
+    }
     pub fn r(&self) -> usize {
         self.r
     }

@@ -234,7 +234,13 @@ pub(crate) fn save_model(m: &Model, o: &FinetuneOptions, out: &Path) -> Result<(
     // Writers that refuse a non-empty directory get a fresh one inside the temp dir.
     let guard = models::tmp::dir_in(out).map_err(|e| io_err(out, e))?;
     let tmp = guard.path().join("final");
-    if o.method == Method::Lora {
+    // A hook may have merged the adapters (CaliSr trained the base weights too): then the
+    // model is saved whole.
+    let adapters = m
+        .linears()
+        .iter()
+        .any(|(_, l)| l.inner().as_any().is::<crate::lora::LoraLinear>());
+    if o.method == Method::Lora && adapters {
         let cfg = lora_config(m, o);
         let head: Vec<(String, Tensor)> = m
             .linears()

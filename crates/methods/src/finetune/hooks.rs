@@ -58,6 +58,9 @@ pub(crate) fn for_options(o: &FinetuneOptions) -> Result<Vec<Box<dyn TrainHook>>
         o.central_mask_p,
         o.seed,
     )?));
+    if let Some(c) = &o.calisr {
+        hooks.push(Box::new(crate::calisr::CalisrHook::new(c.clone())));
+    }
     Ok(hooks)
 }
 

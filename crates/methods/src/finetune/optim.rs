@@ -138,6 +138,55 @@ impl AdamW {
     }
 }
 
+impl AdamW {
+    /// The values slot `i`'s parameter would hold after [`AdamW::step`] with these arguments,
+    /// computed without changing anything (CaliSr's probes apply candidate updates to copies).
+    /// The arithmetic is the update's own, so the preview equals the step bit for bit.
+    pub fn preview(
+        &self,
+        i: usize,
+        grad: &candle_core::Tensor,
+        lr_factor: f64,
+        grad_scale: f64,
+    ) -> candle_core::Result<Vec<f32>> {
+        let sl = &self.slots[i];
+        let t = (self.step + 1) as i32;
+        let (b1, b2, eps) = (self.cfg.beta1, self.cfg.beta2, self.cfg.eps);
+        let lr = sl.lr * lr_factor;
+        let decay = (1.0 - lr * sl.weight_decay) as f32;
+        let step_size = (lr / (1.0 - b1.powi(t))) as f32;
+        let bc2_sqrt = (1.0 - b2.powi(t)).sqrt() as f32;
+        let (b1, b2, eps, gs) = (b1 as f32, b2 as f32, eps as f32, grad_scale as f32);
+        let mut p: Vec<f32> = sl
+            .var
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?;
+        let g: Vec<f32> = grad
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?;
+        if g.len() != p.len() || sl.m.len() != p.len() {
+            bail!(
+                "AdamW preview: {} parameters, {} gradients, {} moments",
+                p.len(),
+                g.len(),
+                sl.m.len()
+            );
+        }
+        for (k, p) in p.iter_mut().enumerate() {
+            let gi = g[k] * gs;
+            *p *= decay;
+            let m = b1 * sl.m[k] + (1.0 - b1) * gi;
+            let v = b2 * sl.v[k] + (1.0 - b2) * gi * gi;
+            let denom = v.sqrt() / bc2_sqrt + eps;
+            *p -= step_size * m / denom;
+        }
+        Ok(p)
+    }
+}
+
 /// One AdamW update of a parameter, in place in its storage (the parameter is neither copied
 /// out nor rebuilt, which for full fine-tuning of a 135M model is three passes over 540 MB).
 struct Update<'a> {
@@ -260,6 +309,29 @@ mod tests {
         let got = v.as_tensor().to_vec1::<f32>().unwrap();
         for i in 0..2 {
             assert!((got[i] as f64 - p[i]).abs() < 1e-5, "{got:?} vs {p:?}");
+        }
+    }
+
+    /// The preview is what the step then does, bit for bit, with decay, a schedule factor
+    /// and clipping in play, and it changes nothing by itself.
+    #[test]
+    fn preview_equals_the_step() {
+        let v = Var::from_vec(vec![0.5f32, -1.5, 2.0], 3, &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(
+            AdamWConfig::default(),
+            vec![("p".into(), v.clone(), 0.05, 0.1)],
+        );
+        for _ in 0..3 {
+            let loss = (v.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.7).unwrap();
+            let grads = loss.backward().unwrap();
+            let g = grads.get(v.as_tensor()).unwrap().clone();
+            let before = v.as_tensor().to_vec1::<f32>().unwrap();
+            let want = opt.preview(0, &g, 0.6, 0.3).unwrap();
+            assert_eq!(v.as_tensor().to_vec1::<f32>().unwrap(), before);
+            opt.step(&grads, 0.6, 0.3).unwrap();
+            let got = v.as_tensor().to_vec1::<f32>().unwrap();
+            assert_eq!(got, want);
+            assert_ne!(got, before);
         }
     }
 

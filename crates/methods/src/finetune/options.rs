@@ -80,6 +80,9 @@ pub struct FinetuneOptions {
     /// (1 freezes them); None = never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub central_mask_p: Option<f64>,
+    /// Start in full fine-tuning and switch to `method` by stable rank ([`crate::calisr`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calisr: Option<crate::calisr::CalisrOptions>,
 }
 
 impl Default for FinetuneOptions {
@@ -113,6 +116,7 @@ impl Default for FinetuneOptions {
             group_by_length: false,
             opf: None,
             central_mask_p: None,
+            calisr: None,
         }
     }
 }
@@ -173,6 +177,7 @@ pub(crate) fn check_options(o: &FinetuneOptions) -> Result<()> {
             return bad(name, format!("`{name}` must be at least 1"));
         }
     }
+    crate::calisr::check(o)?;
     if o.eval_batch == 0 {
         return bad("eval_batch", "`eval_batch` must be at least 1".into());
     }

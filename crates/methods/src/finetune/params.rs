@@ -219,6 +219,117 @@ pub fn prepare(m: &mut Model, o: &FinetuneOptions, progress: bool) -> Result<Vec
     Ok(dedup(ps))
 }
 
+/// The trainable tensors when the modules named in `fft` (Linears and other tensors) are in full
+/// fine-tuning and the rest in `o.method`'s lightweight set (CaliSr's switch). Full tuning of an
+/// MPO layer trains every core; of a LoRA-wrapped layer its base weight and bias beside the
+/// adapter; of a plain Linear or other tensor under LoRA the tensor itself. Tensors leaving the
+/// set are detached so that no gradient is computed for them any more, but stay in the list:
+/// without a gradient the optimizer leaves them alone, and checkpoints keep the values they
+/// reached while fully tuned. The model must already be prepared for `o.method` (decomposed,
+/// adapters attached) by [`prepare`].
+pub fn prepare_phased(
+    m: &mut Model,
+    o: &FinetuneOptions,
+    fft: &std::collections::HashSet<String>,
+) -> Result<Vec<Param>> {
+    let mut ps = Vec::new();
+    let mut vars = Vars::new();
+    let lora = o.method == Method::Lora;
+    let freeze = |name: String, t: &mut Tensor, vars: &mut Vars, ps: &mut Vec<Param>| {
+        let var = to_var(t, vars)?;
+        *t = var.as_tensor().detach();
+        ps.push(Param {
+            name,
+            var,
+            mpo: false,
+            decay: false,
+        });
+        Result::Ok(())
+    };
+    for (name, lin) in m.linears_mut() {
+        let full = fft.contains(&name);
+        if let Some(mp) = lin.inner_mut().as_any_mut().downcast_mut::<MpoLayer>() {
+            mpo_vars(
+                &name,
+                mp,
+                if full { Method::MpoAll } else { o.method },
+                &mut ps,
+            );
+            let c = mp.inner.cores();
+            for k in (0..c.n()).filter(|&k| !c.is_trainable(k)) {
+                ps.push(Param {
+                    name: format!("{name}.mpo.{}", mpo::Mpo::<f32>::core_name(k)),
+                    var: c.var(k).clone(),
+                    mpo: true,
+                    decay: false,
+                });
+            }
+        } else if let Some(ll) = lin
+            .inner_mut()
+            .as_any_mut()
+            .downcast_mut::<crate::lora::LoraLinear>()
+        {
+            for (suffix, v) in [("lora_A", ll.a().clone()), ("lora_B", ll.b().clone())] {
+                ps.push(Param {
+                    name: format!("{name}.{suffix}.weight"),
+                    var: v,
+                    mpo: false,
+                    decay: true,
+                });
+            }
+            let Some(d) = ll.base_mut().as_any_mut().downcast_mut::<Dense>() else {
+                if full {
+                    return Err(Error::Msg(format!(
+                        "{name}: full fine-tuning needs a dense base weight under the adapter, this one is not"
+                    )));
+                }
+                continue;
+            };
+            for (suffix, t) in std::iter::once(("weight", &mut d.weight))
+                .chain(d.bias.as_mut().map(|b| ("bias", b)))
+            {
+                if full {
+                    ps.push(Param {
+                        name: format!("{name}.{suffix}"),
+                        var: to_var(t, &mut vars)?,
+                        mpo: false,
+                        decay: suffix == "weight",
+                    });
+                } else {
+                    freeze(format!("{name}.{suffix}"), t, &mut vars, &mut ps)?;
+                }
+            }
+        } else if lora {
+            // The new head always trains (PEFT's modules_to_save).
+            if full || name == "classifier" {
+                dense_vars(&name, lin, true, &mut ps, &mut vars)?;
+            } else if let Some(d) = lin.inner_mut().as_any_mut().downcast_mut::<Dense>() {
+                freeze(format!("{name}.weight"), &mut d.weight, &mut vars, &mut ps)?;
+                if let Some(b) = d.bias.as_mut() {
+                    freeze(format!("{name}.bias"), b, &mut vars, &mut ps)?;
+                }
+            }
+        } else {
+            // As `prepare` does for MPO methods: undecomposed weights stay frozen.
+            dense_vars(&name, lin, name == "classifier", &mut ps, &mut vars)?;
+        }
+    }
+    for (name, t) in m.other_tensors_mut() {
+        if !lora || fft.contains(&name) {
+            let decay = !no_decay(&name);
+            ps.push(Param {
+                var: to_var(t, &mut vars)?,
+                name,
+                mpo: false,
+                decay,
+            });
+        } else {
+            freeze(name, t, &mut vars, &mut ps)?;
+        }
+    }
+    Ok(dedup(ps))
+}
+
 /// Each trainable tensor once, under the first name that holds it.
 pub(crate) fn dedup(ps: Vec<Param>) -> Vec<Param> {
     let mut seen = std::collections::HashSet::new();

@@ -189,6 +189,9 @@ pub struct Trainer<'a> {
     pub hooks: Vec<Box<dyn TrainHook>>,
     /// Masked-LM: the tokens masking uses (None for other tasks).
     pub mlm: Option<data::MlmTokens>,
+    /// Modules still in full fine-tuning while the rest train as `opts.method` says (CaliSr);
+    /// `None`: every module follows `opts.method`. Read by [`Trainer::rebuild_optimizer`].
+    pub fft_modules: Option<std::collections::HashSet<String>>,
 }
 
 impl<'a> Trainer<'a> {
@@ -265,13 +268,17 @@ impl<'a> Trainer<'a> {
             lr_factor_override: None,
             hooks: hooks::for_options(o)?,
             mlm,
+            fft_modules: None,
         })
     }
 
     /// Re-collect the trainable tensors after layers were replaced (squeezing). Moments are kept
     /// for tensors that are still the same variable and reset for new ones.
     pub fn rebuild_optimizer(&mut self) -> Result<()> {
-        let params = prepare(self.model, &self.opts, false)?;
+        let params = match &self.fft_modules {
+            Some(fft) => prepare_phased(self.model, &self.opts, fft)?,
+            None => prepare(self.model, &self.opts, false)?,
+        };
         let mpo_lr = self.opts.mpo_lr.unwrap_or(self.opts.lr);
         let mut old: HashMap<String, optim::Slot> = self
             .opt
