@@ -5,7 +5,9 @@
 # LoRA + CaliSr-S, and the paper's Table 5 check: one switch of the whole model at a fixed 0% /
 # 40% / 80% of the steps. CONFIGS picks a subset (names below); EVERY, PROBES and DELTA set the
 # probe schedule (defaults 10, 3, 0.5); FFT_LR is the learning rate of LoRA's base weights while
-# they are fully tuned (default 1e-4, the full fine-tuning rate of the protocol).
+# they are fully tuned (default 1e-4, the full fine-tuning rate of the protocol), MPO_FFT_LR that
+# of the MPO central cores while they are (default 5e-5, the best mpo-central rate of the grid in
+# RESULTS.md; at --mpo-lr 2e-4 the full phase collapses the model to the majority class).
 #   [CONFIGS="mpo-aux mpo-d mpo-s lora-s mpo-fix0 mpo-fix40 mpo-fix80"] [MPOLM_BIN=…]
 #   scripts/calisr_experiment.sh OUTDIR [limit] [epochs] [seeds...]
 set -euo pipefail
@@ -20,16 +22,17 @@ mkdir -p "$out"
 common=(--task sst2 --data "$data" --limit "$limit" --epochs "$epochs" --batch 32 --max-len 64 --warmup-ratio 0.06 --group-by-length)
 probe=(--calisr-every "${EVERY:-10}" --calisr-probes "${PROBES:-3}" --calisr-delta "${DELTA:-0.5}")
 mpo=("$out/mpo-full" --method mpo-aux --lr 1e-4 --mpo-lr 2e-4)
+mpo_fft=(--calisr-fft-lr "${MPO_FFT_LR:-5e-5}")
 for seed in $seeds; do
   for c in ${CONFIGS:-mpo-aux mpo-d mpo-s lora-s mpo-fix0 mpo-fix40 mpo-fix80}; do
     run="$out/$c-s$seed"
     [ -f "$run.json" ] && continue
     case $c in
       mpo-aux) args=("${mpo[@]}") ;;
-      mpo-d) args=("${mpo[@]}" --calisr d "${probe[@]}") ;;
-      mpo-s) args=("${mpo[@]}" --calisr s "${probe[@]}") ;;
+      mpo-d) args=("${mpo[@]}" --calisr d "${probe[@]}" "${mpo_fft[@]}") ;;
+      mpo-s) args=("${mpo[@]}" --calisr s "${probe[@]}" "${mpo_fft[@]}") ;;
       lora-s) args=(minilm-l6 --method lora --lr 2e-3 --lora-r 8 --lora-alpha 16 --calisr s "${probe[@]}" --calisr-fft-lr "${FFT_LR:-1e-4}") ;;
-      mpo-fix*) args=("${mpo[@]}" --calisr d "${probe[@]}" --calisr-switch-at "$(python3 -c "print(${c#mpo-fix}/100)")") ;;
+      mpo-fix*) args=("${mpo[@]}" --calisr d "${probe[@]}" "${mpo_fft[@]}" --calisr-switch-at "$(python3 -c "print(${c#mpo-fix}/100)")") ;;
       *) echo "unknown config $c" >&2; exit 2 ;;
     esac
     rm -rf "$run"

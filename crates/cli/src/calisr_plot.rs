@@ -60,7 +60,7 @@ pub fn plot(st: &CalisrState, total: usize, path: &Path) -> Result<()> {
     let series = |g: &str, f: &dyn Fn(&methods::calisr::GroupProbe) -> f64| -> Vec<(f64, f64)> {
         st.probes
             .iter()
-            .filter_map(|p| p.groups.get(g).map(|x| (p.step as f64 + 1.0, f(x))))
+            .filter_map(|p| p.groups.get(g).map(|x| (p.step as f64, f(x))))
             .collect()
     };
     let rel = |x: &methods::calisr::GroupProbe| (x.sr_lft - x.sr_fft) / x.sr_fft.abs().max(1e-300);
@@ -85,7 +85,10 @@ pub fn plot(st: &CalisrState, total: usize, path: &Path) -> Result<()> {
             .x_label_area_size(35)
             .y_label_area_size(70)
             .build_cartesian_2d(0f64..xmax, ylo..yhi)?;
-        ch.configure_mesh().x_desc("step").y_desc("srank").draw()?;
+        ch.configure_mesh()
+            .x_desc("step (0-based): a probe at s may switch; update s is then lightweight")
+            .y_desc("srank")
+            .draw()?;
         for g in &groups {
             let col = color(g);
             let pts = series(g, &|x| x.sr_fft);
@@ -128,7 +131,7 @@ pub fn plot(st: &CalisrState, total: usize, path: &Path) -> Result<()> {
             .y_label_area_size(70)
             .build_cartesian_2d(0f64..xmax, dlo..dhi)?;
         ch.configure_mesh()
-            .x_desc("step")
+            .x_desc("step (0-based): a probe at s may switch; update s is then lightweight")
             .y_desc("relative difference")
             .y_label_formatter(&|v| format!("{v:.1e}"))
             .draw()?;
