@@ -842,6 +842,7 @@ mod tests {
             packages,
             sha256: Box::leak(sha.into_boxed_str()),
             hashed_file: None,
+            upstream: "",
         }));
         FakePip {
             python: py.to_str().unwrap().into(),
