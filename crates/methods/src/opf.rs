@@ -180,7 +180,7 @@ pub(crate) fn check_model(m: &Model, o: &FinetuneOptions) -> Result<()> {
     let p = o.opf.clone().unwrap_or_default();
     if finetune::has_mpo(m) {
         return Err(Error::option("method", format!(
-            "{}: an MPO checkpoint cannot be tuned with `method` opf, which decomposes dense matrices; contract it first (mpolm export DIR --dense)",
+            "{}: an MPO checkpoint cannot be tuned with `method` opf, which decomposes dense matrices; contract it to a dense model first",
             o.model
         )));
     }
