@@ -217,46 +217,33 @@ struct Parts {
     adapter: Option<Adapter>,
 }
 
-/// Answers the architecture's requests: MPOBERT matrices from their parts (shared `Var`s stay
-/// shared), everything else from the dense tensors (a name mapped to the same tensor as another
-/// gives the very same tensor, so it trains and counts once).
-struct Source {
-    rest: models::weights::Weights,
+/// MPOBERT matrices built from their parts as the architecture asks (shared `Var`s stay
+/// shared); everything else comes from the dense tensors (a name mapped to the same tensor as
+/// another gives the very same tensor, so it trains and counts once).
+struct SharedLayers {
     parts: HashMap<String, Parts>,
     used: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
-impl models::WeightSource for Source {
-    fn path(&self) -> &Path {
-        &self.rest.path
+impl models::source::SpecialLinears for SharedLayers {
+    fn holds(&self, module: &str) -> bool {
+        self.parts.contains_key(module)
     }
-    fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.rest.tensors.get(name).map(|t| t.dims().to_vec())
-    }
-    fn tensor(&self, name: &str, shape: &[usize]) -> models::Result<Tensor> {
-        self.rest.get(name, shape)
-    }
-    fn has_linear(&self, module: &str) -> bool {
-        self.parts.contains_key(module) || self.rest.contains(&format!("{module}.weight"))
-    }
-    fn linear(
+    fn build(
         &self,
+        rest: &models::weights::Weights,
         module: &str,
         out_f: usize,
         in_f: usize,
-        bias: models::Bias,
+        _bias: models::Bias,
     ) -> models::Result<models::Linear> {
-        let Some(p) = self.parts.get(module) else {
-            return models::source::dense_linear(self, module, out_f, in_f, bias);
-        };
-        if [p.shape.orig_rows, p.shape.orig_cols] != [out_f, in_f] {
-            return Err(models::Error::Shape {
-                path: self.rest.path.clone(),
-                name: format!("{module}.weight"),
-                expected: vec![out_f, in_f],
-                got: vec![p.shape.orig_rows, p.shape.orig_cols],
-            });
-        }
+        let p = &self.parts[module];
+        models::source::check_linear_shape(
+            &rest.path,
+            module,
+            [p.shape.orig_rows, p.shape.orig_cols],
+            [out_f, in_f],
+        )?;
         let layer = build_layer(p).map_err(|e| models::Error::Msg(format!("{module}: {e}")))?;
         if let Ok(mut u) = self.used.lock() {
             u.insert(module.to_string());
@@ -581,10 +568,12 @@ pub fn build(mut src: Model, o: &MpoBertOptions, progress: bool) -> Result<(Mode
     pb.finish_and_clear();
     let mut cfg = bert.cfg.clone();
     cfg.num_hidden_layers = depth;
-    let source = Source {
+    let source = models::source::Overlay {
         rest: models::weights::Weights::new(rest, &src.source.path),
-        parts,
-        used: Default::default(),
+        special: SharedLayers {
+            parts,
+            used: Default::default(),
+        },
     };
     let new = models::bert::Bert::new(cfg, &source)?;
     src.arch = Arch::Encoder(Box::new(new));
@@ -888,13 +877,15 @@ pub fn load(dir: &Path) -> Result<Model> {
     };
     let mut types = BTreeMap::new();
     types.insert("f32 (as loaded)".to_string(), stored.len());
-    let source = Source {
+    let source = models::source::Overlay {
         rest: models::weights::Weights::new(stored, &st_path),
-        parts,
-        used: Default::default(),
+        special: SharedLayers {
+            parts,
+            used: Default::default(),
+        },
     };
     let m = Model::from_source(src, &source, types)?;
-    let used = source.used.into_inner().unwrap_or_default();
+    let used = source.special.used.into_inner().unwrap_or_default();
     let missing: Vec<&String> = man.layers.keys().filter(|n| !used.contains(*n)).collect();
     if !missing.is_empty() {
         return Err(models::Error::config(

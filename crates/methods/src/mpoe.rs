@@ -593,43 +593,25 @@ pub fn save(m: &Model, dir: &Path, contract: bool) -> Result<()> {
     Ok(())
 }
 
-/// The directory's tensors for the dense skeleton; the FFNs of the MoE layers are
-/// placeholders that [`load`] replaces by the experts.
-struct MoeSource {
-    rest: models::weights::Weights,
+/// The FFNs of the MoE layers: placeholders in the dense skeleton that [`load`] replaces by
+/// the experts (the rest of the directory's tensors build the skeleton).
+struct MoeLayers {
     prefixes: Vec<String>,
 }
 
-impl MoeSource {
-    fn is_moe(&self, module: &str) -> bool {
+impl models::source::SpecialLinears for MoeLayers {
+    fn holds(&self, module: &str) -> bool {
         is_expert_tensor(module, &self.prefixes)
     }
-}
-
-impl models::WeightSource for MoeSource {
-    fn path(&self) -> &Path {
-        &self.rest.path
-    }
-    fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.rest.tensors.get(name).map(|t| t.dims().to_vec())
-    }
-    fn tensor(&self, name: &str, shape: &[usize]) -> models::Result<Tensor> {
-        self.rest.get(name, shape)
-    }
-    fn has_linear(&self, module: &str) -> bool {
-        self.is_moe(module) || self.rest.contains(&format!("{module}.weight"))
-    }
-    fn linear(
+    fn build(
         &self,
-        module: &str,
-        out_f: usize,
-        in_f: usize,
-        bias: models::Bias,
+        _rest: &models::weights::Weights,
+        _module: &str,
+        _out_f: usize,
+        _in_f: usize,
+        _bias: models::Bias,
     ) -> models::Result<Linear> {
-        if self.is_moe(module) {
-            return Ok(Linear::new(models::linear::empty()));
-        }
-        models::source::dense_linear(self, module, out_f, in_f, bias)
+        Ok(Linear::new(models::linear::empty()))
     }
 }
 
@@ -712,9 +694,11 @@ pub fn load(dir: &Path) -> Result<Model> {
         .partition(|(k, _)| is_expert_tensor(k, &prefixes));
     let mut types = BTreeMap::new();
     types.insert("f32 (as loaded)".to_string(), rest.len() + moe.len());
-    let source = MoeSource {
+    let source = models::source::Overlay {
         rest: models::weights::Weights::new(rest, &st_path),
-        prefixes: prefixes.clone(),
+        special: MoeLayers {
+            prefixes: prefixes.clone(),
+        },
     };
     let src = models::hub::ModelSource {
         name: dir.display().to_string(),

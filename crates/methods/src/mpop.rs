@@ -452,48 +452,34 @@ pub fn save(m: &Model, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A checkpoint written by [`save`] as a weight source: the Linears its manifest names are
-/// built from their cores, everything else comes from the directory's safetensors.
-struct MpoSource {
-    rest: models::weights::Weights,
+/// The MPO layers of a checkpoint written by [`save`], built from their cores as the
+/// architecture asks for them (the rest of the checkpoint is plain safetensors).
+struct MpoLayers {
     mpos: BTreeMap<String, Mpo<f32>>,
     used: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
-impl models::WeightSource for MpoSource {
-    fn path(&self) -> &Path {
-        &self.rest.path
+impl models::source::SpecialLinears for MpoLayers {
+    fn holds(&self, module: &str) -> bool {
+        self.mpos.contains_key(module)
     }
-    fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.rest.tensors.get(name).map(|t| t.dims().to_vec())
-    }
-    fn tensor(&self, name: &str, shape: &[usize]) -> models::Result<Tensor> {
-        self.rest.get(name, shape)
-    }
-    fn has_linear(&self, module: &str) -> bool {
-        self.mpos.contains_key(module) || self.rest.contains(&format!("{module}.weight"))
-    }
-    fn linear(
+    fn build(
         &self,
+        rest: &models::weights::Weights,
         module: &str,
         out_f: usize,
         in_f: usize,
         bias: models::Bias,
     ) -> models::Result<models::Linear> {
-        let Some(mpo) = self.mpos.get(module) else {
-            return models::source::dense_linear(self, module, out_f, in_f, bias);
-        };
+        let mpo = &self.mpos[module];
         let shape = mpo.shape();
-        if [shape.rows(), shape.cols()] != [out_f, in_f] {
-            return Err(models::Error::Shape {
-                path: self.rest.path.clone(),
-                name: format!("{module}.weight"),
-                expected: vec![out_f, in_f],
-                got: vec![shape.rows(), shape.cols()],
-            });
-        }
-        let b = models::source::bias_of(self, module, out_f, bias)?;
-        let bias: Option<Vec<f32>> = match b {
+        models::source::check_linear_shape(
+            &rest.path,
+            module,
+            [shape.rows(), shape.cols()],
+            [out_f, in_f],
+        )?;
+        let bias: Option<Vec<f32>> = match models::source::bias_of(rest, module, out_f, bias)? {
             Some(b) => Some(b.to_vec1()?),
             None => None,
         };
@@ -576,13 +562,15 @@ pub fn load(dir: &Path) -> Result<Model> {
     };
     let mut types = BTreeMap::new();
     types.insert("f32 (as loaded)".to_string(), tensors.len() + mpos.len());
-    let source = MpoSource {
+    let source = models::source::Overlay {
         rest: models::weights::Weights::new(tensors, &st_path),
-        mpos,
-        used: Default::default(),
+        special: MpoLayers {
+            mpos,
+            used: Default::default(),
+        },
     };
     let m = Model::from_source(src, &source, types)?;
-    let used = source.used.into_inner().unwrap_or_default();
+    let used = source.special.used.into_inner().unwrap_or_default();
     let missing: Vec<&String> = man.layers.keys().filter(|n| !used.contains(*n)).collect();
     if !missing.is_empty() {
         return Err(models::Error::config(

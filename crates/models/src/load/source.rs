@@ -94,6 +94,69 @@ impl WeightSource for Weights {
     }
 }
 
+/// The Linears a method checkpoint stores in its own form (MPO cores, experts, shared
+/// central tensors), built by the method that wrote them.
+pub trait SpecialLinears {
+    /// Whether `module` is stored in the special form.
+    fn holds(&self, module: &str) -> bool;
+    /// Build the special `module` as a Linear of shape [out_f, in_f]; `rest` holds its bias.
+    fn build(
+        &self,
+        rest: &Weights,
+        module: &str,
+        out_f: usize,
+        in_f: usize,
+        bias: Bias,
+    ) -> Result<Linear>;
+}
+
+/// A checkpoint's safetensors with the Linears `special` holds built by it: everything else
+/// (embeddings, norms, dense Linears) is answered from `rest`.
+pub struct Overlay<S> {
+    pub rest: Weights,
+    pub special: S,
+}
+
+impl<S: SpecialLinears> WeightSource for Overlay<S> {
+    fn path(&self) -> &Path {
+        &self.rest.path
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.rest.shape(name)
+    }
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.rest.get(name, shape)
+    }
+    fn has_linear(&self, module: &str) -> bool {
+        self.special.holds(module) || self.rest.contains(&format!("{module}.weight"))
+    }
+    fn linear(&self, module: &str, out_f: usize, in_f: usize, bias: Bias) -> Result<Linear> {
+        if self.special.holds(module) {
+            self.special.build(&self.rest, module, out_f, in_f, bias)
+        } else {
+            dense_linear(&self.rest, module, out_f, in_f, bias)
+        }
+    }
+}
+
+/// A stored special layer whose shape [rows, cols] is not the [out_f, in_f] asked for.
+pub fn check_linear_shape(
+    path: &Path,
+    module: &str,
+    got: [usize; 2],
+    want: [usize; 2],
+) -> Result<()> {
+    if got == want {
+        return Ok(());
+    }
+    Err(Error::Shape {
+        path: path.to_path_buf(),
+        name: format!("{module}.weight"),
+        expected: want.to_vec(),
+        got: got.to_vec(),
+    })
+}
+
 /// A GGUF file read tensor by tensor as the architecture asks (no whole-file copy in HF
 /// names first). Names are mapped to llama.cpp's, llama's q/k rows are put back in HF order,
 /// and block-typed matrices become f32 tensors or, with `keep_quantized`, [`QLinear`]s.
