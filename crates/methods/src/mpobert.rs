@@ -222,7 +222,6 @@ struct Parts {
 /// another gives the very same tensor, so it trains and counts once).
 struct SharedLayers {
     parts: HashMap<String, Parts>,
-    used: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl models::source::SpecialLinears for SharedLayers {
@@ -245,9 +244,6 @@ impl models::source::SpecialLinears for SharedLayers {
             [out_f, in_f],
         )?;
         let layer = build_layer(p).map_err(|e| models::Error::Msg(format!("{module}: {e}")))?;
-        if let Ok(mut u) = self.used.lock() {
-            u.insert(module.to_string());
-        }
         Ok(models::Linear::new(Box::new(layer)))
     }
 }
@@ -568,13 +564,10 @@ pub fn build(mut src: Model, o: &MpoBertOptions, progress: bool) -> Result<(Mode
     pb.finish_and_clear();
     let mut cfg = bert.cfg.clone();
     cfg.num_hidden_layers = depth;
-    let source = models::source::Overlay {
-        rest: models::weights::Weights::new(rest, &src.source.path),
-        special: SharedLayers {
-            parts,
-            used: Default::default(),
-        },
-    };
+    let source = models::source::Overlay::new(
+        models::weights::Weights::new(rest, &src.source.path),
+        SharedLayers { parts },
+    );
     let new = models::bert::Bert::new(cfg, &source)?;
     src.arch = Arch::Encoder(Box::new(new));
     let report = BuildReport {
@@ -877,16 +870,12 @@ pub fn load(dir: &Path) -> Result<Model> {
     };
     let mut types = BTreeMap::new();
     types.insert("f32 (as loaded)".to_string(), stored.len());
-    let source = models::source::Overlay {
-        rest: models::weights::Weights::new(stored, &st_path),
-        special: SharedLayers {
-            parts,
-            used: Default::default(),
-        },
-    };
+    let source = models::source::Overlay::new(
+        models::weights::Weights::new(stored, &st_path),
+        SharedLayers { parts },
+    );
     let m = Model::from_source(src, &source, types)?;
-    let used = source.special.used.into_inner().unwrap_or_default();
-    let missing: Vec<&String> = man.layers.keys().filter(|n| !used.contains(*n)).collect();
+    let missing = source.unbuilt(man.layers.keys());
     if !missing.is_empty() {
         return Err(models::Error::config(
             &mpath,

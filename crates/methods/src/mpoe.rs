@@ -694,12 +694,12 @@ pub fn load(dir: &Path) -> Result<Model> {
         .partition(|(k, _)| is_expert_tensor(k, &prefixes));
     let mut types = BTreeMap::new();
     types.insert("f32 (as loaded)".to_string(), rest.len() + moe.len());
-    let source = models::source::Overlay {
-        rest: models::weights::Weights::new(rest, &st_path),
-        special: MoeLayers {
+    let source = models::source::Overlay::new(
+        models::weights::Weights::new(rest, &st_path),
+        MoeLayers {
             prefixes: prefixes.clone(),
         },
-    };
+    );
     let src = models::hub::ModelSource {
         name: dir.display().to_string(),
         format: models::hub::Format::HfDir,

@@ -456,7 +456,6 @@ pub fn save(m: &Model, dir: &Path) -> Result<()> {
 /// architecture asks for them (the rest of the checkpoint is plain safetensors).
 struct MpoLayers {
     mpos: BTreeMap<String, Mpo<f32>>,
-    used: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl models::source::SpecialLinears for MpoLayers {
@@ -485,9 +484,6 @@ impl models::source::SpecialLinears for MpoLayers {
         };
         let layer = MpoLinear::from_mpo(mpo, bias.as_deref(), &Device::Cpu)
             .map_err(|e| models::Error::Msg(format!("{module}: {e}")))?;
-        if let Ok(mut u) = self.used.lock() {
-            u.insert(module.to_string());
-        }
         Ok(models::Linear::new(Box::new(MpoLayer::new(layer))))
     }
 }
@@ -562,16 +558,12 @@ pub fn load(dir: &Path) -> Result<Model> {
     };
     let mut types = BTreeMap::new();
     types.insert("f32 (as loaded)".to_string(), tensors.len() + mpos.len());
-    let source = models::source::Overlay {
-        rest: models::weights::Weights::new(tensors, &st_path),
-        special: MpoLayers {
-            mpos,
-            used: Default::default(),
-        },
-    };
+    let source = models::source::Overlay::new(
+        models::weights::Weights::new(tensors, &st_path),
+        MpoLayers { mpos },
+    );
     let m = Model::from_source(src, &source, types)?;
-    let used = source.special.used.into_inner().unwrap_or_default();
-    let missing: Vec<&String> = man.layers.keys().filter(|n| !used.contains(*n)).collect();
+    let missing = source.unbuilt(man.layers.keys());
     if !missing.is_empty() {
         return Err(models::Error::config(
             &mpath,

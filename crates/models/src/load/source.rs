@@ -115,6 +115,25 @@ pub trait SpecialLinears {
 pub struct Overlay<S> {
     pub rest: Weights,
     pub special: S,
+    /// The special modules the architecture asked for, so a loader can tell which ones its
+    /// manifest names that the model does not have.
+    built: Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl<S> Overlay<S> {
+    pub fn new(rest: Weights, special: S) -> Self {
+        Overlay {
+            rest,
+            special,
+            built: Default::default(),
+        }
+    }
+
+    /// Of `names`, those no architecture request built.
+    pub fn unbuilt<'a>(&self, names: impl IntoIterator<Item = &'a String>) -> Vec<&'a String> {
+        let built = self.built.lock().map(|b| b.clone()).unwrap_or_default();
+        names.into_iter().filter(|n| !built.contains(*n)).collect()
+    }
 }
 
 impl<S: SpecialLinears> WeightSource for Overlay<S> {
@@ -132,7 +151,11 @@ impl<S: SpecialLinears> WeightSource for Overlay<S> {
     }
     fn linear(&self, module: &str, out_f: usize, in_f: usize, bias: Bias) -> Result<Linear> {
         if self.special.holds(module) {
-            self.special.build(&self.rest, module, out_f, in_f, bias)
+            let l = self.special.build(&self.rest, module, out_f, in_f, bias)?;
+            if let Ok(mut b) = self.built.lock() {
+                b.insert(module.to_string());
+            }
+            Ok(l)
         } else {
             dense_linear(&self.rest, module, out_f, in_f, bias)
         }
