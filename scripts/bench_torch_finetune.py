@@ -11,6 +11,11 @@ on both sides (mpolm's encoder has none), so both do the same arithmetic.
 mpo-aux: every matrix of an `mpolm compress` checkpoint (--mpo DIR) rebuilt from its cores each
 step (scripts/torch_mpo.py), central cores frozen.
 
+opf (issue #19, item 6): the matrices mpolm's OPF run chose (--opf-chosen, comma-separated module
+names from its report) replaced by their exact TT-SVD over the same 1-padded chain (--opf-sites;
+split rule of `mpo::shapes::opf_split`), rebuilt every forward as in torch_mpo.py; every tensor,
+chains included, trains.
+
 Prints one JSON line: mean step time (s) over all steps after the first, peak RSS (MiB).
 Versions used for BENCHMARKS.md: torch 2.15.0, transformers 5.24.0, peft 0.21.2.
 """
@@ -27,7 +32,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--method", choices=["full", "lora", "mpo-aux"], default="lora")
+    ap.add_argument("--method", choices=["full", "lora", "mpo-aux", "opf"], default="lora")
     ap.add_argument("--mpo", help="mpo-aux: the MPO checkpoint of `mpolm compress` (see torch_mpo.py)")
     ap.add_argument("--limit", type=int, default=320)
     ap.add_argument("--batch", type=int, default=32)
@@ -35,6 +40,8 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--opf-chosen", default="", help="opf: comma-separated module names")
+    ap.add_argument("--opf-sites", type=int, default=11)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -63,6 +70,10 @@ def main():
             raise SystemExit("--method mpo-aux needs --mpo DIR (an `mpolm compress` checkpoint)")
         load_mpo(model, a.mpo)
         freeze_central(model)
+    elif a.method == "opf":
+        from torch_mpo import opf_chains
+
+        opf_chains(model, [n for n in a.opf_chosen.split(",") if n], a.opf_sites)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
@@ -81,7 +92,7 @@ def main():
         times.append(time.perf_counter() - t0)
     steady = times[1:] if len(times) > 1 else times
     print(json.dumps({
-        "peer": {"lora": "pytorch+peft", "mpo-aux": "pytorch+mpo"}.get(a.method, "pytorch"),
+        "peer": {"lora": "pytorch+peft", "mpo-aux": "pytorch+mpo", "opf": "pytorch+opf"}.get(a.method, "pytorch"),
         "method": a.method,
         "steps": len(times),
         "step_secs_mean": sum(steady) / len(steady),

@@ -120,3 +120,56 @@ def freeze_central(model):
     for mod in model.modules():
         if isinstance(mod, MpoWeight):
             mod.cores[len(mod.cores) // 2].requires_grad_(False)
+
+
+def opf_split(d):
+    """`mpo::shapes::opf_split`: the most even split of d into two factors > 1."""
+    if d < 4:
+        return None
+    a = math.isqrt(d)
+    while a * a < d:
+        a += 1
+    while a < d and d % a:
+        a += 1
+    return (a, d // a) if a < d else None
+
+
+def one_padded(f, n):
+    return [f[0]] + [1] * (n - len(f)) + list(f[1:])
+
+
+def tt_svd(w, rf, cf):
+    """Exact (untruncated) cores [d_{k-1}, i_k, j_k, d_k] of w over the factors rf × cf, in float64."""
+    import numpy as np
+
+    n = len(rf)
+    t = np.asarray(w, dtype=np.float64).reshape(list(rf) + list(cf))
+    t = t.transpose([x for k in range(n) for x in (k, n + k)])
+    cores, d, rest = [], 1, t.reshape(-1)
+    for k in range(n - 1):
+        m = rest.reshape(d * rf[k] * cf[k], -1)
+        u, s, vt = np.linalg.svd(m, full_matrices=False)
+        cores.append(u.reshape(d, rf[k], cf[k], -1))
+        d = u.shape[1]
+        rest = s[:, None] * vt
+    cores.append(rest.reshape(d, rf[-1], cf[-1], 1))
+    return [torch.tensor(c, dtype=torch.float32) for c in cores]
+
+
+def opf_chains(model, names, sites):
+    """Replace each named Linear by its exact OPF chain (trainable cores, rebuilt every forward)."""
+    modules = dict(model.named_modules())
+    for name in names:
+        full = next((k for k in modules if k == name or k.endswith("." + name)), None)
+        if full is None:
+            raise SystemExit(f"the model has no module '{name}'")
+        old = modules[full]
+        rows, cols = old.weight.shape
+        rf, cf = one_padded(opf_split(rows), sites), one_padded(opf_split(cols), sites)
+        man = {"row_factors": rf, "col_factors": cf, "orig_rows": rows, "orig_cols": cols}
+        cores = tt_svd(old.weight.detach().numpy(), rf, cf)
+        new = MpoLinear(man, cores, old.bias)
+        with torch.no_grad():
+            assert torch.allclose(new.weight(), old.weight, atol=1e-4), name
+        parent, _, attr = full.rpartition(".")
+        setattr(modules[parent] if parent else model, attr, new)

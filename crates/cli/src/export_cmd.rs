@@ -41,10 +41,6 @@ fn gguf(a: ExportArgs, lo: &models::LoadOptions, rep: &mut Report) -> Result<()>
         ..
     } = a;
     let m = load(&model, lo)?;
-    anyhow::ensure!(
-        !methods::mpoe::is_moe(&m),
-        "{model}: GGUF export of a mixture of experts is not supported yet; use --dense (a checkpoint with dense experts)"
-    );
     let mut o = ge::ExportOptions::new(ge::GgufType::parse(&gguf_type)?);
     (o.progress, o.print_tensors) = (true, true);
     let r = ge::export_gguf(&m, &out, &o)?;

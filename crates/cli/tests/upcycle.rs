@@ -1,5 +1,5 @@
 //! `mpolm upcycle` end to end on a tiny model (upcycle → inspect → generate → finetune with the
-//! central-tensor mask → eval → export --dense), and its bad inputs as one-line errors.
+//! central-tensor mask → eval → export --dense and --gguf), and its bad inputs as one-line errors.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -149,8 +149,49 @@ fn upcycle_finetune_eval_export_from_the_cli() {
             ],
             &c,
         ),
-        "not supported",
+        "every layer",
     );
+    // Every layer a mixture of MPO experts: a llama.cpp expert-layout GGUF, experts contracted.
+    let all = p.join("all");
+    ok(
+        &[
+            "upcycle",
+            m,
+            "--experts",
+            "4",
+            "--router",
+            "top2",
+            "--mpo",
+            "--sites",
+            "3",
+            "--out",
+            all.to_str().unwrap(),
+        ],
+        &c,
+    );
+    let g = p.join("all.gguf");
+    let rep = p.join("all-gguf.json");
+    let args = [
+        "export",
+        all.to_str().unwrap(),
+        "--gguf",
+        "--type",
+        "q8_0",
+        "--out",
+    ];
+    let mut args = args.to_vec();
+    args.extend([g.to_str().unwrap(), "--report", rep.to_str().unwrap()]);
+    ok(&args, &c);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+    let names: Vec<&str> = r["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"blk.1.ffn_down_exps.weight"), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains(".ffn_down.")), "{names:?}");
 }
 
 #[test]

@@ -484,3 +484,124 @@ fn refuses_encoders_and_existing_files() {
     let n = std::fs::read_dir(d.path()).unwrap().count();
     assert_eq!(n, 3);
 }
+
+/// A tiny llama upcycled to `experts` experts in `layers` (None = all), each expert's matrices
+/// scaled by its own factor so that routing changes the output.
+fn moe_model(dir: &Path, experts: usize, layers: Option<Vec<usize>>, qwen2: bool) -> Model {
+    use methods::mpoe::{self, UpcycleOptions};
+    write_tiny_llama(dir, qwen2).unwrap();
+    let mut m = load(dir);
+    let o = UpcycleOptions {
+        experts,
+        router: models::moe::Router::Top2,
+        layers,
+        ..Default::default()
+    };
+    mpoe::upcycle(&mut m, &o).unwrap();
+    for (name, l) in m.linears_mut() {
+        let Some(k) = name
+            .split(".experts.")
+            .nth(1)
+            .and_then(|r| r.split('.').next())
+            .and_then(|k| k.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let w = (l.weight().unwrap() * (1.0 + 0.25 * k as f64)).unwrap();
+        l.replace(Box::new(models::linear::Dense {
+            weight: w,
+            bias: None,
+        }));
+    }
+    m
+}
+
+/// Mixtral's layout: every layer's expert matrices stacked [E, out, in] in expert order under
+/// `blk.N.ffn_{gate,up,down}_exps`, the router as `blk.N.ffn_gate_inp` in f32 whatever the
+/// recipe, `llama.expert_count` / `expert_used_count`, and no dense FFN tensors left.
+#[test]
+fn a_mixture_of_experts_is_written_in_llama_cpp_expert_layout() {
+    let d = tempfile::tempdir().unwrap();
+    let m = moe_model(&d.path().join("moe"), 4, None, false);
+    let (out, rep) = export(&m, d.path(), GgufType::F32);
+    assert_eq!(rep.arch, "llama");
+    let (g, back) = read_back(&out);
+    assert_eq!(meta_u64(&g, "llama.expert_count"), 4);
+    assert_eq!(meta_u64(&g, "llama.expert_used_count"), 2);
+    let names: Vec<&String> = g.content.tensor_infos.keys().collect();
+    assert!(!names
+        .iter()
+        .any(|n| n.contains("ffn_gate.") || n.contains("ffn_up.")));
+    let src = source_tensors(&m);
+    let layers = m.llama().unwrap().cfg.num_hidden_layers;
+    for i in 0..layers {
+        for mat in ["gate", "up", "down"] {
+            let experts: Vec<Tensor> = (0..4)
+                .map(|k| {
+                    src[&format!("model.layers.{i}.mlp.experts.{k}.{mat}_proj.weight")].clone()
+                })
+                .collect();
+            let want = Tensor::stack(&experts, 0).unwrap();
+            let got = &back[&format!("model.layers.{i}.mlp.experts.{mat}_proj.weight")];
+            assert_eq!(got.dims(), want.dims(), "layer {i} {mat}");
+            assert_eq!(max_abs_diff(got, &want), 0.0, "layer {i} {mat}");
+        }
+        let router = &src[&format!("model.layers.{i}.mlp.gate.weight")];
+        assert_eq!(
+            max_abs_diff(&back[&format!("model.layers.{i}.mlp.gate.weight")], router),
+            0.0
+        );
+    }
+    // 10 tensors per layer (2 norms, 4 attention, router, 3 stacks) + embedding + final norm.
+    assert_eq!(names.len(), 10 * layers + 2, "{names:?}");
+
+    let (q, rep) = export(&m, &d.path().join("q"), GgufType::Q8_0);
+    let g = GgufFile::open(&q).unwrap();
+    let ty = |n: &str| {
+        rep.tensors
+            .iter()
+            .find(|t| t.name == n)
+            .unwrap()
+            .ggml_type
+            .clone()
+    };
+    assert_eq!(ty("blk.0.ffn_gate_inp.weight"), "f32");
+    assert_eq!(ty("blk.0.ffn_down_exps.weight"), "q8_0");
+    assert_eq!(
+        g.content.tensor_infos["blk.0.ffn_up_exps.weight"]
+            .shape
+            .dims()
+            .len(),
+        3
+    );
+
+    // mpolm does not read expert GGUFs back: one clear error, not a missing-tensor one.
+    let e = Model::load(q.to_str().unwrap(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mixture-of-experts"), "{e}");
+}
+
+#[test]
+fn expert_layouts_llama_cpp_cannot_hold_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let partial = moe_model(&d.path().join("p"), 4, Some(vec![0]), false);
+    let e = export_gguf(
+        &partial,
+        &d.path().join("p.gguf"),
+        &ExportOptions::new(GgufType::F32),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("every layer") && e.contains("layers 1"), "{e}");
+    let qwen = moe_model(&d.path().join("q"), 4, None, true);
+    let e = export_gguf(
+        &qwen,
+        &d.path().join("q.gguf"),
+        &ExportOptions::new(GgufType::F32),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("qwen2"), "{e}");
+    assert!(!d.path().join("p.gguf").exists() && !d.path().join("q.gguf").exists());
+}

@@ -366,6 +366,17 @@ fn load_gguf(
     mode: GgufWeights,
 ) -> Result<(Arch, Tokenizer, BTreeMap<String, usize>)> {
     let g = GgufFile::open(path)?;
+    let arch = g.architecture()?;
+    if let Some(e) = g
+        .meta(&format!("{arch}.expert_count"))
+        .and_then(crate::gguf::as_u64)
+    {
+        if e > 0 {
+            return Err(g.err(format!(
+                "a mixture-of-experts file ({e} experts per layer); mpolm reads mixtures of experts from its own checkpoints, not from GGUF"
+            )));
+        }
+    }
     // The config first: an architecture mpolm lacks is the message, whatever its tokenizer.
     let cfg = match g.architecture()?.as_str() {
         "gemma3" => GgufConfig::Gemma3(g.gemma3_config()?),

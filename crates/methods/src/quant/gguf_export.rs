@@ -148,6 +148,8 @@ pub struct TensorSite<'a> {
     pub n_gqa: usize,
     /// Whether the file has a separate `output.weight` (false when tied).
     pub has_output: bool,
+    /// Experts per mixture-of-experts layer (`{arch}.expert_count`); 0 for a dense model.
+    pub n_expert: usize,
 }
 
 /// llama.cpp's `use_more_bits` (which layers get more bits in the *_M recipes).
@@ -172,10 +174,6 @@ pub fn tensor_type(ft: GgufType, s: &TensorSite) -> TypeChoice {
     if s.n_dims < 2 {
         return keep(GgmlDType::F32);
     }
-    if !ft.quantized() {
-        return keep(ft.base());
-    }
-    let mut ty = ft.base();
     let module = s
         .name
         .strip_suffix(".weight")
@@ -183,8 +181,26 @@ pub fn tensor_type(ft: GgufType, s: &TensorSite) -> TypeChoice {
         .rsplit('.')
         .next()
         .unwrap_or("");
+    // llama-quantize never quantizes the router, and the converter writes it in f32.
+    if module == "ffn_gate_inp" {
+        return keep(GgmlDType::F32);
+    }
+    if !ft.quantized() {
+        return keep(ft.base());
+    }
+    let mut ty = ft.base();
     let more =
         |i: Option<usize>| use_more_bits(llama_cpp_counter(i.unwrap_or(0), s.n_layers), s.n_layers);
+    // With experts, llama.cpp reads ffn_down's layer from the tensor's name (`layer_info`), not
+    // from its visit counter.
+    let more_down = |i: Option<usize>| {
+        if s.n_expert > 1 {
+            use_more_bits(i.unwrap_or(0), s.n_layers)
+        } else {
+            more(i)
+        }
+    };
+    let eight_experts = s.n_expert == 8;
     if s.name == "output.weight" || (!s.has_output && s.name == "token_embd.weight") {
         if !s.n_cols.is_multiple_of(ty.block_size()) {
             ty = GgmlDType::Q8_0;
@@ -205,14 +221,24 @@ pub fn tensor_type(ft: GgufType, s: &TensorSite) -> TypeChoice {
             GgufType::Q4KM if more(s.layer) => ty = GgmlDType::Q6K,
             _ => {}
         }
-    } else if module == "ffn_down" {
+        // "for the 8-expert model, bumping this to Q8_0 trades just ~128MB" (llama.cpp)
+        if eight_experts {
+            ty = GgmlDType::Q8_0;
+        }
+    } else if module == "attn_k" && eight_experts {
+        ty = GgmlDType::Q8_0;
+    } else if module == "ffn_down" || module == "ffn_down_exps" {
         match ft {
             GgufType::Q2K => ty = GgmlDType::Q3K,
-            GgufType::Q4KM if more(s.layer) => ty = GgmlDType::Q6K,
+            GgufType::Q4KM if more_down(s.layer) => ty = GgmlDType::Q6K,
             _ => {}
         }
-    } else if module == "attn_output" && ft == GgufType::Q2K {
-        ty = GgmlDType::Q3K;
+    } else if module == "attn_output" {
+        match ft {
+            GgufType::Q2K | GgufType::Q4KM if eight_experts => ty = GgmlDType::Q5K,
+            GgufType::Q2K => ty = GgmlDType::Q3K,
+            _ => {}
+        }
     }
     if s.n_cols.is_multiple_of(ty.block_size()) {
         return keep(ty);
@@ -295,6 +321,8 @@ enum Src<'a> {
     Weight(&'a Linear),
     Bias(&'a Linear),
     Plain(&'a Tensor),
+    /// One matrix of every expert of a layer, stacked [E, out, in] (llama.cpp's `*_exps`).
+    Experts(Vec<&'a Linear>),
 }
 
 impl Item<'_> {
@@ -302,6 +330,7 @@ impl Item<'_> {
         match &self.src {
             Src::Weight(l) | Src::Bias(l) => l.kind(),
             Src::Plain(_) => "norm".into(),
+            Src::Experts(ls) => format!("{} experts ({})", ls.len(), ls[0].kind()),
         }
     }
     fn tensor(&self) -> Result<Tensor> {
@@ -311,6 +340,12 @@ impl Item<'_> {
                 .bias()
                 .ok_or_else(|| Error::Msg(format!("{}: bias vanished", self.gguf)))?,
             Src::Plain(t) => (*t).clone(),
+            Src::Experts(ls) => Tensor::stack(
+                &ls.iter()
+                    .map(|l| Ok(l.weight()?.to_dtype(candle_core::DType::F32)?))
+                    .collect::<Result<Vec<_>>>()?,
+                0,
+            )?,
         };
         let t = t.to_dtype(candle_core::DType::F32)?;
         let t = match self.permute {
@@ -333,6 +368,7 @@ struct Ctx {
     n_layers: usize,
     n_gqa: usize,
     has_output: bool,
+    n_expert: usize,
 }
 
 fn make_item<'a>(ctx: &Ctx, hf: &str, shape: Vec<usize>, src: Src<'a>) -> Result<Item<'a>> {
@@ -340,6 +376,16 @@ fn make_item<'a>(ctx: &Ctx, hf: &str, shape: Vec<usize>, src: Src<'a>) -> Result
         .names
         .gguf_name(hf)
         .ok_or_else(|| Error::Msg(format!("tensor '{hf}' has no llama.cpp name")))?;
+    item_named(ctx, gguf, hf, shape, src)
+}
+
+fn item_named<'a>(
+    ctx: &Ctx,
+    gguf: String,
+    hf: &str,
+    shape: Vec<usize>,
+    src: Src<'a>,
+) -> Result<Item<'a>> {
     let permute = if !ctx.permute {
         None
     } else if hf.contains("self_attn.q_proj.") {
@@ -357,6 +403,7 @@ fn make_item<'a>(ctx: &Ctx, hf: &str, shape: Vec<usize>, src: Src<'a>) -> Result
         n_layers: ctx.n_layers,
         n_gqa: ctx.n_gqa,
         has_output: ctx.has_output,
+        n_expert: ctx.n_expert,
     };
     let choice = tensor_type(ctx.ftype, &site);
     Ok(Item {
@@ -392,6 +439,90 @@ fn quantize_bytes(t: &Tensor, ty: GgmlDType) -> Result<Vec<u8>> {
         .map(|&r| quantize_owned(&t.narrow(0, r, chunk_rows.min(rows - r))?, ty))
         .collect::<Result<_>>()?;
     Ok(parts.concat())
+}
+
+/// The mixture-of-experts layers of a model in llama.cpp's layout (Mixtral's: `llama`
+/// architecture, every layer a mixture of the same size, softmax router, top-k gates
+/// renormalized over the chosen experts, which is how [`models::moe::MoeFfn`] weighs top-1 and
+/// top-2 too).
+struct MoeLayout<'a> {
+    experts: usize,
+    used: usize,
+    /// Per layer: ("gate" | "up" | "down", that matrix of every expert in expert order).
+    stacks: Vec<Vec<(&'static str, Vec<&'a Linear>)>>,
+}
+
+fn moe_layout<'a>(m: &'a Model, arch: &str, n_layers: usize) -> Result<Option<MoeLayout<'a>>> {
+    let layers = crate::mpoe::moe_layers(m);
+    let Some((_, _, first)) = layers.first() else {
+        return Ok(None);
+    };
+    let name = &m.source.name;
+    if arch != "llama" {
+        return Err(Error::Msg(format!(
+            "{name}: llama.cpp has mixture-of-experts layouts for the llama architecture only, not {arch} (export dense experts to an HF directory instead)"
+        )));
+    }
+    let (experts, used) = (first.num_experts(), first.cfg.router.k());
+    if layers.len() != n_layers {
+        let dense: Vec<String> = (0..n_layers)
+            .filter(|i| !layers.iter().any(|(l, _, _)| l == i))
+            .map(|i| i.to_string())
+            .collect();
+        return Err(Error::Msg(format!(
+            "{name}: llama.cpp's mixture-of-experts layout needs every layer to be a mixture, but layers {} are dense",
+            dense.join(", ")
+        )));
+    }
+    let mut stacks = Vec::with_capacity(n_layers);
+    for (i, _, f) in &layers {
+        if f.num_experts() != experts || f.cfg.router.k() != used {
+            return Err(Error::Msg(format!(
+                "{name}: layer {i} has {} experts ({}), layer 0 {experts} ({}); llama.cpp needs one size for every layer",
+                f.num_experts(),
+                f.cfg.router.name(),
+                first.cfg.router.name()
+            )));
+        }
+        let mut per = Vec::with_capacity(3);
+        for mat in ["gate", "up", "down"] {
+            let want = format!("{mat}_proj");
+            let mut ls = Vec::with_capacity(experts);
+            for (k, ex) in f.experts.iter().enumerate() {
+                let lins = ex.linears();
+                let l = lins.iter().find(|(n, _)| *n == want).map(|(_, l)| *l);
+                match l {
+                    Some(l) if l.bias().is_none() => ls.push(l),
+                    Some(_) => {
+                        return Err(Error::Msg(format!(
+                            "{name}: layer {i} expert {k} {want} has a bias, which llama.cpp's expert layout cannot hold"
+                        )))
+                    }
+                    None => {
+                        return Err(Error::Msg(format!(
+                            "{name}: layer {i} expert {k} has no {want} (not a SwiGLU expert)"
+                        )))
+                    }
+                }
+            }
+            let dims = (ls[0].out_features(), ls[0].in_features());
+            if ls
+                .iter()
+                .any(|l| (l.out_features(), l.in_features()) != dims)
+            {
+                return Err(Error::Msg(format!(
+                    "{name}: layer {i}: the experts' {want} matrices differ in shape"
+                )));
+            }
+            per.push((mat, ls));
+        }
+        stacks.push(per);
+    }
+    Ok(Some(MoeLayout {
+        experts,
+        used,
+        stacks,
+    }))
 }
 
 /// Write `m` to `out` as a GGUF file under recipe `opts.ftype`.
@@ -432,6 +563,7 @@ pub fn export_gguf(m: &Model, out: &Path, opts: &ExportOptions) -> Result<Export
     let n_layers = cfg.num_hidden_layers;
     let n_gqa = cfg.num_attention_heads / cfg.num_kv_heads().max(1);
     let has_output = llama.lm_head.is_some();
+    let moe = moe_layout(m, arch, n_layers)?;
 
     // Tensors, lazily: shapes now, values when written.
     let ctx = Ctx {
@@ -444,10 +576,31 @@ pub fn export_gguf(m: &Model, out: &Path, opts: &ExportOptions) -> Result<Export
         n_layers,
         n_gqa,
         has_output,
+        n_expert: moe.as_ref().map_or(0, |x| x.experts),
     };
     let mut items: Vec<Item> = Vec::new();
     let push = |hf: &str, shape: Vec<usize>, src| make_item(&ctx, hf, shape, src);
+    if let Some(x) = &moe {
+        for (i, stacks) in x.stacks.iter().enumerate() {
+            for (mat, ls) in stacks {
+                let (out_f, in_f) = (ls[0].out_features(), ls[0].in_features());
+                let gguf = format!("blk.{i}.ffn_{mat}_exps.weight");
+                let hf = format!("model.layers.{i}.mlp.experts.{mat}_proj.weight");
+                let shape = vec![ls.len(), out_f, in_f];
+                items.push(item_named(
+                    &ctx,
+                    gguf,
+                    &hf,
+                    shape,
+                    Src::Experts(ls.clone()),
+                )?);
+            }
+        }
+    }
     for (name, l) in m.linears() {
+        if moe.is_some() && name.contains(".mlp.experts.") {
+            continue; // written stacked above
+        }
         items.push(push(
             &format!("{name}.weight"),
             vec![l.out_features(), l.in_features()],
@@ -469,6 +622,13 @@ pub fn export_gguf(m: &Model, out: &Path, opts: &ExportOptions) -> Result<Export
     // Metadata.
     let vocab_rows = llama.embed_tokens.out_features();
     let (mut meta, tokenizer_from) = metadata(m, arch, vocab_rows, opts.ftype)?;
+    if let Some(x) = &moe {
+        meta.push((format!("{arch}.expert_count"), Value::U32(x.experts as u32)));
+        meta.push((
+            format!("{arch}.expert_used_count"),
+            Value::U32(x.used as u32),
+        ));
+    }
     meta.push((
         "general.quantization_version".into(),
         Value::U32(2), // GGML_QNT_VERSION
@@ -826,6 +986,7 @@ fn tokenizer_meta(m: &Model, vocab_rows: usize) -> Result<Meta> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use models::gguf::names::layer_of;
 
     fn site(name: &str, n_cols: usize, layer: Option<usize>, has_output: bool) -> TensorSite<'_> {
         TensorSite {
@@ -836,7 +997,49 @@ mod tests {
             n_layers: 16,
             n_gqa: 2,
             has_output,
+            n_expert: 0,
         }
+    }
+
+    /// llama.cpp's `llama_tensor_get_type` for files with experts: the router stays f32 in
+    /// every recipe; with exactly 8 experts attn_v and attn_k become Q8_0 and attn_output
+    /// Q5_K (q2_k, q4_k_m); ffn_down_exps follows ffn_down, its layer read from the name
+    /// (so layer 10 of 16 is layer 10, where the dense counter would rank it 2nd).
+    #[test]
+    fn expert_files_follow_llama_cpp() {
+        let moe = |name, e| TensorSite {
+            n_expert: e,
+            n_dims: if name == "blk.10.ffn_down_exps.weight" {
+                3
+            } else {
+                2
+            },
+            ..site(name, 256, layer_of(name), true)
+        };
+        let ty = |ft, name, e| tensor_type(ft, &moe(name, e)).ty;
+        for r in TYPE_NAMES {
+            let ft = GgufType::parse(r).unwrap();
+            assert_eq!(
+                ty(ft, "blk.3.ffn_gate_inp.weight", 8),
+                GgmlDType::F32,
+                "{r}"
+            );
+        }
+        use GgufType::*;
+        assert_eq!(ty(Q4KM, "blk.5.attn_v.weight", 8), GgmlDType::Q8_0);
+        assert_eq!(ty(Q4KM, "blk.5.attn_v.weight", 4), GgmlDType::Q4K);
+        assert_eq!(ty(Q2K, "blk.5.attn_k.weight", 8), GgmlDType::Q8_0);
+        assert_eq!(ty(Q2K, "blk.5.attn_k.weight", 4), GgmlDType::Q2K);
+        assert_eq!(ty(Q2K, "blk.5.attn_output.weight", 8), GgmlDType::Q5K);
+        assert_eq!(ty(Q2K, "blk.5.attn_output.weight", 4), GgmlDType::Q3K);
+        assert_eq!(ty(Q4KM, "blk.5.attn_output.weight", 8), GgmlDType::Q5K);
+        assert_eq!(ty(Q8_0, "blk.5.attn_output.weight", 8), GgmlDType::Q8_0);
+        assert_eq!(ty(Q2K, "blk.10.ffn_down_exps.weight", 8), GgmlDType::Q3K);
+        // use_more_bits(10, 16): (10 − 2) % 3 == 2 → Q6_K; the name-order counter (2) is not.
+        assert!(use_more_bits(10, 16) && !use_more_bits(llama_cpp_counter(10, 16), 16));
+        assert_eq!(ty(Q4KM, "blk.10.ffn_down_exps.weight", 8), GgmlDType::Q6K);
+        assert_eq!(ty(Q4KM, "blk.10.ffn_down.weight", 0), GgmlDType::Q4K);
+        assert_eq!(ty(Q4KM, "blk.10.ffn_up_exps.weight", 8), GgmlDType::Q4K);
     }
 
     /// Whatever a recipe picks for any tensor, fallbacks included, the writer can store.

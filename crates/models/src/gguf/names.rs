@@ -28,6 +28,12 @@ pub const LLAMA: NameTable = NameTable {
         ("ffn_gate", "mlp.gate_proj"),
         ("ffn_up", "mlp.up_proj"),
         ("ffn_down", "mlp.down_proj"),
+        // Mixture-of-experts layers (Mixtral's layout): the router, and each expert matrix
+        // stacked over the experts into one 3-D tensor [E, out, in].
+        ("ffn_gate_inp", "mlp.gate"),
+        ("ffn_gate_exps", "mlp.experts.gate_proj"),
+        ("ffn_down_exps", "mlp.experts.down_proj"),
+        ("ffn_up_exps", "mlp.experts.up_proj"),
     ],
 };
 
