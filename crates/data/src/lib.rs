@@ -61,12 +61,29 @@ impl Error {
 pub const DATA_ENV: &str = "MPOLM_DATA";
 
 /// The project's own `data/` folder. Located at build time because a binary built from a
-/// checkout must find the data it ships with from any working directory; a binary copied away
-/// from its checkout uses `--data-dir` or `$MPOLM_DATA` instead.
+/// checkout must find the data it ships with from any working directory. When that folder is
+/// gone (the checkout moved or was deleted, or an unchanged crate was reused from a target
+/// directory another clone built), the nearest `data/` holding `SHA256SUMS` above the working
+/// directory is used instead; a binary copied away from any checkout uses `--data-dir` or
+/// `$MPOLM_DATA`.
 pub fn project_data_dir() -> PathBuf {
     // crates/data → the workspace root.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2);
-    root.unwrap_or(Path::new(".")).join("data")
+    let built = root.unwrap_or(Path::new(".")).join("data");
+    let cwd = std::env::current_dir().ok();
+    pick_project_data_dir(built, cwd.as_deref())
+}
+
+fn pick_project_data_dir(built: PathBuf, cwd: Option<&Path>) -> PathBuf {
+    let marked = |d: &Path| d.join("SHA256SUMS").is_file();
+    if marked(&built) {
+        return built;
+    }
+    cwd.into_iter()
+        .flat_map(Path::ancestors)
+        .map(|a| a.join("data"))
+        .find(|d| marked(d))
+        .unwrap_or(built)
 }
 
 /// Where the data folder in effect came from.
@@ -322,6 +339,27 @@ pub fn parse_jsonl(text: &str, path: &Path) -> Result<Vec<(usize, serde_json::Va
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vanished_build_time_data_dir_falls_back_to_the_checkout_above_the_working_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let gone = d.path().join("old-clone/data");
+        let here = d.path().join("clone");
+        std::fs::create_dir_all(here.join("data")).unwrap();
+        std::fs::create_dir_all(here.join("crates/cli")).unwrap();
+        let cwd = here.join("crates/cli");
+        // No SHA256SUMS yet: nothing is a project data dir, the build-time path stands.
+        assert_eq!(pick_project_data_dir(gone.clone(), Some(&cwd)), gone);
+        std::fs::write(here.join("data/SHA256SUMS"), "").unwrap();
+        assert_eq!(
+            pick_project_data_dir(gone.clone(), Some(&cwd)),
+            here.join("data")
+        );
+        // A build-time folder that is still there wins over the working directory.
+        std::fs::create_dir_all(&gone).unwrap();
+        std::fs::write(gone.join("SHA256SUMS"), "").unwrap();
+        assert_eq!(pick_project_data_dir(gone.clone(), Some(&cwd)), gone);
+    }
 
     #[test]
     fn csv_quotes_newlines_and_crlf() {
