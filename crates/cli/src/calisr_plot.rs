@@ -133,7 +133,14 @@ pub fn plot(st: &CalisrState, total: usize, path: &Path) -> Result<()> {
         ch.configure_mesh()
             .x_desc("step (0-based): a probe at s may switch; update s is then lightweight")
             .y_desc("relative difference")
-            .y_label_formatter(&|v| format!("{v:.1e}"))
+            // The tick at zero comes out of plotters' arithmetic as ±1e-20 or so.
+            .y_label_formatter(&|v| {
+                if v.abs() < (dhi - dlo) * 1e-6 {
+                    "0".to_string()
+                } else {
+                    format!("{v:.1e}")
+                }
+            })
             .draw()?;
         ch.draw_series(std::iter::once(PathElement::new(
             vec![(0.0, 0.0), (xmax, 0.0)],
