@@ -27,7 +27,6 @@
 //! triangular in the row-major multi-index), so zero-padded input columns (at the end) stay
 //! zero in W·S.
 
-use crate::decompose::DecomposeOptions;
 use crate::error::{Error, Result};
 use crate::linalg::{gemm, view};
 use crate::mpo::Mpo;
@@ -368,11 +367,9 @@ pub fn decompose_whitened(
     }
     let ws = s.apply(&wp, rows);
     let exact = MpoShape::exact(shape.row_factors.clone(), shape.col_factors.clone())?;
-    let mut m = Mpo::<f64>::decompose_with(
-        &ws,
-        &exact,
-        &DecomposeOptions::truncated(truncation.clone()),
-    )?;
+    // Full decomposition, then slicing: the arithmetic of `Mpo::decompose(..).truncate(..)`
+    // (what plain compression runs), so that S = I reproduces it bit for bit.
+    let mut m = Mpo::<f64>::decompose(&ws, &exact)?.truncate(truncation)?;
     s.fold(&mut m)?;
     Mpo::from_cores(shape, m.bond_dims, m.cores, m.spectra)
 }

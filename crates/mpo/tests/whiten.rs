@@ -88,9 +88,11 @@ fn identity_whitening_equals_plain() {
             Whitening::diagonal(&vec![1.0; c], &shape).unwrap(),
         ];
         for t in &truncs {
-            let plain =
-                Mpo::<f64>::decompose_with(&w, &shape, &DecomposeOptions::truncated(t.clone()))
-                    .unwrap();
+            // what plain compression (`mpop::compress`) runs
+            let plain = Mpo::<f64>::decompose(&w, &shape)
+                .unwrap()
+                .truncate(t)
+                .unwrap();
             for s in &whitenings {
                 let cal = decompose_whitened(&w, &shape, s, t).unwrap();
                 assert_eq!(cal.bond_dims, plain.bond_dims, "{shape:?} {t:?}");
