@@ -493,6 +493,9 @@ pub fn validate(o: &CalibratedOptions, calibrated: bool) -> Result<()> {
 /// The matrices calibrated compression works on: `patterns`' choice, which with calibration
 /// must lie inside decoder layers (default: every decoder-layer Linear).
 pub fn chosen(m: &Model, o: &CalibratedOptions, calibrated: bool) -> Result<Vec<String>> {
+    if calibrated {
+        check_calibratable(m, &[])?;
+    }
     let mut names = mpop::select(m, &o.compress.patterns, false);
     if calibrated && o.compress.patterns.is_empty() {
         names.retain(|n| layer_index(n).is_some());
