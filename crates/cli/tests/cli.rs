@@ -1428,3 +1428,172 @@ fn mpobert_builds_a_checkpoint_every_command_loads_and_refuses_bad_options() {
     ]);
     assert_clean_error(&o, "built from a BERT encoder");
 }
+
+/// `compress --calib`: SVD-LLM (svd shapes, Cholesky whitening) measures the output error it
+/// predicts, the global allocation meets its budget, ASVD and calibrated MPO run and load, and
+/// every inconsistent flag combination is one error line before any work.
+#[test]
+fn compress_calibrated_end_to_end_and_bad_inputs() {
+    let (d, m) = tiny_llama();
+    let text = d.path().join("calib.txt");
+    let t: String = (0..200)
+        .map(|i| format!("the cat {i} sat on the mat and then the dog ran in the hall. "))
+        .collect();
+    std::fs::write(&text, t).unwrap();
+    let short = d.path().join("short.txt");
+    std::fs::write(&short, "too short").unwrap();
+    let (ms, ts) = (m.to_str().unwrap(), text.to_str().unwrap());
+    let rep = d.path().join("rep.json");
+    let calib = ["--calib", ts, "--nsamples", "4", "--seqlen", "32"];
+    let run = |out: &str, extra: &[&str]| -> serde_json::Value {
+        let o = d.path().join(out);
+        let mut a = vec!["compress", ms, "--out", o.to_str().unwrap()];
+        a.extend(extra);
+        a.extend(["--report", rep.to_str().unwrap()]);
+        mpolm_ok(&a);
+        // the checkpoint loads and generates
+        mpolm_ok(&[
+            "generate",
+            o.to_str().unwrap(),
+            "--prompt",
+            "the cat",
+            "--max-new-tokens",
+            "2",
+        ]);
+        read_json(&rep)
+    };
+    let mut a = vec!["--shapes", "svd", "--params-ratio", "0.5"];
+    a.extend(calib);
+    let v = run("svdllm", &a);
+    let c = &v["calibrated"];
+    assert_eq!(c["whiten"], "cholesky");
+    assert_eq!(c["matrices"].as_array().unwrap().len(), 14);
+    for x in c["matrices"].as_array().unwrap() {
+        let (p, o) = (
+            x["pred_rel_error"].as_f64().unwrap(),
+            x["rel_output_error"].as_f64().unwrap(),
+        );
+        assert!((p - o).abs() <= 1e-6 * o, "{x}");
+        assert_eq!(x["bonds"].as_array().unwrap().len(), 3);
+    }
+    assert_eq!(v["calibration"]["nsamples"], 4);
+    let mut a = vec![
+        "--shapes",
+        "svd",
+        "--params-ratio",
+        "0.5",
+        "--allocate",
+        "global",
+    ];
+    a.extend(calib);
+    let v = run("global", &a);
+    let c = &v["calibrated"];
+    let (target, got) = (
+        c["target_params"].as_u64().unwrap(),
+        c["mpo_params"].as_u64().unwrap(),
+    );
+    assert!(got <= target, "{got} > {target}");
+    assert!(c["by_module"]["down_proj"]["kept_ratio"].as_f64().is_some());
+    assert!(c["by_layer"]["001"]["matrices"] == 7);
+    let mut a = vec!["--n", "3", "--params-ratio", "0.6", "--whiten", "diag"];
+    a.extend(calib);
+    let v = run("asvd", &a);
+    assert!(v["calibrated"]["matrices"][0]["rel_diag_error"]
+        .as_f64()
+        .is_some());
+    let mut a = vec!["--n", "3", "--params-ratio", "0.6"];
+    a.extend(calib);
+    run("mpo", &a);
+    // global allocation without calibration: plain spectra
+    let v = run(
+        "plainglobal",
+        &[
+            "--params-ratio",
+            "0.7",
+            "--allocate",
+            "global",
+            "--matrices",
+            "layers.",
+        ],
+    );
+    assert_eq!(v["calibrated"]["whiten"], "none");
+    assert!(v["calibrated"]["matrices"][0]["rel_output_error"].is_null());
+
+    let bad = |extra: &[&str], needle: &str| {
+        let o = d.path().join("bad");
+        let mut a = vec!["compress", ms, "--out", o.to_str().unwrap()];
+        a.extend(extra);
+        assert_clean_error(&mpolm(&a), needle);
+        assert!(!o.exists(), "{extra:?} left output behind");
+    };
+    bad(&["--params-ratio", "0"], "(0, 1]");
+    bad(&["--params-ratio", "1.5"], "(0, 1]");
+    bad(
+        &["--allocate", "global"],
+        "--allocate global spreads a parameter budget",
+    );
+    bad(
+        &["--allocate", "global", "--bond", "2"],
+        "--bond fixes every bond",
+    );
+    bad(
+        &["--params-ratio", "0.5", "--whiten", "cholesky"],
+        "--whiten needs calibration text",
+    );
+    bad(
+        &["--params-ratio", "0.5", "--nsamples", "4"],
+        "--nsamples needs calibration text",
+    );
+    bad(&["--bond", "2", "--calib", ts], "--bond fixes every bond");
+    bad(
+        &["--shapes", "svd", "--n", "5"],
+        "--shapes svd always has 2 sites",
+    );
+    bad(
+        &["--params-ratio", "0.5", "--calib", ts, "--alpha", "0.3"],
+        "--alpha only applies",
+    );
+    bad(
+        &[
+            "--params-ratio",
+            "0.5",
+            "--calib",
+            short.to_str().unwrap(),
+            "--seqlen",
+            "64",
+        ],
+        "fewer than --seqlen 64",
+    );
+    bad(
+        &["--params-ratio", "0.5", "--calib", "/nonexistent/calib.txt"],
+        "calibration file /nonexistent/calib.txt",
+    );
+    bad(
+        &[
+            "--params-ratio",
+            "0.5",
+            "--calib",
+            ts,
+            "--matrices",
+            "embed",
+        ],
+        "not inside a decoder layer",
+    );
+    let b = d.path().join("bert");
+    models::testing::write_tiny_bert(&b).unwrap();
+    let o = d.path().join("bad");
+    assert_clean_error(
+        &mpolm(&[
+            "compress",
+            b.to_str().unwrap(),
+            "--params-ratio",
+            "0.5",
+            "--calib",
+            ts,
+            "--out",
+            o.to_str().unwrap(),
+        ]),
+        "is an encoder",
+    );
+    assert!(!o.exists());
+}

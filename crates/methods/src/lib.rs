@@ -8,6 +8,7 @@ pub mod lora;
 pub mod mpobert;
 pub mod mpoe;
 pub mod mpop;
+pub mod mpop_calib;
 pub mod open;
 pub mod opf;
 pub mod quant;

@@ -137,6 +137,9 @@ impl LinearLayer for MpoLayer {
 pub enum Shapes {
     Auto,
     Paper,
+    /// Two sites, i = [out, 1], j = [1, in]: a rank-r factorization (plain SVD), whose second
+    /// core carries the whole input index (so a full input whitening folds into it exactly).
+    Svd,
 }
 
 #[derive(Debug, Clone)]
@@ -218,6 +221,7 @@ pub fn mpo_shape(shapes: Shapes, rows: usize, cols: usize, n: usize) -> Result<M
     Ok(match shapes {
         Shapes::Paper => MpoShape::from_table_or_auto(rows, cols, n)?,
         Shapes::Auto => MpoShape::auto(rows, cols, n)?,
+        Shapes::Svd => MpoShape::exact(vec![rows, 1], vec![1, cols])?,
     })
 }
 

@@ -1,7 +1,8 @@
 //! Matrix product operator (tensor-train) math shared by every seed method (MPOP, OPF, MPOE,
 //! MPOBERT): factor shapes and padding ([`shapes`]), exact decomposition into the symmetric
 //! canonical gauge with per-bond spectra ([`decompose`]), truncation and its error bound
-//! ([`truncate`]), contraction back to the matrix or through an input batch ([`contract`]), and
+//! ([`truncate`]), truncation in an activation-whitened basis ([`whiten`]) and one parameter
+//! budget spread over many matrices ([`allocate`]), contraction back to the matrix or through an input batch ([`contract`]), and
 //! candle layers with per-core trainable flags ([`layer`]). No model code lives here.
 //!
 //! ```
@@ -14,6 +15,7 @@
 //! assert!(cut.frobenius_error(&w).unwrap() <= cut.error_bound() * (1.0 + 1e-9));
 //! ```
 
+pub mod allocate;
 pub mod bench;
 pub mod contract;
 pub mod decompose;
@@ -26,6 +28,7 @@ pub mod scalar;
 pub mod shapes;
 pub mod shared;
 pub mod truncate;
+pub mod whiten;
 
 pub use contract::{apply_cores, dense_from_cores, dense_from_cores_with, embed_cores};
 pub use decompose::{Algorithm, DecomposeOptions, Precision};
@@ -38,3 +41,4 @@ pub use shapes::{
     OPF_MAX_SITES,
 };
 pub use truncate::{error_bound, select_bonds, Truncation};
+pub use whiten::{decompose_whitened, output_error2, Whitening};

@@ -372,7 +372,7 @@ pub fn quantize_model(
 }
 
 /// Modules reading the same input share one Hessian.
-fn hessian_key(name: &str) -> String {
+pub(crate) fn hessian_key(name: &str) -> String {
     for (s, k) in [
         ("k_proj", "q_proj"),
         ("v_proj", "q_proj"),
