@@ -406,7 +406,8 @@ mod tests {
                 let mut v = vec![0.0; j * j];
                 for r in 0..j {
                     for c in 0..=r {
-                        v[r * j + c] = 1.0 + 0.3 * (r + 2 * c + k) as f64 - 0.2 * (r == c) as f64;
+                        v[r * j + c] =
+                            1.0 + 0.3 * (r + 2 * c + k) as f64 - if r == c { 0.2 } else { 0.0 };
                     }
                 }
                 v
