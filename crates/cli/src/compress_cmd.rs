@@ -10,7 +10,7 @@ use methods::mpop::{self, Budget, CompressOptions, Shapes};
 use methods::mpop_calib::{self, Allocate, CalibratedOptions, Whiten};
 use methods::quant;
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct CompressArgs {
@@ -236,13 +236,7 @@ pub fn run(a: CompressArgs, lo: &models::LoadOptions, rep: &mut Report) -> Resul
             fmt_int(after),
             100.0 * after as f64 / before as f64,
         );
-        mpop::save(&m, &out)?;
-        println!("MPO checkpoint written to {}", out.display());
-        rep.set("command", json!("compress"));
-        rep.set("model", json!(model));
-        rep.set("out", json!(out));
-        rep.set("total_params_before", json!(before));
-        rep.set("total_params_after", json!(after));
+        save(&m, &model, &out, before, rep)?;
         rep.set("calibration", calib_report);
         rep.set("compress_secs", json!(secs));
         rep.set("layers", json!(r.matrices));
@@ -273,13 +267,19 @@ pub fn run(a: CompressArgs, lo: &models::LoadOptions, rep: &mut Report) -> Resul
         100.0 * after as f64 / before as f64,
         t0.elapsed().as_secs_f64()
     );
-    mpop::save(&m, &out)?;
+    save(&m, &model, &out, before, rep)?;
+    rep.set("layers", json!(layers));
+    Ok(())
+}
+
+/// Write the checkpoint and the report fields both compress paths share.
+fn save(m: &models::Model, model: &str, out: &Path, before: usize, rep: &mut Report) -> Result<()> {
+    mpop::save(m, out)?;
     println!("MPO checkpoint written to {}", out.display());
     rep.set("command", json!("compress"));
     rep.set("model", json!(model));
     rep.set("out", json!(out));
     rep.set("total_params_before", json!(before));
-    rep.set("total_params_after", json!(after));
-    rep.set("layers", json!(layers));
+    rep.set("total_params_after", json!(m.total_params()));
     Ok(())
 }

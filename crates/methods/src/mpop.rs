@@ -256,6 +256,18 @@ fn truncation(b: &Budget, shape: &MpoShape) -> Truncation {
     }
 }
 
+/// Put the truncated `cut` in `lin`'s place, keeping `lin`'s bias.
+pub(crate) fn install(lin: &mut models::Linear, cut: &Mpo<f32>) -> Result<()> {
+    let bias: Option<Vec<f32>> = match lin.bias() {
+        Some(b) => Some(b.to_vec1()?),
+        None => None,
+    };
+    let layer =
+        MpoLinear::from_mpo(cut, bias.as_deref(), &Device::Cpu)?.with_mode(ForwardMode::Auto);
+    lin.replace(Box::new(MpoLayer::new(layer)));
+    Ok(())
+}
+
 /// Replace the chosen layers of `m` with MPOs; returns one report per compressed layer.
 pub fn compress(m: &mut Model, o: &CompressOptions, progress: bool) -> Result<Vec<LayerReport>> {
     if o.n == 0 {
@@ -313,13 +325,7 @@ pub fn compress(m: &mut Model, o: &CompressOptions, progress: bool) -> Result<Ve
             rel_error,
             rel_error_bound: cut.error_bound() / fro,
         });
-        let bias: Option<Vec<f32>> = match lin.bias() {
-            Some(b) => Some(b.to_vec1()?),
-            None => None,
-        };
-        let layer =
-            MpoLinear::from_mpo(&cut, bias.as_deref(), &Device::Cpu)?.with_mode(ForwardMode::Auto);
-        lin.replace(Box::new(MpoLayer::new(layer)));
+        install(lin, &cut)?;
         pb.inc(1);
     }
     pb.finish_and_clear();

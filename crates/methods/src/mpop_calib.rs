@@ -13,7 +13,7 @@
 //! A calibrated checkpoint is an ordinary MPO checkpoint (`mpop::save`), with the whitened
 //! Schmidt values as its stored spectra (see `mpo::Whitening::fold`).
 
-use crate::mpop::{self, Budget, CompressOptions, MpoLayer};
+use crate::mpop::{self, Budget, CompressOptions};
 use crate::quant::calib::{hessian_key, layer_index, tap, untap_all};
 use crate::quant::gptq::Hessian;
 use crate::{Error, Result};
@@ -21,7 +21,7 @@ use candle_core::{Device, Tensor};
 use models::Model;
 use mpo::allocate::{allocate_global, Item};
 use mpo::whiten::{damped, decompose_whitened, diagonal_error2, kronecker_exact, output_error2};
-use mpo::{ForwardMode, Mpo, MpoLinear, MpoShape, Truncation, Whitening};
+use mpo::{Mpo, MpoShape, Truncation, Whitening};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -583,13 +583,7 @@ pub fn compress_calibrated(
         };
         let (cut, rep) = truncate_one(&name, &p, &t, t0)?;
         drop(p);
-        let bias: Option<Vec<f32>> = match lin.bias() {
-            Some(b) => Some(b.to_vec1()?),
-            None => None,
-        };
-        let layer =
-            MpoLinear::from_mpo(&cut, bias.as_deref(), &Device::Cpu)?.with_mode(ForwardMode::Auto);
-        lin.replace(Box::new(MpoLayer::new(layer)));
+        mpop::install(lin, &cut)?;
         reports.push(rep);
         pb.inc(1);
     }
